@@ -1,0 +1,295 @@
+"""The compiler: (cluster model, node, config) -> nftables ruleset. Pure.
+
+Layout (see rules/README.md for the packet path):
+
+* The skeleton (rules/kproxy.nft) holds a fixed number of sets and maps. Every
+  Service contributes *elements* to them, never sets of its own, and never an
+  inline anonymous set or map: those load in quadratic time.
+* Each Service port gets up to three plain chains: ``svc-`` (cluster
+  endpoints), ``local-`` (this node's endpoints) and ``ext-`` (NodePort,
+  externalIPs and load-balancer IPs). An endpoint is picked by a cascade of
+  ``numgen random mod (N-i) 0`` rules, which is uniform and needs no set.
+* Nothing here reads a file, the clock or the kernel; the same input always
+  gives the same ruleset.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from kproxy.endpoints import PortEndpoint, Selection, port_endpoints, select
+from kproxy.model import Cluster, EndpointSlice, IPFamily, Service, ServicePort
+from kproxy.ruleset import Chain, Element, Family, Ruleset, Table
+from kproxy.skeleton import skeleton_table
+
+FAMILIES: dict[Family, IPFamily] = {"ip": 4, "ip6": 6}
+_PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
+REJECT = "goto reject-chain"
+DROP = "drop"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """The options that shape the ruleset (kube-proxy's flags of the same names)."""
+
+    cluster_cidrs: tuple[str, ...] = ()
+    """--cluster-cidr: traffic to a ClusterIP from outside these is masqueraded."""
+    nodeport_addresses: tuple[str, ...] = ()
+    """--nodeport-addresses as CIDRs; empty means the node's primary IPs."""
+    masquerade_all: bool = False
+    """--masquerade-all: masquerade all traffic to ClusterIPs."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """What the compiler needs to know about the node it compiles for."""
+
+    name: str
+    zone: str = ""
+    primary_ips: tuple[str, ...] = ()
+    """At most one per family: the default NodePort addresses."""
+    addresses: tuple[str, ...] = ()
+    """Every address of the node, matched against --nodeport-addresses."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRules:
+    """What one Service contributes to one family's table."""
+
+    chains: tuple[Chain, ...]
+    elements: tuple[tuple[str, Element], ...]
+    """(set or map name, element)."""
+
+
+def _family_of(address: str) -> IPFamily:
+    return 6 if ":" in address else 4
+
+
+def _hash(text: str) -> str:
+    return base64.b32encode(hashlib.sha256(text.encode()).digest())[:8].decode()
+
+
+def port_label(service: Service, port: ServicePort) -> str:
+    """``ns/name:port`` as used in comments: the port's name, or its number."""
+    return f"{service.namespace}/{service.name}:{port.name or port.port}"
+
+
+def chain_name(kind: str, service: Service, port: ServicePort) -> str:
+    """Unique and readable: ``svc-HASH8-ns/name/tcp/http``."""
+    label = port.name or str(port.port)
+    digest = _hash(f"{service.namespace}/{service.name}/{port.protocol}/{label}")
+    return f"{kind}-{digest}-{service.namespace}/{service.name}/{port.protocol}/{label}"
+
+
+def _addr(address: str) -> str:
+    """An address as nft writes it after ``dnat to``."""
+    return f"[{address}]" if ":" in address else address
+
+
+def endpoint_id(pe: PortEndpoint) -> int:
+    """A stable, non-zero 32-bit id of an endpoint, for the affinity set."""
+    digest = hashlib.sha256(f"{pe.address}:{pe.port}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") or 1
+
+
+def _endpoint_chain(
+    name: str,
+    family: Family,
+    service: Service,
+    port: ServicePort,
+    label: str,
+    cluster_ip: str,
+    endpoints: Sequence[PortEndpoint],
+) -> Chain:
+    """A chain that counts, rate-limits, applies affinity and picks an endpoint."""
+    proto = port.protocol
+    rules = ["counter"]
+    limit = service.rate_limit
+    if limit is not None:
+        burst = f" burst {limit.burst} packets" if limit.burst else ""
+        rules.append(
+            f"ct state new update @rate-limit-meter {{ {family} saddr . {cluster_ip} . "
+            f"{_PROTO_NUMBERS[proto]} . {port.port} limit rate over {limit.rate}/{limit.unit}{burst} }} counter drop"
+        )
+    count = len(endpoints)
+    affinity = service.affinity_timeout
+    if affinity is None:
+        for i, pe in enumerate(endpoints):
+            pick = f" numgen random mod {count - i} 0" if i < count - 1 else ""
+            rules.append(f"meta l4proto {proto}{pick} dnat to {_addr(pe.address)}:{pe.port}")
+        return Chain(name, tuple(rules), label)
+
+    # ClientIP affinity. The affinity set remembers (client, frontend, endpoint
+    # id); nft cannot put a constant into the key of a lookup, so the endpoint id
+    # is XORed into the packet mark around the lookup and XORed out again. The
+    # mark leaves this chain as it came in. An endpoint that goes away takes its
+    # rules with it, so its entries simply stop matching.
+    key = f"{family} saddr . {family} daddr . meta l4proto . th dport . meta mark"
+    remember = f"update @affinity {{ {key} timeout {affinity}s }}"
+    ids = [endpoint_id(pe) for pe in endpoints]
+    previous = 0
+    for pe, ident in zip(endpoints, ids):
+        rules.append(f"meta mark set meta mark ^ 0x{previous ^ ident:08x}")
+        rules.append(
+            f"meta l4proto {proto} {key} @affinity {remember} "
+            f"meta mark set meta mark ^ 0x{ident:08x} dnat to {_addr(pe.address)}:{pe.port}"
+        )
+        previous = ident
+    rules.append(f"meta mark set meta mark ^ 0x{previous:08x}")
+    for i, (pe, ident) in enumerate(zip(endpoints, ids)):
+        pick = f" numgen random mod {count - i} 0" if i < count - 1 else ""
+        rules.append(
+            f"meta l4proto {proto}{pick} meta mark set meta mark ^ 0x{ident:08x} {remember} "
+            f"meta mark set meta mark ^ 0x{ident:08x} dnat to {_addr(pe.address)}:{pe.port}"
+        )
+    return Chain(name, tuple(rules), label)
+
+
+def compile_service(
+    service: Service,
+    slices: Iterable[EndpointSlice],
+    family: Family,
+    node: NodeInfo,
+    config: ProxyConfig,
+) -> ServiceRules | None:
+    """Chains and elements of one Service in one family; None if it has no IP there."""
+    fam = FAMILIES[family]
+    cluster_ip = next((ip for ip in service.cluster_ips if _family_of(ip) == fam), None)
+    if cluster_ip is None:
+        return None
+    slices = list(slices)
+    svc_label = f"{service.namespace}/{service.name}"
+    chains: list[Chain] = []
+    elements: list[tuple[str, Element]] = [("cluster-ips", Element(cluster_ip, comment=svc_label))]
+    external_ips = [ip for ip in service.external_ips + service.load_balancer_ips if _family_of(ip) == fam]
+    lb_ips = [ip for ip in service.load_balancer_ips if _family_of(ip) == fam]
+    ranges = [r for r in service.load_balancer_source_ranges if _family_of(r.split("/")[0]) == fam]
+    cidrs = [c for c in config.cluster_cidrs if _family_of(c.split("/")[0]) == fam]
+
+    for port in service.ports:
+        label = port_label(service, port)
+        proto = port.protocol
+        selection: Selection = select(service, port_endpoints(port, slices, fam), node.name, node.zone)
+        svc_chain = chain_name("svc", service, port)
+        local_chain = chain_name("local", service, port)
+        ext_chain = chain_name("ext", service, port)
+        has_cluster_chain = service.uses_cluster_endpoints and bool(selection.cluster)
+        has_local_chain = service.uses_local_endpoints and bool(selection.local)
+        if has_cluster_chain:
+            chains.append(_endpoint_chain(svc_chain, family, service, port, label, cluster_ip, selection.cluster))
+        if has_local_chain:
+            chains.append(_endpoint_chain(local_chain, family, service, port, label, cluster_ip, selection.local))
+        for pe in sorted({*selection.cluster, *selection.local}, key=lambda pe: (pe.address, pe.port)):
+            if pe.is_local(node.name):
+                elements.append(("hairpin", Element(f"{pe.address} . {pe.address}", comment=label)))
+
+        # Traffic to the ClusterIP follows internalTrafficPolicy.
+        if service.internal_policy_local:
+            internal = f"goto {local_chain}" if has_local_chain else DROP
+        else:
+            internal = f"goto {svc_chain}" if has_cluster_chain else DROP
+        key = f"{cluster_ip} . {proto} . {port.port}"
+        if not selection.has_any:
+            elements.append(("no-endpoint-services", Element(key, REJECT, label)))
+        elif internal == DROP:
+            elements.append(("no-endpoint-services", Element(key, DROP, label)))
+        else:
+            elements.append(("service-ips", Element(key, internal, label)))
+
+        # NodePort, externalIPs and load-balancer IPs follow externalTrafficPolicy.
+        if not (external_ips or port.node_port):
+            continue
+        if not selection.has_any:
+            for ip in external_ips:
+                elements.append(("no-endpoint-services", Element(f"{ip} . {proto} . {port.port}", REJECT, label)))
+            if port.node_port:
+                elements.append(("no-endpoint-nodeports", Element(f"{proto} . {port.node_port}", REJECT, label)))
+            continue
+        if service.external_policy_local:
+            ext_rules = [f"{family} saddr {cidr} {internal}" for cidr in cidrs]
+            ext_rules += [
+                "fib saddr type local jump mark-for-masquerade",
+                f"fib saddr type local {internal}",
+                f"goto {local_chain}" if has_local_chain else DROP,
+            ]
+        else:
+            ext_rules = ["jump mark-for-masquerade", f"goto {svc_chain}"]
+        chains.append(Chain(ext_chain, tuple(ext_rules), label))
+        for ip in external_ips:
+            elements.append(("service-ips", Element(f"{ip} . {proto} . {port.port}", f"goto {ext_chain}", label)))
+        if port.node_port:
+            elements.append(("service-nodeports", Element(f"{proto} . {port.node_port}", f"goto {ext_chain}", label)))
+        if service.load_balancer_source_ranges:
+            for ip in lb_ips:
+                frontend = f"{ip} . {proto} . {port.port}"
+                elements.append(("firewall-ips", Element(frontend, comment=label)))
+                for source in ranges:
+                    elements.append(("firewall-allow", Element(f"{frontend} . {source}", comment=label)))
+    return ServiceRules(tuple(chains), tuple(elements))
+
+
+def _in_any(address: str, cidrs: Iterable[str]) -> bool:
+    ip = ipaddress.ip_address(address)
+    return any(ip in ipaddress.ip_network(c) for c in cidrs if ipaddress.ip_network(c).version == ip.version)
+
+
+def nodeport_addresses(node: NodeInfo, config: ProxyConfig, family: Family) -> list[str]:
+    """The node addresses NodePorts answer on: primary IPs, or those in --nodeport-addresses."""
+    fam = FAMILIES[family]
+    if config.nodeport_addresses:
+        candidates = [a for a in node.addresses if _in_any(a, config.nodeport_addresses)]
+    else:
+        candidates = list(node.primary_ips)
+    chosen = []
+    for address in candidates:
+        if _family_of(address) == fam and not ipaddress.ip_address(address).is_loopback and address not in chosen:
+            chosen.append(address)
+    return chosen
+
+
+def table_options(config: ProxyConfig, family: Family) -> frozenset[str]:
+    """Which '# if' rules of the skeleton this configuration switches on."""
+    if config.masquerade_all:
+        return frozenset({"masquerade-all"})
+    fam = FAMILIES[family]
+    if any(_family_of(c.split("/")[0]) == fam for c in config.cluster_cidrs):
+        return frozenset({"cluster-cidr"})
+    return frozenset()
+
+
+def base_table(node: NodeInfo, config: ProxyConfig, family: Family) -> Table:
+    """The skeleton plus the elements that come from the node and the config."""
+    table = skeleton_table(family, table_options(config, family))
+    fam = FAMILIES[family]
+    for cidr in config.cluster_cidrs:
+        if _family_of(cidr.split("/")[0]) == fam:
+            table.add_element("cluster-cidrs", Element(cidr, comment="--cluster-cidr"))
+    for address in nodeport_addresses(node, config, family):
+        table.add_element("nodeport-ips", Element(address, comment=f"node {node.name}"))
+    return table
+
+
+def add_service(table: Table, rules: ServiceRules) -> None:
+    """Merge one Service's contribution into a table (an earlier key wins)."""
+    for chain in rules.chains:
+        table.chains[chain.name] = chain
+    for set_name, element in rules.elements:
+        table.add_element(set_name, element)
+
+
+def compile_ruleset(cluster: Cluster, node: NodeInfo, config: ProxyConfig) -> Ruleset:
+    """The whole ruleset for a node: both families, Services in key order."""
+    by_service = cluster.slices_by_service()
+    ruleset = Ruleset()
+    for family in FAMILIES:
+        table = base_table(node, config, family)
+        for key in sorted(cluster.services):
+            rules = compile_service(cluster.services[key], by_service.get(key, ()), family, node, config)
+            if rules is not None:
+                add_service(table, rules)
+        ruleset.tables[family] = table
+    return ruleset

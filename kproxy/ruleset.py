@@ -1,0 +1,112 @@
+"""Plain values for an nftables ruleset: tables, sets, maps, chains, elements.
+
+A ``Ruleset`` is what the compiler returns and what the planner compares. Rule
+bodies are nft text. ``comment()`` is the one way a comment string enters that
+text, and it refuses any character outside a small safe alphabet, so no value
+can ever close the string and inject syntax.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+Family = Literal["ip", "ip6"]
+TABLE = "kproxy"
+
+_SAFE_COMMENT = re.compile(r"^[A-Za-z0-9 ./:_,()>+=-]{0,128}$")
+
+
+class UnsafeText(ValueError):
+    """A value that would not be safe inside nft text."""
+
+
+def comment(text: str) -> str:
+    """``comment "<text>"`` for a rule, chain, set or element."""
+    if not _SAFE_COMMENT.match(text):
+        raise UnsafeText(f"refusing unsafe comment text {text!r}")
+    return f'comment "{text}"'
+
+
+@dataclass(frozen=True, slots=True)
+class SetDecl:
+    """A named set or map of the skeleton."""
+
+    kind: Literal["set", "map"]
+    name: str
+    body: tuple[str, ...]
+    """Declaration lines: type, flags, size, timeout, comment."""
+
+    @property
+    def dynamic(self) -> bool:
+        """Filled by the datapath (affinity, meters): never flushed or diffed."""
+        return any(line.startswith("flags") and "dynamic" in line for line in self.body)
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    name: str
+    rules: tuple[str, ...]
+    comment: str = ""
+    base: str = ""
+    """For a base chain: ``type nat hook prerouting priority dstnat; policy accept;``."""
+    fingerprint: tuple[str, int] | None = None
+    """(rules digest, rule count) of a chain read back from the kernel, whose
+    ``rules`` are not kept; None for a compiled chain."""
+
+
+@dataclass(frozen=True, slots=True)
+class Element:
+    key: str
+    value: str = ""
+    """A map element's value; empty for a set element."""
+    comment: str = ""
+
+    def render(self) -> str:
+        text = self.key
+        if self.comment:
+            text += " " + comment(self.comment)
+        if self.value:
+            text += " : " + self.value
+        return text
+
+
+@dataclass(slots=True)
+class Table:
+    """One family's table. Chains and elements are keyed by name for the planner."""
+
+    family: Family
+    comment: str = ""
+    sets: dict[str, SetDecl] = field(default_factory=dict)
+    chains: dict[str, Chain] = field(default_factory=dict)
+    elements: dict[str, dict[str, Element]] = field(default_factory=dict)
+    """set or map name -> element key -> element."""
+
+    @property
+    def name(self) -> str:
+        return TABLE
+
+    def add_element(self, set_name: str, element: Element) -> bool:
+        """Add an element unless its key is already there (first one wins)."""
+        members = self.elements.setdefault(set_name, {})
+        if element.key in members:
+            return False
+        members[element.key] = element
+        return True
+
+    def element_count(self) -> int:
+        return sum(len(v) for v in self.elements.values())
+
+    def rule_count(self) -> int:
+        return sum(len(c.rules) for c in self.chains.values())
+
+
+@dataclass(slots=True)
+class Ruleset:
+    """Both families' tables, in the order they are written (ip, then ip6)."""
+
+    tables: dict[Family, Table] = field(default_factory=dict)
+
+    def table(self, family: Family) -> Table:
+        return self.tables[family]
