@@ -21,6 +21,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from kproxy.convert import gc_paused
 from kproxy.endpoints import PortEndpoint, Selection, port_endpoints, select
 from kproxy.model import Cluster, EndpointSlice, IPFamily, Service, ServicePort
 from kproxy.ruleset import Chain, Element, Family, Ruleset, Table
@@ -70,7 +71,7 @@ def _family_of(address: str) -> IPFamily:
 
 
 def _hash(text: str) -> str:
-    return base64.b32encode(hashlib.sha256(text.encode()).digest())[:8].decode()
+    return base64.b32encode(hashlib.sha256(text.encode()).digest()[:5]).decode()
 
 
 def port_label(service: Service, port: ServicePort) -> str:
@@ -78,11 +79,16 @@ def port_label(service: Service, port: ServicePort) -> str:
     return f"{service.namespace}/{service.name}:{port.name or port.port}"
 
 
-def chain_name(kind: str, service: Service, port: ServicePort) -> str:
-    """Unique and readable: ``svc-HASH8-ns/name/tcp/http``."""
+def chain_suffix(service: Service, port: ServicePort) -> str:
+    """``HASH8-ns/name/tcp/http``: unique per Service port, and readable."""
     label = port.name or str(port.port)
-    digest = _hash(f"{service.namespace}/{service.name}/{port.protocol}/{label}")
-    return f"{kind}-{digest}-{service.namespace}/{service.name}/{port.protocol}/{label}"
+    path = f"{service.namespace}/{service.name}/{port.protocol}/{label}"
+    return f"{_hash(path)}-{path}"
+
+
+def chain_name(kind: str, service: Service, port: ServicePort) -> str:
+    """``svc-HASH8-ns/name/tcp/http`` (kinds: svc, local, ext)."""
+    return f"{kind}-{chain_suffix(service, port)}"
 
 
 def _addr(address: str) -> str:
@@ -174,18 +180,16 @@ def compile_service(
         label = port_label(service, port)
         proto = port.protocol
         selection: Selection = select(service, port_endpoints(port, slices, fam), node.name, node.zone)
-        svc_chain = chain_name("svc", service, port)
-        local_chain = chain_name("local", service, port)
-        ext_chain = chain_name("ext", service, port)
+        suffix = chain_suffix(service, port)
+        svc_chain, local_chain, ext_chain = f"svc-{suffix}", f"local-{suffix}", f"ext-{suffix}"
         has_cluster_chain = service.uses_cluster_endpoints and bool(selection.cluster)
         has_local_chain = service.uses_local_endpoints and bool(selection.local)
         if has_cluster_chain:
             chains.append(_endpoint_chain(svc_chain, family, service, port, label, cluster_ip, selection.cluster))
         if has_local_chain:
             chains.append(_endpoint_chain(local_chain, family, service, port, label, cluster_ip, selection.local))
-        for pe in sorted({*selection.cluster, *selection.local}, key=lambda pe: (pe.address, pe.port)):
-            if pe.is_local(node.name):
-                elements.append(("hairpin", Element(f"{pe.address} . {pe.address}", comment=label)))
+        for address in sorted({pe.address for pe in selection.cluster + selection.local if pe.is_local(node.name)}):
+            elements.append(("hairpin", Element(f"{address} . {address}", comment=label)))
 
         # Traffic to the ClusterIP follows internalTrafficPolicy.
         if service.internal_policy_local:
@@ -209,7 +213,9 @@ def compile_service(
             if port.node_port:
                 elements.append(("no-endpoint-nodeports", Element(f"{proto} . {port.node_port}", REJECT, label)))
             continue
-        if service.external_policy_local:
+        if service.external_policy_local and internal == DROP and not has_local_chain:
+            ext_rules = [DROP]
+        elif service.external_policy_local:
             ext_rules = [f"{family} saddr {cidr} {internal}" for cidr in cidrs]
             ext_rules += [
                 "fib saddr type local jump mark-for-masquerade",
@@ -283,6 +289,11 @@ def add_service(table: Table, rules: ServiceRules) -> None:
 
 def compile_ruleset(cluster: Cluster, node: NodeInfo, config: ProxyConfig) -> Ruleset:
     """The whole ruleset for a node: both families, Services in key order."""
+    with gc_paused():
+        return _compile_ruleset(cluster, node, config)
+
+
+def _compile_ruleset(cluster: Cluster, node: NodeInfo, config: ProxyConfig) -> Ruleset:
     by_service = cluster.slices_by_service()
     ruleset = Ruleset()
     for family in FAMILIES:

@@ -14,7 +14,7 @@ This follows upstream kube-proxy's ``pkg/proxy/topology.go`` and
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -50,9 +50,10 @@ class Selection:
     """"", PreferSameZone or PreferSameNode: how ``cluster`` was narrowed."""
 
 
-def _sort_key(ep: PortEndpoint) -> tuple[int, int, int]:
-    ip = ipaddress.ip_address(ep.address)
-    return (ip.version, int(ip), ep.port)
+def _sort_key(ep: PortEndpoint) -> tuple[bytes, int]:
+    """Numeric address order (within one family), then port."""
+    family = socket.AF_INET6 if ":" in ep.address else socket.AF_INET
+    return (socket.inet_pton(family, ep.address), ep.port)
 
 
 def port_endpoints(port: ServicePort, slices: Iterable[EndpointSlice], family: IPFamily) -> list[PortEndpoint]:

@@ -2,33 +2,41 @@
 
 Use the ``netbed`` fixture (import it into the test module or a conftest:
 ``from tests.netbed import netbed``) or the ``build_netbed()`` context manager.
-Both need root; the fixture skips otherwise.  Mark tests with ``pytest.mark.root``.
+Both need root; the fixture fails otherwise (as tests/conftest.py does for tests
+marked ``root``).  Mark tests with ``pytest.mark.root``.
 
 Topology (every namespace is named ``kpt-<6 hex>-<role>``; all addresses are private
 and exist only inside these namespaces)::
 
-    client  eth0 192.168.50.100/24 fd00:50::100/64 ─┐
-    client2 eth0 192.168.50.101/24 fd00:50::101/64 ─┤ (veths vcl1/vcl2 enslaved)
-                                                    br-ext 192.168.50.1/24 fd00:50::1/64
-                                      ┌──────────── node ("node-a", zone-a) ───────────┐
-     pod-aN eth0 10.244.1.(10+N)/32 ──┤ veth-aN 10.244.1.1/32 fd00:244:1::1/128 fe80::1 │
-                 fd00:244:1::(10+N)/128                                                 │
-                                      │ veth-rt 172.30.0.1/30 fd00:30::1/64             │
-                                      └──────────────────────┬─────────────────────────┘
-                                          router eth0 172.30.0.2/30 fd00:30::2/64 ("node-b")
-     pod-bN eth0 10.244.2.(10+N)/32 ───── veth-bN 10.244.2.1/32 fd00:244:2::1/128 fe80::1
-                 fd00:244:2::(10+N)/128
+    client  eth0 192.168.50.100/24 fd00:50::100/64 --+
+    client2 eth0 192.168.50.101/24 fd00:50::101/64 --+-- vcl1/vcl2 (bridge ports)
+                                                         |
+    +--------------- node ns ("node-a", zone-a) ------------------------------------+
+    | br-ext  192.168.50.1/24 fd00:50::1/64   (the node IP)                         |
+    | veth-aN 10.244.1.1/32 fd00:244:0:1::1/128 fe80::1/64 --- pod-aN eth0          |
+    |                     10.244.1.(10+N)/32 fd00:244:0:1::(10+N)/128               |
+    | veth-rt 172.30.0.1/30 fd00:30::1/64                                           |
+    +----------|--------------------------------------------------------------------+
+               |
+    +--------- router ns ("node-b", zone-b) ----------------------------------------+
+    | eth0    172.30.0.2/30 fd00:30::2/64                                           |
+    | veth-bN 10.244.2.1/32 fd00:244:0:2::1/128 fe80::1/64 --- pod-bN eth0          |
+    |                     10.244.2.(10+N)/32 fd00:244:0:2::(10+N)/128               |
+    +-------------------------------------------------------------------------------+
+
+IPv6 pod addresses are ``fd00:244:0:<n>::<10+N>``: one /64 per node inside the cluster
+pod CIDR fd00:244::/48 (``fd00:244:1::/64`` would lie outside that /48).
 
 Pods use *routed* veths (Calico-like, no bridge, no br_netfilter): the pod has a /32
 (/128) address and ``default via 10.244.1.1 dev eth0 onlink`` / ``default via
 fe80::1 dev eth0``; the host side of every pod veth carries the same gateway addresses
-(10.244.1.1/32, fd00:244:1::1/128, fe80::1/64) and the host routes each pod /32
+(10.244.1.1/32, fd00:244:0:1::1/128, fe80::1/64) and the host routes each pod /32
 (/128) to its veth.  So *all* pod traffic, also pod-to-pod on the same node and
 hairpin, is routed through the node's IP stack (prerouting/forward/postrouting).  Note
 that a hairpinned packet (pod -> service -> same pod) is dropped by the pod as a
 martian unless the proxy masquerades it, as on a real node.
 
-The node routes 10.244.2.0/24 and fd00:244:2::/64 via the router (172.30.0.2 /
+The node routes 10.244.2.0/24 and fd00:244:0:2::/64 via the router (172.30.0.2 /
 fd00:30::2); the router routes each remote pod to its veth and everything else via
 the node.  Clients have a default route via the node (192.168.50.1 /
 fd00:50::1) plus ``unreachable`` routes for the pod CIDRs (10.244.0.0/16,
@@ -36,8 +44,8 @@ fd00:244::/48), so they reach pods only through Service IPs / the node IP.  The 
 and the router forward IPv4 and IPv6; rp_filter is 0 and IPv6 DAD is off everywhere.
 
 Traffic: ``trafficd.py serve`` runs in the namespaces as servers answering
-``ID <peer-ip>``; clients use ``Netns.connect_many`` (in-process: the calling thread
-enters the namespace with setns(2) just to create sockets, no process per call),
+``ID <peer-ip>``; clients use ``Netns.connect_many`` (in-process: the calling thread enters the
+namespace with setns(2) for the duration of the call, no process per call),
 ``Netns.start_loop`` and ``Netns.start_udp_flow`` (long-running trafficd processes).
 """
 from __future__ import annotations
@@ -600,11 +608,13 @@ class NetBed:
     pod_cidr4: str = "10.244.0.0/16"
     pod_cidr6: str = "fd00:244::/48"
     node_pod_cidr4: str = "10.244.1.0/24"
-    node_pod_cidr6: str = "fd00:244:1::/64"
+    node_pod_cidr6: str = "fd00:244:0:1::/64"
     node_pod_gw4: str = "10.244.1.1"
-    node_pod_gw6: str = "fd00:244:1::1"
+    node_pod_gw6: str = "fd00:244:0:1::1"
     remote_pod_cidr4: str = "10.244.2.0/24"
-    remote_pod_cidr6: str = "fd00:244:2::/64"
+    remote_pod_cidr6: str = "fd00:244:0:2::/64"
+    remote_pod_gw4: str = "10.244.2.1"
+    remote_pod_gw6: str = "fd00:244:0:2::1"
     node_transit_ip4: str = "172.30.0.1"
     node_transit_ip6: str = "fd00:30::1"
     node_transit_if: str = "veth-rt"
@@ -825,7 +835,7 @@ def _create(bed: NetBed, created: list[str]) -> None:
         f"route add default via {bed.node_transit_ip4}",
         f"route add default via {bed.node_transit_ip6}",
     ]
-    remote_gw4, remote_gw6 = "10.244.2.1", "fd00:244:2::1"
+    remote_gw4, remote_gw6 = bed.remote_pod_gw4, bed.remote_pod_gw6
     for p in bed.remote_pods:
         router_lines += _host_side(remote_gw4, remote_gw6, p.host_veth, p)
     batches = {
@@ -853,7 +863,7 @@ def new_netbed(local_pods: int = 3, remote_pods: int = 2, prefix: str = NS_PREFI
     def pod(kind: str, i: int, third: int, node_name: str, zone: str) -> Pod:
         name = f"pod-{kind}{i}"
         return Pod(name=name, netns=Netns(base + name), ip4=f"10.244.{third}.{10 + i}",
-                   ip6=f"fd00:244:{third}::{10 + i}", node_name=node_name, zone=zone,
+                   ip6=f"fd00:244:0:{third}::{10 + i}", node_name=node_name, zone=zone,
                    host_veth=f"veth-{kind}{i}")
 
     return NetBed(
@@ -883,16 +893,17 @@ def build_netbed(local_pods: int = 3, remote_pods: int = 2, prefix: str = NS_PRE
 
 
 def require_root() -> None:
-    """Skip the current test unless we can create network namespaces."""
+    """Fail the current test (like tests/conftest.py does for ``root`` tests) unless we
+    can create network namespaces; deselect such tests with ``-m 'not root'``."""
     if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces)")
+        pytest.fail("this test needs root (network namespaces); deselect with -m 'not root'")
     if shutil.which("ip") is None:
-        pytest.skip("needs iproute2 'ip'")
+        pytest.fail("this test needs iproute2 'ip'")
 
 
 @pytest.fixture
 def netbed(request) -> Iterator[NetBed]:
-    """A fresh NetBed per test (root only; skips otherwise).
+    """A fresh NetBed per test (root only; fails otherwise -- mark tests ``root``).
 
     Pod counts can be changed with indirect parametrisation:
     ``@pytest.mark.parametrize("netbed", [{"local_pods": 4, "remote_pods": 3}], indirect=True)``.

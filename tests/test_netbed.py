@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import subprocess
+from ipaddress import ip_address, ip_network
 
 import pytest
 
@@ -22,7 +23,12 @@ def test_topology_shape(netbed: NetBed):
     assert all(n.startswith(f"{NS_PREFIX}{netbed.suffix}-") for n in names)
     assert set(names) <= _netns_list()
     assert [p.ip4 for p in netbed.local_pods] == ["10.244.1.11", "10.244.1.12", "10.244.1.13"]
-    assert [p.ip6 for p in netbed.remote_pods] == ["fd00:244:2::11", "fd00:244:2::12"]
+    assert [p.ip6 for p in netbed.remote_pods] == ["fd00:244:0:2::11", "fd00:244:0:2::12"]
+    for pods, cidr4, cidr6 in ((netbed.local_pods, netbed.node_pod_cidr4, netbed.node_pod_cidr6),
+                               (netbed.remote_pods, netbed.remote_pod_cidr4, netbed.remote_pod_cidr6)):
+        for p in pods:
+            assert ip_address(p.ip4) in ip_network(cidr4) and ip_network(cidr4).subnet_of(ip_network(netbed.pod_cidr4))
+            assert ip_address(p.ip6) in ip_network(cidr6) and ip_network(cidr6).subnet_of(ip_network(netbed.pod_cidr6))
     assert {(p.node_name, p.zone) for p in netbed.local_pods} == {("node-a", "zone-a")}
     assert {(p.node_name, p.zone) for p in netbed.remote_pods} == {("node-b", "zone-b")}
     for ns in (netbed.node, netbed.router):
@@ -43,6 +49,10 @@ def test_client_reaches_node_ip(netbed: NetBed):
                 assert res.all_ok, res.summary()
                 assert res.servers == {"node-a"} and res.peers == {src}
                 assert len({r.local_port for r in res}) == 5  # fresh source port per attempt
+    # UDP replies leave from the address the datagram was sent to (IP_PKTINFO), so a
+    # connected client socket accepts them even for a secondary node address.
+    for dst in (netbed.node_transit_ip4, netbed.node_transit_ip6):
+        assert netbed.client.connect_many(dst, 53, 2, "udp").servers == {"node-a"}
 
 
 def test_local_pod_reaches_remote_pod(netbed: NetBed):
@@ -100,12 +110,14 @@ def test_error_kinds(netbed: NetBed):
 def test_subprocess_connect_matches_in_process(netbed: NetBed):
     """`trafficd.py connect` run inside the namespace gives the same results as in-process."""
     netbed.start_servers(tcp_ports=[80], udp_ports=[53], pods=netbed.remote_pods[:1])
-    b1 = netbed.remote_pods[0]
+    a1, b1 = netbed.local_pods[0], netbed.remote_pods[0]
     for proto, port in (("tcp", 80), ("udp", 53)):
-        res = netbed.client.connect_many(b1.ip4, port, 4, proto, in_process=False)
-        assert res.all_ok and res.servers == {b1.name} and res.peers == {netbed.client_ip4}, res.summary()
-    same = netbed.client.connect_many(b1.ip4, 53, 4, "udp", same_source_port=True, in_process=False)
-    assert same.all_ok and len({r.local_port for r in same}) == 1
+        for in_process in (True, False):
+            res = a1.netns.connect_many(b1.ip4, port, 4, proto, in_process=in_process)
+            assert res.all_ok and res.servers == {b1.name} and res.peers == {a1.ip4}, res.summary()
+    same = a1.netns.connect_many(b1.ip6, 53, 4, "udp", same_source_port=True, in_process=False)
+    assert same.all_ok and len({r.local_port for r in same}) == 1, same.summary()
+    assert a1.netns.connect_many(b1.ip6, 81, 2, "tcp", in_process=False).by_error == {"refused": 2}
 
 
 def test_loop_and_udp_flow(netbed: NetBed):
@@ -167,3 +179,12 @@ def test_concurrent_beds_do_not_clash():
         b.start_server(b.node, "bed-b", tcp_ports=[80])
         assert a.client.connect(a.node_ip4, 80).server == "bed-a"
         assert b.client.connect(b.node_ip4, 80).server == "bed-b"
+
+
+@pytest.mark.parametrize("netbed", [{"local_pods": 1, "remote_pods": 3}], indirect=True)
+def test_pod_counts_are_configurable(netbed: NetBed):
+    """Indirect parametrisation of the fixture sets the number of local and remote pods."""
+    assert [p.name for p in netbed.pods] == ["pod-a1", "pod-b1", "pod-b2", "pod-b3"]
+    netbed.start_servers(tcp_ports=[80], udp_ports=[])
+    res = netbed.local_pods[0].netns.connect_many(netbed.pod("pod-b3").ip4, 80, 2)
+    assert res.servers == {"pod-b3"}

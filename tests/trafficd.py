@@ -44,7 +44,7 @@ import struct
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
 # Linux constants missing from Python 3.11's socket module.

@@ -1,0 +1,1 @@
+"""kproxy's benchmarks: scripts that print tables (see README.md here)."""

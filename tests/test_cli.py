@@ -1,0 +1,123 @@
+"""The ``kproxy --dry-run`` command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.builders import endpoint, endpoint_slice, node, service
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "cluster.yaml"
+
+
+def kproxy(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kproxy", *args], capture_output=True, text=True, input=stdin, cwd=ROOT, timeout=60
+    )
+
+
+def _write(tmp_path: Path, objects: list[dict]) -> str:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump_all(objects))
+    return str(path)
+
+
+@pytest.mark.root
+def test_example_cluster_dry_run_passes_nft_check(nft_check) -> None:
+    """The bundled example compiles without warnings, and nft -c accepts it."""
+    result = kproxy("--dry-run", "--from-file", str(EXAMPLE), "--node-name", "node-a",
+                    "--cluster-cidr", "10.244.0.0/16,fd00:244::/48")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert "table ip kproxy" in result.stdout and "table ip6 kproxy" in result.stdout
+    nft_check(result.stdout)
+
+
+def test_dry_run_is_deterministic() -> None:
+    """The same input gives the same bytes, whatever the order of the documents."""
+    docs = list(yaml.safe_load_all(EXAMPLE.read_text()))[0]["items"]
+    first = kproxy("--dry-run", "--from-file", str(EXAMPLE), "--node-name", "node-a")
+    shuffled = kproxy("--dry-run", "--from-file", "-", "--node-name", "node-a",
+                      stdin=yaml.safe_dump_all(list(reversed(docs))))
+    assert first.returncode == shuffled.returncode == 0
+    assert first.stdout == shuffled.stdout
+
+
+def test_node_ips_come_from_node_object(tmp_path: Path) -> None:
+    """NodePorts listen on the Node's InternalIPs; --nodeport-addresses filters them."""
+    path = _write(tmp_path, [node("node-a", ["192.168.50.1", "10.0.0.1", "fd00:50::1"])])
+    default = kproxy("--dry-run", "--from-file", path, "--node-name", "node-a")
+    assert "nodeport-ips { 192.168.50.1 " in default.stdout
+    assert "10.0.0.1 comment" not in default.stdout
+    assert "ip6 kproxy nodeport-ips { fd00:50::1 " in default.stdout
+    filtered = kproxy("--dry-run", "--from-file", path, "--node-name", "node-a", "--nodeport-addresses", "10.0.0.0/8")
+    assert "nodeport-ips { 10.0.0.1 " in filtered.stdout
+    assert "192.168.50.1 comment" not in filtered.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        pytest.param(["--from-file", "/nonexistent/c.yaml"], "/nonexistent/c.yaml: cannot read", id="missing-file"),
+        pytest.param(["--from-file", "BROKEN"], "invalid YAML at line", id="broken-yaml"),
+        pytest.param([], "needs at least one --from-file", id="no-input"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    """Unreadable files and broken YAML exit 2 with one line naming the file."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("kind: Service\nspec: [\n")
+    args = [str(broken) if a == "BROKEN" else a for a in args]
+    result = kproxy("--dry-run", "--node-name", "node-a", *args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+    if "BROKEN" in args or any(str(broken) == a for a in args):
+        assert str(broken) in lines[0]
+
+
+def test_bad_flag_exits_2() -> None:
+    """An invalid flag value is a usage error."""
+    result = kproxy("--dry-run", "--cluster-cidr", "10.0.0.0/99", "--node-name", "n", "--from-file", str(EXAMPLE))
+    assert result.returncode == 2
+    assert "is not a CIDR" in result.stderr
+
+
+@pytest.mark.root
+def test_bad_objects_warn_and_the_rest_compiles(tmp_path: Path, nft_check) -> None:
+    """Each bad object gets one warning naming it; the good Service is still programmed."""
+    objects = [
+        service("good", cluster_ip="10.96.0.1"),
+        endpoint_slice("good-1", "good", [endpoint("10.244.1.5")]),
+        service("bad-ip", cluster_ip="10.96.0.256"),
+        service("bad-port", cluster_ip="10.96.0.2", ports=[{"name": "x", "port": 0}]),
+        service("bad-family", cluster_ip="10.96.0.3", ipFamilies=["IPv6"]),
+        service("bad-proto", cluster_ip="10.96.0.4", ports=[{"name": "x", "port": 1, "protocol": "GRE"}]),
+        service("bad-note", cluster_ip="10.96.0.5", annotations={"kproxy.io/rate-limit": 'x" ; flush ruleset'}),
+        endpoint_slice("evil-1", "good", [endpoint('10.244.1.6" } ; flush ruleset ; {')]),
+    ]
+    result = kproxy("--dry-run", "--from-file", _write(tmp_path, objects), "--node-name", "node-a")
+    assert result.returncode == 0
+    warnings = result.stderr.strip().splitlines()
+    for name in ("bad-ip", "bad-port", "bad-family", "bad-proto", "bad-note", "evil-1"):
+        assert sum(name in w for w in warnings) == 1, (name, warnings)
+    assert "10.96.0.1 . tcp . 80" in result.stdout
+    assert "flush ruleset" not in result.stdout
+    for ip in ("10.96.0.2", "10.96.0.3", "10.96.0.4", "10.96.0.5"):
+        assert ip not in result.stdout
+    nft_check(result.stdout)
+
+
+def test_console_script_and_module_agree() -> None:
+    """The ``kproxy`` console script is installed and prints the same as ``python -m kproxy``."""
+    script = Path(sys.executable).parent / "kproxy"
+    assert script.exists()
+    via_script = subprocess.run([str(script), "--dry-run", "--from-file", str(EXAMPLE), "--node-name", "node-a"],
+                                capture_output=True, text=True, cwd=ROOT)
+    assert via_script.stdout == kproxy("--dry-run", "--from-file", str(EXAMPLE), "--node-name", "node-a").stdout

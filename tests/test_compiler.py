@@ -1,0 +1,198 @@
+"""Compiler invariants: layout that loads in linear time, comments, purity, fairness."""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kproxy.compiler import NodeInfo, ProxyConfig, compile_ruleset
+from kproxy.convert import build_cluster
+from kproxy.plan import render_ruleset
+from kproxy.ruleset import UnsafeText, comment
+from kproxy.skeleton import skeleton_table
+from tests.builders import endpoint, endpoint_slice, service
+
+NODE = NodeInfo("node-a", "zone-a", ("192.168.50.1",), ("192.168.50.1",))
+CONFIG = ProxyConfig(cluster_cidrs=("10.244.0.0/16",))
+
+
+def _cluster(n_services: int, n_endpoints: int, **spec: Any) -> list[dict[str, Any]]:
+    objects: list[dict[str, Any]] = []
+    for i in range(n_services):
+        objects.append(service(f"svc-{i}", "ns", f"10.96.{i // 250}.{i % 250 + 1}", type="NodePort",
+                               ports=[{"name": "http", "port": 80, "nodePort": 30000 + i}], **spec))
+        eps = [endpoint(f"10.244.{j // 250}.{j % 250 + 1}", node="node-a" if j % 3 == 0 else "node-b")
+               for j in range(i, i + n_endpoints)]
+        objects.append(endpoint_slice(f"svc-{i}-x", f"svc-{i}", eps, namespace="ns"))
+    return objects
+
+
+def _compile(objects: list[dict[str, Any]], config: ProxyConfig = CONFIG):
+    cluster, problems = build_cluster(objects, "node-a")
+    assert problems == []
+    return compile_ruleset(cluster, NODE, config)
+
+
+def test_set_count_is_constant() -> None:
+    """Sets and maps are the skeleton's, whatever the number or kind of Services."""
+    small = _compile(_cluster(2, 2, sessionAffinity="ClientIP"))
+    large = _compile(_cluster(200, 5, sessionAffinity="ClientIP", annotations={"kproxy.io/rate-limit": "5/second"}))
+    for family in ("ip", "ip6"):
+        assert set(small.table(family).sets) == set(large.table(family).sets) == set(skeleton_table(family).sets)
+
+
+def test_no_inline_anonymous_sets_or_maps() -> None:
+    """No rule holds an inline set or map (they load in quadratic time)."""
+    script = render_ruleset(_compile(_cluster(20, 4, sessionAffinity="ClientIP", annotations={"kproxy.io/rate-limit": "5/second"})))
+    for line in script.splitlines():
+        if line.startswith("add rule"):
+            body = re.sub(r"update @[a-z-]+ \{[^}]*\}", "", line)
+            assert "{" not in body, line
+
+
+def test_every_generated_object_has_a_comment() -> None:
+    """Every chain and element carries ``namespace/name:port`` (or the node / flag it came from)."""
+    table = _compile(_cluster(5, 3, externalIPs=["198.51.100.1"])).table("ip")
+    skeleton = skeleton_table("ip")
+    for name, chain in table.chains.items():
+        assert chain.comment, name
+        if name not in skeleton.chains:
+            assert re.fullmatch(r"ns/svc-\d+:http", chain.comment), chain.comment
+    for set_name, members in table.elements.items():
+        for element in members.values():
+            assert element.comment, (set_name, element)
+
+
+def test_chain_count_is_linear() -> None:
+    """A Service port costs at most three chains, never one per endpoint."""
+    table = _compile(_cluster(50, 10)).table("ip")
+    generated = [n for n in table.chains if n not in skeleton_table("ip").chains]
+    assert len(generated) <= 3 * 50
+
+
+def test_cascade_is_uniform() -> None:
+    """The numgen cascade gives every endpoint probability 1/N."""
+    table = _compile(_cluster(1, 7)).table("ip")
+    chain = next(c for n, c in table.chains.items() if n.startswith("svc-"))
+    dnat_rules = [r for r in chain.rules if "dnat to" in r]
+    remaining = Fraction(1)
+    probabilities = []
+    for rule in dnat_rules:
+        match = re.search(r"numgen random mod (\d+) 0", rule)
+        p = Fraction(1, int(match.group(1))) if match else Fraction(1)
+        probabilities.append(remaining * p)
+        remaining -= remaining * p
+    assert probabilities == [Fraction(1, 7)] * 7
+
+
+def test_compile_is_pure_and_deterministic() -> None:
+    """Compiling twice, or with objects in another order, gives the same script."""
+    objects = _cluster(30, 4)
+    assert render_ruleset(_compile(objects)) == render_ruleset(_compile(list(reversed(objects))))
+
+
+def test_duplicate_frontend_first_service_wins() -> None:
+    """Two Services claiming one external IP and port: the first by name keeps it."""
+    objects = [
+        service("a", "ns", "10.96.0.1", externalIPs=["198.51.100.9"]),
+        service("b", "ns", "10.96.0.2", externalIPs=["198.51.100.9"]),
+        endpoint_slice("a-1", "a", [endpoint("10.244.1.1")], namespace="ns"),
+        endpoint_slice("b-1", "b", [endpoint("10.244.1.2")], namespace="ns"),
+    ]
+    element = _compile(objects).table("ip").elements["service-ips"]["198.51.100.9 . tcp . 80"]
+    assert element.comment == "ns/a:http"
+
+
+@pytest.mark.parametrize("text", ['a"b', "a;b", "a\nb", "a{b", "a}b", "x" * 200, "a$b", "a\\b"])
+def test_comment_refuses_unsafe_text(text: str) -> None:
+    """No value that could end the string or start a statement is written into a comment."""
+    with pytest.raises(UnsafeText):
+        comment(text)
+
+
+# --- property: random clusters, valid and malformed --------------------------
+
+_octet = st.integers(min_value=1, max_value=254)
+_v4 = st.builds(lambda a, b: f"10.96.{a}.{b}", _octet, _octet)
+_pod = st.builds(lambda a, b: f"10.244.{a}.{b}", _octet, _octet)
+_v6 = st.builds(lambda a: f"fd00:96::{a:x}", st.integers(1, 65535))
+_hostile = st.sampled_from(['"; flush ruleset; "', "}", "10.0.0.1 } ; drop", "\n", "999.1.1.1", "-1", "ICMP", "a" * 70])
+_name = st.from_regex(r"[a-z]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
+
+
+@st.composite
+def _service_and_slice(draw: st.DrawFn, index: int) -> tuple[list[dict[str, Any]], bool]:
+    name = f"s{index}-{draw(_name)}"[:40].rstrip("-")
+    proto = draw(st.sampled_from(["TCP", "UDP", "SCTP"]))
+    spec: dict[str, Any] = {}
+    kind = draw(st.sampled_from(["ClusterIP", "NodePort", "LoadBalancer"]))
+    ports = [{"name": "p", "port": draw(st.integers(1, 65535)), "protocol": proto}]
+    if kind != "ClusterIP":
+        spec["type"] = kind
+        ports[0]["nodePort"] = draw(st.integers(30000, 32767))
+        spec["externalTrafficPolicy"] = draw(st.sampled_from(["Cluster", "Local"]))
+    if draw(st.booleans()):
+        spec["sessionAffinity"] = "ClientIP"
+    if draw(st.booleans()):
+        spec["internalTrafficPolicy"] = "Local"
+    if draw(st.booleans()):
+        spec["externalIPs"] = [draw(_v4).replace("10.96", "198.51")]
+    dual = draw(st.booleans())
+    cluster_ip: Any = [draw(_v4), draw(_v6)] if dual else draw(_v4)
+    if dual:
+        spec["ipFamilies"] = ["IPv4", "IPv6"]
+    annotations = {"kproxy.io/rate-limit": f"{draw(st.integers(1, 1000))}/second"} if draw(st.booleans()) else None
+    status = None
+    if kind == "LoadBalancer":
+        status = {"loadBalancer": {"ingress": [{"ip": draw(_v4).replace("10.96", "192.0")}]}}
+        if draw(st.booleans()):
+            spec["loadBalancerSourceRanges"] = ["203.0.113.0/24"]
+    svc = service(name, "ns", cluster_ip, ports=ports, annotations=annotations, status=status, **spec)
+    eps = [endpoint(draw(_pod), node=draw(st.sampled_from(["node-a", "node-b"])),
+                    ready=draw(st.sampled_from([True, False, None])), terminating=draw(st.sampled_from([None, True])))
+           for _ in range(draw(st.integers(0, 4)))]
+    eps_slice = endpoint_slice(f"{name}-x", name, eps, namespace="ns", ports=[{"name": "p", "port": 8080, "protocol": proto}])
+    bad = draw(st.integers(0, 4)) == 0
+    if bad:
+        target = draw(st.sampled_from(["ip", "port", "name", "annotation", "endpoint"]))
+        value = draw(_hostile)
+        if target == "ip":
+            svc["spec"]["clusterIPs"][0] = svc["spec"]["clusterIP"] = value
+        elif target == "port":
+            svc["spec"]["ports"][0]["port"] = value
+        elif target == "name":
+            svc["spec"]["ports"][0]["name"] = value
+        elif target == "annotation":
+            svc["metadata"]["annotations"] = {"kproxy.io/rate-limit": value}
+        else:
+            eps_slice["endpoints"] = [endpoint(value)]
+    return [svc, eps_slice], bad
+
+
+@st.composite
+def _clusters(draw: st.DrawFn) -> list[tuple[list[dict[str, Any]], bool]]:
+    return [draw(_service_and_slice(i)) for i in range(draw(st.integers(1, 6)))]
+
+
+@pytest.mark.root
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_clusters())
+def test_random_clusters_always_load(nft_check, generated) -> None:
+    """Any mix of valid and malformed objects compiles to a script nft accepts, without the bad ones."""
+    objects = [obj for pair, _ in generated for obj in pair]
+    cluster, problems = build_cluster(objects, "node-a")
+    script = render_ruleset(compile_ruleset(cluster, NODE, CONFIG))
+    nft_check(script)
+    assert "flush ruleset" not in script
+    bad_services = {p.key for p in problems if p.kind == "Service"}
+    for key in bad_services:
+        assert f'"{key}:' not in script
+    for (svc, _), bad in generated:
+        key = f"ns/{svc['metadata']['name']}"
+        if not bad:
+            assert key in cluster.services
