@@ -21,7 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Literal
 
 from kproxy.ruleset import TABLE, Chain, Element, Family, Ruleset, SetDecl, Table, comment
 
@@ -42,110 +42,138 @@ def chain_fingerprint(chain: Chain) -> tuple[str, int]:
     return rules_digest(chain.rules), len(chain.rules)
 
 
+Verb = Literal["add", "flush", "delete"]
+Kind = Literal["table", "set", "map", "chain", "rule", "element"]
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One nft command on one object of kproxy's tables."""
+
+    verb: Verb
+    kind: Kind
+    family: Family
+    name: str = ""
+    """The set, map or chain; empty for the table itself."""
+    comment: str = ""
+    """add table: the table's comment."""
+    set_decl: SetDecl | None = None
+    """add set / add map: the declaration."""
+    chain: Chain | None = None
+    """add chain: the declaration (its rules are separate ``add rule`` ops)."""
+    rule: str = ""
+    """add rule: the rule text, digest comment included."""
+    elements: tuple[Element, ...] = ()
+    """add / delete element."""
+
+    @property
+    def weight(self) -> int:
+        """How many kernel objects this command creates, changes or deletes."""
+        return len(self.elements) if self.kind == "element" else 1
+
+    def render(self) -> str:
+        where = f"{self.family} {TABLE}"
+        if self.kind == "table":
+            if self.verb == "add" and self.comment:
+                return f"add table {where} {{ {comment(self.comment)}; }}"
+            return f"{self.verb} table {where}"
+        if self.kind in ("set", "map") and self.verb == "add":
+            assert self.set_decl is not None
+            return f"add {self.kind} {where} {self.name} {{ {'; '.join(self.set_decl.body)}; }}"
+        if self.kind == "chain" and self.verb == "add":
+            assert self.chain is not None
+            return render_chain(where, self.chain)
+        if self.kind == "rule":
+            return f"add rule {where} {self.name} {self.rule}"
+        if self.kind == "element":
+            items = (e.render() for e in self.elements) if self.verb == "add" else (e.key for e in self.elements)
+            return f"{self.verb} element {where} {self.name} {{ {', '.join(items)} }}"
+        return f"{self.verb} {self.kind} {where} {self.name}"
+
+
 @dataclass(slots=True)
 class Transaction:
     """An ordered list of nft commands; ``str()`` is exactly the script sent."""
 
-    commands: list[str] = field(default_factory=list)
-    operations: int = 0
-    """Objects created, changed or deleted: rules, elements, chains, sets, flushes."""
+    ops: list[Op] = field(default_factory=list)
     deferred_chain_deletes: list[tuple[Family, str]] = field(default_factory=list)
     """Chains flushed and dereferenced here, to delete in a later transaction."""
 
-    def add(self, command: str, operations: int = 1) -> None:
-        self.commands.append(command)
-        self.operations += operations
+    @property
+    def operations(self) -> int:
+        """Objects created, changed or deleted: rules, elements, chains, sets, flushes."""
+        return sum(op.weight for op in self.ops)
+
+    def add(self, op: Op) -> None:
+        self.ops.append(op)
 
     def extend(self, other: "Transaction") -> None:
-        self.commands.extend(other.commands)
-        self.operations += other.operations
+        self.ops.extend(other.ops)
         self.deferred_chain_deletes.extend(other.deferred_chain_deletes)
 
     def __str__(self) -> str:
-        return "".join(c + "\n" for c in self.commands)
+        return "".join(op.render() + "\n" for op in self.ops)
 
     def __bool__(self) -> bool:
-        return bool(self.commands)
+        return bool(self.ops)
 
 
-def _where(table: Table) -> str:
-    return f"{table.family} {TABLE}"
-
-
-def render_set(table: Table, decl: SetDecl) -> str:
-    return f"add {decl.kind} {_where(table)} {decl.name} {{ {'; '.join(decl.body)}; }}"
-
-
-def render_chain(table: Table, chain: Chain) -> str:
+def render_chain(where: str, chain: Chain) -> str:
     parts = []
     if chain.base:
         parts.append(chain.base.rstrip(";") + ";")
     if chain.comment:
         parts.append(comment(chain.comment) + ";")
     body = " ".join(parts)
-    return f"add chain {_where(table)} {chain.name} {{ {body} }}" if body else f"add chain {_where(table)} {chain.name}"
+    return f"add chain {where} {chain.name} {{ {body} }}" if body else f"add chain {where} {chain.name}"
 
 
-def _rule_commands(table: Table, chain: Chain) -> list[str]:
-    prefix = f"add rule {_where(table)} {chain.name} "
-    rules = list(chain.rules)
-    if rules:
-        rules[-1] = f"{rules[-1]} {comment(DIGEST_PREFIX + rules_digest(chain.rules))}"
-    return [prefix + r for r in rules]
-
-
-def _element_commands(verb: str, table: Table, set_name: str, elements: list[str]) -> list[str]:
-    return [
-        f"{verb} element {_where(table)} {set_name} {{ {', '.join(elements[i:i + ELEMENT_BATCH])} }}"
-        for i in range(0, len(elements), ELEMENT_BATCH)
-    ]
+def digest_comment(rules: tuple[str, ...]) -> str:
+    return comment(DIGEST_PREFIX + rules_digest(rules))
 
 
 def _fill_chain(tx: Transaction, table: Table, chain: Chain) -> None:
-    for command in _rule_commands(table, chain):
-        tx.add(command)
+    rules = list(chain.rules)
+    if rules:
+        rules[-1] = f"{rules[-1]} {digest_comment(chain.rules)}"
+    for rule in rules:
+        tx.add(Op("add", "rule", table.family, chain.name, rule=rule))
 
 
-def _add_elements(tx: Transaction, table: Table, set_name: str, elements: list[Element]) -> None:
-    for command in _element_commands("add", table, set_name, [e.render() for e in elements]):
-        tx.add(command, 0)
-    tx.operations += len(elements)
-
-
-def _delete_elements(tx: Transaction, table: Table, set_name: str, keys: list[str]) -> None:
-    for command in _element_commands("delete", table, set_name, keys):
-        tx.add(command, 0)
-    tx.operations += len(keys)
+def _elements(tx: Transaction, verb: Verb, table: Table, set_name: str, elements: list[Element]) -> None:
+    for i in range(0, len(elements), ELEMENT_BATCH):
+        tx.add(Op(verb, "element", table.family, set_name, elements=tuple(elements[i : i + ELEMENT_BATCH])))
 
 
 def converge(table: Table) -> Transaction:
     """Bring an unknown kernel state to ``table`` without deleting anything."""
     tx = Transaction()
-    tx.add(f"add table {_where(table)} {{ {comment(table.comment)}; }}" if table.comment else f"add table {_where(table)}")
+    family = table.family
+    tx.add(Op("add", "table", family, comment=table.comment))
     for decl in table.sets.values():
-        tx.add(render_set(table, decl))
+        tx.add(Op("add", decl.kind, family, decl.name, set_decl=decl))
     for chain in table.chains.values():
-        tx.add(render_chain(table, chain))
+        tx.add(Op("add", "chain", family, chain.name, chain=chain))
     for chain in table.chains.values():
-        tx.add(f"flush chain {_where(table)} {chain.name}")
+        tx.add(Op("flush", "chain", family, chain.name))
         _fill_chain(tx, table, chain)
     for decl in table.sets.values():
         if decl.dynamic:
             continue
-        tx.add(f"flush {decl.kind} {_where(table)} {decl.name}")
+        tx.add(Op("flush", decl.kind, family, decl.name))
         members = table.elements.get(decl.name, {})
         if members:
-            _add_elements(tx, table, decl.name, list(members.values()))
+            _elements(tx, "add", table, decl.name, list(members.values()))
     return tx
 
 
 def diff(current: Table, desired: Table, delete_chains: bool = True) -> Transaction:
     """The minimal transaction from ``current`` to ``desired`` (same family)."""
     tx = Transaction()
-    where = _where(desired)
+    family = desired.family
     for name, decl in desired.sets.items():
         if name not in current.sets:
-            tx.add(render_set(desired, decl))
+            tx.add(Op("add", decl.kind, family, name, set_decl=decl))
     new_chains = [c for n, c in desired.chains.items() if n not in current.chains]
     changed_chains = [
         c
@@ -154,9 +182,9 @@ def diff(current: Table, desired: Table, delete_chains: bool = True) -> Transact
     ]
     removed_chains = [n for n in current.chains if n not in desired.chains]
     for chain in new_chains:
-        tx.add(render_chain(desired, chain))
+        tx.add(Op("add", "chain", family, chain.name, chain=chain))
     for chain in changed_chains:
-        tx.add(f"flush chain {where} {chain.name}")
+        tx.add(Op("flush", "chain", family, chain.name))
     for chain in new_chains + changed_chains:
         _fill_chain(tx, desired, chain)
 
@@ -165,20 +193,20 @@ def diff(current: Table, desired: Table, delete_chains: bool = True) -> Transact
             continue
         have = current.elements.get(name, {})
         want = desired.elements.get(name, {})
-        stale = [key for key, element in have.items() if want.get(key) != element]
+        stale = [element for key, element in have.items() if want.get(key) != element]
         fresh = [element for key, element in want.items() if have.get(key) != element]
         if stale:
-            _delete_elements(tx, desired, name, stale)
+            _elements(tx, "delete", desired, name, stale)
         if fresh:
-            _add_elements(tx, desired, name, fresh)
+            _elements(tx, "add", desired, name, fresh)
 
     for name in removed_chains:
-        tx.add(f"flush chain {where} {name}")
+        tx.add(Op("flush", "chain", family, name))
     for name in removed_chains:
         if delete_chains:
-            tx.add(f"delete chain {where} {name}")
+            tx.add(Op("delete", "chain", family, name))
         else:
-            tx.deferred_chain_deletes.append((desired.family, name))
+            tx.deferred_chain_deletes.append((family, name))
     return tx
 
 

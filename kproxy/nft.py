@@ -1,0 +1,257 @@
+"""The kernel edge: kproxy's tables through libnftables (the ``nftables`` binding).
+
+* ``apply`` sends a transaction as one nft batch: the kernel applies all of it
+  or none of it. On failure the error names the command the kernel refused.
+* ``read`` lists only ``ip kproxy`` and ``ip6 kproxy``, never anything else.
+* ``delete_tables`` removes those two tables and nothing else. Nothing here
+  ever flushes the ruleset.
+* ``check_capabilities`` proves, with a throwaway table of our own, that the
+  kernel and libnftables can do everything the ruleset uses, and names what is
+  missing if not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from kproxy.plan import Transaction
+from kproxy.readback import parse_table
+from kproxy.ruleset import TABLE, Family, Ruleset
+
+log = logging.getLogger(__name__)
+
+FAMILIES: tuple[Family, ...] = ("ip", "ip6")
+LIBNFTABLES = "libnftables.so.1"
+PROBE_TABLE = "kproxy-probe"
+_LOCATION = re.compile(r"^(?:\S+):(\d+):\d+(?:-\d+)?: Error: (.*)$")
+
+
+class NftError(Exception):
+    """The kernel or libnftables refused a transaction; nothing was changed."""
+
+    def __init__(self, message: str, command: str | None = None) -> None:
+        super().__init__(f"{message}: {command}" if command else message)
+        self.reason = message
+        self.command = command
+
+
+class CapabilityError(Exception):
+    """Something the ruleset needs is missing; the message says exactly what."""
+
+
+class Backend(Protocol):
+    """What the rest of kproxy needs from the kernel."""
+
+    def apply(self, tx: Transaction) -> None: ...
+
+    def read(self) -> Ruleset: ...
+
+    def delete_tables(self) -> list[Family]: ...
+
+    def list_json(self, family: Family) -> dict[str, Any] | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Capability:
+    name: str
+    """What the user is told is missing."""
+    hint: str
+    rules: tuple[str, ...]
+    """Rules for a probe chain; ``{family}`` is replaced."""
+    chain: str = "type filter hook prerouting priority 0; policy accept;"
+    sets: tuple[str, ...] = ()
+
+
+CAPABILITIES: tuple[Capability, ...] = (
+    Capability("nf_tables", "the kernel needs CONFIG_NF_TABLES (module nf_tables)", ("counter",)),
+    Capability("ct (conntrack)", "module nft_ct / nf_conntrack", ("ct state new counter", "ct status dnat counter")),
+    Capability(
+        "nat",
+        "modules nft_nat, nft_chain_nat, nft_masq",
+        ("meta l4proto tcp dnat to {loopback}:1",),
+        chain="type nat hook prerouting priority dstnat; policy accept;",
+    ),
+    Capability(
+        "masquerade",
+        "module nft_masq",
+        ("masquerade fully-random",),
+        chain="type nat hook postrouting priority srcnat; policy accept;",
+    ),
+    Capability("numgen", "module nft_numgen", ("numgen random mod 2 0 counter",)),
+    Capability("fib", "module nft_fib_ipv4 / nft_fib_ipv6", ("fib saddr type local counter",)),
+    Capability(
+        "meters",
+        "dynamic sets with per-element limits (modules nft_dynset, nft_limit)",
+        ("update @m { {family} saddr limit rate over 10/second } counter",),
+        sets=("set m { type {addr}; flags dynamic,timeout; timeout 1m; }",),
+    ),
+    Capability(
+        "concatenated ranges",
+        "interval sets over concatenations (kernel 5.6 or newer, nft_set_pipapo)",
+        ("{family} saddr . meta l4proto @r counter",),
+        sets=("set r { type {addr} . inet_proto; flags interval; elements = { {net} . tcp }; }",),
+    ),
+    Capability("reject", "module nft_reject", ("meta l4proto tcp reject with tcp reset", "reject"),
+               chain="type filter hook input priority 0; policy accept;"),
+    Capability("verdict maps", "module nft_lookup", ("{family} daddr . meta l4proto . th dport vmap @v",),
+               sets=("map v { type {addr} . inet_proto . inet_service : verdict; }",)),
+)
+
+
+def _probe_script(cap: Capability, family: Family) -> str:
+    """Create and delete a probe table in one batch: the kernel checks every rule."""
+    addr = "ipv4_addr" if family == "ip" else "ipv6_addr"
+    net = "10.0.0.0/8" if family == "ip" else "fd00::/8"
+    where = f"{family} {PROBE_TABLE}"
+    lines = [f"add table {where}", f"delete table {where}", f"add table {where}"]
+    for declaration in cap.sets:
+        kind, name, body = declaration.split(" ", 2)
+        lines.append(f"add {kind} {where} {name} {body.replace('{addr}', addr).replace('{net}', net)}")
+    lines.append(f"add chain {where} c {{ {cap.chain} }}")
+    loopback = "127.0.0.1" if family == "ip" else "[::1]"
+    lines += [
+        f"add rule {where} c {rule.replace('{family}', family).replace('{loopback}', loopback)}" for rule in cap.rules
+    ]
+    lines.append(f"delete table {where}")
+    return "\n".join(lines) + "\n"
+
+
+class NftablesBackend:
+    """kproxy's tables in the current network namespace, through libnftables."""
+
+    def __init__(self) -> None:
+        try:
+            import nftables  # the pip-nftables binding
+        except ImportError as exc:  # pragma: no cover - packaging problem
+            raise CapabilityError("the Python package pip-nftables is not installed") from exc
+        try:
+            self._nft = nftables.Nftables(sofile=LIBNFTABLES)
+        except OSError as exc:
+            raise CapabilityError(
+                f"{LIBNFTABLES} cannot be loaded ({exc}); install it (Debian: apt-get install libnftables1)"
+            ) from None
+        self._lib = ctypes.CDLL(LIBNFTABLES)
+        self._lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
+        self._nft.set_handle_output(False)
+
+    # -- transactions ----------------------------------------------------
+
+    def _run(self, script: str, json_output: bool = False) -> tuple[int, str, str]:
+        self._nft.set_json_output(json_output)
+        rc, out, err = self._nft.cmd(script)
+        return rc, out, err
+
+    def apply(self, tx: Transaction) -> None:
+        """Send the transaction as one atomic batch. Raises NftError naming the refused command."""
+        if not tx:
+            return
+        script = str(tx)
+        rc, _, err = self._run(script)
+        if rc != 0:
+            raise self._explain(script, err)
+
+    def check(self, tx: Transaction) -> None:
+        """Like apply, but only asks the kernel whether it would accept it."""
+        if not tx:
+            return
+        self._set_dry_run(True)
+        try:
+            rc, _, err = self._run(str(tx))
+        finally:
+            self._set_dry_run(False)
+        if rc != 0:
+            raise self._explain(str(tx), err)
+
+    def _set_dry_run(self, on: bool) -> None:
+        self._lib.nft_ctx_set_dry_run(self._nft._Nftables__ctx, on)  # type: ignore[attr-defined]
+
+    def _explain(self, script: str, err: str) -> NftError:
+        """Find which command failed: libnftables only reports lines for files.
+
+        The failed batch changed nothing, so it is replayed in dry-run mode from
+        a temporary file, whose error messages carry the line number.
+        """
+        first = next((line for line in err.splitlines() if "Error:" in line), err.strip() or "nft failed")
+        reason = first.split("Error:", 1)[1].strip() if "Error:" in first else first
+        lines = script.splitlines()
+        fd, path = tempfile.mkstemp(prefix="kproxy-", suffix=".nft")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(script)
+            self._set_dry_run(True)
+            try:
+                _, _, located = self._run(f'include "{path}"')
+            finally:
+                self._set_dry_run(False)
+        finally:
+            os.unlink(path)
+        for line in located.splitlines():
+            match = _LOCATION.match(line)
+            if match and 0 < int(match.group(1)) <= len(lines):
+                command = lines[int(match.group(1)) - 1]
+                return NftError(match.group(2).strip(), command if len(command) < 500 else command[:497] + "...")
+        return NftError(reason)
+
+    # -- reading ---------------------------------------------------------
+
+    def list_json(self, family: Family) -> dict[str, Any] | None:
+        """``nft -j list table FAMILY kproxy``, or None if the table does not exist."""
+        rc, out, err = self._run(f"list table {family} {TABLE}", json_output=True)
+        if rc != 0:
+            if "No such file or directory" in err:
+                return None
+            raise NftError(err.strip().splitlines()[0] if err.strip() else "list failed", f"list table {family} {TABLE}")
+        return json.loads(out)
+
+    def read(self) -> Ruleset:
+        """kproxy's tables as they are in the kernel (absent tables are left out)."""
+        ruleset = Ruleset()
+        for family in FAMILIES:
+            document = self.list_json(family)
+            if document is not None:
+                ruleset.tables[family] = parse_table(document, family)
+        return ruleset
+
+    def list_text(self, family: Family) -> str | None:
+        """The table as ``nft list table`` prints it (for inspection)."""
+        rc, out, err = self._run(f"list table {family} {TABLE}")
+        if rc != 0:
+            return None
+        return out
+
+    # -- cleanup ---------------------------------------------------------
+
+    def delete_tables(self) -> list[Family]:
+        """Delete ``ip kproxy`` and ``ip6 kproxy`` if present; return which were deleted."""
+        deleted = []
+        for family in FAMILIES:
+            if self.list_json(family) is None:
+                continue
+            rc, _, err = self._run(f"delete table {family} {TABLE}")
+            if rc != 0:
+                raise NftError(err.strip().splitlines()[0] if err.strip() else "delete failed", f"delete table {family} {TABLE}")
+            deleted.append(family)
+        return deleted
+
+    # -- capabilities ----------------------------------------------------
+
+    def check_capabilities(self) -> None:
+        """Raise CapabilityError naming every missing capability, for both families."""
+        missing: list[str] = []
+        for cap in CAPABILITIES:
+            for family in FAMILIES:
+                rc, _, err = self._run(_probe_script(cap, family))
+                if rc != 0:
+                    self._run(f"delete table {family} {PROBE_TABLE}")
+                    detail = next((line for line in err.splitlines() if "Error:" in line), err.strip())
+                    missing.append(f"{cap.name} ({family}): {cap.hint}; nft said: {detail.strip()}")
+                    break
+        if missing:
+            raise CapabilityError("missing nftables capabilities: " + "; ".join(missing))
