@@ -315,6 +315,7 @@ class _WatchStream:
         self.conn = conn
         self.queue: deque[_Event] = deque()
         self.dropped = False
+        self.ready = False  # response headers and initial events have been written
 
 
 def _shutdown(sock: socket.socket) -> None:
@@ -545,8 +546,10 @@ class FakeKubeAPI:
     def wait_for_watchers(self, resource: str | ResourceType, n: int = 1, timeout: float = 5.0) -> bool:
         """Block until at least ``n`` watch streams for ``resource`` are open; False on timeout.
 
-        A stream counts as open once it is registered for live events, so
-        changes made after this returns are guaranteed to reach it.
+        A stream counts as open once its response headers have been written:
+        changes made after this returns are guaranteed to reach it, and
+        dropping it now shows up in the client as a broken stream (a drop
+        before the headers would let urllib3 silently retry the GET).
         """
         res = resource_type(resource)
         with self._cond:
@@ -633,7 +636,7 @@ class FakeKubeAPI:
                 stream.dropped = True
                 self._streams.discard(stream)
                 self._cond.notify_all()
-        return sum(1 for s in self._streams if s.filter.res is res)
+        return sum(1 for s in self._streams if s.filter.res is res and s.ready)
 
     @staticmethod
     def _obj_key(res: ResourceType, namespace: Optional[str], name: str) -> Key:
@@ -706,7 +709,10 @@ class FakeKubeAPI:
             raise _conflict(res, key[1], "the object has been modified; please apply your changes to the "
                                          "latest version and try again")
         if subresource == "status":  # only status changes
-            new = dict(copy.deepcopy(old), status=new.get("status"))
+            status, new = new.get("status"), copy.deepcopy(old)
+            new.pop("status", None)
+            if status is not None:
+                new["status"] = status
         elif keep_status and res.has_status:  # main resource: status changes are ignored
             new.pop("status", None)
             if "status" in old:
@@ -948,6 +954,7 @@ class _HTTPServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are separate writes: avoid 40 ms delayed-ACK stalls
     server: _HTTPServer
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
@@ -1063,53 +1070,42 @@ class _Handler(BaseHTTPRequestHandler):
         return _Filter(route.res, route.namespace, labels, fields)
 
     def _resource(self, method: str, route: _Route, query: dict[str, str], body: Any) -> None:
-        api, res = self.server.api, route.res
-        not_allowed = FakeApiError(405, "MethodNotAllowed",
-                                   "the server does not allow this method on the requested resource")
-        if method == "GET" and query.get("watch") in _TRUE:
-            if route.subresource:
-                raise not_allowed
+        if method == "GET" and query.get("watch") in _TRUE and not route.subresource:
             self._watch(route, query)
             return
-        if route.name is None:
-            if method == "GET":
-                try:
-                    limit = int(query.get("limit") or 0)
-                except ValueError:
-                    raise _bad_request(f"limit: Invalid value: {query['limit']!r}") from None
-                with api._cond:
-                    self._send_json(200, api._list_locked(self._filter(route, query), limit,
-                                                          query.get("continue", "")))
-            elif method == "POST" and (route.namespace is not None or not res.namespaced):
-                with api._cond:
-                    self._send_json(201, api._create_locked(res, body, route.namespace))
-            else:
-                raise not_allowed
-            return
-        with api._cond:
-            if method == "GET":
-                obj = api._objects[res.plural].get(api._obj_key(res, route.namespace, route.name))
-                if obj is None:
-                    raise _not_found(res, route.name)
-                self._send_json(200, obj)
-            elif method == "PUT":
-                self._send_json(200, api._update_locked(res, body, route.namespace, route.name,
-                                                        route.subresource))
-            elif method == "PATCH":
-                content_type = self.headers.get("Content-Type", "").split(";")[0].strip()
-                self._send_json(200, api._patch_locked(res, route.namespace, route.name, body, content_type,
-                                                       route.subresource))
-            elif method == "DELETE" and not route.subresource:
-                final = api._delete_locked(res, route.namespace, route.name,
-                                           (body or {}).get("preconditions") if isinstance(body, dict) else None)
-                if res is SERVICES:  # the real server returns the object for Services, a Status otherwise
-                    self._send_json(200, final)
-                else:
-                    details = dict(_details(res, route.name), uid=final["metadata"]["uid"])
-                    self._send_json(200, {"kind": "Status", "apiVersion": "v1", "metadata": {},
-                                          "status": "Success", "details": details})
-            else:
-                raise not_allowed
+        api = self.server.api
+        with api._cond:  # compute under the lock, write to the socket outside it
+            code, result = self._rest_locked(method, route, query, body)
+        self._send_json(code, result)
+
+    def _rest_locked(self, method: str, route: _Route, query: dict[str, str], body: Any) -> tuple[int, JSON]:
+        api, res, name = self.server.api, route.res, route.name
+        if name is None and method == "GET":
+            try:
+                limit = int(query.get("limit") or 0)
+            except ValueError:
+                raise _bad_request(f"limit: Invalid value: {query['limit']!r}") from None
+            return 200, api._list_locked(self._filter(route, query), limit, query.get("continue", ""))
+        if name is None and method == "POST" and (route.namespace is not None or not res.namespaced):
+            return 201, api._create_locked(res, body, route.namespace)
+        if name is not None and method == "GET":
+            obj = api._objects[res.plural].get(api._obj_key(res, route.namespace, name))
+            if obj is None:
+                raise _not_found(res, name)
+            return 200, obj
+        if name is not None and method == "PUT":
+            return 200, api._update_locked(res, body, route.namespace, name, route.subresource)
+        if name is not None and method == "PATCH":
+            content_type = self.headers.get("Content-Type", "").split(";")[0].strip()
+            return 200, api._patch_locked(res, route.namespace, name, body, content_type, route.subresource)
+        if name is not None and method == "DELETE" and not route.subresource:
+            preconditions = body.get("preconditions") if isinstance(body, dict) else None
+            final = api._delete_locked(res, route.namespace, name, preconditions)
+            if res is SERVICES:  # the real server returns the object for Services, a Status otherwise
+                return 200, final
+            return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                         "details": dict(_details(res, name), uid=final["metadata"]["uid"])}
+        raise FakeApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
 
     def _watch(self, route: _Route, query: dict[str, str]) -> None:
         api = self.server.api
@@ -1127,11 +1123,19 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/json")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
+            if registered:
+                with api._cond:  # the headers are out: from now on it counts as an open watch
+                    stream.ready = True
+                    api._cond.notify_all()
             for event in initial:
                 self._write_chunk(event)
-            if registered and not self._stream(stream, timeout, bookmarks):
-                self.close_connection = True  # dropped: no terminating chunk
-                return
+            if registered:
+                if not self._stream(stream, timeout, bookmarks):
+                    self.close_connection = True  # dropped: no terminating chunk
+                    return
+            with api._cond:  # unregister before the client can see the end of the stream
+                api._streams.discard(stream)
+                api._cond.notify_all()
             self.wfile.write(b"0\r\n\r\n")
         except OSError:
             self.close_connection = True

@@ -359,7 +359,7 @@ def test_watch_from_list_resource_version_sees_live_changes_in_order(fake_api: F
     w.watch.stop()
 
 
-def test_watch_replays_history_then_goes_live(fake_api: FakeKubeAPI, disco: client.DiscoveryV1Api) -> None:
+def test_watch_replays_history_after_its_resource_version(fake_api: FakeKubeAPI, disco: client.DiscoveryV1Api) -> None:
     """A watch from an old rv replays every later change (also for EndpointSlices)."""
     start = str(fake_api.resource_version())
     fake_api.create(endpoint_slice("web-1"))
@@ -457,9 +457,8 @@ def test_compacted_rv_makes_watch_raise_410_after_one_silent_retry(fake_api: Fak
     assert fake_api.watch_count["services"] == 2
 
 
-def test_compacted_rv_with_timeout_seconds_raises_410_immediately(fake_api: FakeKubeAPI,
-                                                                  core: client.CoreV1Api) -> None:
-    """With timeout_seconds the client disables its 410 retry and raises on the first ERROR event."""
+def test_compacted_rv_with_timeout_seconds_raises_410_immediately() -> None:
+    """With timeout_seconds the client skips its 410 retry; history_limit compacts like compact() does."""
     with FakeKubeAPI(history_limit=2) as small:
         old = small.resource_version()
         for name in "abc":
@@ -501,8 +500,10 @@ def test_drop_watches_breaks_the_client_stream(fake_api: FakeKubeAPI, core: clie
 
 def test_client_side_stop_is_noticed(fake_api: FakeKubeAPI, core: client.CoreV1Api) -> None:
     """A watch closed by the client no longer counts as an open watcher."""
+    fake_api.create(node("node-1"))
     w = WatchThread(core.list_node)
-    assert fake_api.wait_for_watchers("nodes", 1)
+    assert summary([w.next()]) == [("ADDED", "node-1")]  # Watch.stop() needs a response to shut down
+    assert fake_api.open_watchers("nodes") == 1
     w.watch.stop()
     w.join()
     assert fake_api.open_watchers("nodes") == 0
