@@ -167,20 +167,37 @@ def converge(table: Table) -> Transaction:
     return tx
 
 
-def diff(current: Table, desired: Table, delete_chains: bool = True) -> Transaction:
-    """The minimal transaction from ``current`` to ``desired`` (same family)."""
+def diff(
+    current: Table,
+    desired: Table,
+    delete_chains: bool = True,
+    chains: Iterable[str] | None = None,
+    elements: Iterable[tuple[str, str]] | None = None,
+) -> Transaction:
+    """The minimal transaction from ``current`` to ``desired`` (same family).
+
+    ``chains`` and ``elements`` restrict the comparison to those chain names and
+    (set, key) pairs, for partial syncs that know what they touched; by default
+    everything is compared.
+    """
     tx = Transaction()
     family = desired.family
     for name, decl in desired.sets.items():
         if name not in current.sets:
             tx.add(Op("add", decl.kind, family, name, set_decl=decl))
-    new_chains = [c for n, c in desired.chains.items() if n not in current.chains]
-    changed_chains = [
-        c
-        for n, c in desired.chains.items()
-        if n in current.chains and chain_fingerprint(current.chains[n]) != chain_fingerprint(c)
-    ]
-    removed_chains = [n for n in current.chains if n not in desired.chains]
+    names = list(desired.chains) + [n for n in current.chains if n not in desired.chains] if chains is None else sorted(chains)
+    new_chains: list[Chain] = []
+    changed_chains: list[Chain] = []
+    removed_chains: list[str] = []
+    for name in names:
+        want, have = desired.chains.get(name), current.chains.get(name)
+        if want is None:
+            if have is not None:
+                removed_chains.append(name)
+        elif have is None:
+            new_chains.append(want)
+        elif chain_fingerprint(have) != chain_fingerprint(want):
+            changed_chains.append(want)
     for chain in new_chains:
         tx.add(Op("add", "chain", family, chain.name, chain=chain))
     for chain in changed_chains:
@@ -188,17 +205,35 @@ def diff(current: Table, desired: Table, delete_chains: bool = True) -> Transact
     for chain in new_chains + changed_chains:
         _fill_chain(tx, desired, chain)
 
-    for name, decl in desired.sets.items():
-        if decl.dynamic:
-            continue
-        have = current.elements.get(name, {})
-        want = desired.elements.get(name, {})
-        stale = [element for key, element in have.items() if want.get(key) != element]
-        fresh = [element for key, element in want.items() if have.get(key) != element]
-        if stale:
-            _elements(tx, "delete", desired, name, stale)
-        if fresh:
-            _elements(tx, "add", desired, name, fresh)
+    stale: dict[str, list[Element]] = {}
+    fresh: dict[str, list[Element]] = {}
+    if elements is None:
+        for name, decl in desired.sets.items():
+            if decl.dynamic:
+                continue
+            have_members = current.elements.get(name, {})
+            want_members = desired.elements.get(name, {})
+            stale[name] = [e for key, e in have_members.items() if want_members.get(key) != e]
+            fresh[name] = [e for key, e in want_members.items() if have_members.get(key) != e]
+    else:
+        for name, key in sorted(elements):
+            decl = desired.sets.get(name)
+            if decl is None or decl.dynamic:
+                continue
+            have_element = current.elements.get(name, {}).get(key)
+            want_element = desired.elements.get(name, {}).get(key)
+            if have_element == want_element:
+                continue
+            if have_element is not None:
+                stale.setdefault(name, []).append(have_element)
+            if want_element is not None:
+                fresh.setdefault(name, []).append(want_element)
+    for name, members in stale.items():
+        if members:
+            _elements(tx, "delete", desired, name, members)
+    for name, members in fresh.items():
+        if members:
+            _elements(tx, "add", desired, name, members)
 
     for name in removed_chains:
         tx.add(Op("flush", "chain", family, name))

@@ -1,0 +1,115 @@
+"""The long-running daemon: watchers, the sync loop, and a clean stop.
+
+Startup checks the kernel's capabilities, then lists and watches the API
+server; nothing is programmed until Services and EndpointSlices have both been
+listed. The first sync adopts whatever kproxy's tables already hold (a
+restart never flushes). SIGTERM and SIGINT stop the threads and leave the rules
+in the kernel; only ``kproxy --cleanup`` removes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from kproxy.config import DaemonConfig
+from kproxy.nft import NftablesBackend
+from kproxy.proxier import Proxier, SyncObserver, SyncRunner
+from kproxy.watch import Backoff, Watcher, api_resources
+
+log = logging.getLogger(__name__)
+
+
+def kube_api_client(kubeconfig: str | None) -> Any:
+    """An ApiClient from --kubeconfig, or from the in-cluster ServiceAccount."""
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    if kubeconfig:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    else:
+        config.load_incluster_config(client_configuration=configuration)
+    return client.ApiClient(configuration)
+
+
+@dataclass
+class Daemon:
+    """All the running parts; ``start`` then ``wait``/``stop``."""
+
+    config: DaemonConfig
+    api_client: Any
+    observer: SyncObserver | None = None
+    watch_backoff: Backoff = field(default_factory=Backoff)
+    watch_timeout: int = 300
+    on_restart: Callable[[str, str], None] | None = None
+    stop_event: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        from kproxy.conntrack import PyrouteConntrack
+        from kproxy.nodeaddr import interface_addresses
+
+        self.backend = NftablesBackend()
+        self.backend.check_capabilities()
+        self.proxier = Proxier(
+            self.backend,
+            self.config.node_name,
+            self.config.proxy_config(),
+            conntrack=PyrouteConntrack(),
+            observer=self.observer,
+            interfaces=interface_addresses,
+        )
+        self.runner = SyncRunner(self.proxier, self.config.min_sync_period, self.config.sync_period, self.stop_event)
+        handlers = {"Service": self.proxier.on_service, "EndpointSlice": self.proxier.on_slice, "Node": self.proxier.on_node}
+        self.watchers = [
+            Watcher(
+                resource,
+                handlers[resource.kind],
+                self.proxier.on_relist,
+                self.stop_event,
+                backoff=self.watch_backoff,
+                watch_timeout=self.watch_timeout,
+                on_restart=self.on_restart,
+            )
+            for resource in api_resources(self.api_client, self.config.node_name)
+        ]
+
+    def start(self) -> None:
+        for watcher in self.watchers:
+            watcher.start()
+        self.runner.start()
+        log.info("kproxy started on node %s", self.config.node_name)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop watching and syncing; the rules stay in the kernel."""
+        self.stop_event.set()
+        self.runner.wake()
+        for watcher in self.watchers:
+            watcher.interrupt()
+        self.runner.join(timeout)
+        for watcher in self.watchers:
+            watcher.join(timeout)
+        log.info("kproxy stopped; rules left in place")
+
+    def wait(self) -> None:
+        self.stop_event.wait()
+
+
+def run(config: DaemonConfig, extra: Callable[[Daemon], None] | None = None) -> int:
+    """Run until SIGTERM/SIGINT. ``extra`` starts more parts (HTTP servers) once the daemon exists."""
+    daemon = Daemon(config, kube_api_client(config.kubeconfig))
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        daemon.stop_event.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if extra is not None:
+        extra(daemon)
+    daemon.start()
+    daemon.wait()
+    daemon.stop()
+    return 0

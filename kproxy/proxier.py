@@ -1,0 +1,478 @@
+"""The sync engine: from tracked changes to kernel transactions, one sync at a time.
+
+* The committed state (what the kernel holds) is kept in memory per family. A
+  partial sync recompiles only the Services that changed, lets the assembly
+  report which chains and element keys that touched, and sends the difference
+  for those alone: the hot path never re-reads or re-diffs the whole table.
+* A full sync recompiles everything, reads kproxy's tables back from the
+  kernel, and sends the difference. It runs first (adopting whatever a previous
+  run left, without flushing), hourly, after any failure, and when the node's
+  labels or addresses change. Reading the kernel is what repairs drift.
+* A failed transaction changes nothing in the kernel. The Services it carried
+  stay dirty, and the next attempt is a full sync after a backoff.
+* Chains that are no longer wanted are flushed and dereferenced first, and
+  deleted at least ``CHAIN_DELETE_DELAY`` later (upstream's rule for kernels
+  before 6.2).
+* Side effects (UDP conntrack cleanup, metrics) happen only after a commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Protocol
+
+from kproxy.assembly import Assembly, Touched
+from kproxy.compiler import FAMILIES, NodeInfo, ProxyConfig, base_table, compile_service
+from kproxy.conntrack import Conntrack, cleanup_stale_udp, udp_cleanup_targets
+from kproxy.convert import InvalidObject, NotProxied, node_from_manifest, object_key, service_from_manifest, slice_from_manifest
+from kproxy.model import Cluster, Node, ServiceKey, SliceKey
+from kproxy.nft import Backend, NftError
+from kproxy.plan import Op, Transaction, diff
+from kproxy.ruleset import Chain, Family, Table
+from kproxy.tracker import ChangeTracker
+
+log = logging.getLogger(__name__)
+
+CHAIN_DELETE_DELAY = 1.0
+FULL_SYNC_INTERVAL = 3600.0
+
+
+class SyncObserver(Protocol):
+    """Where the proxier reports what it did (metrics implement this)."""
+
+    def sync_done(self, full: bool, seconds: float, operations: int, rules: int, elements: int) -> None: ...
+
+    def sync_failed(self) -> None: ...
+
+    def programming_latency(self, seconds: float) -> None: ...
+
+    def changes(self, service_changes: int, endpoint_changes: int, pending_services: int, pending_endpoints: int) -> None: ...
+
+    def invalid_object(self, kind: str, reason: str) -> None: ...
+
+    def conntrack_deleted(self, count: int) -> None: ...
+
+    def no_local_endpoints(self, internal: int, external: int) -> None: ...
+
+
+class NullObserver:
+    """Reports nowhere."""
+
+    def sync_done(self, full: bool, seconds: float, operations: int, rules: int, elements: int) -> None:
+        pass
+
+    def sync_failed(self) -> None:
+        pass
+
+    def programming_latency(self, seconds: float) -> None:
+        pass
+
+    def changes(self, service_changes: int, endpoint_changes: int, pending_services: int, pending_endpoints: int) -> None:
+        pass
+
+    def invalid_object(self, kind: str, reason: str) -> None:
+        pass
+
+    def conntrack_deleted(self, count: int) -> None:
+        pass
+
+    def no_local_endpoints(self, internal: int, external: int) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class SyncResult:
+    full: bool
+    operations: int
+    seconds: float
+    services: int
+
+
+def _node_info(name: str, node: Node | None, interfaces: Callable[[], tuple[tuple[str, ...], tuple[str, ...]]]) -> NodeInfo:
+    if node is not None and (node.internal_ips or node.external_ips):
+        primary: list[str] = []
+        for sep in (".", ":"):
+            candidates = [a for a in node.internal_ips if sep in a] or [a for a in node.external_ips if sep in a]
+            if candidates:
+                primary.append(candidates[0])
+        return NodeInfo(name, node.zone, tuple(primary), node.internal_ips + node.external_ips)
+    # No Node object (or one without addresses): NodePorts answer on every
+    # address of this network namespace's interfaces.
+    _, addresses = interfaces()
+    return NodeInfo(name, node.zone if node else "", addresses, addresses)
+
+
+class Proxier:
+    """Owns the tracker, the assemblies and the committed state. Thread-safe."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        node_name: str,
+        config: ProxyConfig,
+        conntrack: Conntrack | None = None,
+        observer: SyncObserver | None = None,
+        interfaces: Callable[[], tuple[tuple[str, ...], tuple[str, ...]]] = lambda: ((), ()),
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.backend = backend
+        self.node_name = node_name
+        self.config = config
+        self.conntrack = conntrack
+        self.observer: SyncObserver = observer or NullObserver()
+        self.interfaces = interfaces
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.tracker = ChangeTracker()
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self._synced_sources: set[str] = set()
+        self._assemblies: dict[Family, Assembly] | None = None
+        self._committed: dict[Family, Table] = {}
+        self._pending_deletes: dict[tuple[Family, str], float] = {}
+        self._node_info: NodeInfo | None = None
+        self._needs_full = True
+        self._last_full = float("-inf")
+        self.last_sync: SyncResult | None = None
+        self.last_success_wall: float | None = None
+        self.sync_count = 0
+
+    # -- input from the watchers --------------------------------------------
+
+    def _notify(self) -> None:
+        self.changed.notify_all()
+
+    def on_service(self, event: str, obj: Mapping[str, Any]) -> None:
+        key = ServiceKey(object_key(obj))
+        with self.lock:
+            if event == "DELETED":
+                self.tracker.set_service(key, None)
+            else:
+                try:
+                    service = service_from_manifest(obj)
+                    self.tracker.set_service(service.key, service)
+                except NotProxied:
+                    self.tracker.set_service(key, None)
+                except InvalidObject as exc:
+                    log.warning("skipping Service %s: %s (reason=%s)", key, exc, exc.reason)
+                    self.observer.invalid_object("Service", exc.reason)
+                    self.tracker.set_service(key, None)
+            self._notify()
+
+    def on_slice(self, event: str, obj: Mapping[str, Any]) -> None:
+        key = SliceKey(object_key(obj))
+        with self.lock:
+            if event == "DELETED":
+                self.tracker.set_slice(key, None)
+            else:
+                try:
+                    self.tracker.set_slice(key, slice_from_manifest(obj))
+                except InvalidObject as exc:
+                    log.warning("skipping EndpointSlice %s: %s (reason=%s)", key, exc, exc.reason)
+                    self.observer.invalid_object("EndpointSlice", exc.reason)
+                    self.tracker.set_slice(key, None)
+            self._notify()
+
+    def on_node(self, event: str, obj: Mapping[str, Any]) -> None:
+        with self.lock:
+            if event == "DELETED":
+                self.tracker.set_node(None)
+            else:
+                try:
+                    self.tracker.set_node(node_from_manifest(obj))
+                except InvalidObject as exc:
+                    log.warning("ignoring Node %s: %s (reason=%s)", object_key(obj), exc, exc.reason)
+                    self.observer.invalid_object("Node", exc.reason)
+            self._notify()
+
+    def on_relist(self, kind: str, objects: list[Mapping[str, Any]]) -> None:
+        """A full list replaces everything of one kind: objects not in it are deleted."""
+        with self.lock:
+            keys = {object_key(obj) for obj in objects}
+            if kind == "Service":
+                for key in [k for k in self.tracker.services if k not in keys]:
+                    self.tracker.set_service(key, None)
+                for obj in objects:
+                    self.on_service("ADDED", obj)
+            elif kind == "EndpointSlice":
+                for key in [k for k in self.tracker.slices if k not in keys]:
+                    self.tracker.set_slice(key, None)
+                for obj in objects:
+                    self.on_slice("ADDED", obj)
+            elif kind == "Node":
+                if not objects:
+                    self.tracker.set_node(None)
+                for obj in objects:
+                    self.on_node("ADDED", obj)
+            self._synced_sources.add(kind)
+            self._notify()
+
+    @property
+    def ready(self) -> bool:
+        """Services and EndpointSlices have both been listed once."""
+        with self.lock:
+            return {"Service", "EndpointSlice"} <= self._synced_sources
+
+    # -- syncing -------------------------------------------------------------
+
+    def request_full_sync(self) -> None:
+        with self.lock:
+            self._needs_full = True
+            self._notify()
+
+    def has_work(self, now: float) -> bool:
+        """Whether a sync now would do anything."""
+        with self.lock:
+            pending = self.tracker.pending()
+            return (
+                self._needs_full
+                or any(pending)
+                or any(due <= now for due in self._pending_deletes.values())
+                or now - self._last_full >= FULL_SYNC_INTERVAL
+            )
+
+    def next_deadline(self) -> float | None:
+        """When deferred work (chain deletes, the hourly full sync) falls due."""
+        with self.lock:
+            times = list(self._pending_deletes.values()) + [self._last_full + FULL_SYNC_INTERVAL]
+            return min(times)
+
+    def sync(self) -> SyncResult:
+        """One sync. Raises NftError (nothing changed in the kernel) on failure."""
+        with self.lock:
+            node_info = _node_info(self.node_name, self.tracker.node, self.interfaces)
+            start = self.clock()
+            full = self._needs_full or self._assemblies is None or node_info != self._node_info or (
+                start - self._last_full >= FULL_SYNC_INTERVAL
+            )
+            changes = self.tracker.all_services() if full else self.tracker.take()
+            try:
+                result = self._sync_full(node_info, changes.services) if full else self._sync_partial(changes.services)
+            except Exception:
+                self._needs_full = True
+                self.tracker.forget_synced()
+                self._assemblies = None
+                self.observer.sync_failed()
+                raise
+            self.tracker.synced(changes.services)
+            self._needs_full = False
+            if full:
+                self._last_full = start
+                self._node_info = node_info
+            seconds = self.clock() - start
+            result.seconds = seconds
+            self.last_sync = result
+            self.last_success_wall = self.wall_clock()
+            self.sync_count += 1
+            rules = sum(t.rule_count() for t in self._committed.values())
+            elements = sum(t.element_count() for t in self._committed.values())
+            self.observer.sync_done(full, seconds, result.operations, rules, elements)
+            now_wall = self.wall_clock()
+            for trigger in changes.trigger_times:
+                self.observer.programming_latency(max(0.0, now_wall - trigger))
+            pending = self.tracker.pending()
+            self.observer.changes(changes.service_changes, changes.endpoint_changes, *pending)
+            self._cleanup_conntrack(changes.services, node_info)
+            log.debug(
+                "synced (%s): %d services, %d operations in %.1f ms",
+                "full" if full else "partial", len(changes.services), result.operations, seconds * 1000,
+            )
+            return result
+
+    def _compile(self, key: ServiceKey, family: Family, node_info: NodeInfo):  # type: ignore[no-untyped-def]
+        service = self.tracker.services.get(key)
+        if service is None:
+            return None
+        return compile_service(service, self.tracker.slices_of(key), family, node_info, self.config)
+
+    def _due_deletes(self, now: float, desired: dict[Family, Table]) -> list[Op]:
+        ops = []
+        for (family, name), due in list(self._pending_deletes.items()):
+            if name in desired[family].chains:
+                del self._pending_deletes[(family, name)]
+            elif due <= now:
+                ops.append(Op("delete", "chain", family, name))
+        return ops
+
+    def _commit(self, tx: Transaction, delete_ops: list[Op], now: float) -> None:
+        tx.ops.extend(delete_ops)
+        self.backend.apply(tx)
+        for op in delete_ops:
+            self._pending_deletes.pop((op.family, op.name), None)
+            self._committed[op.family].chains.pop(op.name, None)
+        for family, name in tx.deferred_chain_deletes:
+            self._pending_deletes.setdefault((family, name), now + CHAIN_DELETE_DELAY)
+
+    def _sync_full(self, node_info: NodeInfo, keys: set[ServiceKey]) -> SyncResult:
+        assemblies: dict[Family, Assembly] = {}
+        for family in FAMILIES:
+            assembly = Assembly(base_table(node_info, self.config, family))
+            for key in sorted(self.tracker.services):
+                assembly.set_service(key, self._compile(key, family, node_info))
+            assemblies[family] = assembly
+        current = self.backend.read()
+        desired = {family: a.table for family, a in assemblies.items()}
+        tx = Transaction()
+        for family, table in desired.items():
+            have = current.tables.get(family)
+            if have is None:
+                from kproxy.plan import converge
+
+                tx.extend(converge(table))
+            else:
+                tx.extend(diff(have, table, delete_chains=False))
+        now = self.clock()
+        # Chains read back that are still pending deletion keep their due time.
+        delete_ops = self._due_deletes(now, desired)
+        self._commit(tx, delete_ops, now)
+        self._assemblies = assemblies
+        self._committed = {family: _snapshot(table) for family, table in desired.items()}
+        for family, name in self._pending_deletes:
+            self._committed[family].chains[name] = Chain(name, ())
+        return SyncResult(True, tx.operations, 0.0, len(keys))
+
+    def _sync_partial(self, keys: set[ServiceKey]) -> SyncResult:
+        assert self._assemblies is not None and self._node_info is not None
+        touched: dict[Family, Touched] = {family: Touched() for family in FAMILIES}
+        for key in sorted(keys):
+            for family, assembly in self._assemblies.items():
+                touched[family].update(assembly.set_service(key, self._compile(key, family, self._node_info)))
+        tx = Transaction()
+        for family, assembly in self._assemblies.items():
+            t = touched[family]
+            if t:
+                tx.extend(diff(self._committed[family], assembly.table, False, t.chains, t.elements))
+        now = self.clock()
+        desired = {family: a.table for family, a in self._assemblies.items()}
+        delete_ops = self._due_deletes(now, desired)
+        try:
+            self._commit(tx, delete_ops, now)
+        except NftError:
+            raise
+        for family, assembly in self._assemblies.items():
+            _apply_touched(self._committed[family], assembly.table, touched[family])
+            for (fam, name) in self._pending_deletes:
+                if fam == family and name not in assembly.table.chains:
+                    self._committed[family].chains[name] = Chain(name, ())
+        return SyncResult(False, tx.operations, 0.0, len(keys))
+
+    def _cleanup_conntrack(self, keys: set[ServiceKey], node_info: NodeInfo) -> None:
+        if self.conntrack is None or not keys:
+            return
+        services = {k: s for k in keys if (s := self.tracker.services.get(k)) and any(p.protocol == "udp" for p in s.ports)}
+        if not services:
+            return
+        slices = {eps.key: eps for key in services for eps in self.tracker.slices_of(key)}
+        targets = udp_cleanup_targets(Cluster(services, slices, self.tracker.node), node_info, self.config)
+        try:
+            deleted = cleanup_stale_udp(self.conntrack, targets)
+        except (OSError, RuntimeError) as exc:
+            log.warning("conntrack cleanup failed (retried at the next sync): %s", exc)
+            return
+        if deleted:
+            self.observer.conntrack_deleted(deleted)
+
+    # -- inspection -----------------------------------------------------------
+
+    def committed(self) -> dict[Family, Table]:
+        with self.lock:
+            return {family: _snapshot(table) for family, table in self._committed.items()}
+
+    def cluster(self) -> Cluster:
+        with self.lock:
+            return self.tracker.cluster()
+
+
+def _snapshot(table: Table) -> Table:
+    return Table(
+        family=table.family,
+        comment=table.comment,
+        sets=dict(table.sets),
+        chains=dict(table.chains),
+        elements={name: dict(members) for name, members in table.elements.items()},
+    )
+
+
+def _apply_touched(committed: Table, desired: Table, touched: Touched) -> None:
+    for name in touched.chains:
+        chain = desired.chains.get(name)
+        if chain is None:
+            committed.chains.pop(name, None)
+        else:
+            committed.chains[name] = chain
+    for set_name, key in touched.elements:
+        element = desired.elements.get(set_name, {}).get(key)
+        members = committed.elements.setdefault(set_name, {})
+        if element is None:
+            members.pop(key, None)
+        else:
+            members[key] = element
+    for name, decl in desired.sets.items():
+        committed.sets.setdefault(name, decl)
+
+
+class SyncRunner(threading.Thread):
+    """Runs ``proxier.sync`` no more often than ``min_period``, at least every ``period``.
+
+    A failed sync is retried after a capped exponential backoff, as a full sync.
+    Nothing runs until the proxier is ready (Services and slices listed once).
+    """
+
+    def __init__(
+        self,
+        proxier: Proxier,
+        min_period: float,
+        period: float,
+        stop: threading.Event,
+        backoff: tuple[float, float] = (0.5, 30.0),
+    ) -> None:
+        super().__init__(name="kproxy-sync", daemon=True)
+        self.proxier = proxier
+        self.min_period = min_period
+        self.period = period
+        self.stop_event = stop
+        self.backoff = backoff
+        self.failures = 0
+        self._last_start = float("-inf")
+
+    def wake(self) -> None:
+        with self.proxier.lock:
+            self.proxier.changed.notify_all()
+
+    def run(self) -> None:
+        clock = self.proxier.clock
+        retry_at: float | None = None
+        next_periodic = clock() + self.period
+        while not self.stop_event.is_set():
+            with self.proxier.lock:
+                now = clock()
+                earliest = max(self._last_start + self.min_period, retry_at or float("-inf"))
+                ready = self.proxier.ready
+                due = ready and (self.proxier.has_work(now) or now >= next_periodic)
+                if not due or now < earliest:
+                    deadline = next_periodic
+                    if ready and self.proxier.has_work(now):
+                        deadline = min(deadline, earliest)
+                    elif ready:
+                        nd = self.proxier.next_deadline()
+                        if nd is not None:
+                            deadline = min(deadline, max(nd, earliest))
+                    self.proxier.changed.wait(timeout=max(0.001, min(deadline - now, 1.0)))
+                    continue
+            if self.stop_event.is_set():
+                break
+            self._last_start = clock()
+            next_periodic = self._last_start + self.period
+            try:
+                self.proxier.sync()
+                self.failures = 0
+                retry_at = None
+            except Exception as exc:  # a sync must never kill the loop
+                self.failures += 1
+                delay = min(self.backoff[1], self.backoff[0] * 2 ** (self.failures - 1))
+                retry_at = clock() + delay
+                log.warning("sync failed (attempt %d), full resync in %.1fs: %s", self.failures, delay, exc)

@@ -1,0 +1,559 @@
+"""The daemon's configuration: kube-proxy flags, the KubeProxyConfiguration file, and how they merge."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kproxy.compiler import ProxyConfig
+from kproxy.config import (
+    ConfigError,
+    DaemonConfig,
+    add_daemon_flags,
+    daemon_config,
+    load_kube_proxy_configuration,
+    parse_bind_address,
+    parse_cidrs,
+    parse_duration,
+    parse_nodeport_addresses,
+)
+
+HEADER = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
+
+# Every field of upstream's v1alpha1 KubeProxyConfiguration, with realistic values.
+FULL = HEADER + """\
+featureGates:
+  KubeProxyNFTablesLocalhostNodePorts: false
+  TopologyAwareHints: true
+clientConnection:
+  kubeconfig: /var/lib/kube-proxy/kubeconfig.conf
+  acceptContentTypes: ""
+  contentType: application/vnd.kubernetes.protobuf
+  qps: 5.5
+  burst: 10
+logging:
+  format: json
+  flushFrequency: 5s
+  verbosity: 2
+  vmodule:
+    - filePattern: proxier*
+      verbosity: 4
+  options:
+    text:
+      splitStream: false
+      infoBufferSize: "0"
+    json:
+      splitStream: true
+      infoBufferSize: 64Ki
+hostnameOverride: Node-A.example.com
+bindAddress: 0.0.0.0
+healthzBindAddress: 0.0.0.0:10256
+metricsBindAddress: "[::]:10249"
+bindAddressHardFail: false
+enableProfiling: false
+showHiddenMetricsForVersion: ""
+mode: nftables
+iptables:
+  masqueradeBit: 14
+  masqueradeAll: false
+  localhostNodePorts: true
+  snatNodeInternalIP: false
+  syncPeriod: 30s
+  minSyncPeriod: 1s
+ipvs:
+  syncPeriod: 30s
+  minSyncPeriod: 0s
+  scheduler: rr
+  excludeCIDRs: [10.200.0.0/16]
+  strictARP: true
+  tcpTimeout: 0s
+  tcpFinTimeout: 0s
+  udpTimeout: 0s
+nftables:
+  masqueradeBit: 14
+  masqueradeAll: true
+  syncPeriod: 1m
+  minSyncPeriod: 250ms
+winkernel:
+  networkName: ""
+  sourceVip: ""
+  enableDSR: false
+  rootHnsEndpointName: ""
+  forwardHealthCheckVip: false
+detectLocalMode: ClusterCIDR
+detectLocal:
+  bridgeInterface: ""
+  interfaceNamePrefix: ""
+clusterCIDR: 10.244.0.0/16,fd00:244::/48
+nodePortAddresses: [192.168.0.0/16, "fd00:1::/64"]
+oomScoreAdj: -999
+conntrack:
+  maxPerCore: 32768
+  min: 131072
+  tcpEstablishedTimeout: 24h0m0s
+  tcpCloseWaitTimeout: 1h0m0s
+  tcpBeLiberal: false
+  udpTimeout: 0s
+  udpStreamTimeout: 0s
+configSyncPeriod: 15m0s
+portRange: ""
+windowsRunAsService: false
+"""
+
+# What kubeadm writes: every field, nearly all zero. Zero means "not set", as upstream defaults it.
+KUBEADM_ZERO = HEADER + """\
+bindAddress: 0.0.0.0
+bindAddressHardFail: false
+clientConnection: {acceptContentTypes: "", burst: 0, contentType: "", kubeconfig: "", qps: 0}
+clusterCIDR: ""
+configSyncPeriod: 0s
+conntrack: {maxPerCore: null, min: null, tcpBeLiberal: false, tcpCloseWaitTimeout: null,
+            tcpEstablishedTimeout: null, udpStreamTimeout: 0s, udpTimeout: 0s}
+detectLocal: {bridgeInterface: "", interfaceNamePrefix: ""}
+detectLocalMode: ""
+enableProfiling: false
+healthzBindAddress: ""
+hostnameOverride: ""
+iptables: {localhostNodePorts: null, masqueradeAll: false, masqueradeBit: null, minSyncPeriod: 0s, syncPeriod: 0s}
+ipvs: {excludeCIDRs: null, minSyncPeriod: 0s, scheduler: "", strictARP: false, syncPeriod: 0s,
+       tcpFinTimeout: 0s, tcpTimeout: 0s, udpTimeout: 0s}
+logging:
+  flushFrequency: 0
+  options: {json: {infoBufferSize: "0"}, text: {infoBufferSize: "0"}}
+  verbosity: 0
+metricsBindAddress: ""
+mode: ""
+nftables: {masqueradeAll: false, masqueradeBit: null, minSyncPeriod: 0s, syncPeriod: 0s}
+nodePortAddresses: null
+oomScoreAdj: null
+portRange: ""
+showHiddenMetricsForVersion: ""
+winkernel: {enableDSR: false, forwardHealthCheckVip: false, networkName: "", rootHnsEndpointName: "", sourceVip: ""}
+"""
+
+
+@pytest.fixture(autouse=True)
+def node_name_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NODE_NAME", "env-node")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kproxy")
+    add_daemon_flags(parser)
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    return parser
+
+
+def _config(*argv: str) -> DaemonConfig:
+    return daemon_config(_parser().parse_args(list(argv)))
+
+
+def _file(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "kube-proxy.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+# --- defaults and flags -------------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    """With no flags and no file, every field has its documented default."""
+    assert _config() == DaemonConfig(
+        node_name="env-node",
+        cluster_cidrs=(),
+        nodeport_addresses=(),
+        masquerade_all=False,
+        min_sync_period=0.1,
+        sync_period=30.0,
+        metrics_bind_address="127.0.0.1:10249",
+        healthz_bind_address="0.0.0.0:10256",
+        kubeconfig=None,
+        log_format="text",
+        log_level="info",
+    )
+
+
+def test_default_node_name_is_the_lowercased_hostname(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without $NODE_NAME, the node name is the hostname, lowercased."""
+    monkeypatch.delenv("NODE_NAME")
+    monkeypatch.setattr("socket.gethostname", lambda: "Worker-7.Example.COM")
+    assert _config().node_name == "worker-7.example.com"
+
+
+@pytest.mark.parametrize(
+    "argv, field, expected",
+    [
+        pytest.param(["--hostname-override", "Node-B"], "node_name", "node-b", id="hostname-override"),
+        pytest.param(["--node-name=node-c"], "node_name", "node-c", id="node-name-alias"),
+        pytest.param(["--kubeconfig", "/etc/kubeconfig"], "kubeconfig", "/etc/kubeconfig", id="kubeconfig"),
+        pytest.param(["--cluster-cidr", "10.244.0.1/16, fd00::/48"], "cluster_cidrs",
+                     ("10.244.0.0/16", "fd00::/48"), id="cluster-cidr-dual-stack-canonical"),
+        pytest.param(["--nodeport-addresses", "192.168.0.0/16"], "nodeport_addresses", ("192.168.0.0/16",),
+                     id="nodeport-addresses-cidr"),
+        pytest.param(["--nodeport-addresses", "primary"], "nodeport_addresses", (), id="nodeport-addresses-primary"),
+        pytest.param(["--nodeport-addresses=all"], "nodeport_addresses", ("0.0.0.0/0", "::/0"),
+                     id="nodeport-addresses-all"),
+        pytest.param(["--masquerade-all"], "masquerade_all", True, id="masquerade-all"),
+        pytest.param(["--masquerade-all=false"], "masquerade_all", False, id="masquerade-all-false"),
+        pytest.param(["--min-sync-period", "0"], "min_sync_period", 0.0, id="min-sync-period-zero"),
+        pytest.param(["--min-sync-period=1s"], "min_sync_period", 1.0, id="min-sync-period"),
+        pytest.param(["--sync-period", "1m30s"], "sync_period", 90.0, id="sync-period"),
+        pytest.param(["--metrics-bind-address", "0.0.0.0:9100"], "metrics_bind_address", "0.0.0.0:9100",
+                     id="metrics-bind-address"),
+        pytest.param(["--healthz-bind-address", "[::0]:0"], "healthz_bind_address", "[::]:0",
+                     id="healthz-bind-address-ipv6-port-0"),
+        pytest.param(["--log-format", "json"], "log_format", "json", id="log-format"),
+        pytest.param(["-v"], "log_level", "debug", id="verbose"),
+    ],
+)
+def test_flag(argv: list[str], field: str, expected: Any) -> None:
+    """Each flag sets its field, in kube-proxy's syntax."""
+    assert getattr(_config(*argv), field) == expected
+
+
+def test_add_daemon_flags_on_an_argument_group() -> None:
+    """The flags can go into an argument group, and every default is None."""
+    parser = argparse.ArgumentParser()
+    add_daemon_flags(parser.add_argument_group("daemon"))
+    args = parser.parse_args([])
+    assert set(vars(args)) >= {"config", "kubeconfig", "hostname_override", "cluster_cidr", "sync_period"}
+    assert all(value is None for value in vars(args).values())
+
+
+def test_proxy_config() -> None:
+    """proxy_config() is the compiler's subset."""
+    config = _config("--cluster-cidr", "10.244.0.0/16", "--nodeport-addresses", "10.0.0.0/8", "--masquerade-all")
+    assert config.proxy_config() == ProxyConfig(("10.244.0.0/16",), ("10.0.0.0/8",), True)
+
+
+# --- the file -----------------------------------------------------------------------------------
+
+
+def test_full_file(tmp_path: Path) -> None:
+    """Every upstream v1alpha1 field is accepted; the ones kproxy uses are applied."""
+    config = _config("--config", _file(tmp_path, FULL))
+    assert config == DaemonConfig(
+        node_name="node-a.example.com",
+        cluster_cidrs=("10.244.0.0/16", "fd00:244::/48"),
+        nodeport_addresses=("192.168.0.0/16", "fd00:1::/64"),
+        masquerade_all=True,
+        min_sync_period=0.25,
+        sync_period=60.0,
+        metrics_bind_address="[::]:10249",
+        healthz_bind_address="0.0.0.0:10256",
+        kubeconfig="/var/lib/kube-proxy/kubeconfig.conf",
+        log_format="json",
+        log_level="info",
+    )
+
+
+def test_unused_fields_are_logged_at_debug(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A known field kproxy does not use is accepted and logged at debug level."""
+    with caplog.at_level(logging.DEBUG, logger="kproxy.config"):
+        load_kube_proxy_configuration(_file(tmp_path, FULL))
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any("ipvs.scheduler = 'rr' is accepted but not used" in m for m in messages)
+    assert any("conntrack.maxPerCore" in m for m in messages)
+
+
+def test_kubeadm_zero_values_mean_defaults(tmp_path: Path) -> None:
+    """kubeadm's all-zero file ("", 0s, null) leaves every default in place."""
+    assert load_kube_proxy_configuration(_file(tmp_path, KUBEADM_ZERO)) == {}
+    assert _config("--config", _file(tmp_path, KUBEADM_ZERO)) == _config()
+
+
+def test_verbosity_4_in_file_means_debug(tmp_path: Path) -> None:
+    """logging.verbosity >= 4 (klog's debug level) gives log level debug."""
+    path = _file(tmp_path, HEADER + "logging: {verbosity: 4}\n")
+    assert _config("--config", path).log_level == "debug"
+
+
+def test_flags_override_file(tmp_path: Path) -> None:
+    """A flag given on the command line wins over the file; the others keep the file's values."""
+    path = _file(tmp_path, FULL)
+    config = _config(
+        "--config", path,
+        "--hostname-override", "node-z",
+        "--cluster-cidr", "10.0.0.0/8",
+        "--nodeport-addresses", "primary",
+        "--masquerade-all=false",
+        "--sync-period", "2m",
+        "--metrics-bind-address", "127.0.0.1:0",
+        "--kubeconfig", "/other",
+        "--log-format", "text",
+    )
+    assert (config.node_name, config.cluster_cidrs, config.nodeport_addresses, config.masquerade_all) == (
+        "node-z", ("10.0.0.0/8",), (), False)
+    assert (config.sync_period, config.metrics_bind_address, config.kubeconfig, config.log_format) == (
+        120.0, "127.0.0.1:0", "/other", "text")
+    assert config.min_sync_period == 0.25 and config.healthz_bind_address == "0.0.0.0:10256"
+
+
+def test_file_node_name_beats_node_name_env(tmp_path: Path) -> None:
+    """hostnameOverride in the file wins over $NODE_NAME."""
+    assert _config("--config", _file(tmp_path, HEADER + "hostnameOverride: from-file\n")).node_name == "from-file"
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        pytest.param("foo: 1\n", "unknown field 'foo'", id="unknown-top-level"),
+        pytest.param("nftables:\n  masqueradAll: true\n",
+                     "unknown field 'nftables.masqueradAll' (did you mean 'masqueradeAll'?)", id="typo-nested"),
+        pytest.param("logging:\n  options:\n    json:\n      bufferSize: 1\n",
+                     "unknown field 'logging.options.json.bufferSize'", id="unknown-deeply-nested"),
+        pytest.param("logging:\n  vmodule: [{filePattern: x, level: 2}]\n",
+                     "unknown field 'logging.vmodule[0].level'", id="unknown-in-list"),
+        pytest.param("clusterCidr: 10.0.0.0/8\n", "(did you mean 'clusterCIDR'?)", id="wrong-case"),
+        pytest.param("mode: iptables\n", "mode: 'iptables': kproxy is an nftables proxy", id="mode-iptables"),
+        pytest.param("mode: ipvs\n", "mode: 'ipvs': kproxy is an nftables proxy", id="mode-ipvs"),
+        pytest.param("nftables: {syncPeriod: 5x}\n", "nftables.syncPeriod: invalid duration '5x'", id="bad-duration"),
+        pytest.param("nftables: {syncPeriod: 30}\n", "nftables.syncPeriod: expected a duration string",
+                     id="duration-as-number"),
+        pytest.param("nftables: {minSyncPeriod: -1s}\n", "nftables.minSyncPeriod: duration '-1s' must not be negative",
+                     id="negative-duration"),
+        pytest.param("conntrack: {tcpEstablishedTimeout: soon}\n", "conntrack.tcpEstablishedTimeout: invalid duration",
+                     id="bad-unused-duration"),
+        pytest.param("clusterCIDR: 10.244.0.0/33\n", "clusterCIDR: '10.244.0.0/33' is not a CIDR", id="bad-cidr"),
+        pytest.param("clusterCIDR: 10.244.0.1\n", "clusterCIDR: '10.244.0.1' is not a CIDR", id="cidr-no-prefix"),
+        pytest.param("nodePortAddresses: [10.0.0.0/8, nope]\n", "nodePortAddresses: 'nope' is not a CIDR",
+                     id="bad-nodeport-cidr"),
+        pytest.param("nodePortAddresses: 10.0.0.0/8\n", "nodePortAddresses: expected a list of strings",
+                     id="nodeport-not-a-list"),
+        pytest.param("nodePortAddresses: [primary, 10.0.0.0/8]\n", "either 'primary' or a list of CIDRs",
+                     id="nodeport-primary-and-cidr"),
+        pytest.param("nodePortAddresses: [localhost]\n", "never serves NodePorts on loopback", id="nodeport-localhost"),
+        pytest.param("metricsBindAddress: 127.0.0.1\n", "metricsBindAddress: invalid address '127.0.0.1'",
+                     id="bind-address-no-port"),
+        pytest.param("healthzBindAddress: localhost:10256\n", "healthzBindAddress: invalid address 'localhost:10256'",
+                     id="bind-address-hostname"),
+        pytest.param("nftables: {masqueradeAll: 'yes please'}\n", "nftables.masqueradeAll: expected true or false",
+                     id="wrong-type-bool"),
+        pytest.param("hostnameOverride: 12345\n", "hostnameOverride: expected a string, got 12345",
+                     id="wrong-type-str"),
+        pytest.param("hostnameOverride: node_a\n", "hostnameOverride: 'node_a' is not a valid node name",
+                     id="bad-node-name"),
+        pytest.param("nftables: [1]\n", "nftables: expected a mapping of fields", id="struct-not-a-mapping"),
+        pytest.param("iptables: {masqueradeBit: 32}\n", "iptables.masqueradeBit: 32 is out of range",
+                     id="out-of-range"),
+        pytest.param("oomScoreAdj: 1.5\n", "oomScoreAdj: expected an integer", id="float-for-int"),
+        pytest.param("featureGates: {Foo: maybe}\n", "featureGates: 'Foo': expected true or false",
+                     id="feature-gate-not-bool"),
+        pytest.param("logging: {format: xml}\n", "logging.format: 'xml' is not a log format", id="bad-log-format"),
+        pytest.param("detectLocalMode: Magic\n", "detectLocalMode: 'Magic' is not one of", id="bad-enum"),
+        pytest.param("bindAddress: 1.2.3\n", "bindAddress: '1.2.3' is not an IP address", id="bad-bind-ip"),
+    ],
+)
+def test_file_error(tmp_path: Path, body: str, expected: str) -> None:
+    """A bad field gives a one-line ConfigError naming the file and the field path."""
+    path = _file(tmp_path, HEADER + body)
+    with pytest.raises(ConfigError) as info:
+        load_kube_proxy_configuration(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and expected in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        pytest.param("kind: KubeProxyConfiguration\n", "apiVersion: missing", id="no-api-version"),
+        pytest.param("apiVersion: kubeproxy.config.k8s.io/v1beta1\nkind: KubeProxyConfiguration\n",
+                     "apiVersion: 'kubeproxy.config.k8s.io/v1beta1' is not supported", id="bad-api-version"),
+        pytest.param("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeletConfiguration\n",
+                     "kind: 'KubeletConfiguration' is not supported", id="bad-kind"),
+        pytest.param("", "the file is empty", id="empty"),
+        pytest.param("- a\n- b\n", "expected a KubeProxyConfiguration", id="not-a-mapping"),
+        pytest.param(HEADER + "nftables: {syncPeriod: 1s\n", "invalid YAML at line", id="broken-yaml"),
+        pytest.param(HEADER + "mode: nftables\n\tbad: tab\n", "invalid YAML", id="tab-indent"),
+    ],
+)
+def test_file_level_error(tmp_path: Path, text: str, expected: str) -> None:
+    """A file that is not a KubeProxyConfiguration gives a one-line ConfigError naming the file."""
+    path = _file(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_kube_proxy_configuration(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and expected in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        pytest.param(lambda tmp: str(tmp / "missing.yaml"), "cannot read: No such file or directory", id="missing"),
+        pytest.param(lambda tmp: str(tmp), "cannot read: Is a directory", id="directory"),
+    ],
+)
+def test_unreadable_file(tmp_path: Path, make: Any, expected: str) -> None:
+    """An unreadable --config file is a ConfigError naming it."""
+    path = make(tmp_path)
+    with pytest.raises(ConfigError, match=f"^{path}: {expected}$"):
+        _config("--config", path)
+
+
+def test_file_without_permission(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A --config file that cannot be opened (EACCES, even as root here) is a ConfigError naming it."""
+    path = _file(tmp_path, FULL)
+
+    def denied(self: Path) -> bytes:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(ConfigError, match=f"^{path}: cannot read: Permission denied$"):
+        _config("--config", path)
+
+
+# --- merged values and flag errors --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, file_body, expected",
+    [
+        pytest.param(["--min-sync-period", "1m"], None,
+                     "--min-sync-period (60s) must not exceed the default sync period (30s)", id="min-over-default"),
+        pytest.param(["--min-sync-period", "10s", "--sync-period", "5s"], None,
+                     "--min-sync-period (10s) must not exceed --sync-period (5s)", id="min-over-sync-flags"),
+        pytest.param([], "nftables: {minSyncPeriod: 10s, syncPeriod: 5s}\n",
+                     "nftables.minSyncPeriod (10s) must not exceed", id="min-over-sync-file"),
+        pytest.param(["--sync-period", "5s"], "nftables: {minSyncPeriod: 10s}\n",
+                     "nftables.minSyncPeriod (10s) must not exceed --sync-period (5s)", id="min-file-over-sync-flag"),
+        pytest.param(["--sync-period", "0s"], None, "--sync-period: must be greater than 0, got 0s", id="sync-zero"),
+        pytest.param(["--min-sync-period=-1s"], None, "--min-sync-period: must not be negative", id="min-negative"),
+        pytest.param(["--sync-period", "30"], None, "--sync-period: invalid duration '30'", id="sync-no-unit"),
+        pytest.param(["--cluster-cidr", "10.0.0.0/8,banana"], None, "--cluster-cidr: 'banana' is not a CIDR",
+                     id="bad-cluster-cidr"),
+        pytest.param(["--nodeport-addresses", "10.0.0.0/99"], None, "--nodeport-addresses: '10.0.0.0/99' is not a CIDR",
+                     id="bad-nodeport-addresses"),
+        pytest.param(["--metrics-bind-address", "::1:10249"], None,
+                     "--metrics-bind-address: invalid address '::1:10249': put an IPv6 address in brackets",
+                     id="bad-metrics-bind-address"),
+        pytest.param(["--healthz-bind-address", "0.0.0.0:99999"], None,
+                     "--healthz-bind-address: invalid address '0.0.0.0:99999': port '99999'", id="bad-port"),
+        pytest.param(["--masquerade-all=maybe"], None, "--masquerade-all: 'maybe' is not a boolean", id="bad-bool"),
+        pytest.param(["--log-format", "xml"], None, "--log-format: 'xml' is not a log format", id="bad-log-format"),
+        pytest.param(["--hostname-override", "Not A Name"], None, "--hostname-override: 'Not A Name' is not a valid",
+                     id="bad-hostname-override"),
+        pytest.param(["--kubeconfig="], None, "--kubeconfig: empty value", id="empty-kubeconfig"),
+    ],
+)
+def test_config_error(tmp_path: Path, argv: list[str], file_body: str | None, expected: str) -> None:
+    """A bad flag, or a bad combination of flag and file values, is a one-line ConfigError naming them."""
+    if file_body is not None:
+        argv = ["--config", _file(tmp_path, HEADER + file_body), *argv]
+    with pytest.raises(ConfigError) as info:
+        _config(*argv)
+    assert expected in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+# --- the small parsers --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [
+        pytest.param("1s", 1.0, id="seconds"),
+        pytest.param("100ms", 0.1, id="milliseconds"),
+        pytest.param("1m30s", 90.0, id="compound"),
+        pytest.param("1h", 3600.0, id="hours"),
+        pytest.param("0.5s", 0.5, id="fraction"),
+        pytest.param(".5s", 0.5, id="leading-dot"),
+        pytest.param("1.s", 1.0, id="trailing-dot"),
+        pytest.param("2h45m0.5s", 9900.5, id="hours-minutes-fraction"),
+        pytest.param("1500us", 0.0015, id="microseconds"),
+        pytest.param("1500\u00b5s", 0.0015, id="micro-sign"),
+        pytest.param("250ns", 250e-9, id="nanoseconds"),
+        pytest.param("0", 0.0, id="bare-zero"),
+        pytest.param("0s", 0.0, id="zero"),
+        pytest.param("+5s", 5.0, id="plus"),
+        pytest.param("-1.5h", -5400.0, id="negative"),
+    ],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    """Go duration syntax, in seconds."""
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("1", id="no-unit"),
+        pytest.param("s", id="no-number"),
+        pytest.param("1d", id="days"),
+        pytest.param("1 s", id="space"),
+        pytest.param(" 1s", id="leading-space"),
+        pytest.param("1.5.5s", id="two-dots"),
+        pytest.param("1e3s", id="exponent"),
+        pytest.param("-", id="sign-only"),
+        pytest.param("1sm", id="unit-without-number"),
+        pytest.param("3000000h", id="overflow"),
+    ],
+)
+def test_parse_duration_rejects(text: str) -> None:
+    """Anything Go's time.ParseDuration rejects is a ConfigError."""
+    with pytest.raises(ConfigError, match="duration"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        pytest.param("127.0.0.1:10249", ("127.0.0.1", 10249), id="ipv4"),
+        pytest.param("0.0.0.0:10256", ("0.0.0.0", 10256), id="ipv4-any"),
+        pytest.param("[::1]:10249", ("::1", 10249), id="ipv6"),
+        pytest.param("[::]:10256", ("::", 10256), id="ipv6-any"),
+        pytest.param("[fd00:0::0001]:80", ("fd00::1", 80), id="ipv6-canonical"),
+        pytest.param(":10249", ("", 10249), id="empty-host"),
+        pytest.param("127.0.0.1:0", ("127.0.0.1", 0), id="port-0"),
+        pytest.param(":65535", ("", 65535), id="max-port"),
+    ],
+)
+def test_parse_bind_address(text: str, expected: tuple[str, int]) -> None:
+    """HOST:PORT, [IPv6]:PORT and :PORT."""
+    assert parse_bind_address(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("127.0.0.1", id="no-port"),
+        pytest.param("10249", id="port-only-no-colon"),
+        pytest.param("127.0.0.1:", id="empty-port"),
+        pytest.param("127.0.0.1:65536", id="port-too-big"),
+        pytest.param("127.0.0.1:-1", id="negative-port"),
+        pytest.param("127.0.0.1:http", id="named-port"),
+        pytest.param("localhost:10249", id="hostname"),
+        pytest.param("::1:10249", id="ipv6-without-brackets"),
+        pytest.param("[::1]10249", id="no-colon-after-bracket"),
+        pytest.param("[::1", id="unclosed-bracket"),
+        pytest.param("[127.0.0.1]:80", id="ipv4-in-brackets"),
+        pytest.param("999.0.0.1:80", id="bad-ipv4"),
+    ],
+)
+def test_parse_bind_address_rejects(text: str) -> None:
+    """A bind address that is not an IP literal with a port from 0 to 65535 is a ConfigError."""
+    with pytest.raises(ConfigError):
+        parse_bind_address(text)
+
+
+@pytest.mark.parametrize(
+    "parse, text, expected",
+    [
+        pytest.param(parse_cidrs, "10.244.0.0/16", ("10.244.0.0/16",), id="cidr"),
+        pytest.param(parse_cidrs, "10.244.1.1/16,fd00:244::1/48", ("10.244.0.0/16", "fd00:244::/48"), id="canonical"),
+        pytest.param(parse_cidrs, "", (), id="cidrs-empty"),
+        pytest.param(parse_cidrs, "10.0.0.0/8,", ("10.0.0.0/8",), id="trailing-comma"),
+        pytest.param(parse_nodeport_addresses, "primary", (), id="primary"),
+        pytest.param(parse_nodeport_addresses, "", (), id="nodeport-empty"),
+        pytest.param(parse_nodeport_addresses, "all", ("0.0.0.0/0", "::/0"), id="all"),
+        pytest.param(parse_nodeport_addresses, "10.0.0.0/8,fd00::/64", ("10.0.0.0/8", "fd00::/64"), id="list"),
+    ],
+)
+def test_cidr_parsers(parse: Any, text: str, expected: tuple[str, ...]) -> None:
+    """parse_cidrs and parse_nodeport_addresses, the validators cli.py can share."""
+    assert parse(text) == expected

@@ -1,0 +1,302 @@
+"""UDP conntrack cleanup: the pure target computation and filter, the fake, and the kernel."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+import pytest
+
+from kproxy.compiler import NodeInfo, ProxyConfig, compile_ruleset
+from kproxy.conntrack import (
+    FakeConntrack,
+    FlowEntry,
+    PyrouteConntrack,
+    cleanup_stale_udp,
+    stale_entries,
+    udp_cleanup_targets,
+)
+from kproxy.convert import build_cluster
+from kproxy.model import Cluster, IPFamily
+from kproxy.nft import NftablesBackend
+from kproxy.plan import plan
+from tests.builders import endpoint, endpoint_slice, service
+from tests.netbed import NetBed, Netns, Pod, Results, UdpFlow
+
+UDP, TCP = socket.IPPROTO_UDP, socket.IPPROTO_TCP
+NODE = NodeInfo(name="node-a", zone="zone-a", primary_ips=("192.168.50.1", "fd00:50::1"))
+CLIENT4, CLIENT6 = "192.168.50.100", "fd00:50::100"
+
+
+def _cluster(objects: list[dict[str, Any]]) -> Cluster:
+    cluster, problems = build_cluster(objects, "node-a")
+    assert not problems, problems
+    return cluster
+
+
+def _udp_ports(node_port: int) -> list[dict[str, Any]]:
+    return [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353, "nodePort": node_port}]
+
+
+DNS_PORTS = [{"name": "dns", "port": 5353, "protocol": "UDP"}]
+
+# "dns" (UDP 53 -> 5353, NodePort 30053, an externalIP and a load-balancer IP,
+# dual-stack) has serving endpoints .11 (ready) and .12 (serving, terminating)
+# and a not-serving one, .13. "down" (UDP, NodePort 30020) has none serving.
+# "web" is TCP only.
+OBJECTS = [
+    service(
+        "dns",
+        cluster_ip=["10.96.0.10", "fd00:96::10"],
+        ipFamilies=["IPv4", "IPv6"],
+        type="LoadBalancer",
+        externalIPs=["203.0.113.7"],
+        ports=_udp_ports(30053),
+        status={"loadBalancer": {"ingress": [{"ip": "198.51.100.9"}]}},
+    ),
+    endpoint_slice(
+        "dns-v4",
+        "dns",
+        [
+            endpoint("10.244.1.11"),
+            endpoint("10.244.1.12", ready=False, serving=True, terminating=True),
+            endpoint("10.244.1.13", ready=False, serving=False, terminating=True),
+        ],
+        ports=DNS_PORTS,
+    ),
+    endpoint_slice("dns-v6", "dns", [endpoint("fd00:244:0:1::11")], ports=DNS_PORTS, address_type="IPv6"),
+    service("down", cluster_ip="10.96.0.20", type="NodePort", ports=_udp_ports(30020)),
+    endpoint_slice("down-1", "down", [endpoint("10.244.1.21", ready=False, serving=False)], ports=DNS_PORTS),
+    service("web", cluster_ip="10.96.0.30", ports=[{"name": "http", "port": 53, "protocol": "TCP"}]),
+    endpoint_slice("web-1", "web", [endpoint("10.244.1.31")]),
+]
+TARGETS = udp_cleanup_targets(_cluster(OBJECTS), NODE, ProxyConfig())
+
+
+def flow(dst: str, dport: int, reply_src: str, reply_sport: int, proto: int = UDP, sport: int = 40000) -> FlowEntry:
+    """A conntrack entry from a client to dst:dport whose replies come from reply_src:reply_sport."""
+    family: IPFamily = 6 if ":" in dst else 4
+    return FlowEntry(
+        family=family,
+        proto=proto,
+        orig_src=CLIENT6 if family == 6 else CLIENT4,
+        orig_dst=dst,
+        orig_sport=sport,
+        orig_dport=dport,
+        reply_src=reply_src,
+        reply_sport=reply_sport,
+    )
+
+
+CASES = [
+    pytest.param(flow("10.96.0.10", 53, "10.244.1.99", 5353), True, id="stale-clusterip-entry-deleted"),
+    pytest.param(flow("10.96.0.10", 53, "10.244.1.11", 5353), False, id="current-endpoint-kept"),
+    pytest.param(flow("10.96.0.10", 53, "10.244.1.12", 5353), False, id="serving-terminating-endpoint-kept"),
+    pytest.param(flow("10.96.0.10", 53, "10.244.1.13", 5353), True, id="not-serving-endpoint-deleted"),
+    pytest.param(flow("10.96.0.10", 53, "10.244.1.11", 53), True, id="endpoint-ip-on-old-port-deleted"),
+    pytest.param(flow("10.96.0.10", 53, "10.96.0.10", 53), True, id="un-dnatted-clusterip-entry-deleted"),
+    pytest.param(flow("10.96.0.10", 54, "10.244.1.99", 5353), False, id="clusterip-other-port-kept"),
+    pytest.param(flow("10.96.0.10", 53, "10.244.1.99", 5353, proto=TCP), False, id="tcp-ignored"),
+    pytest.param(flow("10.96.0.30", 53, "10.244.1.99", 8080), False, id="tcp-only-service-ignored"),
+    pytest.param(flow("203.0.113.7", 53, "10.244.1.99", 5353), True, id="external-ip-stale-deleted"),
+    pytest.param(flow("198.51.100.9", 53, "10.244.1.99", 5353), True, id="load-balancer-ip-stale-deleted"),
+    pytest.param(flow("198.51.100.9", 53, "10.244.1.11", 5353), False, id="load-balancer-ip-current-kept"),
+    pytest.param(flow("192.168.50.1", 30053, "10.244.1.99", 5353), True, id="nodeport-on-node-ip-deleted"),
+    pytest.param(flow("192.168.50.1", 30053, "10.244.1.11", 5353), False, id="nodeport-current-endpoint-kept"),
+    pytest.param(flow("192.0.2.1", 30053, "192.0.2.1", 30053), False, id="nodeport-number-on-other-ip-kept"),
+    pytest.param(flow("10.96.0.20", 53, "10.244.1.99", 5353), False, id="zero-serving-endpoints-clusterip-kept"),
+    pytest.param(flow("192.168.50.1", 30020, "10.244.1.99", 5353), False, id="zero-serving-endpoints-nodeport-kept"),
+    pytest.param(flow("1.1.1.1", 53, "1.1.1.1", 53), False, id="unrelated-ip-kept"),
+    pytest.param(flow("fd00:96::10", 53, "fd00:244:0:1::99", 5353), True, id="ipv6-stale-deleted"),
+    pytest.param(flow("fd00:96::10", 53, "fd00:244:0:1::11", 5353), False, id="ipv6-current-endpoint-kept"),
+    pytest.param(flow("fd00:50::1", 30053, "fd00:244:0:1::99", 5353), True, id="ipv6-nodeport-deleted"),
+    pytest.param(flow("fd00:50::1", 30053, "fd00:244:0:1::11", 5353), False, id="ipv6-nodeport-current-kept"),
+    pytest.param(flow("2001:db8::1", 53, "2001:db8::1", 53), False, id="ipv6-unrelated-ip-kept"),
+]
+
+
+@pytest.mark.parametrize(("entry", "stale"), CASES)
+def test_stale_entries(entry: FlowEntry, stale: bool) -> None:
+    """stale_entries picks the entry exactly when it is stale."""
+    assert stale_entries([entry], TARGETS) == ([entry] if stale else [])
+
+
+@pytest.mark.parametrize(("entry", "stale"), CASES)
+def test_cleanup_with_fake(entry: FlowEntry, stale: bool) -> None:
+    """cleanup_stale_udp deletes a stale entry from the table, keeps any other, and counts."""
+    table = FakeConntrack([entry])
+    assert cleanup_stale_udp(table, TARGETS) == int(stale)
+    assert table.entries == ([] if stale else [entry])
+    assert table.deleted == ([entry] if stale else [])
+
+
+def test_cleanup_whole_table(caplog: pytest.LogCaptureFixture) -> None:
+    """One pass over a table with every case cleans both families and logs an info summary."""
+    entries = [p.values[0] for p in CASES]
+    expected_stale = [p.values[0] for p in CASES if p.values[1]]
+    table = FakeConntrack(entries)
+    with caplog.at_level(logging.DEBUG, logger="kproxy.conntrack"):
+        assert cleanup_stale_udp(table, TARGETS) == len(expected_stale)
+    assert sorted(table.deleted, key=str) == sorted(expected_stale, key=str)
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
+        f"deleted {len(expected_stale)} stale UDP conntrack entries"
+    ]
+    assert sum(r.levelno == logging.DEBUG for r in caplog.records) == len(expected_stale)
+    assert cleanup_stale_udp(table, TARGETS) == 0  # idempotent
+
+
+def test_targets() -> None:
+    """Targets hold every UDP frontend and NodePort with its serving (ip, port) endpoints, per family."""
+    serving4 = frozenset({("10.244.1.11", 5353), ("10.244.1.12", 5353)})
+    assert dict(TARGETS.ipv4.frontends) == {
+        ("10.96.0.10", 53): serving4,
+        ("203.0.113.7", 53): serving4,
+        ("198.51.100.9", 53): serving4,
+    }
+    assert dict(TARGETS.ipv4.node_ports) == {30053: serving4}
+    assert TARGETS.ipv4.node_ips == {"192.168.50.1"}
+    serving6 = frozenset({("fd00:244:0:1::11", 5353)})
+    assert dict(TARGETS.ipv6.frontends) == {("fd00:96::10", 53): serving6}
+    assert dict(TARGETS.ipv6.node_ports) == {30053: serving6}
+    assert TARGETS.ipv6.node_ips == {"fd00:50::1"}
+
+
+def test_nodeport_addresses_follow_config() -> None:
+    """With --nodeport-addresses, NodePort entries count only on the node addresses inside them."""
+    node = NodeInfo(name="node-a", primary_ips=("192.168.50.1",), addresses=("192.168.50.1", "172.30.0.1"))
+    targets = udp_cleanup_targets(_cluster(OBJECTS), node, ProxyConfig(nodeport_addresses=("172.30.0.0/30",)))
+    assert targets.ipv4.node_ips == {"172.30.0.1"}
+    on_primary = flow("192.168.50.1", 30053, "10.244.1.99", 5353)
+    on_transit = flow("172.30.0.1", 30053, "10.244.1.99", 5353)
+    assert stale_entries([on_primary, on_transit], targets) == [on_transit]
+
+
+def test_no_targets_lists_nothing() -> None:
+    """Without a UDP port that has serving endpoints, the table is not even listed."""
+
+    class Unlistable(FakeConntrack):
+        def list_udp(self, family: IPFamily) -> list[FlowEntry]:
+            raise AssertionError("listed")
+
+    targets = udp_cleanup_targets(_cluster(OBJECTS[3:]), NODE, ProxyConfig())
+    assert not targets
+    assert targets.ipv4.node_ips == {"192.168.50.1"}  # the node is known, there is just nothing to clean
+    assert cleanup_stale_udp(Unlistable(), targets) == 0
+
+
+def test_entry_already_gone_is_not_an_error() -> None:
+    """An entry that vanishes between listing and deleting is skipped and not counted."""
+
+    class Expiring(FakeConntrack):
+        def list_udp(self, family: IPFamily) -> list[FlowEntry]:
+            listed = super().list_udp(family)
+            self.entries.clear()  # the kernel expires them right after the dump
+            return listed
+
+    table = Expiring([flow("10.96.0.10", 53, "10.244.1.99", 5353), flow("fd00:96::10", 53, "fd00:244::99", 53)])
+    assert cleanup_stale_udp(table, TARGETS) == 0
+    assert table.deleted == []
+
+
+# --------------------------------------------------------------------------- the kernel
+
+SVC4, SVC6, NODE_PORT = "10.96.0.10", "fd00:96::10", 30053
+
+
+def _dns_objects(pod: Pod) -> list[dict[str, Any]]:
+    return [
+        service("dns", cluster_ip=[SVC4, SVC6], ipFamilies=["IPv4", "IPv6"], type="NodePort",
+                ports=_udp_ports(NODE_PORT)),
+        endpoint_slice("dns-v4", "dns", [endpoint(pod.ip4, node=pod.node_name)], ports=DNS_PORTS),
+        endpoint_slice("dns-v6", "dns", [endpoint(pod.ip6, node=pod.node_name)], ports=DNS_PORTS,
+                       address_type="IPv6"),
+    ]
+
+
+def _next_results(flow: UdpFlow, n: int, timeout: float = 5.0) -> Results:
+    """The flow's next ``n`` results, all sent after this call."""
+    start = time.time()
+    results = Results()
+    while len(results) < n:
+        results.append(flow.wait_for(lambda r: r.t >= start, timeout))
+    return results
+
+
+@pytest.mark.root
+def test_kernel_stale_udp_flow_follows_new_endpoint(netbed: NetBed) -> None:
+    """In the kernel, a UDP flow stays on the old endpoint until cleanup, then moves to the new one."""
+    bed = netbed
+    pod_a, pod_b = bed.local_pods[0], bed.local_pods[1]
+    bed.start_servers(tcp_ports=(), udp_ports=(5353,), pods=[pod_a, pod_b])
+    node = NodeInfo(name=bed.node_name, zone=bed.zone, primary_ips=(bed.node_ip4, bed.node_ip6))
+    config = ProxyConfig(cluster_cidrs=(bed.pod_cidr4, bed.pod_cidr6))
+    cluster_a, cluster_b = _cluster(_dns_objects(pod_a)), _cluster(_dns_objects(pod_b))
+    ruleset_a, ruleset_b = compile_ruleset(cluster_a, node, config), compile_ruleset(cluster_b, node, config)
+    with bed.node.entered():
+        NftablesBackend().apply(plan(None, ruleset_a))
+
+    # One socket (one 5-tuple) per flow: ClusterIP v4 and v6, and the NodePort.
+    flows = {
+        "clusterip-v4": bed.client.start_udp_flow(SVC4, 53, interval_ms=20),
+        "clusterip-v6": bed.client.start_udp_flow(SVC6, 53, interval_ms=20),
+        "nodeport-v4": bed.client2.start_udp_flow(bed.node_ip4, NODE_PORT, interval_ms=20),
+    }
+    for f in flows.values():
+        f.wait_server(pod_a.name)
+
+    with bed.node.entered():
+        NftablesBackend().apply(plan(ruleset_a, ruleset_b))
+    # The rules now send new flows to B, but every running flow still goes to A.
+    for dst, port in ((SVC4, 53), (SVC6, 53), (bed.node_ip4, NODE_PORT)):
+        fresh = bed.client.connect(dst, port, "udp")
+        assert fresh.ok and fresh.server == pod_b.name, (dst, str(fresh))
+    for name, f in flows.items():
+        later = _next_results(f, 5)
+        assert later.servers == {pod_a.name} and later.all_ok, (name, later.summary())
+
+    targets = udp_cleanup_targets(cluster_b, node, config)
+    with bed.node.entered():
+        with PyrouteConntrack() as ct:  # its netlink sockets are opened here, in the node namespace
+            stale = stale_entries(ct.list_udp(4) + ct.list_udp(6), targets)
+            assert {(e.orig_dst, e.orig_dport, e.reply_src) for e in stale} == {
+                (SVC4, 53, pod_a.ip4), (SVC6, 53, pod_a.ip6), (bed.node_ip4, NODE_PORT, pod_a.ip4)
+            }, bed.diagnostics()
+            assert cleanup_stale_udp(ct, targets) == 3  # the fresh flows to B are kept
+            # ENOENT: gone. The flow may already have a new entry with the same
+            # tuple (to B); the kernel id in the handle keeps that one safe.
+            assert ct.delete(stale[0]) is False
+            # Another thread may use it only while in the same namespace.
+            seen: list[object] = []
+            _in_thread(seen, lambda: ct.list_udp(4))  # a new thread starts in its creator's namespace
+            assert isinstance(seen[0], list), seen
+            assert (SVC4, 53, pod_b.ip4) in {(e.orig_dst, e.orig_dport, e.reply_src) for e in seen[0]}
+            seen.clear()
+            _in_thread(seen, lambda: _entered_call(bed.client, ct.list_udp, 4))
+            assert isinstance(seen[0], RuntimeError), seen
+
+    for name, f in flows.items():
+        f.wait_server(pod_b.name, timeout=5.0)
+        later = _next_results(f, 3)
+        assert later.servers == {pod_b.name} and later.all_ok, (name, later.summary())
+
+
+def _in_thread(out: list[object], fn: Callable[[], object]) -> None:
+    """Run fn in a new thread; append its result, or the exception it raised, to out."""
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except Exception as exc:  # noqa: BLE001 - handed back to the test thread
+            out.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(10)
+
+
+def _entered_call(ns: Netns, fn: Callable[..., object], *args: object) -> object:
+    with ns.entered():
+        return fn(*args)
