@@ -15,17 +15,18 @@ is a warning and never stops the others.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import sys
 from typing import Sequence
 
-from kproxy.compiler import NodeInfo, ProxyConfig, compile_ruleset
+from kproxy.compiler import compile_ruleset, node_info
+from kproxy.config import ConfigError, DaemonConfig, add_daemon_flags, daemon_config
 from kproxy.conntrack import PyrouteConntrack, cleanup_stale_udp, udp_cleanup_targets
 from kproxy.convert import build_cluster
 from kproxy.manifests import ManifestError, load_manifest_files
-from kproxy.model import Cluster, Node
+from kproxy.model import Cluster
 from kproxy.nft import CapabilityError, NftablesBackend, NftError
+from kproxy.logs import setup_logging
 from kproxy.nodeaddr import interface_addresses
 from kproxy.plan import Op, Transaction, plan, render_ruleset
 
@@ -38,35 +39,17 @@ class UsageError(Exception):
     """Bad flags or input files: exit code 2, one line on stderr."""
 
 
-def _cidr_list(value: str) -> tuple[str, ...]:
-    cidrs = []
-    for part in value.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            cidrs.append(str(ipaddress.ip_network(part, strict=False)))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{part!r} is not a CIDR") from None
-    return tuple(cidrs)
-
-
-def _nodeport_addresses(value: str) -> tuple[str, ...]:
-    if value.strip() == "primary":
-        return ()
-    return _cidr_list(value)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kproxy",
-        description="A Kubernetes service proxy on nftables sets, verdict maps and meters.",
+        description="A Kubernetes service proxy on nftables sets, verdict maps and meters. "
+        "Without a mode flag it runs as the node's proxy daemon.",
     )
-    mode = parser.add_argument_group("mode")
+    mode = parser.add_argument_group("mode (default: run the daemon)")
     mode.add_argument("--dry-run", action="store_true", help="print the nft script for the input and exit")
     mode.add_argument("--once", action="store_true", help="program the kernel for the input once and exit")
     mode.add_argument("--cleanup", action="store_true", help="delete kproxy's nftables tables and exit")
-    source = parser.add_argument_group("input")
+    source = parser.add_argument_group("input for --dry-run and --once")
     source.add_argument(
         "--from-file",
         action="append",
@@ -74,99 +57,45 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="Kubernetes manifests (multi-document YAML or a List); repeatable; '-' is stdin",
     )
-    node = parser.add_argument_group("node")
-    node.add_argument("--node-name", "--hostname-override", dest="node_name", help="this node's name")
-    proxy = parser.add_argument_group("proxy (kube-proxy compatible)")
-    proxy.add_argument(
-        "--cluster-cidr",
-        type=_cidr_list,
-        default=(),
-        metavar="CIDR[,CIDR]",
-        help="pod CIDRs; ClusterIP traffic from elsewhere is masqueraded",
-    )
-    proxy.add_argument(
-        "--nodeport-addresses",
-        type=_nodeport_addresses,
-        default=(),
-        metavar="CIDR[,CIDR]|primary",
-        help="node addresses that accept NodePorts (default: primary, the node's primary IPs)",
-    )
-    proxy.add_argument("--masquerade-all", action="store_true", help="masquerade all traffic to ClusterIPs")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (repeat for debug)")
+    add_daemon_flags(parser.add_argument_group("proxy (kube-proxy compatible)"))
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (debug)")
     return parser
 
 
-def node_info(node_name: str, node: Node | None) -> NodeInfo:
-    """NodeInfo from the Node object: primary = first InternalIP per family, else ExternalIP."""
-    if node is None:
-        return NodeInfo(name=node_name)
-    primary: list[str] = []
-    for family_sep in (".", ":"):
-        candidates = [a for a in node.internal_ips if family_sep in a] or [
-            a for a in node.external_ips if family_sep in a
-        ]
-        if candidates:
-            primary.append(candidates[0])
-    return NodeInfo(
-        name=node.name,
-        zone=node.zone,
-        primary_ips=tuple(primary),
-        addresses=node.internal_ips + node.external_ips,
-    )
-
-
-def _setup_logging(verbosity: int) -> None:
-    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("kproxy: %(levelname)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-
-
-def _proxy_config(args: argparse.Namespace) -> ProxyConfig:
-    return ProxyConfig(
-        cluster_cidrs=args.cluster_cidr,
-        nodeport_addresses=args.nodeport_addresses,
-        masquerade_all=args.masquerade_all,
-    )
-
-
-def _load_input(args: argparse.Namespace, mode: str) -> Cluster:
+def _load_input(args: argparse.Namespace, mode: str, node_name: str) -> Cluster:
     if not args.from_file:
         raise UsageError(f"{mode} needs at least one --from-file")
-    if not args.node_name:
+    if not args.hostname_override:
         raise UsageError(f"{mode} needs --node-name")
     try:
         objects = load_manifest_files(args.from_file)
     except ManifestError as exc:
         raise UsageError(str(exc)) from None
-    cluster, problems = build_cluster(objects, args.node_name)
+    cluster, problems = build_cluster(objects, node_name)
     for problem in problems:
         log.warning("%s", problem)
     return cluster
 
 
-def dry_run(args: argparse.Namespace) -> int:
-    cluster = _load_input(args, "--dry-run")
+def dry_run(args: argparse.Namespace, config: DaemonConfig) -> int:
+    cluster = _load_input(args, "--dry-run", config.node_name)
     if cluster.node is None:
-        log.warning("Node %s is not in the input; NodePorts will have no addresses", args.node_name)
-    ruleset = compile_ruleset(cluster, node_info(args.node_name, cluster.node), _proxy_config(args))
+        log.warning("Node %s is not in the input; NodePorts will have no addresses", config.node_name)
+    ruleset = compile_ruleset(cluster, node_info(config.node_name, cluster.node), config.proxy_config())
     sys.stdout.write(render_ruleset(ruleset))
     return 0
 
 
-def once(args: argparse.Namespace) -> int:
+def once(args: argparse.Namespace, daemon_config_: DaemonConfig) -> int:
     """Program the kernel of this network namespace once, then exit."""
-    cluster = _load_input(args, "--once")
-    node = node_info(args.node_name, cluster.node)
-    if cluster.node is None:
-        _, addresses = interface_addresses()
-        node = NodeInfo(name=args.node_name, primary_ips=addresses, addresses=addresses)
-        log.info("Node %s is not in the input; NodePorts use this namespace's addresses %s", args.node_name, addresses)
+    cluster = _load_input(args, "--once", daemon_config_.node_name)
+    node = node_info(daemon_config_.node_name, cluster.node)
+    if not node.primary_ips:
+        node = node_info(daemon_config_.node_name, cluster.node, interface_addresses()[1])
+        log.info("Node %s has no addresses in the input; NodePorts use this namespace's %s", node.name, node.primary_ips)
     backend = NftablesBackend()
     backend.check_capabilities()
-    config = _proxy_config(args)
+    config = daemon_config_.proxy_config()
     desired = compile_ruleset(cluster, node, config)
     tx = plan(backend.read(), desired, delete_chains=False)
     backend.apply(tx)
@@ -193,16 +122,26 @@ def cleanup(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
     modes = [m for m in ("dry_run", "once", "cleanup") if getattr(args, m)]
-    if len(modes) != 1:
-        parser.error("choose one mode: --dry-run, --once or --cleanup")
+    if len(modes) > 1:
+        parser.error("choose one mode: --dry-run, --once, --cleanup, or none to run the daemon")
+    try:
+        config = daemon_config(args)
+    except ConfigError as exc:
+        print(f"kproxy: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    daemon_mode = not modes
+    setup_logging(config.log_format, config.log_level if daemon_mode or args.verbose else "warning")
     try:
         if args.dry_run:
-            return dry_run(args)
+            return dry_run(args, config)
         if args.once:
-            return once(args)
-        return cleanup(args)
+            return once(args, config)
+        if args.cleanup:
+            return cleanup(args)
+        from kproxy.daemon import run
+
+        return run(config)
     except UsageError as exc:
         print(f"kproxy: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

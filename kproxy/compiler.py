@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 
 from kproxy.convert import gc_paused
 from kproxy.endpoints import PortEndpoint, Selection, port_endpoints, select
-from kproxy.model import Cluster, EndpointSlice, IPFamily, Service, ServicePort
+from kproxy.model import Cluster, EndpointSlice, IPFamily, Node, Service, ServicePort
 from kproxy.ruleset import Chain, Element, Family, Ruleset, Table
 from kproxy.skeleton import skeleton_table
 
@@ -55,6 +55,22 @@ class NodeInfo:
     """At most one per family: the default NodePort addresses."""
     addresses: tuple[str, ...] = ()
     """Every address of the node, matched against --nodeport-addresses."""
+
+
+def node_info(name: str, node: Node | None, interface_addresses: tuple[str, ...] = ()) -> NodeInfo:
+    """NodeInfo from the Node object: primary = first InternalIP per family, else ExternalIP.
+
+    Without a Node object (or one without addresses), NodePorts answer on every
+    address in ``interface_addresses``: the addresses of this network namespace.
+    """
+    if node is None or not (node.internal_ips or node.external_ips):
+        return NodeInfo(name, node.zone if node else "", interface_addresses, interface_addresses)
+    primary: list[str] = []
+    for separator in (".", ":"):
+        candidates = [a for a in node.internal_ips if separator in a] or [a for a in node.external_ips if separator in a]
+        if candidates:
+            primary.append(candidates[0])
+    return NodeInfo(node.name, node.zone, tuple(primary), node.internal_ips + node.external_ips)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,8 @@ Startup checks the kernel's capabilities, then lists and watches the API
 server; nothing is programmed until Services and EndpointSlices have both been
 listed. The first sync adopts whatever kproxy's tables already hold (a
 restart never flushes). SIGTERM and SIGINT stop the threads and leave the rules
-in the kernel; only ``kproxy --cleanup`` removes them.
+in the kernel; only ``kproxy --cleanup`` removes them. SIGHUP asks for a full
+resync (which also repairs anything changed in kproxy's tables by hand).
 """
 
 from __future__ import annotations
@@ -105,8 +106,13 @@ def run(config: DaemonConfig, extra: Callable[[Daemon], None] | None = None) -> 
         log.info("received %s, stopping", signal.Signals(signum).name)
         daemon.stop_event.set()
 
+    def on_hangup(_signum: int, _frame: Any) -> None:
+        log.info("received SIGHUP: full resync")
+        daemon.proxier.request_full_sync()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     if extra is not None:
         extra(daemon)
     daemon.start()

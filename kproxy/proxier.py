@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
 from kproxy.assembly import Assembly, Touched
-from kproxy.compiler import FAMILIES, NodeInfo, ProxyConfig, base_table, compile_service
+from kproxy.compiler import FAMILIES, NodeInfo, ProxyConfig, base_table, compile_service, node_info
 from kproxy.conntrack import Conntrack, cleanup_stale_udp, udp_cleanup_targets
 from kproxy.convert import InvalidObject, NotProxied, node_from_manifest, object_key, service_from_manifest, slice_from_manifest
 from kproxy.model import Cluster, Node, ServiceKey, SliceKey
@@ -89,20 +89,6 @@ class SyncResult:
     operations: int
     seconds: float
     services: int
-
-
-def _node_info(name: str, node: Node | None, interfaces: Callable[[], tuple[tuple[str, ...], tuple[str, ...]]]) -> NodeInfo:
-    if node is not None and (node.internal_ips or node.external_ips):
-        primary: list[str] = []
-        for sep in (".", ":"):
-            candidates = [a for a in node.internal_ips if sep in a] or [a for a in node.external_ips if sep in a]
-            if candidates:
-                primary.append(candidates[0])
-        return NodeInfo(name, node.zone, tuple(primary), node.internal_ips + node.external_ips)
-    # No Node object (or one without addresses): NodePorts answer on every
-    # address of this network namespace's interfaces.
-    _, addresses = interfaces()
-    return NodeInfo(name, node.zone if node else "", addresses, addresses)
 
 
 class Proxier:
@@ -219,6 +205,12 @@ class Proxier:
 
     # -- syncing -------------------------------------------------------------
 
+    def _current_node_info(self) -> NodeInfo:
+        info = node_info(self.node_name, self.tracker.node)
+        if not info.primary_ips:
+            info = node_info(self.node_name, self.tracker.node, self.interfaces()[1])
+        return info
+
     def request_full_sync(self) -> None:
         with self.lock:
             self._needs_full = True
@@ -244,7 +236,7 @@ class Proxier:
     def sync(self) -> SyncResult:
         """One sync. Raises NftError (nothing changed in the kernel) on failure."""
         with self.lock:
-            node_info = _node_info(self.node_name, self.tracker.node, self.interfaces)
+            node_info = self._current_node_info()
             start = self.clock()
             full = self._needs_full or self._assemblies is None or node_info != self._node_info or (
                 start - self._last_full >= FULL_SYNC_INTERVAL
@@ -277,6 +269,7 @@ class Proxier:
             pending = self.tracker.pending()
             self.observer.changes(changes.service_changes, changes.endpoint_changes, *pending)
             self._cleanup_conntrack(changes.services, node_info)
+            self._notify()
             log.debug(
                 "synced (%s): %d services, %d operations in %.1f ms",
                 "full" if full else "partial", len(changes.services), result.operations, seconds * 1000,

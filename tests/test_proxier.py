@@ -1,0 +1,212 @@
+"""The sync engine against the fake backend: partial syncs, failures, drift, deferred deletes."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from kproxy.compiler import ProxyConfig, compile_ruleset, node_info
+from kproxy.conntrack import FakeConntrack, FlowEntry
+from kproxy.convert import build_cluster
+from kproxy.fake import FakeBackend
+from kproxy.nft import NftError
+from kproxy.plan import plan
+from kproxy.proxier import CHAIN_DELETE_DELAY, Proxier, SyncRunner
+from tests.builders import endpoint, endpoint_slice, node, service
+
+CONFIG = ProxyConfig(cluster_cidrs=("10.244.0.0/16",))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _svc(i: int, **spec: Any) -> dict[str, Any]:
+    return service(f"s{i}", "ns", f"10.96.0.{i + 1}", **spec)
+
+
+def _slice(i: int, n: int = 2, **kw: Any) -> dict[str, Any]:
+    return endpoint_slice(f"s{i}-x", f"s{i}", [endpoint(f"10.244.{i}.{j + 1}") for j in range(n)], namespace="ns", **kw)
+
+
+def _proxier(services: int = 5, **kw: Any) -> tuple[Proxier, FakeBackend, Clock]:
+    backend, clock = FakeBackend(), Clock()
+    proxier = Proxier(backend, "node-a", CONFIG, clock=clock, **kw)
+    proxier.on_relist("Node", [node("node-a")])
+    proxier.on_relist("Service", [_svc(i) for i in range(services)])
+    proxier.on_relist("EndpointSlice", [_slice(i) for i in range(services)])
+    return proxier, backend, clock
+
+
+def _expected(proxier: Proxier):  # type: ignore[no-untyped-def]
+    cluster = proxier.cluster()
+    return compile_ruleset(cluster, node_info("node-a", cluster.node), CONFIG)
+
+
+def test_first_sync_is_full_and_matches_a_full_compile() -> None:
+    """The first sync programs exactly what compiling the whole cluster gives."""
+    proxier, backend, _ = _proxier()
+    assert proxier.ready
+    result = proxier.sync()
+    assert result.full and result.operations > 0
+    assert plan(backend.read(), _expected(proxier)).operations == 0
+
+
+def test_one_endpoint_change_is_a_minimal_partial_sync() -> None:
+    """Adding one endpoint rewrites one chain and adds one hairpin element at most; nothing else."""
+    proxier, backend, _ = _proxier(50)
+    proxier.sync()
+    proxier.on_slice("MODIFIED", _slice(7, 3))
+    result = proxier.sync()
+    assert not result.full
+    ops = backend.last.ops
+    assert {op.name for op in ops if op.kind in ("chain", "rule")} == {
+        n for n in backend.tables["ip"].chains if "ns/s7/" in n and n.startswith("svc-")
+    }
+    # flush + counter + 3 endpoint rules, and the new (local) endpoint's hairpin element
+    assert result.operations == 1 + 4 + 1
+    assert [(op.verb, op.name, [e.key for e in op.elements]) for op in ops if op.kind == "element"] == [
+        ("add", "hairpin", ["10.244.7.3 . 10.244.7.3"])
+    ]
+    assert plan(backend.read(), _expected(proxier)).operations == 0
+
+
+def test_changes_that_cancel_out_cost_nothing() -> None:
+    """A change and its reversal between two syncs send no transaction."""
+    proxier, backend, _ = _proxier()
+    proxier.sync()
+    count = len(backend.transactions)
+    proxier.on_slice("MODIFIED", _slice(1, 4))
+    proxier.on_slice("MODIFIED", _slice(1, 2))
+    proxier.on_service("DELETED", _svc(2))
+    proxier.on_service("ADDED", _svc(2))
+    result = proxier.sync()
+    assert result.operations == 0 and len(backend.transactions) == count
+
+
+def test_service_removal_defers_chain_deletion() -> None:
+    """A deleted Service's chains are flushed and dereferenced now, deleted a second later."""
+    proxier, backend, clock = _proxier()
+    proxier.sync()
+    proxier.on_service("DELETED", _svc(3))
+    proxier.sync()
+    leftovers = [n for n in backend.tables["ip"].chains if "ns/s3/" in n]
+    assert leftovers and all(not backend.chain_rules("ip", n) for n in leftovers)
+    assert "10.96.0.4 . tcp . 80" not in backend.elements("ip", "service-ips")
+    assert not proxier.has_work(clock.now)
+    clock.now += CHAIN_DELETE_DELAY
+    assert proxier.has_work(clock.now)
+    proxier.sync()
+    assert not [n for n in backend.tables["ip"].chains if "ns/s3/" in n]
+    assert plan(backend.read(), _expected(proxier)).operations == 0
+
+
+def test_service_back_before_its_chain_is_deleted() -> None:
+    """A Service deleted and re-created within the delay reuses its flushed chain."""
+    proxier, backend, clock = _proxier()
+    proxier.sync()
+    proxier.on_service("DELETED", _svc(3))
+    proxier.sync()
+    proxier.on_service("ADDED", _svc(3))
+    proxier.sync()
+    clock.now += 2 * CHAIN_DELETE_DELAY
+    proxier.sync()
+    assert plan(backend.read(), _expected(proxier)).operations == 0
+
+
+def test_failed_sync_keeps_kernel_and_retries_as_full_sync() -> None:
+    """A refused transaction changes nothing; the next sync is full and converges."""
+    proxier, backend, _ = _proxier()
+    proxier.sync()
+    before = backend.read()
+    proxier.on_slice("MODIFIED", _slice(1, 5))
+    backend.fail_next = NftError("Device or resource busy", "add rule ...")
+    with pytest.raises(NftError):
+        proxier.sync()
+    assert plan(before, _expected(proxier)).operations > 0
+    assert {n: c.fingerprint for n, c in backend.read().tables["ip"].chains.items()} == {
+        n: c.fingerprint for n, c in before.tables["ip"].chains.items()
+    }
+    result = proxier.sync()
+    assert result.full
+    assert plan(backend.read(), _expected(proxier)).operations == 0
+
+
+def test_drift_repaired_by_full_sync() -> None:
+    """A table deleted by hand breaks the next partial sync; the full resync that follows restores it."""
+    proxier, backend, _ = _proxier()
+    proxier.sync()
+    backend.delete_tables()
+    proxier.on_slice("MODIFIED", _slice(0, 3))
+    with pytest.raises(NftError):
+        proxier.sync()
+    assert proxier.sync().full
+    assert plan(backend.read(), _expected(proxier)).operations == 0
+
+
+def test_node_zone_change_forces_full_sync() -> None:
+    """A change of the node's labels (its zone) is picked up by a full sync."""
+    proxier, _, _ = _proxier()
+    proxier.sync()
+    proxier.on_node("MODIFIED", node("node-a", zone="zone-b"))
+    assert proxier.sync().full
+
+
+def test_invalid_objects_are_skipped_and_counted() -> None:
+    """A bad Service is skipped with a warning and reported to the observer; others still sync."""
+    seen: list[tuple[str, str]] = []
+
+    class Observer:
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            return lambda *a, **k: None
+
+        def invalid_object(self, kind: str, reason: str) -> None:
+            seen.append((kind, reason))
+
+    proxier, backend, _ = _proxier(observer=Observer())
+    proxier.on_service("ADDED", service("bad", "ns", "10.96.9.999"))
+    proxier.sync()
+    assert seen == [("Service", "invalid_ip")]
+    assert "10.96.0.1 . tcp . 80" in backend.elements("ip", "service-ips")
+
+
+def test_udp_conntrack_cleaned_after_endpoint_change() -> None:
+    """After a sync that replaced a UDP endpoint, its stale conntrack entry is deleted."""
+    udp = [{"name": "dns", "port": 53, "protocol": "UDP"}]
+    stale = FlowEntry(4, 17, "10.244.9.9", "10.96.0.1", 40000, 53, "10.244.0.1", 53)
+    current = FlowEntry(4, 17, "10.244.9.8", "10.96.0.1", 40001, 53, "10.244.0.2", 53)
+    conntrack = FakeConntrack([stale, current])
+    proxier, _, _ = _proxier(1, conntrack=conntrack)
+    proxier.on_service("MODIFIED", _svc(0, ports=udp))
+    proxier.on_slice("MODIFIED", endpoint_slice("s0-x", "s0", [endpoint("10.244.0.2")], namespace="ns",
+                                                ports=[{"name": "dns", "port": 53, "protocol": "UDP"}]))
+    proxier.sync()
+    assert conntrack.deleted == [stale]
+
+
+def test_runner_waits_for_both_lists_then_syncs() -> None:
+    """Nothing is programmed before Services and EndpointSlices are both listed; then it syncs at once."""
+    backend = FakeBackend()
+    proxier = Proxier(backend, "node-a", CONFIG)
+    stop = threading.Event()
+    runner = SyncRunner(proxier, 0.0, 30.0, stop)
+    runner.start()
+    try:
+        proxier.on_relist("Service", [_svc(0)])
+        with proxier.lock:
+            assert not proxier.changed.wait_for(lambda: proxier.sync_count > 0, timeout=0.3)
+        assert backend.transactions == []
+        proxier.on_relist("EndpointSlice", [_slice(0)])
+        with proxier.lock:
+            assert proxier.changed.wait_for(lambda: proxier.sync_count > 0, timeout=5)
+    finally:
+        stop.set()
+        runner.wake()
+        runner.join(5)
+    assert backend.transactions
