@@ -273,6 +273,8 @@ class Proxier:
             log.debug(
                 "synced (%s): %d services, %d operations in %.1f ms",
                 "full" if full else "partial", len(changes.services), result.operations, seconds * 1000,
+                extra={"sync": "full" if full else "partial", "services": len(changes.services),
+                       "operations": result.operations, "seconds": round(seconds, 6)},
             )
             return result
 
