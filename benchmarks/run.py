@@ -8,8 +8,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import compile as compile_bench  # noqa: E402
+from benchmarks import programming_latency  # noqa: E402
 
-BENCHMARKS = [("compile", compile_bench.main)]
+BENCHMARKS = [("compile", compile_bench.main), ("network programming latency", programming_latency.main)]
 
 
 def main() -> None:

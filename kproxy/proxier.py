@@ -199,9 +199,14 @@ class Proxier:
 
     @property
     def ready(self) -> bool:
-        """Services and EndpointSlices have both been listed once."""
+        """Services, EndpointSlices and this Node have been listed once.
+
+        Upstream waits for Services and EndpointSlices; kproxy also waits for
+        the (possibly empty) list of its own Node, so that the first sync
+        already uses the Node's addresses and zone instead of being redone.
+        """
         with self.lock:
-            return {"Service", "EndpointSlice"} <= self._synced_sources
+            return {"Service", "EndpointSlice", "Node"} <= self._synced_sources
 
     # -- syncing -------------------------------------------------------------
 

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
 from benchmarks import compile as compile_bench
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_compile_benchmark_quick(capsys) -> None:
@@ -12,3 +20,13 @@ def test_compile_benchmark_quick(capsys) -> None:
     table_rows = [line for line in out.splitlines() if line.startswith("| ")]
     assert len(table_rows) == len(rows) + 1  # header and one row per size
     assert all(r["rules"] > 0 and r["total_s"] > 0 for r in rows)
+
+
+@pytest.mark.root
+def test_programming_latency_benchmark_quick() -> None:
+    """benchmarks/programming_latency.py --quick runs the daemon against the test API server and prints p50/p99."""
+    result = subprocess.run([sys.executable, "benchmarks/programming_latency.py", "--quick"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "Services" not in line]
+    assert len(rows) == 1 and rows[0].startswith("| 100 |"), result.stdout

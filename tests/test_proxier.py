@@ -191,13 +191,14 @@ def test_udp_conntrack_cleaned_after_endpoint_change() -> None:
 
 
 def test_runner_waits_for_both_lists_then_syncs() -> None:
-    """Nothing is programmed before Services and EndpointSlices are both listed; then it syncs at once."""
+    """Nothing is programmed before Services, EndpointSlices (and the Node) are listed; then it syncs at once."""
     backend = FakeBackend()
     proxier = Proxier(backend, "node-a", CONFIG)
     stop = threading.Event()
     runner = SyncRunner(proxier, 0.0, 30.0, stop)
     runner.start()
     try:
+        proxier.on_relist("Node", [])
         proxier.on_relist("Service", [_svc(0)])
         with proxier.lock:
             assert not proxier.changed.wait_for(lambda: proxier.sync_count > 0, timeout=0.3)
