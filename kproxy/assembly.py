@@ -26,13 +26,15 @@ class Touched:
 
     chains: set[str] = field(default_factory=set)
     elements: set[tuple[str, str]] = field(default_factory=set)
+    counters: set[str] = field(default_factory=set)
 
     def update(self, other: "Touched") -> None:
         self.chains |= other.chains
         self.elements |= other.elements
+        self.counters |= other.counters
 
     def __bool__(self) -> bool:
-        return bool(self.chains or self.elements)
+        return bool(self.chains or self.elements or self.counters)
 
 
 class Assembly:
@@ -63,6 +65,9 @@ class Assembly:
             for chain in old.chains:
                 self.table.chains.pop(chain.name, None)
                 touched.chains.add(chain.name)
+            for name, _ in old.counters:
+                self.table.counters.pop(name, None)
+                touched.counters.add(name)
             for set_name, element in old.elements:
                 self._disown(key, set_name, element)
                 touched.elements.add((set_name, element.key))
@@ -71,6 +76,9 @@ class Assembly:
             for chain in rules.chains:
                 self.table.chains[chain.name] = chain
                 touched.chains.add(chain.name)
+            for name, counter_comment in rules.counters:
+                self.table.counters[name] = counter_comment
+                touched.counters.add(name)
             for set_name, element in rules.elements:
                 self._own(key, set_name, element)
                 touched.elements.add((set_name, element.key))

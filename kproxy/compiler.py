@@ -80,6 +80,8 @@ class ServiceRules:
     chains: tuple[Chain, ...]
     elements: tuple[tuple[str, Element], ...]
     """(set or map name, element)."""
+    counters: tuple[tuple[str, str], ...] = ()
+    """Named counters: (name, comment). ``conns-`` counts a port's new connections, ``drops-`` its rate-limit drops."""
 
 
 def _family_of(address: str) -> IPFamily:
@@ -126,16 +128,18 @@ def _endpoint_chain(
     label: str,
     cluster_ip: str,
     endpoints: Sequence[PortEndpoint],
+    suffix: str,
 ) -> Chain:
     """A chain that counts, rate-limits, applies affinity and picks an endpoint."""
     proto = port.protocol
-    rules = ["counter"]
+    rules = [f'counter name "conns-{suffix}"']
     limit = service.rate_limit
     if limit is not None:
         burst = f" burst {limit.burst} packets" if limit.burst else ""
         rules.append(
             f"ct state new update @rate-limit-meter {{ {family} saddr . {cluster_ip} . "
-            f"{_PROTO_NUMBERS[proto]} . {port.port} limit rate over {limit.rate}/{limit.unit}{burst} }} counter drop"
+            f"{_PROTO_NUMBERS[proto]} . {port.port} limit rate over {limit.rate}/{limit.unit}{burst} }} "
+            f'counter name "drops-{suffix}" drop'
         )
     count = len(endpoints)
     affinity = service.affinity_timeout
@@ -186,6 +190,7 @@ def compile_service(
     slices = list(slices)
     svc_label = f"{service.namespace}/{service.name}"
     chains: list[Chain] = []
+    counters: list[tuple[str, str]] = []
     elements: list[tuple[str, Element]] = [("cluster-ips", Element(cluster_ip, comment=svc_label))]
     external_ips = [ip for ip in service.external_ips + service.load_balancer_ips if _family_of(ip) == fam]
     lb_ips = [ip for ip in service.load_balancer_ips if _family_of(ip) == fam]
@@ -200,10 +205,14 @@ def compile_service(
         svc_chain, local_chain, ext_chain = f"svc-{suffix}", f"local-{suffix}", f"ext-{suffix}"
         has_cluster_chain = service.uses_cluster_endpoints and bool(selection.cluster)
         has_local_chain = service.uses_local_endpoints and bool(selection.local)
+        if has_cluster_chain or has_local_chain:
+            counters.append((f"conns-{suffix}", label))
+            if service.rate_limit is not None:
+                counters.append((f"drops-{suffix}", label))
         if has_cluster_chain:
-            chains.append(_endpoint_chain(svc_chain, family, service, port, label, cluster_ip, selection.cluster))
+            chains.append(_endpoint_chain(svc_chain, family, service, port, label, cluster_ip, selection.cluster, suffix))
         if has_local_chain:
-            chains.append(_endpoint_chain(local_chain, family, service, port, label, cluster_ip, selection.local))
+            chains.append(_endpoint_chain(local_chain, family, service, port, label, cluster_ip, selection.local, suffix))
         for address in sorted({pe.address for pe in selection.cluster + selection.local if pe.is_local(node.name)}):
             elements.append(("hairpin", Element(f"{address} . {address}", comment=label)))
 
@@ -251,7 +260,7 @@ def compile_service(
                 elements.append(("firewall-ips", Element(frontend, comment=label)))
                 for source in ranges:
                     elements.append(("firewall-allow", Element(f"{frontend} . {source}", comment=label)))
-    return ServiceRules(tuple(chains), tuple(elements))
+    return ServiceRules(tuple(chains), tuple(elements), tuple(counters))
 
 
 def _in_any(address: str, cidrs: Iterable[str]) -> bool:
@@ -299,6 +308,8 @@ def add_service(table: Table, rules: ServiceRules) -> None:
     """Merge one Service's contribution into a table (an earlier key wins)."""
     for chain in rules.chains:
         table.chains[chain.name] = chain
+    for name, counter_comment in rules.counters:
+        table.counters.setdefault(name, counter_comment)
     for set_name, element in rules.elements:
         table.add_element(set_name, element)
 

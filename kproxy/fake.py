@@ -20,6 +20,7 @@ from kproxy.ruleset import Chain, Element, Family, Ruleset, Table
 
 _TARGET = re.compile(r"\b(?:goto|jump) (\S+)")
 _SET_REF = re.compile(r"@([a-z0-9-]+)")
+_COUNTER_REF = re.compile(r'counter name "([^"]+)"')
 _TRAILING_COMMENT = re.compile(r' comment "([^"]*)"$')
 
 
@@ -99,6 +100,15 @@ class FakeBackend:
                     raise NftError("Device or resource busy (chain is still referenced)")
                 del table.chains[op.name]
                 del rules[key]
+        elif op.kind == "counter":
+            if op.verb == "add":
+                table.counters.setdefault(op.name, op.comment)
+            elif op.verb == "delete":
+                if op.name not in table.counters:
+                    raise NftError("No such file or directory (counter)")
+                if any(op.name in _COUNTER_REF.findall(r) for (fam, _), rs in rules.items() if fam == op.family for r in rs):
+                    raise NftError("Device or resource busy (counter is still referenced)")
+                del table.counters[op.name]
         elif op.kind == "rule":
             self._need_chain(table, op.name)
             rules[(op.family, op.name)].append(op.rule)
@@ -148,6 +158,9 @@ class FakeBackend:
                 for ref in _SET_REF.findall(rule):
                     if ref not in table.sets:
                         raise NftError("No such file or directory (set)", f"add rule {family} kproxy {chain} {rule}")
+                for ref in _COUNTER_REF.findall(rule):
+                    if ref not in table.counters:
+                        raise NftError("No such file or directory (counter)", f"add rule {family} kproxy {chain} {rule}")
         for family, table in tables.items():
             for name, members in table.elements.items():
                 for element in members.values():
@@ -158,7 +171,7 @@ class FakeBackend:
         """The tables as the real backend would read them back (fingerprints, not rules)."""
         ruleset = Ruleset()
         for family, table in self.tables.items():
-            copy_ = Table(family=family, comment=table.comment, sets=dict(table.sets))
+            copy_ = Table(family=family, comment=table.comment, sets=dict(table.sets), counters=dict(table.counters))
             copy_.elements = {name: dict(members) for name, members in table.elements.items() if not table.sets[name].dynamic}
             for name, chain in table.chains.items():
                 chain_rules = self.rules.get((family, name), [])

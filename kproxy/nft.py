@@ -219,6 +219,21 @@ class NftablesBackend:
                 ruleset.tables[family] = parse_table(document, family)
         return ruleset
 
+    def read_counters(self) -> dict[tuple[Family, str], tuple[int, int]]:
+        """Every named counter of kproxy's tables: (family, name) -> (packets, bytes)."""
+        counters: dict[tuple[Family, str], tuple[int, int]] = {}
+        for family in FAMILIES:
+            rc, out, err = self._run(f"list counters table {family} {TABLE}", json_output=True)
+            if rc != 0:
+                if "No such file or directory" in err:
+                    continue
+                raise NftError(err.strip().splitlines()[0] if err.strip() else "list failed", f"list counters table {family} {TABLE}")
+            for item in json.loads(out).get("nftables", []):
+                body = item.get("counter")
+                if body is not None:
+                    counters[(family, body["name"])] = (int(body.get("packets", 0)), int(body.get("bytes", 0)))
+        return counters
+
     def list_text(self, family: Family) -> str | None:
         """The table as ``nft list table`` prints it (for inspection)."""
         rc, out, err = self._run(f"list table {family} {TABLE}")

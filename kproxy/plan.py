@@ -43,7 +43,7 @@ def chain_fingerprint(chain: Chain) -> tuple[str, int]:
 
 
 Verb = Literal["add", "flush", "delete"]
-Kind = Literal["table", "set", "map", "chain", "rule", "element"]
+Kind = Literal["table", "set", "map", "chain", "rule", "element", "counter"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +88,8 @@ class Op:
         if self.kind == "element":
             items = (e.render() for e in self.elements) if self.verb == "add" else (e.key for e in self.elements)
             return f"{self.verb} element {where} {self.name} {{ {', '.join(items)} }}"
+        if self.kind == "counter" and self.verb == "add":
+            return f"add counter {where} {self.name} {{ {comment(self.comment)}; }}" if self.comment else f"add counter {where} {self.name}"
         return f"{self.verb} {self.kind} {where} {self.name}"
 
 
@@ -152,6 +154,8 @@ def converge(table: Table) -> Transaction:
     tx.add(Op("add", "table", family, comment=table.comment))
     for decl in table.sets.values():
         tx.add(Op("add", decl.kind, family, decl.name, set_decl=decl))
+    for name, counter_comment in table.counters.items():
+        tx.add(Op("add", "counter", family, name, comment=counter_comment))
     for chain in table.chains.values():
         tx.add(Op("add", "chain", family, chain.name, chain=chain))
     for chain in table.chains.values():
@@ -173,6 +177,7 @@ def diff(
     delete_chains: bool = True,
     chains: Iterable[str] | None = None,
     elements: Iterable[tuple[str, str]] | None = None,
+    counters: Iterable[str] | None = None,
 ) -> Transaction:
     """The minimal transaction from ``current`` to ``desired`` (same family).
 
@@ -185,6 +190,14 @@ def diff(
     for name, decl in desired.sets.items():
         if name not in current.sets:
             tx.add(Op("add", decl.kind, family, name, set_decl=decl))
+    counter_names = (
+        list(desired.counters) + [n for n in current.counters if n not in desired.counters]
+        if counters is None
+        else sorted(counters)
+    )
+    for name in counter_names:
+        if name in desired.counters and name not in current.counters:
+            tx.add(Op("add", "counter", family, name, comment=desired.counters[name]))
     names = list(desired.chains) + [n for n in current.chains if n not in desired.chains] if chains is None else sorted(chains)
     new_chains: list[Chain] = []
     changed_chains: list[Chain] = []
@@ -242,6 +255,9 @@ def diff(
             tx.add(Op("delete", "chain", family, name))
         else:
             tx.deferred_chain_deletes.append((family, name))
+    for name in counter_names:
+        if name in current.counters and name not in desired.counters:
+            tx.add(Op("delete", "counter", family, name))
     return tx
 
 

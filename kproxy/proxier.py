@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Protocol
 from kproxy.assembly import Assembly, Touched
 from kproxy.compiler import FAMILIES, NodeInfo, ProxyConfig, base_table, compile_service, node_info
 from kproxy.conntrack import Conntrack, cleanup_stale_udp, udp_cleanup_targets
+from kproxy.endpoints import port_endpoints, select
 from kproxy.convert import InvalidObject, NotProxied, node_from_manifest, object_key, service_from_manifest, slice_from_manifest
 from kproxy.model import Cluster, Node, ServiceKey, SliceKey
 from kproxy.nft import Backend, NftError
@@ -83,6 +84,21 @@ class NullObserver:
         pass
 
 
+@dataclass(frozen=True, slots=True)
+class LocalPolicyStatus:
+    """A Service with a Local traffic policy, as this node serves it."""
+
+    namespace: str
+    name: str
+    internal_local: bool
+    external_local: bool
+    local_endpoints: int
+    """Distinct local endpoint addresses in use (ready ones, or serving-terminating as a fallback)."""
+    has_endpoints: bool
+    """Whether it has usable endpoints anywhere."""
+    health_check_node_port: int | None
+
+
 @dataclass(slots=True)
 class SyncResult:
     full: bool
@@ -125,11 +141,17 @@ class Proxier:
         self._last_full = float("-inf")
         self.last_sync: SyncResult | None = None
         self.last_success_wall: float | None = None
+        self.oldest_pending_wall: float | None = None
+        """Wall time of the oldest change not yet programmed (None when all are)."""
         self.sync_count = 0
+        self.listeners: list[Callable[["Proxier"], None]] = []
+        """Called (under the lock) after every successful sync."""
 
     # -- input from the watchers --------------------------------------------
 
     def _notify(self) -> None:
+        if self.oldest_pending_wall is None and (self._needs_full or any(self.tracker.pending())):
+            self.oldest_pending_wall = self.wall_clock()
         self.changed.notify_all()
 
     def on_service(self, event: str, obj: Mapping[str, Any]) -> None:
@@ -274,6 +296,12 @@ class Proxier:
             pending = self.tracker.pending()
             self.observer.changes(changes.service_changes, changes.endpoint_changes, *pending)
             self._cleanup_conntrack(changes.services, node_info)
+            self.oldest_pending_wall = None
+            for listener in self.listeners:
+                try:
+                    listener(self)
+                except Exception:  # a listener must never break syncing
+                    log.exception("after-sync listener failed")
             self._notify()
             log.debug(
                 "synced (%s): %d services, %d operations in %.1f ms",
@@ -345,7 +373,7 @@ class Proxier:
         for family, assembly in self._assemblies.items():
             t = touched[family]
             if t:
-                tx.extend(diff(self._committed[family], assembly.table, False, t.chains, t.elements))
+                tx.extend(diff(self._committed[family], assembly.table, False, t.chains, t.elements, t.counters))
         now = self.clock()
         desired = {family: a.table for family, a in self._assemblies.items()}
         delete_ops = self._due_deletes(now, desired)
@@ -378,6 +406,34 @@ class Proxier:
 
     # -- inspection -----------------------------------------------------------
 
+    def local_policy_report(self) -> list[LocalPolicyStatus]:
+        """Every Service port with a Local traffic policy, and its local endpoints (IPv4 and IPv6 together)."""
+        with self.lock:
+            report = []
+            for key in sorted(self.tracker.services):
+                service = self.tracker.services[key]
+                if not (service.internal_policy_local or service.external_policy_local):
+                    continue
+                slices = self.tracker.slices_of(key)
+                local: set[tuple[str, int]] = set()
+                has_any = False
+                for port in service.ports:
+                    for family in (4, 6):
+                        selection = select(service, port_endpoints(port, slices, family), self.node_name,
+                                           self.tracker.node.zone if self.tracker.node else "")
+                        local |= {(pe.address, pe.port) for pe in selection.local}
+                        has_any = has_any or selection.has_any
+                report.append(LocalPolicyStatus(
+                    namespace=service.namespace,
+                    name=service.name,
+                    internal_local=service.internal_policy_local,
+                    external_local=service.external_policy_local,
+                    local_endpoints=len({address for address, _ in local}),
+                    has_endpoints=has_any,
+                    health_check_node_port=service.health_check_node_port,
+                ))
+            return report
+
     def committed(self) -> dict[Family, Table]:
         with self.lock:
             return {family: _snapshot(table) for family, table in self._committed.items()}
@@ -394,6 +450,7 @@ def _snapshot(table: Table) -> Table:
         sets=dict(table.sets),
         chains=dict(table.chains),
         elements={name: dict(members) for name, members in table.elements.items()},
+        counters=dict(table.counters),
     )
 
 
@@ -411,6 +468,11 @@ def _apply_touched(committed: Table, desired: Table, touched: Touched) -> None:
             members.pop(key, None)
         else:
             members[key] = element
+    for name in touched.counters:
+        if name in desired.counters:
+            committed.counters[name] = desired.counters[name]
+        else:
+            committed.counters.pop(name, None)
     for name, decl in desired.sets.items():
         committed.sets.setdefault(name, decl)
 

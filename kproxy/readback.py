@@ -94,6 +94,8 @@ def parse_table(document: dict[str, Any], family: Family) -> Table:
             table.chains[body["name"]] = Chain(body["name"], ())
         elif kind == "rule":
             rules.setdefault(body["chain"], []).append(body)
+        elif kind == "counter":
+            table.counters[body["name"]] = body.get("comment", "")
     for name, chain_rules in rules.items():
         digest = ""
         if chain_rules:

@@ -82,6 +82,8 @@ class Table:
     chains: dict[str, Chain] = field(default_factory=dict)
     elements: dict[str, dict[str, Element]] = field(default_factory=dict)
     """set or map name -> element key -> element."""
+    counters: dict[str, str] = field(default_factory=dict)
+    """Named counter objects: name -> comment (``namespace/name:port``)."""
 
     @property
     def name(self) -> str:

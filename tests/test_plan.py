@@ -132,6 +132,7 @@ def test_fake_agrees_with_the_kernel() -> None:
                 for family in ("ip", "ip6"):
                     k, f = kernel.read().tables[family], fake.read().tables[family]
                     assert k.elements == f.elements
+                    assert k.counters == f.counters
                     assert {n: c.fingerprint for n, c in k.chains.items()} == {
                         n: c.fingerprint for n, c in f.chains.items()
                     }
