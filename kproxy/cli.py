@@ -6,6 +6,9 @@ Modes:
 * ``--once``: read manifests, bring this network namespace's kernel to that
   ruleset (creating or updating kproxy's tables), print the operation count.
 * ``--cleanup``: delete kproxy's tables, and nothing else.
+* ``--dry-run --diff``: print only what the next sync would change in the kernel.
+* ``explain SRC DST PORT``: where a packet would go, from the live tables, and why.
+* no mode flag: run the daemon.
 
 Flags keep kube-proxy's names where they mean the same thing. Usage errors and
 unreadable input exit with code 2 and a one-line message; a single bad object
@@ -15,12 +18,15 @@ is a warning and never stops the others.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
 from typing import Sequence
 
 from kproxy.compiler import compile_ruleset, node_info
 from kproxy.config import ConfigError, DaemonConfig, add_daemon_flags, daemon_config
+from kproxy.explain import Packet, explain
+from kproxy.inspect import KernelTables
 from kproxy.conntrack import PyrouteConntrack, cleanup_stale_udp, udp_cleanup_targets
 from kproxy.convert import build_cluster
 from kproxy.manifests import ManifestError, load_manifest_files
@@ -47,18 +53,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mode = parser.add_argument_group("mode (default: run the daemon)")
     mode.add_argument("--dry-run", action="store_true", help="print the nft script for the input and exit")
+    mode.add_argument(
+        "--diff", action="store_true", help="with --dry-run: print only what the next sync would change in the kernel"
+    )
     mode.add_argument("--once", action="store_true", help="program the kernel for the input once and exit")
     mode.add_argument("--cleanup", action="store_true", help="delete kproxy's nftables tables and exit")
-    source = parser.add_argument_group("input for --dry-run and --once")
+    _add_common(parser)
+    return parser
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_argument_group("input for --dry-run, --once and explain")
     source.add_argument(
         "--from-file",
         action="append",
         default=[],
         metavar="FILE",
-        help="Kubernetes manifests (multi-document YAML or a List); repeatable; '-' is stdin",
+        help="Kubernetes manifests (multi-document YAML or a List); repeatable; '-' is stdin; "
+        "without it, --dry-run and explain list the API server (--kubeconfig or in-cluster)",
     )
     add_daemon_flags(parser.add_argument_group("proxy (kube-proxy compatible)"))
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (debug)")
+
+
+def build_explain_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kproxy explain",
+        description="Show which Service and endpoints a packet would go to, from the live tables, and why.",
+    )
+    parser.add_argument("source", help="the packet's source address")
+    parser.add_argument("destination", help="the packet's destination address (ClusterIP, node IP, LB IP, ...)")
+    parser.add_argument("port", type=int, help="the destination port")
+    parser.add_argument("--proto", choices=("tcp", "udp", "sctp"), default="tcp")
+    _add_common(parser)
     return parser
 
 
@@ -77,12 +104,60 @@ def _load_input(args: argparse.Namespace, mode: str, node_name: str) -> Cluster:
     return cluster
 
 
+def _model(args: argparse.Namespace, mode: str, config: DaemonConfig) -> Cluster:
+    """The cluster from --from-file, or from one list of the API server."""
+    if args.from_file:
+        return _load_input(args, mode, config.node_name)
+    from kproxy.inspect import cluster_from_api
+
+    try:
+        return cluster_from_api(config.kubeconfig, config.node_name)
+    except Exception as exc:  # no kubeconfig, no in-cluster config, API server down
+        raise UsageError(f"{mode} without --from-file lists the API server, which failed: {exc}") from None
+
+
 def dry_run(args: argparse.Namespace, config: DaemonConfig) -> int:
-    cluster = _load_input(args, "--dry-run", config.node_name)
-    if cluster.node is None:
+    cluster = _model(args, "--dry-run", config)
+    if cluster.node is None and not args.diff:
         log.warning("Node %s is not in the input; NodePorts will have no addresses", config.node_name)
-    ruleset = compile_ruleset(cluster, node_info(config.node_name, cluster.node), config.proxy_config())
-    sys.stdout.write(render_ruleset(ruleset))
+    node = node_info(config.node_name, cluster.node)
+    if args.diff and not node.primary_ips:
+        node = node_info(config.node_name, cluster.node, interface_addresses()[1])
+    ruleset = compile_ruleset(cluster, node, config.proxy_config())
+    if not args.diff:
+        sys.stdout.write(render_ruleset(ruleset))
+        return 0
+    tx = plan(NftablesBackend().read(), ruleset, delete_chains=False)
+    sys.stdout.write(str(tx))
+    for family, name in tx.deferred_chain_deletes:
+        sys.stdout.write(f"# later: delete chain {family} kproxy {name}\n")
+    print(f"kproxy: the next sync would send {tx.operations} operations", file=sys.stderr)
+    return 0
+
+
+def explain_main(argv: Sequence[str]) -> int:
+    args = build_explain_parser().parse_args(argv)
+    try:
+        config = daemon_config(args)
+        packet = Packet(str(ipaddress.ip_address(args.source)), str(ipaddress.ip_address(args.destination)),
+                        args.port, args.proto)
+    except (ConfigError, ValueError) as exc:
+        print(f"kproxy: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(config.log_format, "debug" if args.verbose else "warning")
+    try:
+        cluster = _model(args, "explain", config)
+        node = node_info(config.node_name, cluster.node)
+        if not node.primary_ips:
+            node = node_info(config.node_name, cluster.node, interface_addresses()[1])
+        for line in explain(packet, cluster, node, config.proxy_config(), KernelTables(NftablesBackend())):
+            print(line)
+    except UsageError as exc:
+        print(f"kproxy: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (CapabilityError, NftError) as exc:
+        print(f"kproxy: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     return 0
 
 
@@ -120,8 +195,13 @@ def cleanup(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["explain"]:
+        return explain_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.diff and not args.dry_run:
+        parser.error("--diff goes with --dry-run")
     modes = [m for m in ("dry_run", "once", "cleanup") if getattr(args, m)]
     if len(modes) > 1:
         parser.error("choose one mode: --dry-run, --once, --cleanup, or none to run the daemon")

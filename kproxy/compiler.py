@@ -109,6 +109,12 @@ def chain_name(kind: str, service: Service, port: ServicePort) -> str:
     return f"{kind}-{chain_suffix(service, port)}"
 
 
+def _interval(cidr: str) -> str:
+    """A CIDR as an interval-set element: a full-length prefix is written (and read back) as the address."""
+    network = ipaddress.ip_network(cidr)
+    return str(network.network_address) if network.prefixlen == network.max_prefixlen else cidr
+
+
 def _addr(address: str) -> str:
     """An address as nft writes it after ``dnat to``."""
     return f"[{address}]" if ":" in address else address
@@ -259,7 +265,7 @@ def compile_service(
                 frontend = f"{ip} . {proto} . {port.port}"
                 elements.append(("firewall-ips", Element(frontend, comment=label)))
                 for source in ranges:
-                    elements.append(("firewall-allow", Element(f"{frontend} . {source}", comment=label)))
+                    elements.append(("firewall-allow", Element(f"{frontend} . {_interval(source)}", comment=label)))
     return ServiceRules(tuple(chains), tuple(elements), tuple(counters))
 
 
@@ -298,7 +304,7 @@ def base_table(node: NodeInfo, config: ProxyConfig, family: Family) -> Table:
     fam = FAMILIES[family]
     for cidr in config.cluster_cidrs:
         if _family_of(cidr.split("/")[0]) == fam:
-            table.add_element("cluster-cidrs", Element(cidr, comment="--cluster-cidr"))
+            table.add_element("cluster-cidrs", Element(_interval(cidr), comment="--cluster-cidr"))
     for address in nodeport_addresses(node, config, family):
         table.add_element("nodeport-ips", Element(address, comment=f"node {node.name}"))
     return table
