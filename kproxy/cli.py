@@ -113,7 +113,8 @@ def _model(args: argparse.Namespace, mode: str, config: DaemonConfig) -> Cluster
     try:
         return cluster_from_api(config.kubeconfig, config.node_name)
     except Exception as exc:  # no kubeconfig, no in-cluster config, API server down
-        raise UsageError(f"{mode} without --from-file lists the API server, which failed: {exc}") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UsageError(f"{mode} without --from-file lists the API server, which failed: {reason}") from None
 
 
 def dry_run(args: argparse.Namespace, config: DaemonConfig) -> int:

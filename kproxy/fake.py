@@ -14,7 +14,7 @@ import copy
 import re
 
 from kproxy.nft import NftError
-from kproxy.plan import Op, Transaction
+from kproxy.plan import Op, Transaction, with_digest
 from kproxy.readback import _DIGEST
 from kproxy.ruleset import Chain, Element, Family, Ruleset, Table
 
@@ -112,6 +112,10 @@ class FakeBackend:
         elif op.kind == "rule":
             self._need_chain(table, op.name)
             rules[(op.family, op.name)].append(op.rule)
+        elif op.kind == "rules":
+            for chain in op.chains:
+                self._need_chain(table, chain.name)
+                rules[(op.family, chain.name)].extend(with_digest(chain))
         elif op.kind == "element":
             self._need_set(table, op.name)
             members = table.elements.setdefault(op.name, {})

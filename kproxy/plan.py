@@ -26,6 +26,8 @@ from typing import Iterable, Literal
 from kproxy.ruleset import TABLE, Chain, Element, Family, Ruleset, SetDecl, Table, comment
 
 ELEMENT_BATCH = 1000
+SERVICE_CHAIN_PREFIXES = ("svc-", "local-", "ext-")
+"""Chains the compiler generates per Service port; every other chain is the skeleton's."""
 DIGEST_PREFIX = "kproxy-rules="
 
 
@@ -43,7 +45,7 @@ def chain_fingerprint(chain: Chain) -> tuple[str, int]:
 
 
 Verb = Literal["add", "flush", "delete"]
-Kind = Literal["table", "set", "map", "chain", "rule", "element", "counter"]
+Kind = Literal["table", "set", "map", "chain", "rule", "element", "counter", "rules"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,13 +65,19 @@ class Op:
     """add chain: the declaration (its rules are separate ``add rule`` ops)."""
     rule: str = ""
     """add rule: the rule text, digest comment included."""
+    chains: tuple[Chain, ...] = ()
+    """add rules: chains whose rules are appended, written as one table block (fast to parse)."""
     elements: tuple[Element, ...] = ()
     """add / delete element."""
 
     @property
     def weight(self) -> int:
         """How many kernel objects this command creates, changes or deletes."""
-        return len(self.elements) if self.kind == "element" else 1
+        if self.kind == "element":
+            return len(self.elements)
+        if self.kind == "rules":
+            return sum(len(c.rules) for c in self.chains)
+        return 1
 
     def render(self) -> str:
         where = f"{self.family} {TABLE}"
@@ -85,6 +93,14 @@ class Op:
             return render_chain(where, self.chain)
         if self.kind == "rule":
             return f"add rule {where} {self.name} {self.rule}"
+        if self.kind == "rules":
+            lines = [f"table {where} {{"]
+            for chain in self.chains:
+                lines.append(f"\tchain {chain.name} {{")
+                lines.extend(f"\t\t{rule}" for rule in with_digest(chain))
+                lines.append("\t}")
+            lines.append("}")
+            return "\n".join(lines)
         if self.kind == "element":
             items = (e.render() for e in self.elements) if self.verb == "add" else (e.key for e in self.elements)
             return f"{self.verb} element {where} {self.name} {{ {', '.join(items)} }}"
@@ -134,12 +150,28 @@ def digest_comment(rules: tuple[str, ...]) -> str:
     return comment(DIGEST_PREFIX + rules_digest(rules))
 
 
-def _fill_chain(tx: Transaction, table: Table, chain: Chain) -> None:
+def with_digest(chain: Chain) -> list[str]:
+    """The chain's rules, the last one carrying the digest comment."""
     rules = list(chain.rules)
     if rules:
         rules[-1] = f"{rules[-1]} {digest_comment(chain.rules)}"
-    for rule in rules:
-        tx.add(Op("add", "rule", table.family, chain.name, rule=rule))
+    return rules
+
+
+def _fill_chains(tx: Transaction, table: Table, chains: list[Chain], max_rules: int = 20000) -> None:
+    """Append the rules of (empty) chains, as table blocks of at most about ``max_rules`` rules."""
+    batch: list[Chain] = []
+    count = 0
+    for chain in chains:
+        if not chain.rules:
+            continue
+        batch.append(chain)
+        count += len(chain.rules)
+        if count >= max_rules:
+            tx.add(Op("add", "rules", table.family, chains=tuple(batch)))
+            batch, count = [], 0
+    if batch:
+        tx.add(Op("add", "rules", table.family, chains=tuple(batch)))
 
 
 def _elements(tx: Transaction, verb: Verb, table: Table, set_name: str, elements: list[Element]) -> None:
@@ -160,7 +192,7 @@ def converge(table: Table) -> Transaction:
         tx.add(Op("add", "chain", family, chain.name, chain=chain))
     for chain in table.chains.values():
         tx.add(Op("flush", "chain", family, chain.name))
-        _fill_chain(tx, table, chain)
+    _fill_chains(tx, table, list(table.chains.values()))
     for decl in table.sets.values():
         if decl.dynamic:
             continue
@@ -169,6 +201,43 @@ def converge(table: Table) -> Transaction:
         if members:
             _elements(tx, "add", table, decl.name, list(members.values()))
     return tx
+
+
+def create(table: Table, max_rules: int = 20000) -> list[Transaction]:
+    """Transactions that build ``table`` from nothing, in bounded pieces.
+
+    The first declares the table, its sets, counters and (empty) chains, and
+    fills the skeleton's chains; then the Services' rules follow in pieces of
+    about ``max_rules`` rules; the last adds every element. Until that last
+    one, the dispatch maps are empty, so no packet reaches a Service chain:
+    traffic switches over atomically, and libnftables never holds more than one
+    piece in memory. Each piece is also cheap for the kernel to validate,
+    because chains nothing jumps to yet are not walked.
+    """
+    family = table.family
+    first = Transaction()
+    first.add(Op("add", "table", family, comment=table.comment))
+    for decl in table.sets.values():
+        first.add(Op("add", decl.kind, family, decl.name, set_decl=decl))
+    for name, counter_comment in table.counters.items():
+        first.add(Op("add", "counter", family, name, comment=counter_comment))
+    for chain in table.chains.values():
+        first.add(Op("add", "chain", family, chain.name, chain=chain))
+    skeleton = [c for c in table.chains.values() if not c.name.startswith(SERVICE_CHAIN_PREFIXES)]
+    services = [c for c in table.chains.values() if c.name.startswith(SERVICE_CHAIN_PREFIXES)]
+    _fill_chains(first, table, skeleton, max_rules)
+    transactions = [first]
+    batch = Transaction()
+    _fill_chains(batch, table, services, max_rules)
+    for op in batch.ops:
+        transactions.append(Transaction([op]))
+    last = Transaction()
+    for decl in table.sets.values():
+        members = table.elements.get(decl.name, {})
+        if members and not decl.dynamic:
+            _elements(last, "add", table, decl.name, list(members.values()))
+    transactions.append(last)
+    return transactions
 
 
 def diff(
@@ -215,8 +284,7 @@ def diff(
         tx.add(Op("add", "chain", family, chain.name, chain=chain))
     for chain in changed_chains:
         tx.add(Op("flush", "chain", family, chain.name))
-    for chain in new_chains + changed_chains:
-        _fill_chain(tx, desired, chain)
+    _fill_chains(tx, desired, new_chains + changed_chains)
 
     stale: dict[str, list[Element]] = {}
     fresh: dict[str, list[Element]] = {}

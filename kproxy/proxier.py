@@ -31,7 +31,7 @@ from kproxy.endpoints import port_endpoints, select
 from kproxy.convert import InvalidObject, NotProxied, node_from_manifest, object_key, service_from_manifest, slice_from_manifest
 from kproxy.model import Cluster, Node, ServiceKey, SliceKey
 from kproxy.nft import Backend, NftError
-from kproxy.plan import Op, Transaction, diff
+from kproxy.plan import Op, Transaction, create, diff
 from kproxy.ruleset import Chain, Family, Table
 from kproxy.tracker import ChangeTracker
 
@@ -345,23 +345,27 @@ class Proxier:
         current = self.backend.read()
         desired = {family: a.table for family, a in assemblies.items()}
         tx = Transaction()
+        operations = 0
         for family, table in desired.items():
             have = current.tables.get(family)
             if have is None:
-                from kproxy.plan import converge
-
-                tx.extend(converge(table))
+                # A node without our table: build it in bounded pieces; only
+                # the last one makes the Services reachable.
+                for piece in create(table):
+                    self.backend.apply(piece)
+                    operations += piece.operations
             else:
                 tx.extend(diff(have, table, delete_chains=False))
         now = self.clock()
         # Chains read back that are still pending deletion keep their due time.
         delete_ops = self._due_deletes(now, desired)
         self._commit(tx, delete_ops, now)
+        operations += tx.operations
         self._assemblies = assemblies
         self._committed = {family: _snapshot(table) for family, table in desired.items()}
         for family, name in self._pending_deletes:
             self._committed[family].chains[name] = Chain(name, ())
-        return SyncResult(True, tx.operations, 0.0, len(keys))
+        return SyncResult(True, operations, 0.0, len(keys))
 
     def _sync_partial(self, keys: set[ServiceKey]) -> SyncResult:
         assert self._assemblies is not None and self._node_info is not None

@@ -65,7 +65,7 @@ def test_node_ips_come_from_node_object(tmp_path: Path) -> None:
     [
         pytest.param(["--from-file", "/nonexistent/c.yaml"], "/nonexistent/c.yaml: cannot read", id="missing-file"),
         pytest.param(["--from-file", "BROKEN"], "invalid YAML at line", id="broken-yaml"),
-        pytest.param([], "needs at least one --from-file", id="no-input"),
+        pytest.param(["--kubeconfig", "/nonexistent/kubeconfig"], "without --from-file lists the API server", id="no-input"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:

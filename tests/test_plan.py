@@ -51,9 +51,9 @@ def test_one_endpoint_change_touches_only_that_service() -> None:
     fake = FakeBackend()
     fake.apply(plan(fake.read(), _ruleset(_objects())))
     tx = plan(fake.read(), _ruleset(_objects(changed={2: 4})))
-    touched = {op.name for op in tx.ops}
+    touched = {op.name for op in tx.ops if op.kind != "rules"} | {c.name for op in tx.ops for c in op.chains}
     assert all("ns/s2/" in name or name == "hairpin" for name in touched), touched
-    assert [op.verb + " " + op.kind for op in tx.ops if op.kind != "rule"] == ["flush chain", "add element"]
+    assert [op.verb + " " + op.kind for op in tx.ops] == ["flush chain", "add rules", "add element"]
     fake.apply(tx)
     assert plan(fake.read(), _ruleset(_objects(changed={2: 4}))).operations == 0
 

@@ -1,0 +1,215 @@
+"""Small HTTP servers: /metrics and /rules, and the base the health servers share.
+
+* One ``HTTPService`` per listening port: a stdlib ``ThreadingHTTPServer``
+  whose accept loop runs in a daemon thread. Routes are exact paths mapped to
+  plain functions from a ``Request`` to a ``Response`` (frozen values), so the
+  handlers are testable without sockets.
+* The socket is bound and listening when the constructor returns, so a client
+  may connect at once; ``stop()`` wakes the accept loop through a socket pair
+  (no polling interval), closes the socket (new connections are refused) and
+  joins the thread.
+* A wildcard host (``""``, ``0.0.0.0`` or ``::``) listens dual-stack on
+  ``[::]`` where the kernel allows it, as Go's ``net.Listen("tcp",
+  "0.0.0.0:port")`` does upstream; otherwise on IPv4 only. Port 0 picks a free
+  port (``HTTPService.port``).
+* Requests are logged at debug level only; a handler that raises answers 500
+  and is logged with its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import socketserver
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Mapping
+from urllib.parse import urlsplit
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+log = logging.getLogger(__name__)
+
+TEXT_PLAIN = "text/plain; charset=utf-8"
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What a route sees of an HTTP request."""
+
+    method: str
+    path: str
+    query: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """Header names lowercased."""
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """What a route answers."""
+
+    status: int
+    body: bytes = b""
+    content_type: str = TEXT_PLAIN
+    headers: tuple[tuple[str, str], ...] = ()
+    """Extra headers, in order."""
+
+
+Route = Callable[[Request], Response]
+
+
+def not_found(request: Request) -> Response:
+    return Response(404, b"404 page not found\n")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: HTTPService
+    timeout = 10  # seconds a client may take to send its request
+    server_version = "kproxy"
+
+    def _answer(self, send_body: bool) -> None:
+        parts = urlsplit(self.path)
+        request = Request(
+            method=self.command,
+            path=parts.path,
+            query=parts.query,
+            headers={k.lower(): v for k, v in self.headers.items()},
+        )
+        route = self.server.routes.get(parts.path, self.server.default_route)
+        try:
+            response = route(request)
+        except Exception:
+            log.exception("%s: handler for %s failed", self.server.name, parts.path)
+            response = Response(500, b"internal error\n")
+        self.send_response(response.status)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(response.body)))
+        for name, value in response.headers:
+            self.send_header(name, value)
+        self.end_headers()
+        if send_body:
+            self.wfile.write(response.body)
+
+    def do_GET(self) -> None:  # noqa: N802 (stdlib naming)
+        self._answer(send_body=True)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._answer(send_body=False)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib signature)
+        log.debug("%s: %s %s", self.server.name, self.address_string(), format % args)
+
+
+class HTTPService(ThreadingHTTPServer):
+    """A listening HTTP server with exact-path routes, served from a daemon thread."""
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        routes: Mapping[str, Route],
+        name: str = "http",
+        default_route: Route = not_found,
+    ) -> None:
+        host, port = address
+        self.name = name
+        self.routes = dict(routes)
+        self.default_route = default_route
+        self._dual_stack = False
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        if host in WILDCARD_HOSTS and socket.has_dualstack_ipv6():
+            self.address_family = socket.AF_INET6
+            self._dual_stack = True
+            bind_host = "::"
+        elif host in WILDCARD_HOSTS:
+            self.address_family = socket.AF_INET
+            bind_host = "0.0.0.0"
+        else:
+            self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            bind_host = host
+        try:
+            super().__init__((bind_host, port), _Handler)
+        except BaseException:
+            self._wake_r.close()
+            self._wake_w.close()
+            raise
+
+    def server_bind(self) -> None:
+        if self._dual_stack:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        # Not HTTPServer.server_bind: it resolves the host name (getfqdn), which can block.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name = str(self.server_address[0])
+        self.server_port = int(self.server_address[1])
+
+    @property
+    def port(self) -> int:
+        """The bound port (the chosen one when asked for port 0)."""
+        return int(self.server_address[1])
+
+    @property
+    def host(self) -> str:
+        return str(self.server_address[0])
+
+    def start(self) -> HTTPService:
+        """Serve from a daemon thread; returns self."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name=f"kproxy-{self.name}", daemon=True)
+            self._thread.start()
+        return self
+
+    def _serve(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.socket, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            while not self._stopped:
+                for key, _ in selector.select():
+                    if key.fileobj is self._wake_r or self._stopped:
+                        return
+                    self._handle_request_noblock()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, close the socket and join the serving thread. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.server_close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+def metrics_routes(registry: CollectorRegistry, rules_text: Callable[[], str]) -> dict[str, Route]:
+    """``/metrics`` (Prometheus text, or OpenMetrics when the scraper asks for it) and ``/rules``."""
+
+    def metrics(request: Request) -> Response:
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(200, encoder(registry), content_type)
+
+    def rules(request: Request) -> Response:
+        return Response(200, rules_text().encode(), TEXT_PLAIN)
+
+    return {"/metrics": metrics, "/rules": rules}
+
+
+def start_metrics_server(
+    address: tuple[str, int],
+    registry: CollectorRegistry,
+    rules_text: Callable[[], str],
+) -> HTTPService:
+    """Serve ``/metrics`` and ``/rules`` on ``address`` (from ``parse_bind_address``); 404 elsewhere."""
+    server = HTTPService(address, metrics_routes(registry, rules_text), name="metrics").start()
+    log.info("serving /metrics and /rules on %s port %d", server.host, server.port)
+    return server
