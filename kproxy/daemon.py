@@ -98,9 +98,59 @@ class Daemon:
         self.stop_event.wait()
 
 
-def run(config: DaemonConfig, extra: Callable[[Daemon], None] | None = None) -> int:
-    """Run until SIGTERM/SIGINT. ``extra`` starts more parts (HTTP servers) once the daemon exists."""
-    daemon = Daemon(config, kube_api_client(config.kubeconfig))
+class LockedReader:
+    """kproxy's tables read for HTTP inspection, through a libnftables context of its own.
+
+    The sync loop owns its own context; a libnftables context must not be
+    shared between threads, so scrapes and /rules use this one, one at a time.
+    """
+
+    def __init__(self) -> None:
+        self._backend = NftablesBackend()
+        self._lock = threading.Lock()
+
+    def counters(self) -> dict[tuple[str, str], tuple[int, int]]:
+        with self._lock:
+            return self._backend.read_counters()  # type: ignore[return-value]
+
+    def rules_text(self) -> str:
+        with self._lock:
+            parts = [self._backend.list_text(family) for family in ("ip", "ip6")]
+        text = "".join(p for p in parts if p)
+        return text or "# kproxy has not programmed any rules yet\n"
+
+
+def start_observability(daemon: Daemon, registry: Any, metrics: Any) -> list[Callable[[], None]]:
+    """Metrics (/metrics, /rules), health (/healthz, /livez) and healthCheckNodePort servers."""
+    from kproxy.config import parse_bind_address
+    from kproxy.health import ProxyHealth, ServiceHealthServers, proxier_health_inputs
+    from kproxy.httpserver import start_metrics_server
+    from kproxy.metrics import ProxierCollector
+
+    reader = LockedReader()
+    registry.register(ProxierCollector(daemon.proxier, reader.counters))
+    metrics_server = start_metrics_server(parse_bind_address(daemon.config.metrics_bind_address), registry,
+                                          reader.rules_text)
+    health = ProxyHealth(proxier_health_inputs(daemon.proxier, daemon.config.sync_period), metrics)
+    health_server = health.serve(parse_bind_address(daemon.config.healthz_bind_address))
+    service_health = ServiceHealthServers(health.healthy)
+    daemon.proxier.listeners.append(lambda proxier: service_health.sync(proxier.local_policy_report()))
+    log.info("metrics on %s:%d, health on %s:%d", metrics_server.host or "*", metrics_server.port,
+             health_server.host or "*", health_server.port)
+    return [metrics_server.stop, health.stop, service_health.stop]
+
+
+def run(config: DaemonConfig) -> int:
+    """Run until SIGTERM/SIGINT: watchers, sync loop, metrics and health servers."""
+    import prometheus_client
+    from prometheus_client import CollectorRegistry
+
+    from kproxy.metrics import ProxyMetrics
+
+    prometheus_client.disable_created_metrics()
+    registry = CollectorRegistry()
+    metrics = ProxyMetrics(registry)
+    daemon = Daemon(config, kube_api_client(config.kubeconfig), observer=metrics, on_restart=metrics.watch_restarted)
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
@@ -113,9 +163,10 @@ def run(config: DaemonConfig, extra: Callable[[Daemon], None] | None = None) -> 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_hangup)
-    if extra is not None:
-        extra(daemon)
+    stoppers = start_observability(daemon, registry, metrics)
     daemon.start()
     daemon.wait()
     daemon.stop()
+    for stop in stoppers:
+        stop()
     return 0

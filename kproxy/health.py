@@ -227,7 +227,7 @@ class ServiceHealthServers:
         wanted: dict[ServiceName, tuple[int, int]] = {}
         for status in report:
             if status.external_local and status.health_check_node_port:
-                wanted[(status.namespace, status.name)] = (status.health_check_node_port, status.local_endpoints)
+                wanted[(status.namespace, status.name)] = (status.health_check_node_port, status.local_ready_endpoints)
         with self._lock:
             stale = [i for n, i in self._services.items() if n not in wanted or wanted[n][0] != i.port]
             for instance in stale:

@@ -94,6 +94,8 @@ class LocalPolicyStatus:
     external_local: bool
     local_endpoints: int
     """Distinct local endpoint addresses in use (ready ones, or serving-terminating as a fallback)."""
+    local_ready_endpoints: int
+    """Distinct local endpoint addresses that are ready (what health checks report, as upstream)."""
     has_endpoints: bool
     """Whether it has usable endpoints anywhere."""
     health_check_node_port: int | None
@@ -420,12 +422,14 @@ class Proxier:
                     continue
                 slices = self.tracker.slices_of(key)
                 local: set[tuple[str, int]] = set()
+                ready: set[str] = set()
                 has_any = False
                 for port in service.ports:
                     for family in (4, 6):
                         selection = select(service, port_endpoints(port, slices, family), self.node_name,
                                            self.tracker.node.zone if self.tracker.node else "")
                         local |= {(pe.address, pe.port) for pe in selection.local}
+                        ready |= {pe.address for pe in selection.local if pe.endpoint.ready}
                         has_any = has_any or selection.has_any
                 report.append(LocalPolicyStatus(
                     namespace=service.namespace,
@@ -433,6 +437,7 @@ class Proxier:
                     internal_local=service.internal_policy_local,
                     external_local=service.external_policy_local,
                     local_endpoints=len({address for address, _ in local}),
+                    local_ready_endpoints=len(ready),
                     has_endpoints=has_any,
                     health_check_node_port=service.health_check_node_port,
                 ))

@@ -201,7 +201,7 @@ def test_inputs_from_the_proxier() -> None:
 
 
 def _lb(name: str, port: int, local: int, namespace: str = "shop") -> LocalPolicyStatus:
-    return LocalPolicyStatus(namespace, name, False, True, local, True, port)
+    return LocalPolicyStatus(namespace, name, False, True, local, local, True, port)
 
 
 @pytest.fixture
@@ -270,8 +270,8 @@ def test_cluster_policy_or_no_port_means_no_server(servers: Any) -> None:
     """Only externalTrafficPolicy Local Services with a healthCheckNodePort get a server."""
     hc, _ = servers
     hc.sync([
-        LocalPolicyStatus("shop", "internal-only", True, False, 0, True, None),
-        LocalPolicyStatus("shop", "no-port", False, True, 1, True, None),
+        LocalPolicyStatus("shop", "internal-only", True, False, 0, 0, True, None),
+        LocalPolicyStatus("shop", "no-port", False, True, 1, 1, True, None),
     ])
     assert hc.ports() == {}
 

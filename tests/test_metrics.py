@@ -58,7 +58,7 @@ def _buckets(registry: CollectorRegistry, name: str, **labels: str) -> list[floa
 
 def _status(name: str, internal: bool = False, external: bool = True, local: int = 0, anywhere: bool = True,
             port: int | None = None) -> LocalPolicyStatus:
-    return LocalPolicyStatus("ns", name, internal, external, local, anywhere, port)
+    return LocalPolicyStatus("ns", name, internal, external, local, local, anywhere, port)
 
 
 # -- ProxyMetrics: each SyncObserver call moves its metric -----------------------------
