@@ -248,8 +248,9 @@ def cleanup_kube_proxy(force: bool = False) -> CleanupReport:
                if family in plan.families and (family, KPROXY_TABLE) not in present]
     if missing and not force:
         raise KproxyNotReady(
-            f"kproxy's table {' and '.join(missing)} is not there: removing kube-proxy's rules now would leave"
-            " Services unserved. Wait until kproxy is running and healthy on this node, or pass --force."
+            f"kproxy's {'tables' if len(missing) > 1 else 'table'} {' and '.join(missing)} not found: removing"
+            " kube-proxy's rules now would leave Services unserved; wait until kproxy is running and healthy"
+            " on this node (or force it)"
         )
     if plan.commands:
         nft.apply(plan.commands)

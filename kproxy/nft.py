@@ -18,8 +18,9 @@ import logging
 import os
 import re
 import tempfile
+import threading
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Iterable, Protocol
 
 from kproxy.plan import Transaction
 from kproxy.readback import parse_table
@@ -32,6 +33,17 @@ LIBNFTABLES = "libnftables.so.1"
 PROBE_TABLE = "kproxy-probe"
 _DIGEST_COMMENT = re.compile(r' comment "kproxy-rules=[A-Z2-7]+"$')
 _LOCATION = re.compile(r"^(?:\S+):(\d+):\d+(?:-\d+)?: Error: (.*)$")
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int) -> None:
+    """Move the calling thread into the network namespace ``fd`` refers to."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
 
 
 class NftError(Exception):
@@ -157,6 +169,49 @@ class NftablesBackend:
         rc, _, err = self._run(script)
         if rc != 0:
             raise self._explain(script, err)
+
+    def apply_all(self, transactions: Iterable[Transaction], workers: int = 2) -> None:
+        """Apply independent transactions, up to ``workers`` at a time, in this network namespace.
+
+        For building a table in pieces: the caller applies the piece that
+        declares everything first and the piece that links it in last; the
+        pieces in between only fill chains, in any order. libnftables releases
+        the GIL, so one worker's parsing overlaps another's kernel work. Each
+        worker has its own libnftables context, opened after joining the
+        caller's network namespace (which may be a per-thread namespace).
+        """
+        if workers <= 1:
+            for tx in transactions:
+                self.apply(tx)
+            return
+        netns_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        source = iter(transactions)
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                _setns(netns_fd)
+                backend = NftablesBackend()
+                while not errors:
+                    with lock:  # producing the next piece (compiling) happens here, one thread at a time
+                        tx = next(source, None)
+                    if tx is None:
+                        return
+                    backend.apply(tx)
+            except BaseException as exc:  # reported to the caller below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, name=f"kproxy-nft-{i}") for i in range(workers)]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            os.close(netns_fd)
+        if errors:
+            raise errors[0]
 
     def check(self, tx: Transaction) -> None:
         """Like apply, but only asks the kernel whether it would accept it."""

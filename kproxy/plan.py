@@ -203,16 +203,18 @@ def converge(table: Table) -> Transaction:
     return tx
 
 
-def create(table: Table, max_rules: int = 20000) -> list[Transaction]:
+def create(table: Table, max_rules: int = 8000) -> list[Transaction]:
     """Transactions that build ``table`` from nothing, in bounded pieces.
 
     The first declares the table, its sets, counters and (empty) chains, and
     fills the skeleton's chains; then the Services' rules follow in pieces of
-    about ``max_rules`` rules; the last adds every element. Until that last
-    one, the dispatch maps are empty, so no packet reaches a Service chain:
-    traffic switches over atomically, and libnftables never holds more than one
-    piece in memory. Each piece is also cheap for the kernel to validate,
-    because chains nothing jumps to yet are not walked.
+    about ``max_rules`` rules, in any order; the last adds every element. Until
+    that last one the dispatch maps are empty, so no packet reaches a Service
+    chain: traffic switches over atomically, and libnftables never holds more
+    than a piece or two in memory. Each piece is also cheap for the kernel to
+    validate, because chains nothing jumps to yet are not walked. Declaring
+    everything in the first piece, while the table is still empty, keeps
+    libnftables from re-reading a growing table for every later piece.
     """
     family = table.family
     first = Transaction()
@@ -226,18 +228,14 @@ def create(table: Table, max_rules: int = 20000) -> list[Transaction]:
     skeleton = [c for c in table.chains.values() if not c.name.startswith(SERVICE_CHAIN_PREFIXES)]
     services = [c for c in table.chains.values() if c.name.startswith(SERVICE_CHAIN_PREFIXES)]
     _fill_chains(first, table, skeleton, max_rules)
-    transactions = [first]
-    batch = Transaction()
-    _fill_chains(batch, table, services, max_rules)
-    for op in batch.ops:
-        transactions.append(Transaction([op]))
+    middle = Transaction()
+    _fill_chains(middle, table, services, max_rules)
     last = Transaction()
     for decl in table.sets.values():
         members = table.elements.get(decl.name, {})
         if members and not decl.dynamic:
             _elements(last, "add", table, decl.name, list(members.values()))
-    transactions.append(last)
-    return transactions
+    return [first, *(Transaction([op]) for op in middle.ops), last]
 
 
 def diff(

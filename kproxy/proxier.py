@@ -28,8 +28,8 @@ from kproxy.assembly import Assembly, Touched
 from kproxy.compiler import FAMILIES, NodeInfo, ProxyConfig, base_table, compile_service, node_info
 from kproxy.conntrack import Conntrack, cleanup_stale_udp, udp_cleanup_targets
 from kproxy.endpoints import port_endpoints, select
-from kproxy.convert import InvalidObject, NotProxied, node_from_manifest, object_key, service_from_manifest, slice_from_manifest
-from kproxy.model import Cluster, Node, ServiceKey, SliceKey
+from kproxy.convert import InvalidObject, NotProxied, gc_paused, node_from_manifest, object_key, service_from_manifest, slice_from_manifest
+from kproxy.model import Cluster, EndpointSlice, Node, Service, ServiceKey, SliceKey
 from kproxy.nft import Backend, NftError
 from kproxy.plan import Op, Transaction, create, diff
 from kproxy.ruleset import Chain, Family, Table
@@ -156,63 +156,76 @@ class Proxier:
             self.oldest_pending_wall = self.wall_clock()
         self.changed.notify_all()
 
-    def on_service(self, event: str, obj: Mapping[str, Any]) -> None:
+    def _service(self, obj: Mapping[str, Any]) -> tuple[ServiceKey, Service | None]:
+        """Convert a Service; None for one kproxy leaves alone or must skip."""
         key = ServiceKey(object_key(obj))
+        try:
+            service = service_from_manifest(obj)
+            return service.key, service
+        except NotProxied:
+            return key, None
+        except InvalidObject as exc:
+            log.warning("skipping Service %s: %s (reason=%s)", key, exc, exc.reason)
+            self.observer.invalid_object("Service", exc.reason)
+            return key, None
+
+    def _slice(self, obj: Mapping[str, Any]) -> tuple[SliceKey, EndpointSlice | None]:
+        key = SliceKey(object_key(obj))
+        try:
+            return key, slice_from_manifest(obj)
+        except InvalidObject as exc:
+            log.warning("skipping EndpointSlice %s: %s (reason=%s)", key, exc, exc.reason)
+            self.observer.invalid_object("EndpointSlice", exc.reason)
+            return key, None
+
+    def on_service(self, event: str, obj: Mapping[str, Any]) -> None:
+        key, service = (ServiceKey(object_key(obj)), None) if event == "DELETED" else self._service(obj)
         with self.lock:
-            if event == "DELETED":
-                self.tracker.set_service(key, None)
-            else:
-                try:
-                    service = service_from_manifest(obj)
-                    self.tracker.set_service(service.key, service)
-                except NotProxied:
-                    self.tracker.set_service(key, None)
-                except InvalidObject as exc:
-                    log.warning("skipping Service %s: %s (reason=%s)", key, exc, exc.reason)
-                    self.observer.invalid_object("Service", exc.reason)
-                    self.tracker.set_service(key, None)
+            self.tracker.set_service(key, service)
             self._notify()
 
     def on_slice(self, event: str, obj: Mapping[str, Any]) -> None:
-        key = SliceKey(object_key(obj))
+        key, eps = (SliceKey(object_key(obj)), None) if event == "DELETED" else self._slice(obj)
         with self.lock:
-            if event == "DELETED":
-                self.tracker.set_slice(key, None)
-            else:
-                try:
-                    self.tracker.set_slice(key, slice_from_manifest(obj))
-                except InvalidObject as exc:
-                    log.warning("skipping EndpointSlice %s: %s (reason=%s)", key, exc, exc.reason)
-                    self.observer.invalid_object("EndpointSlice", exc.reason)
-                    self.tracker.set_slice(key, None)
+            self.tracker.set_slice(key, eps)
             self._notify()
 
     def on_node(self, event: str, obj: Mapping[str, Any]) -> None:
+        node = None
+        if event != "DELETED":
+            try:
+                node = node_from_manifest(obj)
+            except InvalidObject as exc:
+                log.warning("ignoring Node %s: %s (reason=%s)", object_key(obj), exc, exc.reason)
+                self.observer.invalid_object("Node", exc.reason)
+                return
         with self.lock:
-            if event == "DELETED":
-                self.tracker.set_node(None)
-            else:
-                try:
-                    self.tracker.set_node(node_from_manifest(obj))
-                except InvalidObject as exc:
-                    log.warning("ignoring Node %s: %s (reason=%s)", object_key(obj), exc, exc.reason)
-                    self.observer.invalid_object("Node", exc.reason)
+            self.tracker.set_node(node)
             self._notify()
 
     def on_relist(self, kind: str, objects: list[Mapping[str, Any]]) -> None:
-        """A full list replaces everything of one kind: objects not in it are deleted."""
-        with self.lock:
-            keys = {object_key(obj) for obj in objects}
+        """A full list replaces everything of one kind: objects not in it are deleted.
+
+        Objects are converted before the lock is taken, with the cyclic GC
+        paused, so a relist of 10k objects neither stalls a running sync nor
+        pays for collections of objects that never form cycles.
+        """
+        with gc_paused():
             if kind == "Service":
-                for key in [k for k in self.tracker.services if k not in keys]:
-                    self.tracker.set_service(key, None)
-                for obj in objects:
-                    self.on_service("ADDED", obj)
+                services = dict(self._service(obj) for obj in objects)
             elif kind == "EndpointSlice":
-                for key in [k for k in self.tracker.slices if k not in keys]:
+                slices = dict(self._slice(obj) for obj in objects)
+        with self.lock:
+            if kind == "Service":
+                for key in [k for k in self.tracker.services if k not in services]:
+                    self.tracker.set_service(key, None)
+                for key, service in services.items():
+                    self.tracker.set_service(key, service)
+            elif kind == "EndpointSlice":
+                for key in [k for k in self.tracker.slices if k not in slices]:
                     self.tracker.set_slice(key, None)
-                for obj in objects:
-                    self.on_slice("ADDED", obj)
+                for key, eps in slices.items():
+                    self.tracker.set_slice(key, eps)
             elif kind == "Node":
                 if not objects:
                     self.tracker.set_node(None)
@@ -338,26 +351,20 @@ class Proxier:
             self._pending_deletes.setdefault((family, name), now + CHAIN_DELETE_DELAY)
 
     def _sync_full(self, node_info: NodeInfo, keys: set[ServiceKey]) -> SyncResult:
-        assemblies: dict[Family, Assembly] = {}
-        for family in FAMILIES:
-            assembly = Assembly(base_table(node_info, self.config, family))
-            for key in sorted(self.tracker.services):
-                assembly.set_service(key, self._compile(key, family, node_info))
-            assemblies[family] = assembly
         current = self.backend.read()
-        desired = {family: a.table for family, a in assemblies.items()}
+        assemblies: dict[Family, Assembly] = {}
         tx = Transaction()
         operations = 0
-        for family, table in desired.items():
-            have = current.tables.get(family)
-            if have is None:
-                # A node without our table: build it in bounded pieces; only
-                # the last one makes the Services reachable.
-                for piece in create(table):
-                    self.backend.apply(piece)
-                    operations += piece.operations
+        for family in FAMILIES:
+            assembly = Assembly(base_table(node_info, self.config, family))
+            if family in current.tables:
+                for key in sorted(self.tracker.services):
+                    assembly.set_service(key, self._compile(key, family, node_info))
+                tx.extend(diff(current.tables[family], assembly.table, delete_chains=False))
             else:
-                tx.extend(diff(have, table, delete_chains=False))
+                operations += self._create_table(assembly, node_info)
+            assemblies[family] = assembly
+        desired = {family: a.table for family, a in assemblies.items()}
         now = self.clock()
         # Chains read back that are still pending deletion keep their due time.
         delete_ops = self._due_deletes(now, desired)
@@ -368,6 +375,28 @@ class Proxier:
         for family, name in self._pending_deletes:
             self._committed[family].chains[name] = Chain(name, ())
         return SyncResult(True, operations, 0.0, len(keys))
+
+    def _create_table(self, assembly: Assembly, node_info: NodeInfo) -> int:
+        """Build a family's table on a node that has none.
+
+        The pieces between the first (declarations) and the last (elements,
+        which make the Services reachable) only fill chains, so the backend
+        may load them in parallel: libnftables releases the GIL, and one
+        piece's parsing overlaps another's kernel work.
+        """
+        family = assembly.family
+        for key in sorted(self.tracker.services):
+            assembly.set_service(key, self._compile(key, family, node_info))
+        pieces = create(assembly.table)
+        self.backend.apply(pieces[0])
+        apply_all = getattr(self.backend, "apply_all", None)
+        if apply_all is not None:
+            apply_all(pieces[1:-1])
+        else:
+            for piece in pieces[1:-1]:
+                self.backend.apply(piece)
+        self.backend.apply(pieces[-1])
+        return sum(piece.operations for piece in pieces)
 
     def _sync_partial(self, keys: set[ServiceKey]) -> SyncResult:
         assert self._assemblies is not None and self._node_info is not None

@@ -1,0 +1,357 @@
+"""Migrating a node from kube-proxy to kproxy, with real traffic in the network-namespace test bed.
+
+kube-proxy's rules are mimicked in the node namespace (its nftables-mode table,
+or its iptables chains through iptables-nft), shown to serve a ClusterIP, and
+then kproxy is programmed for the same Service and ``cleanup_kube_proxy()``
+runs while a client keeps connecting. Also: a host firewall that predates
+kproxy keeps working and is left untouched, and the cleanup refuses to run
+before kproxy's tables exist.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import uuid
+from typing import Any, Iterator
+
+import pytest
+
+from kproxy.kubeproxy_cleanup import KproxyNotReady, cleanup_kube_proxy
+from tests.builders import service
+from tests.netbed import NetBed, Netns, Pod
+from tests.test_datapath import pod_slice, program
+
+pytestmark = pytest.mark.root
+
+CLUSTER_IP = "10.96.0.30"
+POD_CIDR = "10.244.0.0/16"
+KPROXY_TABLES = {("ip", "kproxy"), ("ip6", "kproxy")}
+
+
+@pytest.fixture
+def bed(netbed: NetBed) -> NetBed:
+    """The test bed with a server on TCP 8080 in every pod, and default routes on the node."""
+    netbed.node.ip("route", "add", "default", "via", netbed.router_ip4)
+    netbed.node.ip("-6", "route", "add", "default", "via", netbed.router_ip6)
+    netbed.start_servers(tcp_ports=[8080], udp_ports=[])
+    return netbed
+
+
+@pytest.fixture
+def netns() -> Iterator[Netns]:
+    """A fresh, empty network namespace, deleted afterwards."""
+    name = f"kpt-mig-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield Netns(name)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def tables(ns: Netns) -> set[tuple[str, str]]:
+    words = ns.nft("list", "tables").stdout.split()
+    return {(words[i + 1], words[i + 2]) for i in range(0, len(words), 3)}
+
+
+def web(endpoints: list[Pod]) -> list[dict[str, Any]]:
+    """The Service both proxies serve: ClusterIP port 80 to the pods' 8080."""
+    return [service("web", cluster_ip=CLUSTER_IP, ports=[{"name": "http", "port": 80, "targetPort": 8080}]),
+            pod_slice("web", endpoints)]
+
+
+def kube_proxy_table(endpoints: list[Pod]) -> str:
+    """``ip kube-proxy`` (and an ``ip6`` one) laid out as upstream's nftables mode does, for one ClusterIP."""
+    svc = "service-HV3GBAUT-default/web/tcp/http"
+    eps = [(p.ip4, f"endpoint-{i:08d}-default/web/tcp/http__{p.ip4}/8080") for i, p in enumerate(endpoints)]
+    endpoint_chains = "\n".join(
+        f"""    chain {chain} {{
+        ip saddr {ip} jump mark-for-masquerade
+        meta l4proto tcp dnat to {ip}:8080
+    }}""" for ip, chain in eps)
+    choices = ", ".join(f"{i} : goto {chain}" for i, (_, chain) in enumerate(eps))
+    return f"""table ip kube-proxy {{
+    comment "rules for kube-proxy"
+    chain mark-for-masquerade {{
+        meta mark set meta mark | 0x4000
+    }}
+    chain masquerading {{
+        meta mark & 0x4000 == 0 return
+        meta mark set meta mark ^ 0x4000
+        masquerade fully-random
+    }}
+{endpoint_chains}
+    chain {svc} {{
+        counter
+        ip daddr {CLUSTER_IP} tcp dport 80 ip saddr != {POD_CIDR} jump mark-for-masquerade
+        numgen random mod {len(eps)} vmap {{ {choices} }}
+    }}
+    map service-ips {{
+        type ipv4_addr . inet_proto . inet_service : verdict
+        elements = {{ {CLUSTER_IP} . tcp . 80 : goto {svc} }}
+    }}
+    set cluster-ips {{
+        type ipv4_addr
+        elements = {{ {CLUSTER_IP} }}
+    }}
+    chain services {{
+        ip daddr . meta l4proto . th dport vmap @service-ips
+    }}
+    chain cluster-ips-check {{
+        ip daddr @cluster-ips reject
+    }}
+    chain nat-prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+        jump services
+    }}
+    chain nat-output {{
+        type nat hook output priority -100; policy accept;
+        jump services
+    }}
+    chain nat-postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        jump masquerading
+    }}
+    chain filter-forward {{
+        type filter hook forward priority -110; policy accept;
+        ct state new jump cluster-ips-check
+    }}
+}}
+table ip6 kube-proxy {{
+    comment "rules for kube-proxy"
+    chain nat-prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+    }}
+}}
+"""
+
+
+def kube_proxy_packets(bed: NetBed) -> int:
+    """Packets counted in kube-proxy's Service chain: new connections it translated."""
+    listing = json.loads(bed.node.nft("-j", "list", "table", "ip", "kube-proxy").stdout)
+    return sum(expr["counter"]["packets"] for item in listing["nftables"] if "rule" in item
+               for expr in item["rule"]["expr"] if "counter" in expr)
+
+
+def replace_during_traffic(client: Pod, node: Netns):
+    """Remove kube-proxy's rules from ``node`` while ``client`` keeps connecting; return (report, loop summary)."""
+    with client.netns.start_loop(CLUSTER_IP, 80, interval_ms=5) as loop:
+        loop.wait_ok(10)
+        with node.entered():
+            report = cleanup_kube_proxy()
+        loop.wait_more_ok(20)
+        summary = loop.stop()
+    return report, summary
+
+
+def test_nftables_kube_proxy_replaced_without_a_failed_connection(bed: NetBed) -> None:
+    """kproxy takes over from kube-proxy's nftables table: new connections go to kproxy, none fails, one table pair remains."""
+    client, endpoints = bed.local_pods[-1], bed.local_pods[:-1] + bed.remote_pods
+    bed.node.nft("-f", "-", input=kube_proxy_table(endpoints))
+    through_kube_proxy = client.netns.connect_many(CLUSTER_IP, 80, 40)
+    assert through_kube_proxy.all_ok, through_kube_proxy.summary()
+    assert through_kube_proxy.servers == {p.name for p in endpoints}
+    assert kube_proxy_packets(bed) == 40
+
+    program(bed, web(endpoints))
+    both = client.netns.connect_many(CLUSTER_IP, 80, 40)
+    assert both.all_ok, both.summary()
+    assert kube_proxy_packets(bed) == 40, "registered later at the same priority, kproxy's nat chains decide first"
+
+    report, summary = replace_during_traffic(client, bed.node)
+    assert summary.failed == 0, summary
+    assert report.tables == ("ip kube-proxy", "ip6 kube-proxy") and report.chains == () and not report.forced
+    assert tables(bed.node) == KPROXY_TABLES
+    assert client.netns.connect_many(CLUSTER_IP, 80, 20).all_ok
+
+
+KUBELET_AND_USER_RULES = """\
+*mangle
+:KUBE-IPTABLES-HINT - [0:0]
+:KUBE-KUBELET-CANARY - [0:0]
+COMMIT
+*filter
+:KUBE-FIREWALL - [0:0]
+:KUBE-KUBELET-CANARY - [0:0]
+:USER-AUDIT - [0:0]
+-A INPUT -j KUBE-FIREWALL
+-A INPUT -p tcp --dport 22 -j ACCEPT
+-A FORWARD -j USER-AUDIT
+-A OUTPUT -j KUBE-FIREWALL
+-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment "block incoming localnet connections" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
+-A USER-AUDIT -p tcp --dport 9999 -j DROP
+COMMIT
+*nat
+:KUBE-KUBELET-CANARY - [0:0]
+-A POSTROUTING -d 198.51.100.0/24 -j RETURN
+COMMIT
+"""
+
+
+def iptables_kube_proxy_rules(endpoints: list[Pod]) -> str:
+    """kube-proxy's iptables-mode chains for one ClusterIP, as ``iptables-restore --noflush`` input."""
+    seps = [(f"KUBE-SEP-{i:016d}", p.ip4) for i, p in enumerate(endpoints)]
+    svc = "KUBE-SVC-HV3GBAUTWEBHTTP"
+    lines = ["*mangle", ":KUBE-PROXY-CANARY - [0:0]", "COMMIT", "*filter"]
+    lines += [f":{c} - [0:0]" for c in ("KUBE-FORWARD", "KUBE-PROXY-FIREWALL", "KUBE-SERVICES",
+                                        "KUBE-NODEPORTS", "KUBE-PROXY-CANARY")]
+    lines += [
+        "-I INPUT 1 -m conntrack --ctstate NEW -j KUBE-PROXY-FIREWALL",
+        "-A INPUT -j KUBE-NODEPORTS",
+        "-I FORWARD 1 -j KUBE-FORWARD",
+        "-A FORWARD -m conntrack --ctstate NEW -j KUBE-SERVICES",
+        "-A OUTPUT -m conntrack --ctstate NEW -j KUBE-SERVICES",
+        "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
+        "-A KUBE-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT",
+        "COMMIT",
+        "*nat",
+    ]
+    lines += [f":{c} - [0:0]" for c in ("KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-MARK-MASQ", svc)]
+    lines += [f":{chain} - [0:0]" for chain, _ in seps]
+    lines += [
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+        "-A OUTPUT -j KUBE-SERVICES",
+        "-I POSTROUTING 1 -j KUBE-POSTROUTING",
+        "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
+        "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000",
+        "-A KUBE-POSTROUTING -j MASQUERADE --random-fully",
+        "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000",
+        f"-A KUBE-SERVICES -d {CLUSTER_IP}/32 -p tcp --dport 80 -j {svc}",
+        f"-A {svc} ! -s {POD_CIDR} -d {CLUSTER_IP}/32 -p tcp --dport 80 -j KUBE-MARK-MASQ",
+    ]
+    for i, (chain, _) in enumerate(seps):
+        left = len(seps) - i
+        choose = f"-m statistic --mode random --probability {1 / left:.11f} " if left > 1 else ""
+        lines.append(f"-A {svc} {choose}-j {chain}")
+    for chain, ip in seps:
+        lines += [f"-A {chain} -s {ip}/32 -j KUBE-MARK-MASQ", f"-A {chain} -p tcp -j DNAT --to-destination {ip}:8080"]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+IP6_USER_RULES = """\
+*nat
+-A POSTROUTING -d 2001:db8::/32 -j RETURN
+COMMIT
+"""
+
+IP6_KUBE_PROXY_RULES = """\
+*nat
+:KUBE-SERVICES - [0:0]
+-A PREROUTING -j KUBE-SERVICES
+COMMIT
+"""
+
+
+BUILTIN = re.compile(r"^-[AI] (PREROUTING|INPUT|FORWARD|OUTPUT|POSTROUTING) .*-j (KUBE-\S+)")
+
+
+def declared(*scripts: tuple[str, str]) -> tuple[set[str], list[str]]:
+    """From iptables-restore input: every chain it declares, and every jump to one from a built-in chain."""
+    chains, jumps = set(), []
+    for family, script in scripts:
+        table = ""
+        for line in script.splitlines():
+            if line.startswith("*"):
+                table = line[1:]
+            elif line.startswith(":"):
+                chains.add(f"{family} {table} {line[1:].split()[0]}")
+            elif match := BUILTIN.match(line):
+                jumps.append(f"{family} {table} {match.group(1)} -> {match.group(2)}")
+    return chains, sorted(jumps)
+
+
+def iptables_service_packets(ns: Netns) -> int:
+    """Packets counted by kube-proxy's KUBE-SERVICES rule for the ClusterIP: new connections it translated."""
+    listing = ns.run("iptables-nft", "-t", "nat", "-L", "KUBE-SERVICES", "-v", "-x", "-n").stdout
+    return sum(int(line.split()[0]) for line in listing.splitlines() if CLUSTER_IP in line)
+
+
+def iptables_state(ns: Netns) -> str:
+    """iptables-nft-save and ip6tables-nft-save of the namespace, without comments and counters."""
+    text = ns.run("iptables-nft-save").stdout + ns.run("ip6tables-nft-save").stdout
+    return "\n".join(re.sub(r"\[\d+:\d+\]", "", line) for line in text.splitlines() if not line.startswith("#"))
+
+
+@pytest.mark.skipif(shutil.which("iptables-nft-restore") is None, reason="iptables-nft is not installed")
+def test_iptables_kube_proxy_replaced_and_other_rules_survive(bed: NetBed) -> None:
+    """kube-proxy's KUBE-* chains and their jumps go without a failed connection; kubelet's and the user's stay as they were."""
+    client, endpoints = bed.local_pods[-1], bed.local_pods[:-1] + bed.remote_pods
+    bed.node.run("iptables-nft-restore", "--noflush", input=KUBELET_AND_USER_RULES)
+    bed.node.run("ip6tables-nft-restore", "--noflush", input=IP6_USER_RULES)
+    before = iptables_state(bed.node)
+    bed.node.run("iptables-nft-restore", "--noflush", input=iptables_kube_proxy_rules(endpoints))
+    bed.node.run("ip6tables-nft-restore", "--noflush", input=IP6_KUBE_PROXY_RULES)
+    through_kube_proxy = client.netns.connect_many(CLUSTER_IP, 80, 40)
+    assert through_kube_proxy.all_ok, through_kube_proxy.summary()
+    assert through_kube_proxy.servers == {p.name for p in endpoints}
+    assert iptables_service_packets(bed.node) == 40
+
+    program(bed, web(endpoints))
+    assert client.netns.connect_many(CLUSTER_IP, 80, 40).all_ok
+    assert iptables_service_packets(bed.node) == 40, "kproxy's nat chains, registered later, decide first"
+
+    report, summary = replace_during_traffic(client, bed.node)
+    assert summary.failed == 0, summary
+    assert iptables_state(bed.node) == before
+    assert report.tables == ()
+    chains, jumps = declared(("ip", iptables_kube_proxy_rules(endpoints)), ("ip6", IP6_KUBE_PROXY_RULES))
+    assert set(report.chains) == chains
+    assert sorted(r.split(" handle ")[0] + " -> " + r.split()[-1].rstrip(")") for r in report.rules) == jumps
+    assert {k.split(" (")[0] for k in report.kept} == {
+        "ip mangle KUBE-IPTABLES-HINT", "ip mangle KUBE-KUBELET-CANARY", "ip filter KUBE-FIREWALL",
+        "ip filter KUBE-KUBELET-CANARY", "ip nat KUBE-KUBELET-CANARY"}
+    assert tables(bed.node) >= KPROXY_TABLES
+
+
+HOST_FIREWALL = """\
+table inet host-firewall {
+    chain input {
+        type filter hook input priority 0; policy drop;
+        ct state established,related accept
+        iif "lo" accept
+        meta l4proto { icmp, ipv6-icmp } accept
+        tcp dport 22 accept
+    }
+    chain forward {
+        type filter hook forward priority 0; policy drop;
+        ct state established,related accept
+        ct status dnat accept
+    }
+}
+"""
+
+
+def test_host_firewall_keeps_working_and_is_left_untouched(bed: NetBed) -> None:
+    """A drop-by-default host firewall that predates kproxy passes its ClusterIP and NodePort traffic and stays byte for byte."""
+    bed.node.nft("-f", "-", input=HOST_FIREWALL)
+    before = bed.node.nft("list", "table", "inet", "host-firewall").stdout
+    assert not bed.local_pods[-1].netns.connect(bed.local_pods[0].ip4, 8080, timeout=0.3).ok, "forward drops"
+    program(bed, [
+        service("web", cluster_ip=CLUSTER_IP, type="NodePort",
+                ports=[{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}]),
+        pod_slice("web", bed.pods[:-1]),
+    ])
+    cluster_ip = bed.local_pods[-1].netns.connect_many(CLUSTER_IP, 80, 40)
+    assert cluster_ip.all_ok, cluster_ip.summary()
+    node_port = bed.client.connect_many(bed.node_ip4, 30080, 40)
+    assert node_port.all_ok, node_port.summary()
+    with bed.node.entered():
+        assert not cleanup_kube_proxy().removed_anything
+    assert bed.node.nft("list", "table", "inet", "host-firewall").stdout == before
+    assert tables(bed.node) == KPROXY_TABLES | {("inet", "host-firewall")}
+
+
+def test_cleanup_refuses_without_kproxy_unless_forced(netns: Netns) -> None:
+    """Without kproxy's tables the cleanup changes nothing and says why; force=True removes kube-proxy's rules anyway."""
+    netns.nft("-f", "-", input="table ip kube-proxy { chain nat-prerouting { type nat hook prerouting priority dstnat; }; }")
+    netns.nft("add", "table", "inet", "other")
+    with netns.entered(), pytest.raises(KproxyNotReady, match="ip kproxy"):
+        cleanup_kube_proxy()
+    assert tables(netns) == {("ip", "kube-proxy"), ("inet", "other")}
+    with netns.entered():
+        report = cleanup_kube_proxy(force=True)
+    assert report.tables == ("ip kube-proxy",) and report.forced
+    assert tables(netns) == {("inet", "other")}
