@@ -30,3 +30,14 @@ def test_programming_latency_benchmark_quick() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "Services" not in line]
     assert len(rows) == 1 and rows[0].startswith("| 100 |"), result.stdout
+
+
+@pytest.mark.root
+def test_datapath_benchmark_quick() -> None:
+    """benchmarks/datapath.py --quick measures ClusterIP connection latency at both sizes and prints the table."""
+    result = subprocess.run([sys.executable, "benchmarks/datapath.py", "--quick"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "target" not in line]
+    cluster_ip = [row for row in rows if "| ClusterIP 10.250.0.1:80 |" in row]
+    assert [row.split(" | ")[0] for row in cluster_ip] == ["| 100", "| 1,000"], result.stdout
