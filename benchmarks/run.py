@@ -1,23 +1,66 @@
-"""Run every benchmark in turn (``./dev bench``); pass --quick for small sizes."""
+"""Run every benchmark and record the tables in benchmarks/README.md (``./dev bench``).
+
+    .venv/bin/python benchmarks/run.py [--quick] [--only NAME ...] [--no-write]
+
+Each benchmark prints a markdown table; this runs them in turn, prints them,
+and (unless --quick or --no-write) replaces the generated section of
+benchmarks/README.md, between its ``results`` markers, with the tables and the
+machine, kernel, nft and Python versions they were measured with.
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import cold_start, datapath, partial_sync, programming_latency  # noqa: E402
 from benchmarks import compile as compile_bench  # noqa: E402
-from benchmarks import programming_latency  # noqa: E402
+from benchmarks.netns import versions  # noqa: E402
 
-BENCHMARKS = [("compile", compile_bench.main), ("network programming latency", programming_latency.main)]
+BENCHMARKS = {
+    "compile": ("Compile (pure core)", compile_bench.main),
+    "cold-start": ("Cold start on an empty node", cold_start.main),
+    "partial-sync": ("Partial syncs in a loaded table", partial_sync.main),
+    "programming-latency": ("Network programming latency", programming_latency.main),
+    "datapath": ("New-connection latency through a ClusterIP", datapath.main),
+}
+README = Path(__file__).resolve().parent / "README.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def main() -> None:
-    quick = ["--quick"] if "--quick" in sys.argv[1:] else []
-    for name, run in BENCHMARKS:
-        print(f"\n## {name}\n")
-        run(quick)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS))
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    info = versions()
+    sections = [
+        f"Measured {time.strftime('%Y-%m-%d')} on {info['machine']}, Linux {info['kernel']}, "
+        f"{info['nft']}, Python {info['python']}."
+    ]
+    for name in args.only or list(BENCHMARKS):
+        title, run = BENCHMARKS[name]
+        captured = io.StringIO()
+        with contextlib.redirect_stdout(captured):
+            run(["--quick"] if args.quick else [])
+        table = "\n".join(line for line in captured.getvalue().splitlines() if line.startswith("|"))
+        print(f"\n## {title}\n\n{table}", flush=True)
+        sections.append(f"### {title} (`benchmarks/{run.__module__.split('.')[-1]}.py`)\n\n{table}")
+    if args.quick or args.no_write:
+        return
+    text = README.read_text()
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        tail = rest.split(END, 1)[1]
+        README.write_text(f"{head}{START}\n\n" + "\n\n".join(sections) + f"\n\n{END}{tail}")
+        print(f"\nrecorded in {README}")
 
 
 if __name__ == "__main__":

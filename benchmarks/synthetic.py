@@ -1,8 +1,9 @@
 """Synthetic clusters at the sizes users run, shared by every benchmark.
 
 A cluster of N Services x E endpoints mixes what real clusters have: mostly
-ClusterIP, one in five NodePort, one in twenty with ClientIP affinity, one in
-twenty with externalTrafficPolicy Local, endpoints spread over 50 nodes.
+ClusterIP, one in five NodePort (among the first 11,000: NodePorts are unique
+and the default range holds 2,768), one in twenty with ClientIP affinity, one
+in twenty with externalTrafficPolicy Local, endpoints spread over 50 nodes.
 Objects are plain manifests, so the benchmark pays for conversion too.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 NODE_NAME = "node-0"
+NODEPORT_LIMIT = 11_000
 
 
 def service_manifest(i: int, generation: int = 0) -> dict[str, Any]:
@@ -19,14 +21,16 @@ def service_manifest(i: int, generation: int = 0) -> dict[str, Any]:
         "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
     }
     spec["clusterIPs"] = [spec["clusterIP"]]
-    if i % 5 == 0:
+    # NodePorts are unique and stay inside the default range 30000-32767, so
+    # only the first 11,000 Services can have one (2,750 NodePorts).
+    if i % 5 == 0 and i < NODEPORT_LIMIT:
         spec["type"] = "NodePort"
-        spec["ports"][0]["nodePort"] = 30000 + i % 2700
+        spec["ports"][0]["nodePort"] = 30000 + i // 5
     if i % 20 == 1:
         spec["sessionAffinity"] = "ClientIP"
-    if i % 20 == 5:
+    if i % 20 == 5 and i < NODEPORT_LIMIT:
         spec["type"] = "NodePort"
-        spec["ports"][0]["nodePort"] = 30000 + i % 2700
+        spec["ports"][0]["nodePort"] = 32200 + i // 20
         spec["externalTrafficPolicy"] = "Local"
     return {
         "apiVersion": "v1",

@@ -6,6 +6,7 @@ Modes:
 * ``--once``: read manifests, bring this network namespace's kernel to that
   ruleset (creating or updating kproxy's tables), print the operation count.
 * ``--cleanup``: delete kproxy's tables, and nothing else.
+* ``--cleanup-kube-proxy``: remove upstream kube-proxy's rules once kproxy's are in place.
 * ``--dry-run --diff``: print only what the next sync would change in the kernel.
 * ``explain SRC DST PORT``: where a packet would go, from the live tables, and why.
 * no mode flag: run the daemon.
@@ -32,6 +33,8 @@ from kproxy.convert import build_cluster
 from kproxy.manifests import ManifestError, load_manifest_files
 from kproxy.model import Cluster
 from kproxy.nft import CapabilityError, NftablesBackend, NftError
+from kproxy.daemon_errors import StartupError
+from kproxy.kubeproxy_cleanup import KubeProxyCleanupError, cleanup_kube_proxy
 from kproxy.logs import setup_logging
 from kproxy.nodeaddr import interface_addresses
 from kproxy.plan import Op, Transaction, plan, render_ruleset
@@ -58,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mode.add_argument("--once", action="store_true", help="program the kernel for the input once and exit")
     mode.add_argument("--cleanup", action="store_true", help="delete kproxy's nftables tables and exit")
+    mode.add_argument(
+        "--cleanup-kube-proxy",
+        action="store_true",
+        help="remove upstream kube-proxy's nftables tables and iptables-nft KUBE-* chains "
+        "(refused until kproxy's own rules are in place), and exit",
+    )
+    mode.add_argument("--force", action="store_true", help="with --cleanup-kube-proxy: even before kproxy's rules are in place")
     _add_common(parser)
     return parser
 
@@ -188,6 +198,14 @@ def once(args: argparse.Namespace, daemon_config_: DaemonConfig) -> int:
     return 0
 
 
+def cleanup_kube_proxy_mode(force: bool) -> int:
+    """Remove upstream kube-proxy's rules, once kproxy's are in place."""
+    report = cleanup_kube_proxy(force=force)
+    for line in report.lines():
+        print(line)
+    return 0
+
+
 def cleanup(args: argparse.Namespace) -> int:
     """Delete kproxy's tables (ip and ip6 kproxy) and nothing else."""
     deleted = NftablesBackend().delete_tables()
@@ -203,9 +221,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.diff and not args.dry_run:
         parser.error("--diff goes with --dry-run")
-    modes = [m for m in ("dry_run", "once", "cleanup") if getattr(args, m)]
+    modes = [m for m in ("dry_run", "once", "cleanup", "cleanup_kube_proxy") if getattr(args, m)]
     if len(modes) > 1:
-        parser.error("choose one mode: --dry-run, --once, --cleanup, or none to run the daemon")
+        parser.error("choose one mode: --dry-run, --once, --cleanup, --cleanup-kube-proxy, or none to run the daemon")
+    if args.force and not args.cleanup_kube_proxy:
+        parser.error("--force goes with --cleanup-kube-proxy")
     try:
         config = daemon_config(args)
     except ConfigError as exc:
@@ -220,13 +240,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return once(args, config)
         if args.cleanup:
             return cleanup(args)
+        if args.cleanup_kube_proxy:
+            return cleanup_kube_proxy_mode(args.force)
         from kproxy.daemon import run
 
         return run(config)
     except UsageError as exc:
         print(f"kproxy: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (CapabilityError, NftError) as exc:
+    except (CapabilityError, NftError, KubeProxyCleanupError, StartupError) as exc:
         print(f"kproxy: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from kproxy.config import DaemonConfig
+from kproxy.daemon_errors import StartupError
 from kproxy.nft import NftablesBackend
 from kproxy.proxier import Proxier, SyncObserver, SyncRunner
 from kproxy.watch import Backoff, Watcher, api_resources
@@ -129,10 +130,19 @@ def start_observability(daemon: Daemon, registry: Any, metrics: Any) -> list[Cal
 
     reader = LockedReader()
     registry.register(ProxierCollector(daemon.proxier, reader.counters))
-    metrics_server = start_metrics_server(parse_bind_address(daemon.config.metrics_bind_address), registry,
-                                          reader.rules_text)
+    try:
+        metrics_server = start_metrics_server(parse_bind_address(daemon.config.metrics_bind_address), registry,
+                                              reader.rules_text)
+    except OSError as exc:
+        raise StartupError(f"cannot serve metrics on {daemon.config.metrics_bind_address}: {exc.strerror or exc} "
+                           "(is kube-proxy or another kproxy running on this node?)") from None
     health = ProxyHealth(proxier_health_inputs(daemon.proxier, daemon.config.sync_period), metrics)
-    health_server = health.serve(parse_bind_address(daemon.config.healthz_bind_address))
+    try:
+        health_server = health.serve(parse_bind_address(daemon.config.healthz_bind_address))
+    except OSError as exc:
+        metrics_server.stop()
+        raise StartupError(f"cannot serve health checks on {daemon.config.healthz_bind_address}: "
+                           f"{exc.strerror or exc} (is kube-proxy or another kproxy running on this node?)") from None
     service_health = ServiceHealthServers(health.healthy)
     daemon.proxier.listeners.append(lambda proxier: service_health.sync(proxier.local_policy_report()))
     log.info("metrics on %s:%d, health on %s:%d", metrics_server.host or "*", metrics_server.port,
@@ -150,7 +160,12 @@ def run(config: DaemonConfig) -> int:
     prometheus_client.disable_created_metrics()
     registry = CollectorRegistry()
     metrics = ProxyMetrics(registry)
-    daemon = Daemon(config, kube_api_client(config.kubeconfig), observer=metrics, on_restart=metrics.watch_restarted)
+    try:
+        api_client = kube_api_client(config.kubeconfig)
+    except Exception as exc:  # no kubeconfig file, not in a cluster, a malformed config
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise StartupError(f"cannot configure the Kubernetes client: {reason}") from None
+    daemon = Daemon(config, api_client, observer=metrics, on_restart=metrics.watch_restarted)
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)

@@ -24,9 +24,14 @@ Rules kube-proxy made with iptables-legacy are invisible to nftables and are
 not touched; neither are IPVS virtual servers, the ``kube-ipvs0`` interface or
 ipsets (docs/migration.md says how to remove those).
 
-kproxy's own tables must already exist in every family where something would be
-removed: taking kube-proxy's rules away before kproxy's are in place would leave
-Services unserved. ``force=True`` skips that check.
+kproxy's own rules must already be in place in every family where something
+would be removed: taking kube-proxy's rules away first would leave Services
+unserved. In place means kproxy's table exists and is not halfway through its
+first build. That build (``kproxy.plan.create``) takes several transactions:
+the first declares the table and every Service chain, the last fills the
+dispatch maps. So a table with Service chains but empty ``service-ips`` and
+``service-nodeports`` maps is still being built. ``force=True`` skips the
+check.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from kproxy.nft import FAMILIES, LIBNFTABLES
+from kproxy.plan import SERVICE_CHAIN_PREFIXES
 from kproxy.ruleset import TABLE as KPROXY_TABLE
 
 log = logging.getLogger(__name__)
@@ -50,6 +56,8 @@ PROTECTED = ("KUBE-FIREWALL", "KUBE-KUBELET-CANARY", "KUBE-IPTABLES-HINT")
 """kubelet's chains: left in place."""
 PROTECTED_PREFIXES = ("KUBE-ROUTER-", "KUBE-POD-FW-", "KUBE-NWPLCY-")
 """kube-router's network-policy chains: left in place."""
+DISPATCH_MAPS = ("service-ips", "service-nodeports")
+"""kproxy's maps that lead to Service chains; filled by the last step of a table's first build."""
 
 
 class KubeProxyCleanupError(Exception):
@@ -57,7 +65,7 @@ class KubeProxyCleanupError(Exception):
 
 
 class KproxyNotReady(KubeProxyCleanupError):
-    """kproxy's tables are missing where kube-proxy's rules would be removed."""
+    """kproxy's rules are not in place (table missing, or first build unfinished) where kube-proxy's would go."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +214,19 @@ class _Nft:
             raise KubeProxyCleanupError(f"nft list table {family} {name} failed: {_first_line(err)}")
         return out
 
+    def chains(self, family: str, table: str) -> list[str]:
+        """The names of a table's chains (``list chains`` lists no rules: cheap at any size)."""
+        rc, out, err = self._json(f"list chains {family}")
+        if rc != 0:
+            raise KubeProxyCleanupError(f"nft list chains {family} failed: {_first_line(err)}")
+        return [i["chain"]["name"] for i in out.get("nftables", []) if i.get("chain", {}).get("table") == table]
+
+    def has_elements(self, family: str, table: str, name: str) -> bool:
+        rc, out, err = self._json(f"list map {family} {table} {name}")
+        if rc != 0:
+            raise KubeProxyCleanupError(f"nft list map {family} {table} {name} failed: {_first_line(err)}")
+        return any(i["map"].get("elem") for i in out.get("nftables", []) if "map" in i)
+
     def _json(self, command: str) -> tuple[int, dict[str, Any], str]:
         self._nft.set_json_output(True)
         rc, out, err = self._nft.cmd(command)
@@ -226,12 +247,24 @@ def _first_line(text: str) -> str:
     return error.strip()
 
 
+def _kproxy_not_ready(nft: _Nft, present: set[tuple[str, str]], family: str) -> str | None:
+    """Why kproxy's rules are not in place in ``family`` yet, or None if they are."""
+    if (family, KPROXY_TABLE) not in present:
+        return f"kproxy's table {family} {KPROXY_TABLE} not found"
+    if any(c.startswith(SERVICE_CHAIN_PREFIXES) for c in nft.chains(family, KPROXY_TABLE)) and not any(
+        nft.has_elements(family, KPROXY_TABLE, name) for name in DISPATCH_MAPS
+    ):
+        return f"kproxy's table {family} {KPROXY_TABLE} is still being built (its first sync has not finished)"
+    return None
+
+
 def cleanup_kube_proxy(force: bool = False) -> CleanupReport:
     """Remove kube-proxy's nftables tables and iptables-nft chains from this network namespace.
 
     Raises KproxyNotReady (before changing anything) if kproxy's table is
-    missing in a family where something would be removed, unless ``force``;
-    KubeProxyCleanupError if the kernel refuses the transaction.
+    missing or still being built in a family where something would be removed,
+    unless ``force``; KubeProxyCleanupError if the kernel refuses the
+    transaction (nothing is changed then either).
     """
     nft = _Nft()
     present = nft.tables()
@@ -244,13 +277,11 @@ def cleanup_kube_proxy(force: bool = False) -> CleanupReport:
         for name in IPTABLES_TABLES:
             if (family, name) in present:
                 _plan_table(_parse_table(nft.table(family, name), family, name), plan)
-    missing = [f"{family} {KPROXY_TABLE}" for family in FAMILIES
-               if family in plan.families and (family, KPROXY_TABLE) not in present]
-    if missing and not force:
+    problems = [problem for family in sorted(plan.families) if (problem := _kproxy_not_ready(nft, present, family))]
+    if problems and not force:
         raise KproxyNotReady(
-            f"kproxy's {'tables' if len(missing) > 1 else 'table'} {' and '.join(missing)} not found: removing"
-            " kube-proxy's rules now would leave Services unserved; wait until kproxy is running and healthy"
-            " on this node (or force it)"
+            f"{'; '.join(problems)}: removing kube-proxy's rules now would leave Services unserved;"
+            " wait until kproxy has synced on this node (or force it)"
         )
     if plan.commands:
         nft.apply(plan.commands)
@@ -261,5 +292,5 @@ def cleanup_kube_proxy(force: bool = False) -> CleanupReport:
         chains=tuple(plan.chains),
         rules=tuple(plan.rules),
         kept=tuple(plan.kept),
-        forced=force and bool(missing),
+        forced=force and bool(problems),
     )

@@ -50,7 +50,7 @@ def allows(api_group: str, resource: str, verb: str) -> bool:
 
 
 def access_for_kind(kind: str) -> ApiAccess:
-    """The entry for an object kind (``Service``, ``EndpointSlice``, ``Node``); KeyError if the daemon may not read it."""
+    """The entry for an object kind (``Service``, ``EndpointSlice``, ``Node``); KeyError if there is none."""
     for access in API_ACCESS:
         if access.kind == kind:
             return access

@@ -26,6 +26,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
+from kproxy.rbac import LIST_WATCH, access_for_kind
+
 log = logging.getLogger(__name__)
 
 SERVICE_SELECTOR = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
@@ -63,11 +65,17 @@ def api_resources(api_client: Any, node_name: str) -> list[Resource]:
 
     core = client.CoreV1Api(api_client)
     discovery = client.DiscoveryV1Api(api_client)
-    return [
+    resources = [
         Resource("Service", core.list_service_for_all_namespaces, label_selector=SERVICE_SELECTOR),
         Resource("EndpointSlice", discovery.list_endpoint_slice_for_all_namespaces),
         Resource("Node", core.list_node, field_selector=f"metadata.name={node_name}"),
     ]
+    for resource in resources:
+        # Every call here lists and then watches: kproxy/rbac.py (and so the
+        # ClusterRole in daemonset.yaml) must grant both.
+        granted = access_for_kind(resource.kind).verbs
+        assert set(LIST_WATCH) <= set(granted), f"kproxy/rbac.py must grant list and watch on {resource.kind}"
+    return resources
 
 
 class Watcher(threading.Thread):

@@ -41,3 +41,14 @@ def test_datapath_benchmark_quick() -> None:
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "target" not in line]
     cluster_ip = [row for row in rows if "| ClusterIP 10.250.0.1:80 |" in row]
     assert [row.split(" | ")[0] for row in cluster_ip] == ["| 100", "| 1,000"], result.stdout
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("script", ["cold_start.py", "partial_sync.py"])
+def test_kernel_benchmarks_quick(script: str) -> None:
+    """The cold-start and partial-sync benchmarks run in quick mode and print their tables."""
+    result = subprocess.run([sys.executable, f"benchmarks/{script}", "--quick"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "Services x" not in line]
+    assert rows, result.stdout

@@ -32,6 +32,8 @@ from kproxy.watch import Watcher, api_resources
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "kube-system"
 HEALTH_PORT = 10256
+MIGRATION_LABEL = "kproxy.io/proxy"
+"""Nodes labelled kproxy.io/proxy=kube-proxy keep kube-proxy and get no kproxy pod (docs/migration.md)."""
 RUNTIME_PACKAGES = {"nftables", "libnftables1", "conntrack"}
 """The Debian packages kproxy runs on (./dev installs them, and the image must too)."""
 SCHEMA_VERSIONS = sorted({"1.31.0", kubernetes_validate.latest_version()})
@@ -180,6 +182,28 @@ def test_runs_on_every_node_as_a_critical_host_network_pod() -> None:
     assert strategy["rollingUpdate"]["maxUnavailable"] not in (0, "0%")
 
 
+def test_kproxy_stays_off_nodes_that_keep_kube_proxy() -> None:
+    """Nodes labelled kproxy.io/proxy=kube-proxy (mid-migration) get no kproxy pod; unlabelled nodes do."""
+    affinity = pod_spec()["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert affinity["nodeSelectorTerms"] == [
+        {"matchExpressions": [{"key": MIGRATION_LABEL, "operator": "NotIn", "values": ["kube-proxy"]}]}]
+
+
+def test_migration_guide_matches_the_manifest() -> None:
+    """docs/migration.md's patches are valid JSON and use the manifest's label, namespace, pod label and image."""
+    text = (ROOT / "docs" / "migration.md").read_text()
+    merge, remove = (json.loads(p) for p in re.findall(r"-p '(.+?)'", text))
+    assert merge == {"spec": {"template": {"spec": {"nodeSelector": {MIGRATION_LABEL: "kube-proxy"}}}}}
+    path = "/spec/template/spec/nodeSelector/" + MIGRATION_LABEL.replace("/", "~1")
+    assert remove == [{"op": "remove", "path": path}]
+    assert f"{MIGRATION_LABEL}=kube-proxy" in text and f"{MIGRATION_LABEL}=kproxy" in text
+    labels = one("DaemonSet")["spec"]["template"]["metadata"]["labels"]
+    selectors = set(re.findall(r"-l (app\.kubernetes\.io/name=\S+)", text))
+    assert selectors == {f"app.kubernetes.io/name={labels['app.kubernetes.io/name']}"}
+    assert set(re.findall(r"--image=(\S*kproxy\S*)", text)) == {container()["image"]}
+    assert set(re.findall(r"kubectl -n (\S+)", text)) == {NAMESPACE}
+
+
 def _quantity(text: str) -> float:
     units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
     for suffix, factor in units.items():
@@ -285,6 +309,9 @@ def test_only_watch_py_talks_to_the_api_server() -> None:
             if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "client"
                     and node.attr.endswith("Api")):
                 users.add(path.name)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kubernetes"):
+                if any(alias.name.endswith("Api") for alias in node.names):
+                    users.add(path.name)
     assert users == {"watch.py"}
 
 

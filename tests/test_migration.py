@@ -19,10 +19,14 @@ from typing import Any, Iterator
 
 import pytest
 
+from kproxy.compiler import NodeInfo, compile_ruleset
+from kproxy.convert import build_cluster
 from kproxy.kubeproxy_cleanup import KproxyNotReady, cleanup_kube_proxy
-from tests.builders import service
+from kproxy.nft import NftablesBackend
+from kproxy.plan import create
+from tests.builders import endpoint, endpoint_slice, service
 from tests.netbed import NetBed, Netns, Pod
-from tests.test_datapath import pod_slice, program
+from tests.test_datapath import CONFIG, pod_slice, program
 
 pytestmark = pytest.mark.root
 
@@ -147,7 +151,7 @@ def replace_during_traffic(client: Pod, node: Netns):
 
 
 def test_nftables_kube_proxy_replaced_without_a_failed_connection(bed: NetBed) -> None:
-    """kproxy takes over from kube-proxy's nftables table: new connections go to kproxy, none fails, one table pair remains."""
+    """kproxy takes over from kube-proxy's nftables table: it decides new connections, and none fails."""
     client, endpoints = bed.local_pods[-1], bed.local_pods[:-1] + bed.remote_pods
     bed.node.nft("-f", "-", input=kube_proxy_table(endpoints))
     through_kube_proxy = client.netns.connect_many(CLUSTER_IP, 80, 40)
@@ -277,7 +281,7 @@ def iptables_state(ns: Netns) -> str:
 
 @pytest.mark.skipif(shutil.which("iptables-nft-restore") is None, reason="iptables-nft is not installed")
 def test_iptables_kube_proxy_replaced_and_other_rules_survive(bed: NetBed) -> None:
-    """kube-proxy's KUBE-* chains and their jumps go without a failed connection; kubelet's and the user's stay as they were."""
+    """kube-proxy's KUBE-* chains and jumps go without a failed connection; kubelet's and the user's rules stay."""
     client, endpoints = bed.local_pods[-1], bed.local_pods[:-1] + bed.remote_pods
     bed.node.run("iptables-nft-restore", "--noflush", input=KUBELET_AND_USER_RULES)
     bed.node.run("ip6tables-nft-restore", "--noflush", input=IP6_USER_RULES)
@@ -325,7 +329,7 @@ table inet host-firewall {
 
 
 def test_host_firewall_keeps_working_and_is_left_untouched(bed: NetBed) -> None:
-    """A drop-by-default host firewall that predates kproxy passes its ClusterIP and NodePort traffic and stays byte for byte."""
+    """A drop-by-default host firewall from before kproxy passes its Service traffic and stays byte for byte."""
     bed.node.nft("-f", "-", input=HOST_FIREWALL)
     before = bed.node.nft("list", "table", "inet", "host-firewall").stdout
     assert not bed.local_pods[-1].netns.connect(bed.local_pods[0].ip4, 8080, timeout=0.3).ok, "forward drops"
@@ -344,9 +348,13 @@ def test_host_firewall_keeps_working_and_is_left_untouched(bed: NetBed) -> None:
     assert tables(bed.node) == KPROXY_TABLES | {("inet", "host-firewall")}
 
 
+KUBE_PROXY_STUB = "table ip kube-proxy { chain nat-output { type nat hook output priority -100; }; }\n"
+"""Enough of kube-proxy's nftables table for the checks that need no traffic."""
+
+
 def test_cleanup_refuses_without_kproxy_unless_forced(netns: Netns) -> None:
-    """Without kproxy's tables the cleanup changes nothing and says why; force=True removes kube-proxy's rules anyway."""
-    netns.nft("-f", "-", input="table ip kube-proxy { chain nat-prerouting { type nat hook prerouting priority dstnat; }; }")
+    """Without kproxy's tables the cleanup changes nothing and says why; force=True removes kube-proxy's anyway."""
+    netns.nft("-f", "-", input=KUBE_PROXY_STUB)
     netns.nft("add", "table", "inet", "other")
     with netns.entered(), pytest.raises(KproxyNotReady, match="ip kproxy"):
         cleanup_kube_proxy()
@@ -355,3 +363,25 @@ def test_cleanup_refuses_without_kproxy_unless_forced(netns: Netns) -> None:
         report = cleanup_kube_proxy(force=True)
     assert report.tables == ("ip kube-proxy",) and report.forced
     assert tables(netns) == {("inet", "other")}
+
+
+def test_cleanup_waits_until_kproxy_first_build_is_complete(netns: Netns) -> None:
+    """While kproxy's first build has declared its Service chains but not yet filled its maps, the cleanup refuses."""
+    netns.nft("-f", "-", input=KUBE_PROXY_STUB)
+    cluster, problems = build_cluster([
+        service("web", cluster_ip=CLUSTER_IP),
+        endpoint_slice("web-1", "web", [endpoint("10.244.1.11")], ports=[{"name": "http", "port": 8080}]),
+    ], "node-a")
+    assert problems == []
+    ruleset = compile_ruleset(cluster, NodeInfo("node-a", "zone-a", ("192.0.2.1",), ("192.0.2.1",)), CONFIG)
+    pieces = create(ruleset.tables["ip"])
+    with netns.entered():
+        backend = NftablesBackend()
+        for piece in pieces[:-1]:
+            backend.apply(piece)
+        with pytest.raises(KproxyNotReady, match="ip kproxy is still being built"):
+            cleanup_kube_proxy()
+        backend.apply(pieces[-1])
+        report = cleanup_kube_proxy()
+    assert report.tables == ("ip kube-proxy",) and not report.forced
+    assert tables(netns) == {("ip", "kproxy")}
