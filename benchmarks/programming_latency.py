@@ -38,7 +38,10 @@ def _inside_netns(argv: list[str]) -> int:
     try:
         subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
         env = dict(os.environ, KPROXY_BENCH_NETNS=name)
-        return subprocess.run(["ip", "netns", "exec", name, sys.executable, __file__, *argv], env=env).returncode
+        result = subprocess.run(["ip", "netns", "exec", name, sys.executable, __file__, *argv], env=env,
+                                stdout=subprocess.PIPE, text=True)
+        sys.stdout.write(result.stdout)  # through this process's stdout, so callers can capture it
+        return result.returncode
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
 

@@ -14,7 +14,6 @@ This follows upstream kube-proxy's ``pkg/proxy/topology.go`` and
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -50,10 +49,9 @@ class Selection:
     """"", PreferSameZone or PreferSameNode: how ``cluster`` was narrowed."""
 
 
-def _sort_key(ep: PortEndpoint) -> tuple[bytes, int]:
-    """Numeric address order (within one family), then port."""
-    family = socket.AF_INET6 if ":" in ep.address else socket.AF_INET
-    return (socket.inet_pton(family, ep.address), ep.port)
+def _sort_key(ep: PortEndpoint) -> tuple[str, int]:
+    """Address text, then port: any fixed order keeps the output deterministic, and this one is cheap."""
+    return (ep.address, ep.port)
 
 
 def port_endpoints(port: ServicePort, slices: Iterable[EndpointSlice], family: IPFamily) -> list[PortEndpoint]:

@@ -358,9 +358,10 @@ class Proxier:
         for family in FAMILIES:
             assembly = Assembly(base_table(node_info, self.config, family))
             if family in current.tables:
-                for key in sorted(self.tracker.services):
-                    assembly.set_service(key, self._compile(key, family, node_info))
-                tx.extend(diff(current.tables[family], assembly.table, delete_chains=False))
+                with gc_paused():
+                    for key in sorted(self.tracker.services):
+                        assembly.set_service(key, self._compile(key, family, node_info))
+                    tx.extend(diff(current.tables[family], assembly.table, delete_chains=False))
             else:
                 operations += self._create_table(assembly, node_info)
             assemblies[family] = assembly
@@ -385,9 +386,10 @@ class Proxier:
         piece's parsing overlaps another's kernel work.
         """
         family = assembly.family
-        for key in sorted(self.tracker.services):
-            assembly.set_service(key, self._compile(key, family, node_info))
-        pieces = create(assembly.table)
+        with gc_paused():
+            for key in sorted(self.tracker.services):
+                assembly.set_service(key, self._compile(key, family, node_info))
+            pieces = create(assembly.table)
         self.backend.apply(pieces[0])
         apply_all = getattr(self.backend, "apply_all", None)
         if apply_all is not None:
