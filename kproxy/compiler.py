@@ -15,7 +15,6 @@ Layout (see rules/README.md for the packet path):
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import ipaddress
 from dataclasses import dataclass
@@ -89,7 +88,7 @@ def _family_of(address: str) -> IPFamily:
 
 
 def _hash(text: str) -> str:
-    return base64.b32encode(hashlib.sha256(text.encode()).digest()[:5]).decode()
+    return hashlib.sha256(text.encode()).hexdigest()[:8].upper()
 
 
 def port_label(service: Service, port: ServicePort) -> str:

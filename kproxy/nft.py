@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 FAMILIES: tuple[Family, ...] = ("ip", "ip6")
 LIBNFTABLES = "libnftables.so.1"
 PROBE_TABLE = "kproxy-probe"
-_DIGEST_COMMENT = re.compile(r' comment "kproxy-rules=[A-Z2-7]+"$')
+_DIGEST_COMMENT = re.compile(r' comment "kproxy-rules=[0-9A-Z]+"$')
 _LOCATION = re.compile(r"^(?:\S+):(\d+):\d+(?:-\d+)?: Error: (.*)$")
 
 

@@ -18,7 +18,6 @@ without re-parsing nft's own formatting of each rule.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
@@ -34,7 +33,7 @@ DIGEST_PREFIX = "kproxy-rules="
 def rules_digest(rules: Iterable[str]) -> str:
     """A short digest of a chain's rule text."""
     data = "\n".join(rules).encode()
-    return base64.b32encode(hashlib.sha256(data).digest())[:10].decode()
+    return hashlib.sha256(data).hexdigest()[:12].upper()
 
 
 def chain_fingerprint(chain: Chain) -> tuple[str, int]:

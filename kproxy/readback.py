@@ -16,7 +16,7 @@ from kproxy.plan import DIGEST_PREFIX
 from kproxy.ruleset import Chain, Element, Family, SetDecl, Table
 from kproxy.skeleton import skeleton_table
 
-_DIGEST = re.compile(re.escape(DIGEST_PREFIX) + r"([A-Z2-7]+)")
+_DIGEST = re.compile(re.escape(DIGEST_PREFIX) + r"([0-9A-Z]+)")
 
 
 class ReadbackError(ValueError):
