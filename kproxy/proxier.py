@@ -29,7 +29,7 @@ from kproxy.compiler import FAMILIES, NodeInfo, ProxyConfig, base_table, compile
 from kproxy.conntrack import Conntrack, cleanup_stale_udp, udp_cleanup_targets
 from kproxy.endpoints import port_endpoints, select
 from kproxy.convert import InvalidObject, NotProxied, gc_paused, node_from_manifest, object_key, service_from_manifest, slice_from_manifest
-from kproxy.model import Cluster, EndpointSlice, Node, Service, ServiceKey, SliceKey
+from kproxy.model import Cluster, EndpointSlice, Service, ServiceKey, SliceKey
 from kproxy.nft import Backend, NftError
 from kproxy.plan import Op, Transaction, create, diff
 from kproxy.ruleset import Chain, Family, Table

@@ -48,4 +48,5 @@ def nft_check() -> Iterator[NftCheck]:
         yield check
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
-pytest_plugins = ["tests.netbed"]
+pytest_plugins = ["tests.fakeapi", "tests.netbed", "tests.daemonbed"]
+"""Fixtures shared by many modules: ``netbed`` (network namespaces), ``api_in_node`` and ``fake_api`` (the test API server)."""

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.builders import endpoint, endpoint_slice, node, service
-from tests.daemonbed import ApiInNode, KproxyProcess, api_in_node, wait_until  # noqa: F401
+from tests.daemonbed import ApiInNode, KproxyProcess, wait_until
 from tests.netbed import NetBed, Netns, Pod
 
 pytestmark = pytest.mark.root

@@ -17,7 +17,7 @@ import urllib3
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
-from tests.fakeapi import FakeApiError, FakeKubeAPI, LabelSelector, client_config, fake_api  # noqa: F401
+from tests.fakeapi import FakeApiError, FakeKubeAPI, LabelSelector, client_config
 
 NS = "default"
 NOT_PROXIED = "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name"

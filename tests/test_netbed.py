@@ -6,7 +6,7 @@ from ipaddress import ip_address, ip_network
 
 import pytest
 
-from tests.netbed import NS_PREFIX, NetBed, build_netbed, netbed, require_root  # noqa: F401
+from tests.netbed import NS_PREFIX, NetBed, build_netbed, require_root
 
 pytestmark = pytest.mark.root
 

@@ -9,7 +9,6 @@ import pytest
 
 from kproxy.compiler import ProxyConfig, compile_ruleset, node_info
 from kproxy.conntrack import FakeConntrack, FlowEntry
-from kproxy.convert import build_cluster
 from kproxy.fake import FakeBackend
 from kproxy.nft import NftError
 from kproxy.plan import plan
