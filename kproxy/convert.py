@@ -242,10 +242,12 @@ def service_from_manifest(obj: Mapping[str, Any]) -> Service:
     if svc_type == "LoadBalancer":
         status = _mapping(_mapping(obj.get("status"), "status").get("loadBalancer"), "status.loadBalancer")
         ingress = _list(status.get("ingress"), "status.loadBalancer.ingress")
+        # ipMode Proxy: the load balancer proxies to the nodes itself, so the
+        # LB IP must not be short-circuited on the node (as upstream, KEP-1860).
         lb_ips = tuple(
-            _ip(_mapping(i, "status.loadBalancer.ingress[]")["ip"], "status.loadBalancer.ingress[].ip")
-            for i in ingress
-            if _mapping(i, "status.loadBalancer.ingress[]").get("ip")
+            _ip(entry["ip"], "status.loadBalancer.ingress[].ip")
+            for entry in (_mapping(i, "status.loadBalancer.ingress[]") for i in ingress)
+            if entry.get("ip") and entry.get("ipMode", "VIP") != "Proxy"
         )
     ranges = _list(spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")
     annotations = _str_map(meta.get("annotations"), "metadata.annotations")

@@ -57,6 +57,13 @@ def test_service_fields() -> None:
     assert svc.rate_limit == RateLimit(10, "second", 20)
 
 
+def test_load_balancer_ip_mode_proxy_is_not_programmed() -> None:
+    """An ingress IP with ipMode Proxy is left to the load balancer; VIP (the default) is programmed."""
+    svc = service_from_manifest(service("lb", type="LoadBalancer", status={"loadBalancer": {"ingress": [
+        {"ip": "192.0.2.1", "ipMode": "Proxy"}, {"ip": "192.0.2.2", "ipMode": "VIP"}, {"ip": "192.0.2.3"}]}}))
+    assert svc.load_balancer_ips == ("192.0.2.2", "192.0.2.3")
+
+
 def test_addresses_canonicalised() -> None:
     """IPv6 addresses are written the one way nft prints them."""
     svc = service_from_manifest(service("web", cluster_ip="FD00:0:0::0001"))
