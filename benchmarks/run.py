@@ -58,8 +58,14 @@ def main() -> None:
     text = README.read_text()
     if START in text and END in text:
         head, rest = text.split(START, 1)
-        tail = rest.split(END, 1)[1]
-        README.write_text(f"{head}{START}\n\n" + "\n\n".join(sections) + f"\n\n{END}{tail}")
+        old, tail = rest.split(END, 1)
+        # Keep the recorded tables of benchmarks not run this time (--only).
+        kept = {block.split("\n", 1)[0]: "### " + block.strip() for block in old.split("### ")[1:]}
+        for section in sections[1:]:
+            kept[section[4:].split("\n", 1)[0]] = section
+        order = [f"{t} (`benchmarks/{r.__module__.split('.')[-1]}.py`)" for t, r in BENCHMARKS.values()]
+        blocks = [kept[title] for title in order if title in kept]
+        README.write_text(f"{head}{START}\n\n" + "\n\n".join([sections[0], *blocks]) + f"\n\n{END}{tail}")
         print(f"\nrecorded in {README}")
 
 
