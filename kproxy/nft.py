@@ -213,18 +213,6 @@ class NftablesBackend:
         if errors:
             raise errors[0]
 
-    def check(self, tx: Transaction) -> None:
-        """Like apply, but only asks the kernel whether it would accept it."""
-        if not tx:
-            return
-        self._set_dry_run(True)
-        try:
-            rc, _, err = self._run(str(tx))
-        finally:
-            self._set_dry_run(False)
-        if rc != 0:
-            raise self._explain(str(tx), err)
-
     def _set_dry_run(self, on: bool) -> None:
         self._lib.nft_ctx_set_dry_run(self._nft._Nftables__ctx, on)  # type: ignore[attr-defined]
 
