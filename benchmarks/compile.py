@@ -17,8 +17,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.synthetic import NODE_NAME, cluster_objects  # noqa: E402
-from kproxy.compiler import node_info  # noqa: E402
-from kproxy.compiler import ProxyConfig, compile_ruleset  # noqa: E402
+from kproxy.compiler import (  # noqa: E402
+    ProxyConfig,
+    compile_ruleset,
+    node_info,  # noqa: E402
+)
 from kproxy.convert import build_cluster  # noqa: E402
 from kproxy.plan import render_ruleset  # noqa: E402
 

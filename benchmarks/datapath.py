@@ -45,7 +45,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.synthetic import NODE_NAME, node_manifest, service_manifest, slice_manifest  # noqa: E402
+from benchmarks.synthetic import (  # noqa: E402
+    NODE_NAME,
+    node_manifest,
+    service_manifest,
+    slice_manifest,
+)
 
 FULL_SIZES = [100, 10_000]
 QUICK_SIZES = [100, 1_000]

@@ -34,7 +34,12 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def scenario(services: int, repetitions: int) -> dict[str, object]:
-    from benchmarks.synthetic import NODE_NAME, cluster_objects, service_manifest, slice_manifest
+    from benchmarks.synthetic import (
+        NODE_NAME,
+        cluster_objects,
+        service_manifest,
+        slice_manifest,
+    )
     from kproxy.compiler import ProxyConfig
     from kproxy.nft import NftablesBackend
     from kproxy.proxier import Proxier

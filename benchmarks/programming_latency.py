@@ -47,12 +47,18 @@ def _inside_netns(argv: list[str]) -> int:
 
 
 def measure(services: int, changes: int, interval: float) -> dict[str, float]:
-    from benchmarks.synthetic import NODE_NAME, node_manifest, service_manifest, slice_manifest
+    from kubernetes import client
+
+    from benchmarks.synthetic import (
+        NODE_NAME,
+        node_manifest,
+        service_manifest,
+        slice_manifest,
+    )
     from kproxy.config import DaemonConfig
     from kproxy.daemon import Daemon
     from kproxy.proxier import NullObserver
     from tests.fakeapi import FakeKubeAPI, client_config
-    from kubernetes import client
 
     latencies: list[float] = []
     done = threading.Condition()

@@ -11,8 +11,8 @@ script in block syntax (the fastest form for nft to read), to be loaded with
 
 from __future__ import annotations
 
-import hashlib
 import base64
+import hashlib
 
 from kproxy.compiler import NodeInfo, ProxyConfig
 from kproxy.endpoints import port_endpoints, select

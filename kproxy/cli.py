@@ -26,16 +26,16 @@ from typing import Sequence
 
 from kproxy.compiler import compile_ruleset, node_info
 from kproxy.config import ConfigError, DaemonConfig, add_daemon_flags, daemon_config
-from kproxy.explain import Packet, explain
-from kproxy.inspect import KernelTables
 from kproxy.conntrack import PyrouteConntrack, cleanup_stale_udp, udp_cleanup_targets
 from kproxy.convert import build_cluster
+from kproxy.daemon_errors import StartupError
+from kproxy.explain import Packet, explain
+from kproxy.inspect import KernelTables
+from kproxy.kubeproxy_cleanup import KubeProxyCleanupError, cleanup_kube_proxy
+from kproxy.logs import setup_logging
 from kproxy.manifests import ManifestError, load_manifest_files
 from kproxy.model import Cluster
 from kproxy.nft import CapabilityError, NftablesBackend, NftError
-from kproxy.daemon_errors import StartupError
-from kproxy.kubeproxy_cleanup import KubeProxyCleanupError, cleanup_kube_proxy
-from kproxy.logs import setup_logging
 from kproxy.nodeaddr import interface_addresses
 from kproxy.plan import Op, Transaction, plan, render_ruleset
 

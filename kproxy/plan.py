@@ -22,7 +22,16 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
 
-from kproxy.ruleset import TABLE, Chain, Element, Family, Ruleset, SetDecl, Table, comment
+from kproxy.ruleset import (
+    TABLE,
+    Chain,
+    Element,
+    Family,
+    Ruleset,
+    SetDecl,
+    Table,
+    comment,
+)
 
 ELEMENT_BATCH = 1000
 SERVICE_CHAIN_PREFIXES = ("svc-", "local-", "ext-")

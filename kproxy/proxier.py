@@ -26,10 +26,25 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
 from kproxy.assembly import Assembly, Touched
-from kproxy.compiler import FAMILIES, NodeInfo, ProxyConfig, base_table, compile_service, node_info
+from kproxy.compiler import (
+    FAMILIES,
+    NodeInfo,
+    ProxyConfig,
+    base_table,
+    compile_service,
+    node_info,
+)
 from kproxy.conntrack import Conntrack, cleanup_stale_udp, udp_cleanup_targets
+from kproxy.convert import (
+    InvalidObject,
+    NotProxied,
+    gc_paused,
+    node_from_manifest,
+    object_key,
+    service_from_manifest,
+    slice_from_manifest,
+)
 from kproxy.endpoints import port_endpoints, select
-from kproxy.convert import InvalidObject, NotProxied, gc_paused, node_from_manifest, object_key, service_from_manifest, slice_from_manifest
 from kproxy.model import Cluster, EndpointSlice, Service, ServiceKey, SliceKey
 from kproxy.nft import Backend
 from kproxy.plan import Op, Transaction, create, diff

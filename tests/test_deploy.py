@@ -26,7 +26,11 @@ from kubernetes import client
 
 from kproxy import rbac
 from kproxy.cli import build_parser
-from kproxy.config import daemon_config, load_kube_proxy_configuration, parse_bind_address
+from kproxy.config import (
+    daemon_config,
+    load_kube_proxy_configuration,
+    parse_bind_address,
+)
 from kproxy.watch import Watcher, api_resources
 
 ROOT = Path(__file__).resolve().parent.parent
