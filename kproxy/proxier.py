@@ -30,6 +30,7 @@ from kproxy.compiler import (
     FAMILIES,
     NodeInfo,
     ProxyConfig,
+    ServiceRules,
     base_table,
     compile_service,
     node_info,
@@ -48,13 +49,16 @@ from kproxy.endpoints import port_endpoints, select
 from kproxy.model import Cluster, EndpointSlice, Service, ServiceKey, SliceKey
 from kproxy.nft import Backend
 from kproxy.plan import Op, Transaction, create, diff
-from kproxy.ruleset import Chain, Family, Table
+from kproxy.ruleset import Chain, Element, Family, Table
 from kproxy.tracker import ChangeTracker
 
 log = logging.getLogger(__name__)
 
 CHAIN_DELETE_DELAY = 1.0
 FULL_SYNC_INTERVAL = 3600.0
+DELETED_SERVICE_REJECT = 60.0
+"""For this long after a Service is deleted, its ClusterIPs stay in ``cluster-ips``:
+clients that still connect to them are refused at once instead of hanging."""
 
 
 class SyncObserver(Protocol):
@@ -154,6 +158,8 @@ class Proxier:
         self._assemblies: dict[Family, Assembly] | None = None
         self._committed: dict[Family, Table] = {}
         self._pending_deletes: dict[tuple[Family, str], float] = {}
+        self._tombstones: dict[ServiceKey, tuple[tuple[str, ...], float]] = {}
+        """Deleted Services: their ClusterIPs, and when to stop rejecting traffic to them."""
         self._node_info: NodeInfo | None = None
         self._needs_full = True
         self._last_full = float("-inf")
@@ -197,8 +203,17 @@ class Proxier:
     def on_service(self, event: str, obj: Mapping[str, Any]) -> None:
         key, service = (ServiceKey(object_key(obj)), None) if event == "DELETED" else self._service(obj)
         with self.lock:
-            self.tracker.set_service(key, service)
+            self._set_service(key, service)
             self._notify()
+
+    def _set_service(self, key: ServiceKey, service: Service | None) -> None:
+        """Record a Service change; a deleted Service leaves a tombstone for its ClusterIPs."""
+        old = self.tracker.services.get(key)
+        if service is None and old is not None:
+            self._tombstones[key] = (old.cluster_ips, self.clock() + DELETED_SERVICE_REJECT)
+        elif service is not None:
+            self._tombstones.pop(key, None)
+        self.tracker.set_service(key, service)
 
     def on_slice(self, event: str, obj: Mapping[str, Any]) -> None:
         key, eps = (SliceKey(object_key(obj)), None) if event == "DELETED" else self._slice(obj)
@@ -234,9 +249,9 @@ class Proxier:
         with self.lock:
             if kind == "Service":
                 for key in [k for k in self.tracker.services if k not in services]:
-                    self.tracker.set_service(key, None)
+                    self._set_service(key, None)
                 for key, service in services.items():
-                    self.tracker.set_service(key, service)
+                    self._set_service(key, service)
             elif kind == "EndpointSlice":
                 for key in [k for k in self.tracker.slices if k not in slices]:
                     self.tracker.set_slice(key, None)
@@ -282,6 +297,7 @@ class Proxier:
                 self._needs_full
                 or any(pending)
                 or any(due <= now for due in self._pending_deletes.values())
+                or any(until <= now for _, until in self._tombstones.values())
                 or now - self._last_full >= FULL_SYNC_INTERVAL
             )
 
@@ -289,6 +305,7 @@ class Proxier:
         """When deferred work (chain deletes, the hourly full sync) falls due."""
         with self.lock:
             times = list(self._pending_deletes.values()) + [self._last_full + FULL_SYNC_INTERVAL]
+            times += [until for _, until in self._tombstones.values()]
             return min(times)
 
     def sync(self) -> SyncResult:
@@ -305,6 +322,10 @@ class Proxier:
                 start - self._last_full >= FULL_SYNC_INTERVAL
             )
             changes = self.tracker.all_services() if full else self.tracker.take()
+            expired = {key for key, (_, until) in self._tombstones.items() if until <= start}
+            for key in expired:
+                del self._tombstones[key]
+            changes.services |= expired
             try:
                 result = self._sync_full(node_info, changes.services) if full else self._sync_partial(changes.services)
             except Exception:
@@ -351,11 +372,19 @@ class Proxier:
             )
             return result
 
-    def _compile(self, key: ServiceKey, family: Family, node_info: NodeInfo):  # type: ignore[no-untyped-def]
+    def _compile(self, key: ServiceKey, family: Family, node_info: NodeInfo) -> ServiceRules | None:
         service = self.tracker.services.get(key)
         if service is None:
-            return None
+            tombstone = self._tombstones.get(key)
+            if tombstone is None:
+                return None
+            ips = [ip for ip in tombstone[0] if (":" in ip) == (family == "ip6")]
+            return ServiceRules((), tuple(("cluster-ips", Element(ip, comment=f"{key}, deleted")) for ip in ips))
         return compile_service(service, self.tracker.slices_of(key), family, node_info, self.config)
+
+    def _all_keys(self) -> list[ServiceKey]:
+        """Services, and deleted Services still rejecting traffic to their ClusterIPs."""
+        return sorted(set(self.tracker.services) | set(self._tombstones))
 
     def _due_deletes(self, now: float, desired: dict[Family, Table]) -> list[Op]:
         ops = []
@@ -384,7 +413,7 @@ class Proxier:
             assembly = Assembly(base_table(node_info, self.config, family))
             if family in current.tables:
                 with gc_paused():
-                    for key in sorted(self.tracker.services):
+                    for key in self._all_keys():
                         assembly.set_service(key, self._compile(key, family, node_info))
                     tx.extend(diff(current.tables[family], assembly.table, delete_chains=False))
             else:
@@ -412,7 +441,7 @@ class Proxier:
         """
         family = assembly.family
         with gc_paused():
-            for key in sorted(self.tracker.services):
+            for key in self._all_keys():
                 assembly.set_service(key, self._compile(key, family, node_info))
             pieces = create(assembly.table)
         self.backend.apply(pieces[0])

@@ -12,7 +12,7 @@ from kproxy.conntrack import FakeConntrack, FlowEntry
 from kproxy.fake import FakeBackend
 from kproxy.nft import NftError
 from kproxy.plan import plan
-from kproxy.proxier import CHAIN_DELETE_DELAY, Proxier, SyncRunner
+from kproxy.proxier import CHAIN_DELETE_DELAY, DELETED_SERVICE_REJECT, Proxier, SyncRunner
 from tests.builders import endpoint, endpoint_slice, node, service
 
 CONFIG = ProxyConfig(cluster_cidrs=("10.244.0.0/16",))
@@ -103,6 +103,12 @@ def test_service_removal_defers_chain_deletion() -> None:
     assert proxier.has_work(clock.now)
     proxier.sync()
     assert not [n for n in backend.tables["ip"].chains if "ns/s3/" in n]
+    # The deleted Service's ClusterIP is still rejected for a while, then forgotten.
+    assert backend.elements("ip", "cluster-ips")["10.96.0.4"].comment == "ns/s3, deleted"
+    clock.now += DELETED_SERVICE_REJECT
+    assert proxier.has_work(clock.now)
+    proxier.sync()
+    assert "10.96.0.4" not in backend.elements("ip", "cluster-ips")
     assert plan(backend.read(), _expected(proxier)).operations == 0
 
 
