@@ -41,7 +41,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from kproxy.nft import FAMILIES, LIBNFTABLES
+from kproxy.nft import FAMILIES, open_libnftables
 from kproxy.plan import SERVICE_CHAIN_PREFIXES
 from kproxy.ruleset import TABLE as KPROXY_TABLE
 
@@ -192,14 +192,7 @@ class _Nft:
     """The few libnftables calls this module makes."""
 
     def __init__(self) -> None:
-        try:
-            import nftables
-        except ImportError as exc:  # pragma: no cover - packaging problem
-            raise KubeProxyCleanupError("the Python package pip-nftables is not installed") from exc
-        try:
-            self._nft = nftables.Nftables(sofile=LIBNFTABLES)
-        except OSError as exc:
-            raise KubeProxyCleanupError(f"{LIBNFTABLES} cannot be loaded ({exc})") from None
+        self._nft = open_libnftables(KubeProxyCleanupError)
         self._nft.set_handle_output(True)
 
     def tables(self) -> set[tuple[str, str]]:

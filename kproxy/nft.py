@@ -136,20 +136,25 @@ def _probe_script(cap: Capability, family: Family) -> str:
     return "\n".join(lines) + "\n"
 
 
+def open_libnftables(error: type[Exception]) -> Any:
+    """A libnftables context (the pip-nftables binding); ``error`` says what is missing."""
+    try:
+        import nftables  # the pip-nftables binding
+    except ImportError as exc:  # pragma: no cover - packaging problem
+        raise error("the Python package pip-nftables is not installed") from exc
+    try:
+        return nftables.Nftables(sofile=LIBNFTABLES)
+    except OSError as exc:
+        raise error(
+            f"{LIBNFTABLES} cannot be loaded ({exc}); install it (Debian: apt-get install libnftables1)"
+        ) from None
+
+
 class NftablesBackend:
     """kproxy's tables in the current network namespace, through libnftables."""
 
     def __init__(self) -> None:
-        try:
-            import nftables  # the pip-nftables binding
-        except ImportError as exc:  # pragma: no cover - packaging problem
-            raise CapabilityError("the Python package pip-nftables is not installed") from exc
-        try:
-            self._nft = nftables.Nftables(sofile=LIBNFTABLES)
-        except OSError as exc:
-            raise CapabilityError(
-                f"{LIBNFTABLES} cannot be loaded ({exc}); install it (Debian: apt-get install libnftables1)"
-            ) from None
+        self._nft = open_libnftables(CapabilityError)
         self._lib = ctypes.CDLL(LIBNFTABLES)
         self._lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
         self._nft.set_handle_output(False)

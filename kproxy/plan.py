@@ -187,10 +187,10 @@ def _elements(tx: Transaction, verb: Verb, table: Table, set_name: str, elements
         tx.add(Op(verb, "element", table.family, set_name, elements=tuple(elements[i : i + ELEMENT_BATCH])))
 
 
-def converge(table: Table) -> Transaction:
-    """Bring an unknown kernel state to ``table`` without deleting anything."""
-    tx = Transaction()
+def _declare(table: Table) -> Transaction:
+    """Declare the table and every set, map, counter and chain (``add`` is idempotent)."""
     family = table.family
+    tx = Transaction()
     tx.add(Op("add", "table", family, comment=table.comment))
     for decl in table.sets.values():
         tx.add(Op("add", decl.kind, family, decl.name, set_decl=decl))
@@ -198,6 +198,13 @@ def converge(table: Table) -> Transaction:
         tx.add(Op("add", "counter", family, name, comment=counter_comment))
     for chain in table.chains.values():
         tx.add(Op("add", "chain", family, chain.name, chain=chain))
+    return tx
+
+
+def converge(table: Table) -> Transaction:
+    """Bring an unknown kernel state to ``table`` without deleting anything."""
+    tx = _declare(table)
+    family = table.family
     for chain in table.chains.values():
         tx.add(Op("flush", "chain", family, chain.name))
     _fill_chains(tx, table, list(table.chains.values()))
@@ -224,15 +231,7 @@ def create(table: Table, max_rules: int = 8000) -> list[Transaction]:
     everything in the first piece, while the table is still empty, keeps
     libnftables from re-reading a growing table for every later piece.
     """
-    family = table.family
-    first = Transaction()
-    first.add(Op("add", "table", family, comment=table.comment))
-    for decl in table.sets.values():
-        first.add(Op("add", decl.kind, family, decl.name, set_decl=decl))
-    for name, counter_comment in table.counters.items():
-        first.add(Op("add", "counter", family, name, comment=counter_comment))
-    for chain in table.chains.values():
-        first.add(Op("add", "chain", family, chain.name, chain=chain))
+    first = _declare(table)
     skeleton = [c for c in table.chains.values() if not c.name.startswith(SERVICE_CHAIN_PREFIXES)]
     services = [c for c in table.chains.values() if c.name.startswith(SERVICE_CHAIN_PREFIXES)]
     _fill_chains(first, table, skeleton, max_rules)
