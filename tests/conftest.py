@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.netbed import Netns
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -50,3 +53,16 @@ def nft_check() -> Iterator[NftCheck]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 pytest_plugins = ["tests.fakeapi", "tests.netbed", "tests.daemonbed"]
 """Fixtures shared by many modules: ``netbed`` (network namespaces), ``api_in_node`` and ``fake_api`` (the test API server)."""
+
+
+@pytest.fixture
+def empty_netns() -> Iterator["Netns"]:
+    """A fresh, empty network namespace, deleted afterwards (also on failure)."""
+    from tests.netbed import Netns
+
+    name = f"kpt-ns-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield Netns(name)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)

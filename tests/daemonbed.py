@@ -119,6 +119,17 @@ class KproxyProcess:
 
 
 @pytest.fixture
+def daemon_bed(netbed: NetBed, api_in_node: ApiInNode) -> NetBed:
+    """The bed with servers in every pod (TCP 8080, UDP 5353), a default route, and the Node in the API server."""
+    from tests.builders import node
+
+    netbed.node.ip("route", "add", "default", "via", netbed.router_ip4)
+    netbed.start_servers(tcp_ports=[8080], udp_ports=[5353])
+    api_in_node.api.create(node(netbed.node_name, [netbed.node_ip4, netbed.node_ip6], zone=netbed.zone))
+    return netbed
+
+
+@pytest.fixture
 def api_in_node(netbed: NetBed) -> Iterator[ApiInNode]:
     """A test API server reachable from the node namespace at 127.0.0.1."""
     api = ApiInNode(netbed)

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.builders import endpoint, endpoint_slice, node, service
+from tests.builders import endpoint, endpoint_slice, service
 from tests.daemonbed import ApiInNode, KproxyProcess, wait_until
 from tests.netbed import NetBed, Pod
 
@@ -19,12 +19,9 @@ def pod_slice(name: str, pods: list[Pod], **kw: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def bed(netbed: NetBed, api_in_node: ApiInNode) -> NetBed:
-    """The bed with servers in every pod, a default route, and the Node object in the API server."""
-    netbed.node.ip("route", "add", "default", "via", netbed.router_ip4)
-    netbed.start_servers(tcp_ports=[8080], udp_ports=[5353])
-    api_in_node.api.create(node(netbed.node_name, [netbed.node_ip4, netbed.node_ip6], zone=netbed.zone))
-    return netbed
+def bed(daemon_bed: NetBed) -> NetBed:
+    """The daemon test bed (tests/daemonbed.py)."""
+    return daemon_bed
 
 
 def servers_seen(bed: NetBed, dst: str, port: int = 80, count: int = 60) -> set[str]:

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from tests.builders import endpoint, endpoint_slice, node, service
+from tests.builders import endpoint, endpoint_slice, service
 from tests.daemonbed import ApiInNode, KproxyProcess, wait_until
 from tests.netbed import NetBed, Netns, Pod
 
@@ -162,12 +162,9 @@ def problem(prometheus: Prometheus, expr: str) -> str | None:
 
 
 @pytest.fixture
-def bed(netbed: NetBed, api_in_node: ApiInNode) -> NetBed:
-    """The bed with servers in every pod, a default route, and the Node object in the API server."""
-    netbed.node.ip("route", "add", "default", "via", netbed.router_ip4)
-    netbed.start_servers(tcp_ports=[8080], udp_ports=[5353])
-    api_in_node.api.create(node(netbed.node_name, [netbed.node_ip4, netbed.node_ip6], zone=netbed.zone))
-    return netbed
+def bed(daemon_bed: NetBed) -> NetBed:
+    """The daemon test bed (tests/daemonbed.py)."""
+    return daemon_bed
 
 
 @pytest.fixture

@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import uuid
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -45,14 +43,9 @@ def bed(netbed: NetBed) -> NetBed:
 
 
 @pytest.fixture
-def netns() -> Iterator[Netns]:
-    """A fresh, empty network namespace, deleted afterwards."""
-    name = f"kpt-mig-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield Netns(name)
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+def netns(empty_netns: Netns) -> Netns:
+    """A fresh, empty network namespace (the shared ``empty_netns`` fixture)."""
+    return empty_netns
 
 
 def tables(ns: Netns) -> set[tuple[str, str]]:

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import uuid
-from typing import Iterator
-
 import pytest
 
 from kproxy import nft
@@ -17,14 +13,9 @@ pytestmark = pytest.mark.root
 
 
 @pytest.fixture
-def netns() -> Iterator[Netns]:
-    """A fresh, empty network namespace, deleted afterwards."""
-    name = f"kpt-nft-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield Netns(name)
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+def netns(empty_netns: Netns) -> Netns:
+    """A fresh, empty network namespace (the shared ``empty_netns`` fixture)."""
+    return empty_netns
 
 
 def test_capabilities_present_and_probe_leaves_nothing(netns: Netns) -> None:

@@ -12,7 +12,12 @@ from kproxy.conntrack import FakeConntrack, FlowEntry
 from kproxy.fake import FakeBackend
 from kproxy.nft import NftError
 from kproxy.plan import plan
-from kproxy.proxier import CHAIN_DELETE_DELAY, DELETED_SERVICE_REJECT, Proxier, SyncRunner
+from kproxy.proxier import (
+    CHAIN_DELETE_DELAY,
+    DELETED_SERVICE_REJECT,
+    Proxier,
+    SyncRunner,
+)
 from tests.builders import endpoint, endpoint_slice, node, service
 
 CONFIG = ProxyConfig(cluster_cidrs=("10.244.0.0/16",))
