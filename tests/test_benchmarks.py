@@ -22,33 +22,32 @@ def test_compile_benchmark_quick(capsys) -> None:
     assert all(r["rules"] > 0 and r["total_s"] > 0 for r in rows)
 
 
+def run_quick(script: str) -> list[str]:
+    """Run ``benchmarks/SCRIPT --quick``; return the data rows of the table it prints."""
+    result = subprocess.run([sys.executable, f"benchmarks/{script}", "--quick"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    header = next((i for i, line in enumerate(lines) if line.startswith("| ")), len(lines))
+    return [line for line in lines[header + 1 :] if line.startswith("| ")]
+
+
 @pytest.mark.root
 def test_programming_latency_benchmark_quick() -> None:
     """benchmarks/programming_latency.py --quick runs the daemon against the test API server and prints p50/p99."""
-    result = subprocess.run([sys.executable, "benchmarks/programming_latency.py", "--quick"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "Services" not in line]
-    assert len(rows) == 1 and rows[0].startswith("| 100 |"), result.stdout
+    rows = run_quick("programming_latency.py")
+    assert len(rows) == 1 and rows[0].startswith("| 100 |"), rows
 
 
 @pytest.mark.root
 def test_datapath_benchmark_quick() -> None:
     """benchmarks/datapath.py --quick measures ClusterIP connection latency at both sizes and prints the table."""
-    result = subprocess.run([sys.executable, "benchmarks/datapath.py", "--quick"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "target" not in line]
-    cluster_ip = [row for row in rows if "| ClusterIP 10.250.0.1:80 |" in row]
-    assert [row.split(" | ")[0] for row in cluster_ip] == ["| 100", "| 1,000"], result.stdout
+    cluster_ip = [row for row in run_quick("datapath.py") if "| ClusterIP 10.250.0.1:80 |" in row]
+    assert [row.split(" | ")[0] for row in cluster_ip] == ["| 100", "| 1,000"], cluster_ip
 
 
 @pytest.mark.root
 @pytest.mark.parametrize("script", ["cold_start.py", "partial_sync.py"])
 def test_kernel_benchmarks_quick(script: str) -> None:
     """The cold-start and partial-sync benchmarks run in quick mode and print their tables."""
-    result = subprocess.run([sys.executable, f"benchmarks/{script}", "--quick"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "Services x" not in line]
-    assert rows, result.stdout
+    assert run_quick(script)
