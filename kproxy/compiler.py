@@ -7,14 +7,26 @@ Layout (see rules/README.md for the packet path):
   inline anonymous set or map: those load in quadratic time.
 * Each Service port gets up to three plain chains: ``svc-`` (cluster
   endpoints), ``local-`` (this node's endpoints) and ``ext-`` (NodePort,
-  externalIPs and load-balancer IPs). An endpoint is picked by a cascade of
-  ``numgen random mod (N-i) 0`` rules, which is uniform and needs no set.
+  externalIPs and load-balancer IPs).
+* Endpoints are data, not rules. Endpoint ``k`` (1-based) of a port is an
+  element ``frontend . protocol . port . slot(k)`` of the ``endpoints`` map,
+  one per frontend (ClusterIP, external IP, NodePort address), and the
+  Service chain ends in ``goto pick-C`` with ``C`` the smallest size class
+  that holds its endpoints. The shared pick chains try slots ``C`` down to
+  1 with ``numgen random mod k offset slot(k)``: the lookup hits with
+  probability 1/k when slot k is filled and misses (falls through) when it
+  is empty, so the choice is uniform over the filled slots. Adding or
+  removing an endpoint only changes elements of a data map, which the
+  kernel commits without revalidating the table. Services with ClientIP
+  affinity, or more endpoints than the largest class, get a cascade of
+  ``numgen random mod (N-i) 0`` rules in their own chain instead.
 * Nothing here reads a file, the clock or the kernel; the same input always
   gives the same ruleset.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 from dataclasses import dataclass
@@ -30,6 +42,10 @@ FAMILIES: dict[Family, IPFamily] = {"ip": 4, "ip6": 6}
 _PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
 REJECT = "goto reject-chain"
 DROP = "drop"
+PICK_CLASSES = (4, 8, 16, 32, 64, 128, 256)
+"""Sizes of the shared pick chains; a port with more endpoints gets a per-Service cascade."""
+_LOCAL_SLOT = 0x8000
+"""Set in the slot numbers of the local-endpoint pick chains (``pick-local-``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +141,42 @@ def endpoint_id(pe: PortEndpoint) -> int:
     return int.from_bytes(digest[:4], "big") or 1
 
 
+def pick_class(count: int) -> int | None:
+    """The smallest pick chain size that holds ``count`` endpoints; None if none does."""
+    return next((size for size in PICK_CLASSES if size >= count), None)
+
+
+def slot(index: int, local: bool) -> int:
+    """The ``numgen`` value that selects endpoint ``index`` (1-based) in the pick chains."""
+    return (index << 16) | (_LOCAL_SLOT if local else 0)
+
+
+def pick_chain_name(size: int, local: bool) -> str:
+    return f"pick-{'local-' if local else ''}{size}"
+
+
+def pick_chains(family: Family) -> list[Chain]:
+    """The shared chains that pick an endpoint from the ``endpoints`` map.
+
+    ``pick-C`` tries slots C down to C/2+1 and continues in ``pick-C/2``;
+    ``pick-4`` ends with slot 1, which is always filled, then a drop that
+    only an inconsistent map could reach.
+    """
+    key = f"{family} daddr . meta l4proto . th dport"
+    chains = []
+    for local in (False, True):
+        kind = "local" if local else "cluster"
+        for size in PICK_CLASSES:
+            low = size // 2 if size > PICK_CLASSES[0] else 0
+            rules = [
+                f"dnat {family} to {key} . numgen random mod {k} offset {slot(k, local)} map @endpoints"
+                for k in range(size, low, -1)
+            ]
+            rules.append(f"goto {pick_chain_name(low, local)}" if low else DROP)
+            chains.append(Chain(pick_chain_name(size, local), tuple(rules), f"pick one of up to {size} {kind} endpoints"))
+    return chains
+
+
 def _endpoint_chain(
     name: str,
     family: Family,
@@ -134,6 +186,7 @@ def _endpoint_chain(
     cluster_ip: str,
     endpoints: Sequence[PortEndpoint],
     suffix: str,
+    local: bool,
 ) -> Chain:
     """A chain that counts, rate-limits, applies affinity and picks an endpoint."""
     proto = port.protocol
@@ -148,6 +201,10 @@ def _endpoint_chain(
         )
     count = len(endpoints)
     affinity = service.affinity_timeout
+    size = pick_class(count)
+    if affinity is None and size is not None:
+        rules.append(f"goto {pick_chain_name(size, local)}")
+        return Chain(name, tuple(rules), label)
     if affinity is None:
         for i, pe in enumerate(endpoints):
             pick = f" numgen random mod {count - i} 0" if i < count - 1 else ""
@@ -178,6 +235,21 @@ def _endpoint_chain(
             f"meta mark set meta mark ^ 0x{ident:08x} dnat to {_addr(pe.address)}:{pe.port}"
         )
     return Chain(name, tuple(rules), label)
+
+
+def uses_pick_chains(service: Service, endpoints: Sequence[PortEndpoint]) -> bool:
+    """Whether a chain for these endpoints picks through the ``endpoints`` map."""
+    return service.affinity_timeout is None and pick_class(len(endpoints)) is not None
+
+
+def _slot_elements(
+    frontends: Sequence[str], endpoints: Sequence[PortEndpoint], local: bool, label: str
+) -> list[tuple[str, Element]]:
+    return [
+        ("endpoints", Element(f"{frontend} . {slot(k, local)}", f"{pe.address} . {pe.port}", label))
+        for frontend in frontends
+        for k, pe in enumerate(endpoints, 1)
+    ]
 
 
 def compile_service(
@@ -214,10 +286,17 @@ def compile_service(
             counters.append((f"conns-{suffix}", label))
             if service.rate_limit is not None:
                 counters.append((f"drops-{suffix}", label))
+        frontends = [f"{ip} . {proto} . {port.port}" for ip in (cluster_ip, *external_ips)]
+        if port.node_port:
+            frontends += [f"{ip} . {proto} . {port.node_port}" for ip in _nodeport_ips(node, config, family)]
         if has_cluster_chain:
-            chains.append(_endpoint_chain(svc_chain, family, service, port, label, cluster_ip, selection.cluster, suffix))
+            chains.append(_endpoint_chain(svc_chain, family, service, port, label, cluster_ip, selection.cluster, suffix, False))
+            if uses_pick_chains(service, selection.cluster):
+                elements += _slot_elements(frontends, selection.cluster, False, label)
         if has_local_chain:
-            chains.append(_endpoint_chain(local_chain, family, service, port, label, cluster_ip, selection.local, suffix))
+            chains.append(_endpoint_chain(local_chain, family, service, port, label, cluster_ip, selection.local, suffix, True))
+            if uses_pick_chains(service, selection.local):
+                elements += _slot_elements(frontends, selection.local, True, label)
         for address in sorted({pe.address for pe in selection.cluster + selection.local if pe.is_local(node.name)}):
             elements.append(("hairpin", Element(f"{address} . {address}", comment=label)))
 
@@ -287,6 +366,11 @@ def nodeport_addresses(node: NodeInfo, config: ProxyConfig, family: Family) -> l
     return chosen
 
 
+@functools.lru_cache(maxsize=16)
+def _nodeport_ips(node: NodeInfo, config: ProxyConfig, family: Family) -> tuple[str, ...]:
+    return tuple(nodeport_addresses(node, config, family))
+
+
 def table_options(config: ProxyConfig, family: Family) -> frozenset[str]:
     """Which '# if' rules of the skeleton this configuration switches on."""
     if config.masquerade_all:
@@ -306,6 +390,8 @@ def base_table(node: NodeInfo, config: ProxyConfig, family: Family) -> Table:
             table.add_element("cluster-cidrs", Element(_interval(cidr), comment="--cluster-cidr"))
     for address in nodeport_addresses(node, config, family):
         table.add_element("nodeport-ips", Element(address, comment=f"node {node.name}"))
+    for chain in pick_chains(family):
+        table.chains[chain.name] = chain
     return table
 
 

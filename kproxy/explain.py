@@ -16,11 +16,12 @@ import re
 from dataclasses import dataclass
 from typing import Protocol
 
-from kproxy.compiler import NodeInfo, ProxyConfig
+from kproxy.compiler import NodeInfo, ProxyConfig, slot
 from kproxy.endpoints import PREFER_SAME_NODE, PREFER_SAME_ZONE, port_endpoints, select
 from kproxy.model import Cluster, Service, ServicePort
 from kproxy.ruleset import Element, Family
 
+_PICK = re.compile(r"goto (pick-[a-z0-9-]+)")
 _DNAT = re.compile(r"dnat (?:ip6? )?to \[?([0-9a-f.:]+?)\]?:(\d+)")
 
 
@@ -165,6 +166,10 @@ def explain(packet: Packet, cluster: Cluster, node: NodeInfo, config: ProxyConfi
 
     rules = live.chain_rules(family, chain) if chain else None
     live_targets = sorted({(m.group(1), int(m.group(2))) for r in (rules or []) for m in _DNAT.finditer(r)})
+    pick = next((m.group(1) for r in (rules or []) for m in _PICK.finditer(r)), None)
+    if pick is not None:
+        live_targets = _slot_targets(live, family, f"{packet.destination} . {packet.protocol} . {packet.port}",
+                                     pick.startswith("pick-local-"))
     model_targets = sorted({(pe.address, pe.port) for pe in chosen})
     if rules is None:
         out.append(f"kernel: chain {chain} is missing" if chain else f"kernel: {element.value}")
@@ -196,6 +201,17 @@ def explain(packet: Packet, cluster: Cluster, node: NodeInfo, config: ProxyConfi
     else:
         out.append("rate limit: none")
     return out
+
+
+def _slot_targets(live: LiveTables, family: Family, frontend: str, local: bool) -> list[tuple[str, int]]:
+    """The endpoints in the ``endpoints`` map for one frontend: slots 1, 2, ... until the first empty one."""
+    targets = []
+    index = 1
+    while (element := live.element(family, "endpoints", f"{frontend} . {slot(index, local)}")) is not None:
+        address, _, number = element.value.rpartition(" . ")
+        targets.append((address, int(number)))
+        index += 1
+    return sorted(set(targets))
 
 
 def _why_no_endpoints(cluster: Cluster, label: str, node: NodeInfo, fam: int) -> list[str]:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kproxy.compiler import NodeInfo, ProxyConfig, compile_ruleset
+from kproxy.compiler import PICK_CLASSES, NodeInfo, ProxyConfig, compile_ruleset, pick_chains, pick_class, slot
 from kproxy.convert import build_cluster
 from kproxy.plan import render_ruleset
 from kproxy.ruleset import UnsafeText, comment
@@ -58,10 +58,10 @@ def test_no_inline_anonymous_sets_or_maps() -> None:
 def test_every_generated_object_has_a_comment() -> None:
     """Every chain and element carries ``namespace/name:port`` (or the node / flag it came from)."""
     table = _compile(_cluster(5, 3, externalIPs=["198.51.100.1"])).table("ip")
-    skeleton = skeleton_table("ip")
+    shared = set(skeleton_table("ip").chains) | {c.name for c in pick_chains("ip")}
     for name, chain in table.chains.items():
         assert chain.comment, name
-        if name not in skeleton.chains:
+        if name not in shared:
             assert re.fullmatch(r"ns/svc-\d+:http", chain.comment), chain.comment
     for set_name, members in table.elements.items():
         for element in members.values():
@@ -71,13 +71,15 @@ def test_every_generated_object_has_a_comment() -> None:
 def test_chain_count_is_linear() -> None:
     """A Service port costs at most three chains, never one per endpoint."""
     table = _compile(_cluster(50, 10)).table("ip")
-    generated = [n for n in table.chains if n not in skeleton_table("ip").chains]
+    shared = set(skeleton_table("ip").chains) | {c.name for c in pick_chains("ip")}
+    generated = [n for n in table.chains if n not in shared]
     assert len(generated) <= 3 * 50
 
 
 def test_cascade_is_uniform() -> None:
-    """The numgen cascade gives every endpoint probability 1/N."""
-    table = _compile(_cluster(1, 7)).table("ip")
+    """Beyond the largest pick chain, a numgen cascade gives every endpoint probability 1/N."""
+    count = PICK_CLASSES[-1] + 1
+    table = _compile(_cluster(1, count)).table("ip")
     chain = next(c for n, c in table.chains.items() if n.startswith("svc-"))
     dnat_rules = [r for r in chain.rules if "dnat to" in r]
     remaining = Fraction(1)
@@ -87,7 +89,58 @@ def test_cascade_is_uniform() -> None:
         p = Fraction(1, int(match.group(1))) if match else Fraction(1)
         probabilities.append(remaining * p)
         remaining -= remaining * p
-    assert probabilities == [Fraction(1, 7)] * 7
+    assert probabilities == [Fraction(1, count)] * count
+
+
+def _pick_probabilities(table: Any, chain_name: str, frontend: str) -> dict[str, Fraction]:
+    """Walk the pick chains as the kernel does: a lookup of slot k hits with probability 1/k if filled."""
+    endpoints = table.elements["endpoints"]
+    result: dict[str, Fraction] = {}
+    remaining = Fraction(1)
+    name: str | None = chain_name
+    while name is not None:
+        chain, name = table.chains[name], None
+        for rule in chain.rules:
+            goto = re.fullmatch(r"goto (\S+)", rule)
+            if goto:
+                name = goto.group(1)
+                break
+            if rule == "drop":
+                if remaining:
+                    result["drop"] = remaining
+                break
+            match = re.fullmatch(r"dnat ip to ip daddr \. meta l4proto \. th dport \. numgen random mod (\d+) offset (\d+) map @endpoints", rule)
+            assert match, rule
+            element = endpoints.get(f"{frontend} . {match.group(2)}")
+            if element is not None:
+                hit = remaining / int(match.group(1))
+                result[element.value] = result.get(element.value, Fraction(0)) + hit
+                remaining -= hit
+    return result
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5, 10, 16, 17, 100, 256])
+def test_pick_chains_are_uniform_for_every_frontend(count: int) -> None:
+    """Each endpoint is picked with probability exactly 1/N, from the ClusterIP and the NodePort; never the drop."""
+    table = _compile(_cluster(1, count)).table("ip")
+    svc = next(c for n, c in table.chains.items() if n.startswith("svc-"))
+    assert svc.rules[-1] == f"goto pick-{pick_class(count)}"
+    assert not any("dnat" in rule for rule in svc.rules)
+    for frontend in ("10.96.0.1 . tcp . 80", "192.168.50.1 . tcp . 30000"):
+        probabilities = _pick_probabilities(table, svc.rules[-1].split()[1], frontend)
+        assert "drop" not in probabilities
+        assert len(probabilities) == count
+        assert set(probabilities.values()) == {Fraction(1, count)}
+
+
+def test_endpoint_change_touches_only_elements() -> None:
+    """Adding or removing an endpoint within a size class leaves every chain as it was."""
+    before = _compile(_cluster(3, 10)).table("ip")
+    after = _compile(_cluster(3, 11)).table("ip")
+    assert before.chains == after.chains
+    assert before.elements["endpoints"] != after.elements["endpoints"]
+    assert all(slot(k, False) < slot(k, True) < slot(k + 1, False) for k in range(1, PICK_CLASSES[-1]))
+    assert {c.name for c in pick_chains("ip")} <= set(before.chains)
 
 
 def test_compile_is_pure_and_deterministic() -> None:

@@ -108,7 +108,7 @@ def test_dry_run_diff(programmed: tuple[NetBed, str], tmp_path: Path) -> None:
     assert diff.returncode == 0, diff.stderr
     lines = diff.stdout.splitlines()
     commands = [line for line in lines if not line.startswith(("\t\t", "\t}", "}", "table ip kproxy {"))]
-    assert commands and all("default/web/" in line or "hairpin" in line for line in commands), commands
+    assert commands and all('"default/web:' in line or "default/web/" in line or "hairpin" in line for line in commands), commands
     assert any(bed.local_pods[2].ip4 in line for line in lines)
     after = _kproxy(bed, "--dry-run", "--diff", "--from-file", path, "--node-name", bed.node_name, *FLAGS)
     assert after.stdout == "", "the diff must not change the kernel"
