@@ -22,6 +22,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Iterable, Protocol
 
+from kproxy.nfnetlink import ElementSocket, NetlinkError, encodable
 from kproxy.plan import Transaction
 from kproxy.readback import parse_table
 from kproxy.ruleset import TABLE, Family, Ruleset
@@ -155,6 +156,7 @@ class NftablesBackend:
 
     def __init__(self) -> None:
         self._nft = open_libnftables(CapabilityError)
+        self._elements = ElementSocket()
         self._lib = ctypes.CDLL(LIBNFTABLES)
         self._lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
         self._nft.set_handle_output(False)
@@ -169,6 +171,14 @@ class NftablesBackend:
     def apply(self, tx: Transaction) -> None:
         """Send the transaction as one atomic batch. Raises NftError naming the refused command."""
         if not tx:
+            return
+        if encodable(tx):
+            # Element-only (most endpoint changes, and the last piece of a cold start):
+            # straight to the kernel, skipping libnftables' read of the whole table.
+            try:
+                self._elements.send(tx)
+            except NetlinkError as exc:
+                raise NftError(str(exc)) from None
             return
         script = str(tx)
         rc, _, err = self._run(script)

@@ -223,7 +223,8 @@ def create(table: Table, max_rules: int = 8000) -> list[Transaction]:
 
     The first declares the table, its sets, counters and (empty) chains, and
     fills the skeleton's chains; then the Services' rules follow in pieces of
-    about ``max_rules`` rules, in any order; the last adds every element. Until
+    about ``max_rules`` rules, in any order; the last adds every element (but
+those of interval sets, which the first adds). Until
     that last one the dispatch maps are empty, so no packet reaches a Service
     chain: traffic switches over atomically, and libnftables never holds more
     than a piece or two in memory. Each piece is also cheap for the kernel to
@@ -241,7 +242,10 @@ def create(table: Table, max_rules: int = 8000) -> list[Transaction]:
     for decl in table.sets.values():
         members = table.elements.get(decl.name, {})
         if members and not decl.dynamic:
-            _elements(last, "add", table, decl.name, list(members.values()))
+            # Interval sets (cluster CIDRs, allowed source ranges) only matter once the
+            # dispatch maps point somewhere, so they can come first; the last piece then
+            # holds only plain elements, which the backend can send without libnftables.
+            _elements(first if decl.interval else last, "add", table, decl.name, list(members.values()))
     return [first, *(Transaction([op]) for op in middle.ops), last]
 
 

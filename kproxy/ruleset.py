@@ -43,6 +43,11 @@ class SetDecl:
         """Filled by the datapath (affinity, meters): never flushed or diffed."""
         return any(line.startswith("flags") and "dynamic" in line for line in self.body)
 
+    @property
+    def interval(self) -> bool:
+        """Holds ranges or prefixes."""
+        return any(line.startswith("flags") and "interval" in line for line in self.body)
+
 
 @dataclass(frozen=True, slots=True)
 class Chain:
