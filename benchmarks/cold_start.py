@@ -69,9 +69,9 @@ def scenario(services: int, endpoints: int, script_out: str, upstream_out: str |
         apply(tx)
         spent[0] += time.perf_counter() - t
 
-    def timed_apply_all(txs):  # type: ignore[no-untyped-def]
+    def timed_apply_all(txs, **kw):  # type: ignore[no-untyped-def]
         t = time.perf_counter()
-        apply_all(txs)
+        apply_all(txs, **kw)
         spent[0] += time.perf_counter() - t
 
     backend.apply, backend.apply_all = timed_apply, timed_apply_all  # type: ignore[method-assign]

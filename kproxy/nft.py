@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Iterable, Protocol
 
-from kproxy.nfnetlink import ElementSocket, NetlinkError, encodable
+from kproxy.nfnetlink import Batch, ElementSocket, NetlinkError, encodable
 from kproxy.plan import Transaction
 from kproxy.readback import parse_table
 from kproxy.ruleset import TABLE, Family, Ruleset
@@ -157,6 +157,7 @@ class NftablesBackend:
     def __init__(self) -> None:
         self._nft = open_libnftables(CapabilityError)
         self._elements = ElementSocket()
+        self._prepared: tuple[Transaction, Batch] | None = None
         self._lib = ctypes.CDLL(LIBNFTABLES)
         self._lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
         self._nft.set_handle_output(False)
@@ -175,8 +176,9 @@ class NftablesBackend:
         if encodable(tx):
             # Element-only (most endpoint changes, and the last piece of a cold start):
             # straight to the kernel, skipping libnftables' read of the whole table.
+            prepared, self._prepared = self._prepared, None
             try:
-                self._elements.send(tx)
+                self._elements.send(tx, prepared[1] if prepared and prepared[0] is tx else None)
             except NetlinkError as exc:
                 raise NftError(str(exc)) from None
             return
@@ -185,7 +187,7 @@ class NftablesBackend:
         if rc != 0:
             raise self._explain(script, err)
 
-    def apply_all(self, transactions: Iterable[Transaction], workers: int = 2) -> None:
+    def apply_all(self, transactions: Iterable[Transaction], workers: int = 2, prepare: Transaction | None = None) -> None:
         """Apply independent transactions, up to ``workers`` at a time, in this network namespace.
 
         For building a table in pieces: the caller applies the piece that
@@ -194,6 +196,8 @@ class NftablesBackend:
         the GIL, so one worker's parsing overlaps another's kernel work. Each
         worker has its own libnftables context, opened after joining the
         caller's network namespace (which may be a per-thread namespace).
+        Meanwhile this thread encodes ``prepare``, if it is an element-only
+        transaction, for a following ``apply(prepare)``.
         """
         if workers <= 1:
             for tx in transactions:
@@ -221,6 +225,8 @@ class NftablesBackend:
         try:
             for thread in threads:
                 thread.start()
+            if prepare is not None and encodable(prepare):
+                self._prepared = (prepare, self._elements.prepare(prepare))
             for thread in threads:
                 thread.join()
         finally:

@@ -157,6 +157,8 @@ class Proxier:
         self._synced_sources: set[str] = set()
         self._assemblies: dict[Family, Assembly] | None = None
         self._committed: dict[Family, Table] = {}
+        self._rule_totals: dict[Family, int] = {}
+        """Rules in each committed table, kept up to date by partial syncs (counting 10k chains costs 8 ms)."""
         self._pending_deletes: dict[tuple[Family, str], float] = {}
         self._tombstones: dict[ServiceKey, tuple[tuple[str, ...], float]] = {}
         """Deleted Services: their ClusterIPs, and when to stop rejecting traffic to them."""
@@ -348,7 +350,7 @@ class Proxier:
             self.last_sync = result
             self.last_success_wall = self.wall_clock()
             self.sync_count += 1
-            rules = sum(t.rule_count() for t in self._committed.values())
+            rules = sum(self._rule_totals.values())
             elements = sum(t.element_count() for t in self._committed.values())
             self.observer.sync_done(full, seconds, result.operations, rules, elements)
             now_wall = self.wall_clock()
@@ -429,6 +431,7 @@ class Proxier:
         self._committed = {family: _snapshot(table) for family, table in desired.items()}
         for family, name in self._pending_deletes:
             self._committed[family].chains[name] = Chain(name, ())
+        self._rule_totals = {family: table.rule_count() for family, table in self._committed.items()}
         return SyncResult(True, operations, 0.0, len(keys))
 
     def _create_table(self, assembly: Assembly, node_info: NodeInfo) -> int:
@@ -447,7 +450,7 @@ class Proxier:
         self.backend.apply(pieces[0])
         apply_all = getattr(self.backend, "apply_all", None)
         if apply_all is not None:
-            apply_all(pieces[1:-1])
+            apply_all(pieces[1:-1], prepare=pieces[-1])
         else:
             for piece in pieces[1:-1]:
                 self.backend.apply(piece)
@@ -470,7 +473,11 @@ class Proxier:
         delete_ops = self._due_deletes(now, desired)
         self._commit(tx, delete_ops, now)
         for family, assembly in self._assemblies.items():
-            _apply_touched(self._committed[family], assembly.table, touched[family])
+            committed = self._committed[family]
+            before = sum(len(committed.chains[n].rules) for n in touched[family].chains if n in committed.chains)
+            _apply_touched(committed, assembly.table, touched[family])
+            after = sum(len(committed.chains[n].rules) for n in touched[family].chains if n in committed.chains)
+            self._rule_totals[family] = self._rule_totals.get(family, 0) + after - before
             for (fam, name) in self._pending_deletes:
                 if fam == family and name not in assembly.table.chains:
                     self._committed[family].chains[name] = Chain(name, ())

@@ -218,3 +218,28 @@ def test_runner_waits_for_both_lists_then_syncs() -> None:
         runner.wake()
         runner.join(5)
     assert backend.transactions
+
+
+def test_rule_and_element_gauges_follow_partial_syncs() -> None:
+    """The rule count reported after partial syncs (kept incrementally) equals a recount of the tables."""
+    from kproxy.proxier import NullObserver
+
+    reported: list[tuple[int, int]] = []
+
+    class Observer(NullObserver):
+        def sync_done(self, full: bool, seconds: float, operations: int, rules: int, elements: int) -> None:
+            reported.append((rules, elements))
+
+    proxier, backend, _ = _proxier(observer=Observer())
+    proxier.sync()
+    proxier.on_service("ADDED", _svc(42, sessionAffinity="ClientIP"))
+    proxier.on_slice("ADDED", _slice(42, 3))
+    proxier.sync()
+    proxier.on_slice("MODIFIED", _slice(42, 4))
+    proxier.sync()
+    proxier.on_service("DELETED", _svc(1))
+    proxier.sync()
+    tables = backend.read().tables.values()  # read-back chains carry (digest, rule count)
+    rules = sum(c.fingerprint[1] if c.fingerprint else len(c.rules) for t in tables for c in t.chains.values())
+    assert reported[-1] == (rules, sum(t.element_count() for t in tables))
+    assert len({r for r, _ in reported}) >= 3, reported
