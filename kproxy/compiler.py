@@ -9,7 +9,7 @@ Layout (see rules/README.md for the packet path):
   endpoints), ``local-`` (this node's endpoints) and ``ext-`` (NodePort,
   externalIPs and load-balancer IPs).
 * Endpoints are data, not rules. Endpoint ``k`` (1-based) of a port is an
-  element ``frontend . protocol . port . slot(k)`` of the ``endpoints`` map,
+  element ``frontend . protocol . port . slot(k)`` of an ``endpoints-C`` map,
   one per frontend (ClusterIP, external IP, NodePort address), and the
   Service chain ends in ``goto pick-C`` with ``C`` the smallest size class
   that holds its endpoints. The shared pick chains try slots ``C`` down to
@@ -155,6 +155,11 @@ def pick_chain_name(size: int, local: bool) -> str:
     return f"pick-{'local-' if local else ''}{size}"
 
 
+def endpoints_map(index: int) -> str:
+    """The map that holds slot ``index``: ``endpoints-C`` for the pick chain size C that tries it."""
+    return f"endpoints-{pick_class(index)}"
+
+
 def pick_chains(family: Family) -> list[Chain]:
     """The shared chains that pick an endpoint from the ``endpoints`` map.
 
@@ -169,7 +174,7 @@ def pick_chains(family: Family) -> list[Chain]:
         for size in PICK_CLASSES:
             low = size // 2 if size > PICK_CLASSES[0] else 0
             rules = [
-                f"dnat {family} to {key} . numgen random mod {k} offset {slot(k, local)} map @endpoints"
+                f"dnat {family} to {key} . numgen random mod {k} offset {slot(k, local)} map @endpoints-{size}"
                 for k in range(size, low, -1)
             ]
             rules.append(f"goto {pick_chain_name(low, local)}" if low else DROP)
@@ -246,7 +251,7 @@ def _slot_elements(
     frontends: Sequence[str], endpoints: Sequence[PortEndpoint], local: bool, label: str
 ) -> list[tuple[str, Element]]:
     return [
-        ("endpoints", Element(f"{frontend} . {slot(k, local)}", f"{pe.address} . {pe.port}", label))
+        (endpoints_map(k), Element(f"{frontend} . {slot(k, local)}", f"{pe.address} . {pe.port}", label))
         for frontend in frontends
         for k, pe in enumerate(endpoints, 1)
     ]

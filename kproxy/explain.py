@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Protocol
 
-from kproxy.compiler import NodeInfo, ProxyConfig, slot
+from kproxy.compiler import PICK_CLASSES, NodeInfo, ProxyConfig, endpoints_map, slot
 from kproxy.endpoints import PREFER_SAME_NODE, PREFER_SAME_ZONE, port_endpoints, select
 from kproxy.model import Cluster, Service, ServicePort
 from kproxy.ruleset import Element, Family
@@ -204,10 +204,12 @@ def explain(packet: Packet, cluster: Cluster, node: NodeInfo, config: ProxyConfi
 
 
 def _slot_targets(live: LiveTables, family: Family, frontend: str, local: bool) -> list[tuple[str, int]]:
-    """The endpoints in the ``endpoints`` map for one frontend: slots 1, 2, ... until the first empty one."""
+    """The endpoints in the ``endpoints-C`` maps for one frontend: slots 1, 2, ... until the first empty one."""
     targets = []
     index = 1
-    while (element := live.element(family, "endpoints", f"{frontend} . {slot(index, local)}")) is not None:
+    while index <= PICK_CLASSES[-1] and (
+        element := live.element(family, endpoints_map(index), f"{frontend} . {slot(index, local)}")
+    ) is not None:
         address, _, number = element.value.rpartition(" . ")
         targets.append((address, int(number)))
         index += 1

@@ -94,7 +94,6 @@ def test_cascade_is_uniform() -> None:
 
 def _pick_probabilities(table: Any, chain_name: str, frontend: str) -> dict[str, Fraction]:
     """Walk the pick chains as the kernel does: a lookup of slot k hits with probability 1/k if filled."""
-    endpoints = table.elements["endpoints"]
     result: dict[str, Fraction] = {}
     remaining = Fraction(1)
     name: str | None = chain_name
@@ -109,9 +108,11 @@ def _pick_probabilities(table: Any, chain_name: str, frontend: str) -> dict[str,
                 if remaining:
                     result["drop"] = remaining
                 break
-            match = re.fullmatch(r"dnat ip to ip daddr \. meta l4proto \. th dport \. numgen random mod (\d+) offset (\d+) map @endpoints", rule)
+            match = re.fullmatch(
+                r"dnat ip to ip daddr \. meta l4proto \. th dport \. numgen random mod (\d+) offset (\d+) map @(endpoints-\d+)", rule
+            )
             assert match, rule
-            element = endpoints.get(f"{frontend} . {match.group(2)}")
+            element = table.elements.get(match.group(3), {}).get(f"{frontend} . {match.group(2)}")
             if element is not None:
                 hit = remaining / int(match.group(1))
                 result[element.value] = result.get(element.value, Fraction(0)) + hit
@@ -138,7 +139,8 @@ def test_endpoint_change_touches_only_elements() -> None:
     before = _compile(_cluster(3, 10)).table("ip")
     after = _compile(_cluster(3, 11)).table("ip")
     assert before.chains == after.chains
-    assert before.elements["endpoints"] != after.elements["endpoints"]
+    changed = {name for name in after.elements if before.elements.get(name) != after.elements[name]}
+    assert "endpoints-16" in changed and changed <= {f"endpoints-{size}" for size in PICK_CLASSES} | {"hairpin"}
     assert all(slot(k, False) < slot(k, True) < slot(k + 1, False) for k in range(1, PICK_CLASSES[-1]))
     assert {c.name for c in pick_chains("ip")} <= set(before.chains)
 

@@ -77,11 +77,11 @@ def test_elements_over_netlink_list_exactly_as_through_libnftables(two_netns: tu
     """Every element shape (verdicts, endpoint data, slots, comments, IPv6) is encoded as nft encodes it."""
     ruleset = _all_scenarios()
     shapes = {name for table in ruleset.tables.values() for name, members in table.elements.items() if members}
-    assert {"endpoints", "service-ips", "service-nodeports", "no-endpoint-services", "hairpin", "cluster-ips"} <= shapes
+    assert {"endpoints-4", "service-ips", "service-nodeports", "no-endpoint-services", "hairpin", "cluster-ips"} <= shapes
     through_nft = _build(two_netns[0], ruleset, netlink=False)
     through_netlink = _build(two_netns[1], ruleset, netlink=True)
     assert through_netlink == through_nft
-    assert "ip6 kproxy" in through_netlink and "endpoints" in through_netlink
+    assert "ip6 kproxy" in through_netlink and "endpoints-4" in through_netlink
 
 
 def test_deletes_and_refusals(empty_netns: Netns) -> None:
@@ -92,20 +92,20 @@ def test_deletes_and_refusals(empty_netns: Netns) -> None:
         backend = NftablesBackend()
         for piece in create(table):
             backend.apply(piece)
-        endpoints = list(table.elements["endpoints"].values())
-        backend.apply(Transaction([Op("delete", "element", "ip", "endpoints", elements=tuple(endpoints[:1]))]))
-        left = backend.read().tables["ip"].elements["endpoints"]
+        endpoints = list(table.elements["endpoints-4"].values())
+        backend.apply(Transaction([Op("delete", "element", "ip", "endpoints-4", elements=tuple(endpoints[:1]))]))
+        left = backend.read().tables["ip"].elements["endpoints-4"]
         assert set(left) == {e.key for e in endpoints[1:]}
         missing = Element("10.1.2.3 . tcp . 80 . 65536")
         bad = Transaction([
-            Op("delete", "element", "ip", "endpoints", elements=tuple(endpoints[1:2])),
-            Op("delete", "element", "ip", "endpoints", elements=(missing,)),
+            Op("delete", "element", "ip", "endpoints-4", elements=tuple(endpoints[1:2])),
+            Op("delete", "element", "ip", "endpoints-4", elements=(missing,)),
         ])
         assert encodable(bad)
         with pytest.raises(NftError) as info:
             backend.apply(bad)
-        assert "delete element ip kproxy endpoints" in str(info.value)
-        assert set(backend.read().tables["ip"].elements["endpoints"]) == set(left), "the batch is atomic"
+        assert "delete element ip kproxy endpoints-4" in str(info.value)
+        assert set(backend.read().tables["ip"].elements["endpoints-4"]) == set(left), "the batch is atomic"
 
 
 def test_only_plain_element_transactions_are_encodable() -> None:

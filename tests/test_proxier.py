@@ -73,7 +73,7 @@ def test_one_endpoint_change_is_a_minimal_partial_sync() -> None:
     assert not [op for op in ops if op.kind in ("chain", "rule", "rules")]
     assert result.operations == 2
     added = sorted((op.verb, op.name, e.key, e.value) for op in ops if op.kind == "element" for e in op.elements)
-    assert [(verb, name) for verb, name, _, _ in added] == [("add", "endpoints"), ("add", "hairpin")]
+    assert [(verb, name) for verb, name, _, _ in added] == [("add", "endpoints-4"), ("add", "hairpin")]
     assert added[0][2].endswith(f" . {3 << 16}") and added[0][3] == "10.244.7.3 . 8080"
     assert plan(backend.read(), _expected(proxier)).operations == 0
 
