@@ -86,6 +86,10 @@ class Assembly:
 
     def _own(self, key: ServiceKey, set_name: str, element: Element) -> None:
         owners = self._owners.setdefault((set_name, element.key), [])
+        if not owners:  # the common case: nobody else contributes this key
+            owners.append((key, element))
+            self.table.elements.setdefault(set_name, {})[element.key] = element
+            return
         if any(owner == key for owner, _ in owners):
             return  # a Service contributing one key twice: its first element counts
         bisect.insort(owners, (key, element), key=lambda item: item[0])

@@ -157,7 +157,11 @@ def pick_chain_name(size: int, local: bool) -> str:
 
 def endpoints_map(index: int) -> str:
     """The map that holds slot ``index``: ``endpoints-C`` for the pick chain size C that tries it."""
-    return f"endpoints-{pick_class(index)}"
+    return _ENDPOINTS_MAPS[index]
+
+
+_ENDPOINTS_MAPS = ("",) + tuple(f"endpoints-{pick_class(k)}" for k in range(1, PICK_CLASSES[-1] + 1))
+_SLOTS = {local: ("",) + tuple(str(slot(k, local)) for k in range(1, PICK_CLASSES[-1] + 1)) for local in (False, True)}
 
 
 def pick_chains(family: Family) -> list[Chain]:
@@ -250,10 +254,12 @@ def uses_pick_chains(service: Service, endpoints: Sequence[PortEndpoint]) -> boo
 def _slot_elements(
     frontends: Sequence[str], endpoints: Sequence[PortEndpoint], local: bool, label: str
 ) -> list[tuple[str, Element]]:
+    slots = _SLOTS[local]
+    targets = [(_ENDPOINTS_MAPS[k], slots[k], f"{pe.address} . {pe.port}") for k, pe in enumerate(endpoints, 1)]
     return [
-        (endpoints_map(k), Element(f"{frontend} . {slot(k, local)}", f"{pe.address} . {pe.port}", label))
+        (map_name, Element(f"{frontend} . {slot_text}", target, label))
         for frontend in frontends
-        for k, pe in enumerate(endpoints, 1)
+        for map_name, slot_text, target in targets
     ]
 
 
