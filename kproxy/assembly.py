@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from kproxy.compiler import ServiceRules
+from kproxy.compiler import ServiceRules, frontend_of, is_endpoints_map
 from kproxy.model import ServiceKey
 from kproxy.ruleset import Chain, Element, Family, Table
 
@@ -44,7 +44,12 @@ class Assembly:
         self.family: Family = base.family
         self.table = Table(family=base.family, comment=base.comment, sets=dict(base.sets))
         self._parts: dict[ServiceKey, ServiceRules] = {}
-        self._owners: dict[tuple[str, str], list[tuple[ServiceKey, Element]]] = {}
+        self._owner: dict[str, dict[str, ServiceKey]] = {}
+        """set name -> element key -> the one Service contributing it (most keys have one)."""
+        self._contested: dict[tuple[str, str], list[tuple[ServiceKey, Element]]] = {}
+        self._frontends: dict[str, dict[ServiceKey, list[tuple[str, Element]]]] = {}
+        """frontend -> the endpoint slots each Service gives it (see ``_set_slots``)."""
+        """(set, key) -> every contributor in key order, for keys that several Services contribute."""
         self.set_base(base)
 
     def set_base(self, base: Table) -> Touched:
@@ -69,8 +74,9 @@ class Assembly:
                 self.table.counters.pop(name, None)
                 touched.counters.add(name)
             for set_name, element in old.elements:
-                self._disown(key, set_name, element)
-                touched.elements.add((set_name, element.key))
+                if not is_endpoints_map(set_name):
+                    self._disown(key, set_name, element)
+                    touched.elements.add((set_name, element.key))
         if rules is not None:
             self._parts[key] = rules
             for chain in rules.chains:
@@ -80,35 +86,80 @@ class Assembly:
                 self.table.counters[name] = counter_comment
                 touched.counters.add(name)
             for set_name, element in rules.elements:
-                self._own(key, set_name, element)
-                touched.elements.add((set_name, element.key))
+                if not is_endpoints_map(set_name):
+                    self._own(key, set_name, element)
+                    touched.elements.add((set_name, element.key))
+        self._set_slots(key, old, rules, touched)
         return touched
 
+    def _set_slots(self, key: ServiceKey, old: ServiceRules | None, new: ServiceRules | None, touched: Touched) -> None:
+        """Endpoint slots are owned per frontend: the first Service (in key order) that fills a frontend owns all its slots."""
+        before, after = _slots_by_frontend(old), _slots_by_frontend(new)
+        for frontend in before.keys() | after.keys():
+            contenders = self._frontends.setdefault(frontend, {})
+            shown = contenders[min(contenders)] if contenders else []
+            if frontend in after:
+                contenders[key] = after[frontend]
+            else:
+                contenders.pop(key, None)
+            now = contenders[min(contenders)] if contenders else []
+            if not contenders:
+                del self._frontends[frontend]
+            if now is shown:
+                continue  # another Service owns this frontend, before and after
+            for set_name, element in shown:
+                self.table.elements.get(set_name, {}).pop(element.key, None)
+                touched.elements.add((set_name, element.key))
+            for set_name, element in now:
+                self.table.elements.setdefault(set_name, {})[element.key] = element
+                touched.elements.add((set_name, element.key))
+
     def _own(self, key: ServiceKey, set_name: str, element: Element) -> None:
-        owners = self._owners.setdefault((set_name, element.key), [])
-        if not owners:  # the common case: nobody else contributes this key
-            owners.append((key, element))
-            self.table.elements.setdefault(set_name, {})[element.key] = element
+        members = self.table.elements.setdefault(set_name, {})
+        contested = self._contested.get((set_name, element.key))
+        if contested is not None:
+            if any(owner == key for owner, _ in contested):
+                return  # a Service contributing one key twice: its first element counts
+            bisect.insort(contested, (key, element), key=lambda item: item[0])
+            members[element.key] = contested[0][1]
             return
-        if any(owner == key for owner, _ in owners):
-            return  # a Service contributing one key twice: its first element counts
-        bisect.insort(owners, (key, element), key=lambda item: item[0])
-        self.table.elements.setdefault(set_name, {})[element.key] = owners[0][1]
+        owners = self._owner.setdefault(set_name, {})
+        current = owners.get(element.key)
+        if current is None:  # the common case: nobody else contributes this key
+            owners[element.key] = key
+            members[element.key] = element
+        elif current != key:
+            both = sorted([(current, members[element.key]), (key, element)], key=lambda item: item[0])
+            self._contested[(set_name, element.key)] = both
+            del owners[element.key]
+            members[element.key] = both[0][1]
 
     def _disown(self, key: ServiceKey, set_name: str, element: Element) -> None:
-        owners = self._owners.get((set_name, element.key))
-        if not owners:
-            return
-        owners[:] = [item for item in owners if item[0] != key]
         members = self.table.elements.setdefault(set_name, {})
-        if owners:
-            members[element.key] = owners[0][1]
-        else:
-            del self._owners[(set_name, element.key)]
-            members.pop(element.key, None)
+        contested = self._contested.get((set_name, element.key))
+        if contested is None:
+            owners = self._owner.get(set_name, {})
+            if owners.get(element.key) == key:
+                del owners[element.key]
+                members.pop(element.key, None)
+            return
+        contested[:] = [item for item in contested if item[0] != key]
+        members[element.key] = contested[0][1]
+        if len(contested) == 1:
+            del self._contested[(set_name, element.key)]
+            self._owner.setdefault(set_name, {})[element.key] = contested[0][0]
 
     def services(self) -> set[ServiceKey]:
         return {k for k in self._parts if k != BASE}
 
     def chain(self, name: str) -> Chain | None:
         return self.table.chains.get(name)
+
+
+def _slots_by_frontend(rules: ServiceRules | None) -> dict[str, list[tuple[str, Element]]]:
+    result: dict[str, list[tuple[str, Element]]] = {}
+    if rules is not None:
+        for set_name, element in rules.elements:
+            if is_endpoints_map(set_name):
+                result.setdefault(frontend_of(element.key), []).append((set_name, element))
+    return result

@@ -406,14 +406,36 @@ def base_table(node: NodeInfo, config: ProxyConfig, family: Family) -> Table:
     return table
 
 
-def add_service(table: Table, rules: ServiceRules) -> None:
-    """Merge one Service's contribution into a table (an earlier key wins)."""
+def is_endpoints_map(set_name: str) -> bool:
+    return set_name.startswith("endpoints-")
+
+
+def frontend_of(slot_key: str) -> str:
+    """``addr . proto . port`` of an endpoints-map key (which ends in ``. slot``)."""
+    return slot_key.rpartition(" . ")[0]
+
+
+def add_service(table: Table, rules: ServiceRules, claimed: set[str] | None = None) -> None:
+    """Merge one Service's contribution into a table (an earlier key wins).
+
+    The endpoint slots of a frontend go together: a frontend that an earlier
+    Service already filled (``claimed``) gets none of this Service's slots,
+    so two Services sharing an address and port never mix their endpoints.
+    """
     for chain in rules.chains:
         table.chains[chain.name] = chain
     for name, counter_comment in rules.counters:
         table.counters.setdefault(name, counter_comment)
+    mine: set[str] = set()
     for set_name, element in rules.elements:
+        if claimed is not None and is_endpoints_map(set_name):
+            frontend = frontend_of(element.key)
+            if frontend in claimed and frontend not in mine:
+                continue
+            mine.add(frontend)
         table.add_element(set_name, element)
+    if claimed is not None:
+        claimed |= mine
 
 
 def compile_ruleset(cluster: Cluster, node: NodeInfo, config: ProxyConfig) -> Ruleset:
@@ -427,9 +449,10 @@ def _compile_ruleset(cluster: Cluster, node: NodeInfo, config: ProxyConfig) -> R
     ruleset = Ruleset()
     for family in FAMILIES:
         table = base_table(node, config, family)
+        claimed: set[str] = set()
         for key in sorted(cluster.services):
             rules = compile_service(cluster.services[key], by_service.get(key, ()), family, node, config)
             if rules is not None:
-                add_service(table, rules)
+                add_service(table, rules, claimed)
         ruleset.tables[family] = table
     return ruleset

@@ -157,10 +157,14 @@ def test_duplicate_frontend_first_service_wins() -> None:
         service("a", "ns", "10.96.0.1", externalIPs=["198.51.100.9"]),
         service("b", "ns", "10.96.0.2", externalIPs=["198.51.100.9"]),
         endpoint_slice("a-1", "a", [endpoint("10.244.1.1")], namespace="ns"),
-        endpoint_slice("b-1", "b", [endpoint("10.244.1.2")], namespace="ns"),
+        endpoint_slice("b-1", "b", [endpoint("10.244.1.2"), endpoint("10.244.1.3")], namespace="ns"),
     ]
-    element = _compile(objects).table("ip").elements["service-ips"]["198.51.100.9 . tcp . 80"]
+    table = _compile(objects).table("ip")
+    element = table.elements["service-ips"]["198.51.100.9 . tcp . 80"]
     assert element.comment == "ns/a:http"
+    # and only a's endpoints stand behind that frontend: b's second slot must not leak in
+    slots = {k: e for k, e in table.elements["endpoints-4"].items() if k.startswith("198.51.100.9 . ")}
+    assert [e.value for e in slots.values()] == ["10.244.1.1 . 8080"]
 
 
 @pytest.mark.parametrize("text", ['a"b', "a;b", "a\nb", "a{b", "a}b", "x" * 200, "a$b", "a\\b"])

@@ -243,3 +243,27 @@ def test_rule_and_element_gauges_follow_partial_syncs() -> None:
     rules = sum(c.fingerprint[1] if c.fingerprint else len(c.rules) for t in tables for c in t.chains.values())
     assert reported[-1] == (rules, sum(t.element_count() for t in tables))
     assert len({r for r, _ in reported}) >= 3, reported
+
+
+def test_contested_element_keys_follow_the_first_service_through_partial_syncs() -> None:
+    """Two Services with the same ClusterIP: the first in key order owns it; removing it hands it over."""
+    proxier, backend, _ = _proxier(3)
+    twin = service("a-twin", "ns", "10.96.0.2")  # s1's ClusterIP; "ns/a-twin" sorts before "ns/s1"
+    proxier.on_service("ADDED", twin)
+    proxier.on_slice("ADDED", endpoint_slice("a-twin-x", "a-twin", [endpoint("10.244.9.9")], namespace="ns"))
+    proxier.sync()
+    for step in ("twin owns it", "s1 takes over", "twin again"):
+        # (cluster-ips keeps a deleted Service's IP for a while, and chains are deleted later: compare the maps)
+        expected, actual = _expected(proxier).tables["ip"], backend.tables["ip"]
+        for name in ("service-ips", "endpoints-4"):
+            assert actual.elements[name] == expected.elements[name], (step, name)
+        owner = backend.tables["ip"].elements["service-ips"]["10.96.0.2 . tcp . 80"]
+        assert ("a-twin" in owner.value) == (step != "s1 takes over"), (step, owner)
+        slots = {k for k in actual.elements["endpoints-4"] if k.startswith("10.96.0.2 . tcp . 80 . ")}
+        assert len(slots) == (2 if step == "s1 takes over" else 1), (step, slots)  # never s1's slot 2 behind the twin
+        if step == "twin owns it":
+            proxier.on_service("DELETED", twin)
+        elif step == "s1 takes over":
+            proxier.on_service("ADDED", twin)
+        result = proxier.sync()
+        assert not result.full
