@@ -29,6 +29,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+from kproxy.convert import gc_paused
 from kproxy.plan import Op, Transaction
 from kproxy.ruleset import TABLE, Element, Family
 from kproxy.skeleton import skeleton_table
@@ -75,16 +76,10 @@ class NetlinkError(Exception):
         self.code = code
 
 
-# Keys and data repeat a lot (a frontend once per endpoint, an endpoint once per
-# frontend), so the field encoders are cached.
-
-
-@functools.lru_cache(maxsize=1 << 16)
 def _ipv4(text: str) -> bytes:
     return socket.inet_pton(socket.AF_INET, text)
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def _ipv6(text: str) -> bytes:
     return socket.inet_pton(socket.AF_INET6, text)
 
@@ -94,15 +89,24 @@ def _proto(text: str) -> bytes:
     return bytes([PROTOCOLS[text] if text in PROTOCOLS else int(text)])
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def _port(text: str) -> bytes:
     return struct.pack("!H", int(text))
 
 
-@functools.lru_cache(maxsize=1 << 12)
 def _host_u32(text: str) -> bytes:
     return struct.pack("=I", int(text))
 
+
+def _proto_word(text: str) -> bytes:
+    return _proto(text) + b"\0\0\0"
+
+
+def _port_word(text: str) -> bytes:
+    return struct.pack("!HH", int(text), 0)
+
+
+_PADDED: dict[Field, Field] = {_proto: _proto_word, _port: _port_word}
+"""Encoders of the fields narrower than 32 bits, padded as in a concatenation."""
 
 _TYPES: dict[str, Field] = {
     "ipv4_addr": _ipv4,
@@ -121,26 +125,49 @@ _TYPEOF: dict[str, Field] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
 class SetLayout:
-    """How one set's keys (and map data) are laid out in the kernel."""
+    """How one set's keys (and map data) are laid out in the kernel, with caches of encoded parts.
 
-    key: tuple[Field, ...]
-    data: tuple[Field, ...] | None
-    """None for a set; empty for a verdict map."""
+    Keys and data repeat a lot (an endpoints key is ``frontend . slot``: the
+    frontend repeats once per endpoint, the slot once per frontend; an
+    endpoint's data once per frontend), so the parts are encoded once.
+    """
+
+    __slots__ = ("key", "data", "_prefixes", "_lasts", "_values")
+
+    def __init__(self, key: tuple[Field, ...], data: tuple[Field, ...] | None) -> None:
+        self.key = key
+        self.data = data
+        """None for a set; empty for a verdict map."""
+        self._prefixes: dict[str, bytes] = {}
+        self._lasts: dict[str, bytes] = {}
+        self._values: dict[str, bytes] = {}
 
     def encode_key(self, text: str) -> bytes:
         if len(self.key) == 1:
             return self.key[0](text)
-        # An endpoints key is "frontend . slot": the frontend repeats once per endpoint.
         prefix, _, last = text.rpartition(" . ")
-        return _concat(self.key[:-1], prefix, True) + _padded(self.key[-1](last))
+        head = self._prefixes.get(prefix)
+        if head is None:
+            head = self._prefixes[prefix] = _concat(self.key[:-1], prefix, True)
+        tail = self._lasts.get(last)
+        if tail is None:
+            tail = self._lasts[last] = _padded(self.key[-1](last))
+        return head + tail
 
     def encode_data(self, text: str) -> bytes:
         return _concat(self.data or (), text)
 
+    def element_tail(self, value: str, comment: str) -> bytes:
+        """The attributes after the key when adding: data (maps) and the comment."""
+        tail = b""
+        if self.data is not None:
+            tail = self._values.get(value, b"")
+            if not tail:
+                tail = self._values[value] = _verdict(value) if self.data == () else _data(self, value)
+        return tail + _comment(comment) if comment else tail
 
-@functools.lru_cache(maxsize=1 << 17)
+
 def _concat(fields: tuple[Field, ...], text: str, part_of_concatenation: bool = False) -> bytes:
     parts = text.split(" . ")
     if len(parts) != len(fields):
@@ -148,7 +175,7 @@ def _concat(fields: tuple[Field, ...], text: str, part_of_concatenation: bool = 
     if len(fields) == 1 and not part_of_concatenation:
         return fields[0](parts[0])
     # each field of a concatenation fills whole 32-bit registers
-    return b"".join(_padded(encode(part)) for encode, part in zip(fields, parts))
+    return b"".join([_PADDED.get(encode, encode)(part) for encode, part in zip(fields, parts)])
 
 
 def _padded(value: bytes) -> bytes:
@@ -229,15 +256,16 @@ def _verdict(text: str) -> bytes:
 def encode_element(layout: SetLayout, element: Element, with_data: bool) -> bytes:
     """One NFTA_LIST_ELEM: key, data (maps, when adding) and the comment."""
     key = layout.encode_key(element.key)  # whole 32-bit words: no padding needed
-    body = struct.pack("=HHHH", 8 + len(key), NFTA_SET_ELEM_KEY | NLA_F_NESTED, 4 + len(key), NFTA_DATA_VALUE) + key
-    if with_data and layout.data is not None:
-        body += _verdict(element.value) if layout.data == () else _data(layout, element.value)
-    if with_data and element.comment:
-        body += _comment(element.comment)
-    return struct.pack("=HH", 4 + len(body), NFTA_LIST_ELEM | NLA_F_NESTED) + body
+    tail = layout.element_tail(element.value, element.comment) if with_data else b""
+    size = len(key)
+    return _ELEM_HEAD(12 + size + len(tail), _LIST_ELEM, 8 + size, _KEY, 4 + size, NFTA_DATA_VALUE) + key + tail
 
 
-@functools.lru_cache(maxsize=1 << 16)
+_ELEM_HEAD = struct.Struct("=HHHHHH").pack
+_LIST_ELEM = NFTA_LIST_ELEM | NLA_F_NESTED
+_KEY = NFTA_SET_ELEM_KEY | NLA_F_NESTED
+
+
 def _data(layout: SetLayout, text: str) -> bytes:
     value = layout.encode_data(text)
     return _attr(NFTA_SET_ELEM_DATA | NLA_F_NESTED, _attr(NFTA_DATA_VALUE, value))
@@ -292,6 +320,11 @@ class Batch:
 
 def encode(tx: Transaction, first_seq: int = 1) -> Batch:
     """The netlink batch for an element-only transaction (see ``encodable``)."""
+    with gc_paused():  # hundreds of thousands of small bytes objects: nothing cyclic to find
+        return _encode(tx, first_seq)
+
+
+def _encode(tx: Transaction, first_seq: int) -> Batch:
     seq = first_seq
     parts = [_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES)]
     commands: dict[int, Op] = {}
