@@ -158,6 +158,12 @@ class SetLayout:
     def encode_data(self, text: str) -> bytes:
         return _concat(self.data or (), text)
 
+    def clear(self) -> None:
+        """Forget the cached parts (they are only worth keeping within one batch)."""
+        self._prefixes.clear()
+        self._lasts.clear()
+        self._values.clear()
+
     def element_tail(self, value: str, comment: str) -> bytes:
         """The attributes after the key when adding: data (maps) and the comment."""
         tail = b""
@@ -321,7 +327,12 @@ class Batch:
 def encode(tx: Transaction, first_seq: int = 1) -> Batch:
     """The netlink batch for an element-only transaction (see ``encodable``)."""
     with gc_paused():  # hundreds of thousands of small bytes objects: nothing cyclic to find
-        return _encode(tx, first_seq)
+        try:
+            return _encode(tx, first_seq)
+        finally:
+            for family in {op.family for op in tx.ops}:
+                for layout in layouts(family).values():
+                    layout.clear()
 
 
 def _encode(tx: Transaction, first_seq: int) -> Batch:

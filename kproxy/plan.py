@@ -218,7 +218,7 @@ def converge(table: Table) -> Transaction:
     return tx
 
 
-def create(table: Table, max_rules: int = 30000) -> list[Transaction]:
+def create(table: Table, max_rules: int = 8000) -> list[Transaction]:
     """Transactions that build ``table`` from nothing, in bounded pieces.
 
     The first declares the table, its sets, counters and (empty) chains, and
