@@ -116,6 +116,13 @@ CAPABILITIES: tuple[Capability, ...] = (
                chain="type filter hook input priority 0; policy accept;"),
     Capability("verdict maps", "module nft_lookup", ("{family} daddr . meta l4proto . th dport vmap @v",),
                sets=("map v { type {addr} . inet_proto . inet_service : verdict; }",)),
+    Capability(
+        "endpoint maps",
+        "DNAT to an address and port looked up by a key with numgen (nft_nat with concatenated data, nft_numgen)",
+        ("dnat {family} to {family} daddr . meta l4proto . th dport . numgen random mod 2 offset 65536 map @e",),
+        chain="type nat hook prerouting priority dstnat; policy accept;",
+        sets=("map e { typeof {family} daddr . meta l4proto . th dport . numgen random mod 1 : {family} daddr . th dport; }",),
+    ),
 )
 
 
@@ -127,7 +134,8 @@ def _probe_script(cap: Capability, family: Family) -> str:
     lines = [f"add table {where}", f"delete table {where}", f"add table {where}"]
     for declaration in cap.sets:
         kind, name, body = declaration.split(" ", 2)
-        lines.append(f"add {kind} {where} {name} {body.replace('{addr}', addr).replace('{net}', net)}")
+        body = body.replace("{addr}", addr).replace("{net}", net).replace("{family}", family)
+        lines.append(f"add {kind} {where} {name} {body}")
     lines.append(f"add chain {where} c {{ {cap.chain} }}")
     loopback = "127.0.0.1" if family == "ip" else "[::1]"
     lines += [
