@@ -13,9 +13,11 @@ pick-chain slot numbers, with verdicts (``goto`` a chain, ``drop``) or
 ``address . port`` as data, and a comment. ``encodable()`` says whether a
 transaction qualifies; everything else goes through libnftables.
 
-pyroute2's nf_tables messages are general but build a Python object per
-attribute and do not report per-batch errors, which for 100k elements costs
-seconds; the layout here is small enough to pack directly with ``struct``.
+pyroute2's nf_tables messages are general, but they build a Python object
+per attribute (slow for 100k elements) and their batch commit does not read
+the kernel's answers; the few layouts here are small enough to pack directly
+with ``struct``, and ``tests/test_nfnetlink.py`` checks that the kernel ends
+up with exactly what libnftables writes for the same commands.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Callable, Iterable
 
 from kproxy.convert import gc_paused
 from kproxy.plan import Op, Transaction
-from kproxy.ruleset import TABLE, Element, Family
+from kproxy.ruleset import TABLE, Element, Family, comment
 from kproxy.skeleton import skeleton_table
 
 log = logging.getLogger(__name__)
@@ -164,14 +166,14 @@ class SetLayout:
         self._lasts.clear()
         self._values.clear()
 
-    def element_tail(self, value: str, comment: str) -> bytes:
+    def element_tail(self, value: str, note: str) -> bytes:
         """The attributes after the key when adding: data (maps) and the comment."""
         tail = b""
         if self.data is not None:
             tail = self._values.get(value, b"")
             if not tail:
                 tail = self._values[value] = _verdict(value) if self.data == () else _data(self, value)
-        return tail + _comment(comment) if comment else tail
+        return tail + _comment(note) if note else tail
 
 
 def _concat(fields: tuple[Field, ...], text: str, part_of_concatenation: bool = False) -> bytes:
@@ -279,6 +281,7 @@ def _data(layout: SetLayout, text: str) -> bytes:
 
 @functools.lru_cache(maxsize=1 << 16)
 def _comment(text: str) -> bytes:
+    comment(text)  # the same check as for nft text: raises UnsafeText
     raw = _string(text)
     return _attr(NFTA_SET_ELEM_USERDATA, bytes([NFTNL_UDATA_SET_ELEM_COMMENT, len(raw)]) + raw)
 

@@ -10,10 +10,10 @@ import pytest
 
 from kproxy.compiler import compile_ruleset
 from kproxy.convert import build_cluster
-from kproxy.nfnetlink import ElementSocket, encodable, layouts
+from kproxy.nfnetlink import ElementSocket, encodable, encode, layouts
 from kproxy.nft import NftablesBackend, NftError
 from kproxy.plan import Op, Transaction, create, plan
-from kproxy.ruleset import Element, Ruleset
+from kproxy.ruleset import Element, Ruleset, UnsafeText
 from kproxy.skeleton import skeleton_table
 from tests.netbed import Netns
 from tests.test_golden import NODE, SCENARIOS
@@ -117,3 +117,10 @@ def test_only_plain_element_transactions_are_encodable() -> None:
     assert not encodable(Transaction([Op("add", "element", "ip", "cluster-cidrs", elements=(element,))]))
     assert not encodable(Transaction([Op("flush", "chain", "ip", "services")]))
     assert not encodable(Transaction())
+
+
+def test_unsafe_comments_are_refused_as_in_nft_text() -> None:
+    """The netlink path checks comments exactly as the nft text path does."""
+    hostile = Element("10.0.0.1", comment='x" ; flush ruleset ; "')
+    with pytest.raises(UnsafeText):
+        encode(Transaction([Op("add", "element", "ip", "cluster-ips", elements=(hostile,))]))
