@@ -212,8 +212,10 @@ def _endpoint_chain(
     affinity = service.affinity_timeout
     size = pick_class(count)
     if affinity is None and size is not None:
-        rules.append(f"goto {pick_chain_name(size, local)}")
-        return Chain(name, tuple(rules), label)
+        goto = f"goto {pick_chain_name(size, local)}"
+        if len(rules) == 1:  # just the counter: one rule per Service port loads faster than two
+            return Chain(name, (f"{rules[0]} {goto}",), label)
+        return Chain(name, (*rules, goto), label)
     if affinity is None:
         for i, pe in enumerate(endpoints):
             pick = f" numgen random mod {count - i} 0" if i < count - 1 else ""
