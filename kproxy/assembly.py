@@ -47,9 +47,11 @@ class Assembly:
         self._owner: dict[str, dict[str, ServiceKey]] = {}
         """set name -> element key -> the one Service contributing it (most keys have one)."""
         self._contested: dict[tuple[str, str], list[tuple[ServiceKey, Element]]] = {}
+        """(set, key) -> every contributor in key order, for keys that several Services contribute."""
+        self._chain_users: dict[str, int] = {}
+        """chain -> how many contributions have it (the pick chains are shared)."""
         self._frontends: dict[str, dict[ServiceKey, list[tuple[str, Element]]]] = {}
         """frontend -> the endpoint slots each Service gives it (see ``_set_slots``)."""
-        """(set, key) -> every contributor in key order, for keys that several Services contribute."""
         self.set_base(base)
 
     def set_base(self, base: Table) -> Touched:
@@ -68,6 +70,11 @@ class Assembly:
         old = self._parts.pop(key, None)
         if old is not None:
             for chain in old.chains:
+                users = self._chain_users.get(chain.name, 1) - 1
+                if users > 0:
+                    self._chain_users[chain.name] = users
+                    continue  # a shared pick chain other Services still use
+                self._chain_users.pop(chain.name, None)
                 self.table.chains.pop(chain.name, None)
                 touched.chains.add(chain.name)
             for name, _ in old.counters:
@@ -80,8 +87,10 @@ class Assembly:
         if rules is not None:
             self._parts[key] = rules
             for chain in rules.chains:
-                self.table.chains[chain.name] = chain
-                touched.chains.add(chain.name)
+                self._chain_users[chain.name] = self._chain_users.get(chain.name, 0) + 1
+                if self.table.chains.get(chain.name) != chain:
+                    self.table.chains[chain.name] = chain
+                    touched.chains.add(chain.name)
             for name, counter_comment in rules.counters:
                 self.table.counters[name] = counter_comment
                 touched.counters.add(name)

@@ -164,26 +164,35 @@ _ENDPOINTS_MAPS = ("",) + tuple(f"endpoints-{pick_class(k)}" for k in range(1, P
 _SLOTS = {local: ("",) + tuple(str(slot(k, local)) for k in range(1, PICK_CLASSES[-1] + 1)) for local in (False, True)}
 
 
-def pick_chains(family: Family) -> list[Chain]:
-    """The shared chains that pick an endpoint from the ``endpoints`` map.
+@functools.cache
+def pick_chains_for(family: Family, size: int, local: bool) -> tuple[Chain, ...]:
+    """The shared chains a port with a ``size``-class pick needs: ``pick-size`` and the smaller ones it continues in.
 
     ``pick-C`` tries slots C down to C/2+1 and continues in ``pick-C/2``;
     ``pick-4`` ends with slot 1, which is always filled, then a drop that
-    only an inconsistent map could reach.
+    only an inconsistent map could reach. Every Service port that picks
+    through the maps contributes these chains (identical for all), so they
+    exist exactly while some Service needs them.
     """
     key = f"{family} daddr . meta l4proto . th dport"
+    kind = "local" if local else "cluster"
     chains = []
-    for local in (False, True):
-        kind = "local" if local else "cluster"
-        for size in PICK_CLASSES:
-            low = size // 2 if size > PICK_CLASSES[0] else 0
-            rules = [
-                f"dnat {family} to {key} . numgen random mod {k} offset {slot(k, local)} map @endpoints-{size}"
-                for k in range(size, low, -1)
-            ]
-            rules.append(f"goto {pick_chain_name(low, local)}" if low else DROP)
-            chains.append(Chain(pick_chain_name(size, local), tuple(rules), f"pick one of up to {size} {kind} endpoints"))
-    return chains
+    for class_size in PICK_CLASSES:
+        if class_size > size:
+            break
+        low = class_size // 2 if class_size > PICK_CLASSES[0] else 0
+        rules = [
+            f"dnat {family} to {key} . numgen random mod {k} offset {slot(k, local)} map @endpoints-{class_size}"
+            for k in range(class_size, low, -1)
+        ]
+        rules.append(f"goto {pick_chain_name(low, local)}" if low else DROP)
+        chains.append(Chain(pick_chain_name(class_size, local), tuple(rules), f"pick one of up to {class_size} {kind} endpoints"))
+    return tuple(chains)
+
+
+def pick_chains(family: Family) -> list[Chain]:
+    """Every pick chain there can be, of both kinds."""
+    return [*pick_chains_for(family, PICK_CLASSES[-1], False), *pick_chains_for(family, PICK_CLASSES[-1], True)]
 
 
 def _endpoint_chain(
@@ -305,10 +314,12 @@ def compile_service(
         if has_cluster_chain:
             chains.append(_endpoint_chain(svc_chain, family, service, port, label, cluster_ip, selection.cluster, suffix, False))
             if uses_pick_chains(service, selection.cluster):
+                chains += pick_chains_for(family, pick_class(len(selection.cluster)) or 0, False)
                 elements += _slot_elements(frontends, selection.cluster, False, label)
         if has_local_chain:
             chains.append(_endpoint_chain(local_chain, family, service, port, label, cluster_ip, selection.local, suffix, True))
             if uses_pick_chains(service, selection.local):
+                chains += pick_chains_for(family, pick_class(len(selection.local)) or 0, True)
                 elements += _slot_elements(frontends, selection.local, True, label)
         for address in sorted({pe.address for pe in selection.cluster + selection.local if pe.is_local(node.name)}):
             elements.append(("hairpin", Element(f"{address} . {address}", comment=label)))
@@ -403,8 +414,6 @@ def base_table(node: NodeInfo, config: ProxyConfig, family: Family) -> Table:
             table.add_element("cluster-cidrs", Element(_interval(cidr), comment="--cluster-cidr"))
     for address in nodeport_addresses(node, config, family):
         table.add_element("nodeport-ips", Element(address, comment=f"node {node.name}"))
-    for chain in pick_chains(family):
-        table.chains[chain.name] = chain
     return table
 
 

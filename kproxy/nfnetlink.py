@@ -124,6 +124,7 @@ _TYPEOF: dict[str, Field] = {
     "ip6 saddr": _ipv6,
     "meta l4proto": _proto,
     "th dport": _port,
+    "tcp dport": _port,
 }
 
 

@@ -121,7 +121,7 @@ CAPABILITIES: tuple[Capability, ...] = (
         "DNAT to an address and port looked up by a key with numgen (nft_nat with concatenated data, nft_numgen)",
         ("dnat {family} to {family} daddr . meta l4proto . th dport . numgen random mod 2 offset 65536 map @e",),
         chain="type nat hook prerouting priority dstnat; policy accept;",
-        sets=("map e { typeof {family} daddr . meta l4proto . th dport . numgen random mod 1 : {family} daddr . th dport; }",),
+        sets=("map e { typeof {family} daddr . meta l4proto . th dport . numgen random mod 1 : {family} daddr . tcp dport; }",),
     ),
 )
 

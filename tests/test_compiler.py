@@ -142,7 +142,8 @@ def test_endpoint_change_touches_only_elements() -> None:
     changed = {name for name in after.elements if before.elements.get(name) != after.elements[name]}
     assert "endpoints-16" in changed and changed <= {f"endpoints-{size}" for size in PICK_CLASSES} | {"hairpin"}
     assert all(slot(k, False) < slot(k, True) < slot(k + 1, False) for k in range(1, PICK_CLASSES[-1]))
-    assert {c.name for c in pick_chains("ip")} <= set(before.chains)
+    assert {"pick-16", "pick-8", "pick-4"} <= set(before.chains)
+    assert "pick-32" not in before.chains and "pick-local-4" not in before.chains
 
 
 def test_compile_is_pure_and_deterministic() -> None:

@@ -61,3 +61,40 @@ def test_error_names_the_refused_command_and_changes_nothing(netns: Netns) -> No
             backend.apply(tx)
     assert info.value.command == "flush chain ip kproxy missing"
     assert netns.nft("list", "ruleset").stdout.strip() == ""
+
+
+def test_partial_syncs_across_pick_chain_sizes(netns: Netns) -> None:
+    """Growing and shrinking a Service across pick chain sizes (new pick chains, both families) in partial syncs."""
+    from kproxy.compiler import ProxyConfig, compile_ruleset, node_info
+    from kproxy.plan import plan
+    from kproxy.proxier import Proxier
+    from tests.builders import endpoint, endpoint_slice, node, service
+
+    config = ProxyConfig(cluster_cidrs=("10.244.0.0/16", "fd00:244::/48"))
+
+    def slices(count: int) -> list[dict]:
+        return [
+            endpoint_slice("web-4", "web", [endpoint(f"10.244.1.{i + 1}") for i in range(count)], namespace="ns"),
+            endpoint_slice("web-6", "web", [endpoint(f"fd00:244::{i + 1}") for i in range(count)],
+                           namespace="ns", address_type="IPv6"),
+        ]
+
+    with netns.entered():
+        backend = NftablesBackend()
+        proxier = Proxier(backend, "node-a", config)
+        proxier.on_relist("Node", [node("node-a")])
+        proxier.on_relist("Service", [service("web", "ns", ["10.96.0.10", "fd00:96::10"])])
+        proxier.on_relist("EndpointSlice", slices(1))
+        assert proxier.sync().full
+        for count in (6, 20, 3, 40, 1):
+            for item in slices(count):
+                proxier.on_slice("MODIFIED", item)
+            assert not proxier.sync().full
+            cluster = proxier.cluster()
+            expected = compile_ruleset(cluster, node_info("node-a", cluster.node), config)
+            kernel = backend.read()
+            # Chains no Service uses any more are emptied now and deleted a little later, as upstream does.
+            pending = {name for t in kernel.tables.values() for name, c in t.chains.items() if c.fingerprint == ("", 0)}
+            left = [op for op in plan(kernel, expected).ops if not (op.kind == "chain" and op.name in pending)]
+            assert left == [], count
+            assert len(kernel.tables["ip6"].elements["endpoints-4"]) == min(count, 4)
