@@ -207,7 +207,8 @@ class NftablesBackend:
         Meanwhile this thread encodes ``prepare``, if it is an element-only
         transaction, for a following ``apply(prepare)``.
         """
-        if workers <= 1:
+        transactions = list(transactions)
+        if workers <= 1 or len(transactions) <= 1:  # a worker's own libnftables context is not worth it
             for tx in transactions:
                 self.apply(tx)
             return
