@@ -1,17 +1,21 @@
-"""Element-only transactions sent as nf_tables netlink messages, without libnftables.
+"""Simple transactions sent as nf_tables netlink messages, without libnftables.
 
-libnftables reads its cache of the whole table (every chain and set) before it
-runs any command: 35-50 ms at 10k Services, whatever the command. Most syncs
-only add and delete elements of kproxy's sets and maps (an endpoint comes or
-goes), and an element is a fixed binary layout, so this module encodes those
-transactions itself and sends them as one batch on a netlink socket: the
+libnftables reads its cache of the whole table (every chain, set and
+counter) before it runs any command: 35-50 ms at 10k Services, whatever the
+command, and its parser costs tens of microseconds per rule or element. Most
+of what kproxy sends is simple: elements of its sets and maps (an endpoint
+comes or goes), and Service chains whose rules are a named counter and a
+``goto``. Those have small fixed binary layouts, so this module encodes them
+itself and sends each transaction as one batch on a netlink socket: the
 kernel applies the batch atomically, exactly as it would from nft.
 
 Only what kproxy writes is supported: elements of the skeleton's static,
-non-interval sets and maps, keyed by addresses, protocols, ports and the
-pick-chain slot numbers, with verdicts (``goto`` a chain, ``drop``) or
-``address . port`` as data, and a comment. ``encodable()`` says whether a
-transaction qualifies; everything else goes through libnftables.
+non-interval sets and maps (keys of addresses, protocols, ports and
+pick-chain slot numbers; data of verdicts or ``address . port``); chains
+that are not base chains; named counters; and rules of the form
+``[counter name "N"] [goto|jump CHAIN]``, all with their comments.
+``encodable()`` says whether a transaction qualifies; everything else goes
+through libnftables.
 
 pyroute2's nf_tables messages are general, but they build a Python object
 per attribute (slow for 100k elements) and their batch commit does not read
@@ -26,13 +30,14 @@ import errno
 import functools
 import logging
 import os
+import re
 import socket
 import struct
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from kproxy.convert import gc_paused
-from kproxy.plan import Op, Transaction
+from kproxy.plan import DIGEST_PREFIX, Op, Transaction, rules_digest
 from kproxy.ruleset import TABLE, Element, Family, comment
 from kproxy.skeleton import skeleton_table
 
@@ -42,11 +47,18 @@ NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
+NFT_MSG_NEWCHAIN = 3
+NFT_MSG_DELCHAIN = 5
+NFT_MSG_NEWRULE = 6
+NFT_MSG_DELRULE = 8
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_DELSETELEM = 14
+NFT_MSG_NEWOBJ = 18
+NFT_MSG_DELOBJ = 20
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
 NLM_F_CREATE = 0x400
+NLM_F_APPEND = 0x800
 NLMSG_ERROR = 0x2
 NLA_F_NESTED = 0x8000
 NFTA_SET_ELEM_LIST_TABLE = 1
@@ -61,6 +73,19 @@ NFTA_DATA_VERDICT = 2
 NFTA_VERDICT_CODE = 1
 NFTA_VERDICT_CHAIN = 2
 NFTNL_UDATA_SET_ELEM_COMMENT = 0
+NFTNL_UDATA_COMMENT = 0
+"""The comment's type in the user data of chains, rules and objects alike."""
+NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME, NFTA_CHAIN_USERDATA = 1, 3, 12
+NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_USERDATA = 1, 2, 4, 7
+NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 2
+NFTA_OBJREF_IMM_TYPE, NFTA_OBJREF_IMM_NAME = 1, 2
+NFTA_IMMEDIATE_DREG, NFTA_IMMEDIATE_DATA = 1, 2
+NFTA_OBJ_TABLE, NFTA_OBJ_NAME, NFTA_OBJ_TYPE, NFTA_OBJ_DATA, NFTA_OBJ_USERDATA = 1, 2, 3, 4, 8
+NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS = 1, 2
+NFT_OBJECT_COUNTER = 1
+NFT_REG_VERDICT = 0
+_RULE = re.compile(r'(?:counter name "(?P<counter>[^"]+)")? ?(?:(?P<verb>goto|jump) (?P<chain>[A-Za-z0-9./:_-]+))?')
+"""The rules this module encodes: a named counter, a jump or goto, or both (what Service chains mostly are)."""
 NFPROTO: dict[Family, int] = {"ip": 2, "ip6": 10}
 VERDICTS = {"drop": 0, "accept": 1, "jump": -3, "goto": -4, "return": -5}
 PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
@@ -233,14 +258,48 @@ def layouts(family: Family) -> dict[str, SetLayout]:
     return result
 
 
+def encodable_rule(rule: str) -> bool:
+    """Whether this module can encode the rule (see ``_RULE``)."""
+    match = _RULE.fullmatch(rule)
+    return bool(rule) and match is not None
+
+
+def encodable_op(op: Op) -> bool:
+    """Whether this module can send the command."""
+    if op.kind == "element":
+        return op.verb in ("add", "delete") and op.name in layouts(op.family)
+    if op.kind == "chain":
+        return op.verb in ("flush", "delete") or (op.verb == "add" and op.chain is not None and not op.chain.base)
+    if op.kind == "counter":
+        return op.verb in ("add", "delete")
+    if op.kind == "rules":
+        return op.verb == "add" and all(encodable_rule(rule) for chain in op.chains for rule in chain.rules)
+    return False
+
+
 def encodable(tx: Transaction) -> bool:
-    """Whether every command of ``tx`` is an element add or delete this module can send."""
-    if not tx.ops:
-        return False
+    """Whether every command of ``tx`` is one this module can send."""
+    return bool(tx.ops) and all(encodable_op(op) for op in tx.ops)
+
+
+def split_rules(tx: Transaction) -> tuple[Transaction, Transaction]:
+    """(what this module can send, the rest) of a transaction of ``add rules`` commands, split by chain.
+
+    Only for transactions whose chains are independent of each other, as the
+    middle pieces of ``plan.create`` are.
+    """
+    simple, rest = Transaction(), Transaction()
     for op in tx.ops:
-        if op.kind != "element" or op.verb not in ("add", "delete") or op.name not in layouts(op.family):
-            return False
-    return True
+        if op.kind != "rules" or op.verb != "add":
+            rest.add(op)
+            continue
+        mine = tuple(c for c in op.chains if all(encodable_rule(rule) for rule in c.rules))
+        others = tuple(c for c in op.chains if not all(encodable_rule(rule) for rule in c.rules))
+        if mine:
+            simple.add(Op("add", "rules", op.family, chains=mine))
+        if others:
+            rest.add(Op("add", "rules", op.family, chains=others))
+    return simple, rest
 
 
 def _attr(kind: int, payload: bytes) -> bytes:
@@ -297,7 +356,7 @@ def _element_messages(op: Op, first_seq: int) -> list[bytes]:
     layout = layouts(op.family)[op.name]
     adding = op.verb == "add"
     kind = (NFNL_SUBSYS_NFTABLES << 8) | (NFT_MSG_NEWSETELEM if adding else NFT_MSG_DELSETELEM)
-    flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if adding else 0)
+    flags = NLM_F_REQUEST | (NLM_F_CREATE if adding else 0)
     head = _attr(NFTA_SET_ELEM_LIST_TABLE, _string(TABLE)) + _attr(NFTA_SET_ELEM_LIST_SET, _string(op.name))
     messages: list[bytes] = []
     chunk: list[bytes] = []
@@ -326,10 +385,12 @@ class Batch:
 
     data: bytes
     commands: dict[int, Op]
+    last: int
+    """The sequence number of the last command, the one that asks for an ACK."""
 
 
 def encode(tx: Transaction, first_seq: int = 1) -> Batch:
-    """The netlink batch for an element-only transaction (see ``encodable``)."""
+    """The netlink batch for a transaction that ``encodable`` accepts."""
     with gc_paused():  # hundreds of thousands of small bytes objects: nothing cyclic to find
         try:
             return _encode(tx, first_seq)
@@ -345,17 +406,95 @@ def _encode(tx: Transaction, first_seq: int) -> Batch:
     commands: dict[int, Op] = {}
     seq += 1
     for op in tx.ops:
-        messages = _element_messages(op, seq)
+        messages = _element_messages(op, seq) if op.kind == "element" else _object_messages(op, seq)
         for _ in messages:
             commands[seq] = op
             seq += 1
         parts += messages
+    if commands:  # only the last command asks for an answer: errors are reported anyway
+        last = parts[-1]
+        (flags,) = struct.unpack_from("=H", last, 6)
+        parts[-1] = last[:6] + struct.pack("=H", flags | NLM_F_ACK) + last[8:]
     parts.append(_message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES))
-    return Batch(b"".join(parts), commands)
+    return Batch(b"".join(parts), commands, max(commands) if commands else 0)
 
 
-class ElementSocket:
-    """A netlink socket that sends element batches to nf_tables in this network namespace."""
+def _udata_comment(kind: int, text: str) -> bytes:
+    comment(text)  # the same check as for nft text: raises UnsafeText
+    raw = _string(text)
+    return _attr(kind, bytes([NFTNL_UDATA_COMMENT, len(raw)]) + raw)
+
+
+def _object_messages(op: Op, first_seq: int) -> list[bytes]:
+    """Messages for chain, counter and rule commands."""
+    family = NFPROTO[op.family]
+    table = _string(TABLE)
+    seq = first_seq
+
+    def message(kind: int, flags: int, payload: bytes) -> bytes:
+        nonlocal seq
+        seq += 1
+        return _message((NFNL_SUBSYS_NFTABLES << 8) | kind, NLM_F_REQUEST | flags, seq - 1, family, payload)
+
+    if op.kind == "chain":
+        if op.verb == "flush":
+            return [message(NFT_MSG_DELRULE, 0, _attr(NFTA_RULE_TABLE, table) + _attr(NFTA_RULE_CHAIN, _string(op.name)))]
+        payload = _attr(NFTA_CHAIN_TABLE, table) + _attr(NFTA_CHAIN_NAME, _string(op.name))
+        if op.verb == "delete":
+            return [message(NFT_MSG_DELCHAIN, 0, payload)]
+        assert op.chain is not None
+        if op.chain.comment:
+            payload += _udata_comment(NFTA_CHAIN_USERDATA, op.chain.comment)
+        return [message(NFT_MSG_NEWCHAIN, NLM_F_CREATE, payload)]
+    if op.kind == "counter":
+        payload = (
+            _attr(NFTA_OBJ_TABLE, table) + _attr(NFTA_OBJ_NAME, _string(op.name))
+            + _attr(NFTA_OBJ_TYPE, struct.pack("!I", NFT_OBJECT_COUNTER))
+        )
+        if op.verb == "delete":
+            return [message(NFT_MSG_DELOBJ, 0, payload)]
+        zero = struct.pack("!Q", 0)
+        payload += _attr(NFTA_OBJ_DATA | NLA_F_NESTED, _attr(NFTA_COUNTER_BYTES, zero) + _attr(NFTA_COUNTER_PACKETS, zero))
+        if op.comment:
+            payload += _udata_comment(NFTA_OBJ_USERDATA, op.comment)
+        return [message(NFT_MSG_NEWOBJ, NLM_F_CREATE, payload)]
+    assert op.kind == "rules"
+    messages = []
+    for chain in op.chains:
+        where = _attr(NFTA_RULE_TABLE, table) + _attr(NFTA_RULE_CHAIN, _string(chain.name))
+        digest = DIGEST_PREFIX + rules_digest(chain.rules)
+        for index, rule in enumerate(chain.rules):
+            payload = where + _attr(NFTA_RULE_EXPRESSIONS | NLA_F_NESTED, _expressions(rule))
+            if index == len(chain.rules) - 1:
+                payload += _udata_comment(NFTA_RULE_USERDATA, digest)
+            messages.append(message(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, payload))
+    return messages
+
+
+def _expressions(rule: str) -> bytes:
+    match = _RULE.fullmatch(rule)
+    if not rule or match is None:
+        raise ValueError(f"cannot encode rule {rule!r}")
+    out = b""
+    if match["counter"]:
+        data = _attr(NFTA_OBJREF_IMM_TYPE, struct.pack("!I", NFT_OBJECT_COUNTER))
+        data += _attr(NFTA_OBJREF_IMM_NAME, _string(match["counter"]))
+        out += _expression("objref", data)
+    if match["verb"]:
+        verdict = _attr(NFTA_VERDICT_CODE, struct.pack("!i", VERDICTS[match["verb"]]))
+        verdict += _attr(NFTA_VERDICT_CHAIN, _string(match["chain"]))
+        data = _attr(NFTA_IMMEDIATE_DREG, struct.pack("!I", NFT_REG_VERDICT))
+        data += _attr(NFTA_IMMEDIATE_DATA | NLA_F_NESTED, _attr(NFTA_DATA_VERDICT | NLA_F_NESTED, verdict))
+        out += _expression("immediate", data)
+    return out
+
+
+def _expression(name: str, data: bytes) -> bytes:
+    return _attr(NFTA_LIST_ELEM | NLA_F_NESTED, _attr(NFTA_EXPR_NAME, _string(name)) + _attr(NFTA_EXPR_DATA | NLA_F_NESTED, data))
+
+
+class BatchSocket:
+    """A netlink socket that sends batches to nf_tables in this network namespace."""
 
     def __init__(self) -> None:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
@@ -373,7 +512,7 @@ class ElementSocket:
         self._sock.close()
 
     def prepare(self, tx: Transaction) -> Batch:
-        """Encode ``tx`` now (about 8 us per element) to send it later."""
+        """Encode ``tx`` now (a few microseconds per element or rule) to send it later."""
         batch = encode(tx, self._seq)
         self._seq += len(batch.commands) + 2
         return batch
@@ -384,24 +523,24 @@ class ElementSocket:
             batch = self.prepare(tx)
         self._set_buffer(socket.SO_SNDBUF, len(batch.data) + 65536, 32)  # SO_SNDBUFFORCE
         self._sock.sendall(batch.data)
-        pending = set(batch.commands)
+        answered = False
         failure: tuple[int, int] | None = None
-        while pending:
+        while True:
             try:
                 data = self._sock.recv(1 << 20, socket.MSG_DONTWAIT)  # the kernel answered while handling sendall
             except BlockingIOError:
                 break
             for seq, code in _acks(data):
-                pending.discard(seq)
+                answered |= seq == batch.last
                 if code and failure is None:
                     failure = (seq, code)
         if failure is not None:
             seq, code = failure
             op = batch.commands.get(seq)
-            what = f"{op.verb} element {op.family} {TABLE} {op.name}" if op else f"message {seq}"
+            what = f"{op.verb} {op.kind} {op.family} {TABLE} {op.name or ''}".rstrip() if op else f"message {seq}"
             raise NetlinkError(f"the kernel refused {what}: {os.strerror(code)}", code)
-        if pending:
-            raise NetlinkError(f"no answer from the kernel for {len(pending)} message(s)", errno.EIO)
+        if batch.commands and not answered:
+            raise NetlinkError("no answer from the kernel for the batch", errno.EIO)
 
 
 def _acks(data: bytes) -> Iterable[tuple[int, int]]:

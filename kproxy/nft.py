@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Iterable, Protocol
 
-from kproxy.nfnetlink import Batch, ElementSocket, NetlinkError, encodable
+from kproxy.nfnetlink import Batch, BatchSocket, NetlinkError, encodable, split_rules
 from kproxy.plan import Transaction
 from kproxy.readback import parse_table
 from kproxy.ruleset import TABLE, Family, Ruleset
@@ -164,7 +164,7 @@ class NftablesBackend:
 
     def __init__(self) -> None:
         self._nft = open_libnftables(CapabilityError)
-        self._elements = ElementSocket()
+        self._elements = BatchSocket()
         self._prepared: tuple[Transaction, Batch] | None = None
         self._lib = ctypes.CDLL(LIBNFTABLES)
         self._lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
@@ -182,8 +182,9 @@ class NftablesBackend:
         if not tx:
             return
         if encodable(tx):
-            # Element-only (most endpoint changes, and the last piece of a cold start):
-            # straight to the kernel, skipping libnftables' read of the whole table.
+            # Elements, plain chains, counters and their simple rules (most endpoint
+            # changes, most of a cold start): straight to the kernel, skipping
+            # libnftables' read of the whole table and its parser.
             prepared, self._prepared = self._prepared, None
             try:
                 self._elements.send(tx, prepared[1] if prepared and prepared[0] is tx else None)
@@ -196,24 +197,33 @@ class NftablesBackend:
             raise self._explain(script, err)
 
     def apply_all(self, transactions: Iterable[Transaction], workers: int = 2, prepare: Transaction | None = None) -> None:
-        """Apply independent transactions, up to ``workers`` at a time, in this network namespace.
+        """Apply independent transactions of ``add rules`` in this network namespace, as fast as possible.
 
-        For building a table in pieces: the caller applies the piece that
-        declares everything first and the piece that links it in last; the
-        pieces in between only fill chains, in any order. libnftables releases
-        the GIL, so one worker's parsing overlaps another's kernel work. Each
-        worker has its own libnftables context, opened after joining the
-        caller's network namespace (which may be a per-thread namespace).
-        Meanwhile this thread encodes ``prepare``, if it is an element-only
-        transaction, for a following ``apply(prepare)``.
+        For building a table in pieces: the caller applies the pieces that
+        declare everything first and the piece that links it in last; the
+        pieces in between only fill chains, in any order. Chains whose rules
+        ``nfnetlink`` can encode (most Service chains) go to the kernel from
+        this thread in one batch; the others are loaded by up to ``workers``
+        libnftables contexts in parallel (libnftables releases the GIL, so
+        their parsing overlaps this thread's work and each other's kernel
+        work), each opened after joining the caller's network namespace
+        (which may be a per-thread namespace). Meanwhile this thread also
+        encodes ``prepare``, if it qualifies, for a following ``apply(prepare)``.
         """
-        transactions = list(transactions)
-        if workers <= 1 or len(transactions) <= 1:  # a worker's own libnftables context is not worth it
-            for tx in transactions:
+        simple = Transaction()
+        pieces: list[Transaction] = []
+        for tx in transactions:
+            mine, rest = split_rules(tx)
+            simple.extend(mine)
+            if rest:
+                pieces.append(rest)
+        if workers <= 1 or len(pieces) <= 1:  # a worker's own libnftables context is not worth it
+            for tx in pieces:
                 self.apply(tx)
+            self.apply(simple)
             return
         netns_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        source = iter(transactions)
+        source = iter(pieces)
         lock = threading.Lock()
         errors: list[BaseException] = []
 
@@ -222,7 +232,7 @@ class NftablesBackend:
                 _setns(netns_fd)
                 backend = NftablesBackend()
                 while not errors:
-                    with lock:  # producing the next piece (compiling) happens here, one thread at a time
+                    with lock:
                         tx = next(source, None)
                     if tx is None:
                         return
@@ -230,12 +240,16 @@ class NftablesBackend:
             except BaseException as exc:  # reported to the caller below
                 errors.append(exc)
 
-        threads = [threading.Thread(target=work, name=f"kproxy-nft-{i}") for i in range(workers)]
+        threads = [threading.Thread(target=work, name=f"kproxy-nft-{i}") for i in range(min(workers, len(pieces)))]
         try:
             for thread in threads:
                 thread.start()
-            if prepare is not None and encodable(prepare):
-                self._prepared = (prepare, self._elements.prepare(prepare))
+            try:
+                self.apply(simple)
+                if prepare is not None and encodable(prepare):
+                    self._prepared = (prepare, self._elements.prepare(prepare))
+            except BaseException as exc:
+                errors.append(exc)
             for thread in threads:
                 thread.join()
         finally:

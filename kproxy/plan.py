@@ -221,32 +221,46 @@ def converge(table: Table) -> Transaction:
 def create(table: Table, max_rules: int = 8000) -> list[Transaction]:
     """Transactions that build ``table`` from nothing, in bounded pieces.
 
-    The first declares the table, its sets, counters and (empty) chains, and
-    fills the skeleton's chains; then the Services' rules follow in pieces of
-    about ``max_rules`` rules, in any order; the last adds every element (but
-those of interval sets, which the first adds). Until
-    that last one the dispatch maps are empty, so no packet reaches a Service
-    chain: traffic switches over atomically, and libnftables never holds more
-    than a piece or two in memory. Each piece is also cheap for the kernel to
-    validate, because chains nothing jumps to yet are not walked. Declaring
-    everything in the first piece, while the table is still empty, keeps
-    libnftables from re-reading a growing table for every later piece.
+    1. the table, its sets and maps, and the skeleton's chains (and the shared
+       pick chains) with their rules, and the elements of interval sets;
+    2. every counter and every (empty) Service chain: declaring them all
+       before any rule refers to them keeps libnftables from re-reading a
+       growing table for every later piece;
+    3. the Services' rules, in pieces of about ``max_rules`` rules, which
+       may be applied in any order, or in parallel;
+    4. last, every other element.
+
+    Until the last piece the dispatch maps are empty, so no packet reaches a
+    Service chain: traffic switches over atomically, and libnftables never
+    holds more than a piece or two in memory. Each piece is also cheap for
+    the kernel to validate, because chains nothing jumps to yet are not
+    walked. Interval sets (cluster CIDRs, allowed source ranges) only matter
+    once the dispatch maps point somewhere, so they can come first; pieces 2
+    and 4 then hold only what the backend can send without libnftables.
     """
-    first = _declare(table)
+    family = table.family
     skeleton = [c for c in table.chains.values() if not c.name.startswith(SERVICE_CHAIN_PREFIXES)]
     services = [c for c in table.chains.values() if c.name.startswith(SERVICE_CHAIN_PREFIXES)]
+    first = Transaction()
+    first.add(Op("add", "table", family, comment=table.comment))
+    for decl in table.sets.values():
+        first.add(Op("add", decl.kind, family, decl.name, set_decl=decl))
+    for chain in skeleton:
+        first.add(Op("add", "chain", family, chain.name, chain=chain))
     _fill_chains(first, table, skeleton, max_rules)
+    declarations = Transaction()
+    for name, counter_comment in table.counters.items():
+        declarations.add(Op("add", "counter", family, name, comment=counter_comment))
+    for chain in services:
+        declarations.add(Op("add", "chain", family, chain.name, chain=chain))
     middle = Transaction()
     _fill_chains(middle, table, services, max_rules)
     last = Transaction()
     for decl in table.sets.values():
         members = table.elements.get(decl.name, {})
         if members and not decl.dynamic:
-            # Interval sets (cluster CIDRs, allowed source ranges) only matter once the
-            # dispatch maps point somewhere, so they can come first; the last piece then
-            # holds only plain elements, which the backend can send without libnftables.
             _elements(first if decl.interval else last, "add", table, decl.name, list(members.values()))
-    return [first, *(Transaction([op]) for op in middle.ops), last]
+    return [first, declarations, *(Transaction([op]) for op in middle.ops), last]
 
 
 def diff(

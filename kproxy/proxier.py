@@ -437,10 +437,9 @@ class Proxier:
     def _create_table(self, assembly: Assembly, node_info: NodeInfo) -> int:
         """Build a family's table on a node that has none.
 
-        The pieces between the first (declarations) and the last (elements,
-        which make the Services reachable) only fill chains, so the backend
-        may load them in parallel: libnftables releases the GIL, and one
-        piece's parsing overlaps another's kernel work.
+        The pieces between the first two (declarations) and the last
+        (elements, which make the Services reachable) only fill chains, so
+        the backend may load them in parallel (see ``plan.create``).
         """
         family = assembly.family
         with gc_paused():
@@ -448,11 +447,12 @@ class Proxier:
                 assembly.set_service(key, self._compile(key, family, node_info))
             pieces = create(assembly.table)
         self.backend.apply(pieces[0])
+        self.backend.apply(pieces[1])
         apply_all = getattr(self.backend, "apply_all", None)
         if apply_all is not None:
-            apply_all(pieces[1:-1], prepare=pieces[-1])
+            apply_all(pieces[2:-1], prepare=pieces[-1])
         else:
-            for piece in pieces[1:-1]:
+            for piece in pieces[2:-1]:
                 self.backend.apply(piece)
         self.backend.apply(pieces[-1])
         return sum(piece.operations for piece in pieces)
