@@ -428,46 +428,38 @@ def _udata_comment(kind: int, text: str) -> bytes:
 def _object_messages(op: Op, first_seq: int) -> list[bytes]:
     """Messages for chain, counter and rule commands."""
     family = NFPROTO[op.family]
-    table = _string(TABLE)
-    seq = first_seq
-
-    def message(kind: int, flags: int, payload: bytes) -> bytes:
-        nonlocal seq
-        seq += 1
-        return _message((NFNL_SUBSYS_NFTABLES << 8) | kind, NLM_F_REQUEST | flags, seq - 1, family, payload)
-
-    if op.kind == "chain":
-        if op.verb == "flush":
-            return [message(NFT_MSG_DELRULE, 0, _attr(NFTA_RULE_TABLE, table) + _attr(NFTA_RULE_CHAIN, _string(op.name)))]
-        payload = _attr(NFTA_CHAIN_TABLE, table) + _attr(NFTA_CHAIN_NAME, _string(op.name))
-        if op.verb == "delete":
-            return [message(NFT_MSG_DELCHAIN, 0, payload)]
+    kind = op.kind
+    if kind == "rules":
+        return _rule_messages(op, first_seq, family)
+    name = _attr(NFTA_CHAIN_NAME if kind == "chain" else NFTA_OBJ_NAME, _string(op.name))
+    if kind == "chain" and op.verb == "flush":
+        msg_type, flags, payload = NFT_MSG_DELRULE, 0, _TABLE_ATTR + _attr(NFTA_RULE_CHAIN, _string(op.name))
+    elif kind == "chain" and op.verb == "delete":
+        msg_type, flags, payload = NFT_MSG_DELCHAIN, 0, _TABLE_ATTR + name
+    elif kind == "chain":
         assert op.chain is not None
-        if op.chain.comment:
-            payload += _udata_comment(NFTA_CHAIN_USERDATA, op.chain.comment)
-        return [message(NFT_MSG_NEWCHAIN, NLM_F_CREATE, payload)]
-    if op.kind == "counter":
-        payload = (
-            _attr(NFTA_OBJ_TABLE, table) + _attr(NFTA_OBJ_NAME, _string(op.name))
-            + _attr(NFTA_OBJ_TYPE, struct.pack("!I", NFT_OBJECT_COUNTER))
-        )
-        if op.verb == "delete":
-            return [message(NFT_MSG_DELOBJ, 0, payload)]
-        zero = struct.pack("!Q", 0)
-        payload += _attr(NFTA_OBJ_DATA | NLA_F_NESTED, _attr(NFTA_COUNTER_BYTES, zero) + _attr(NFTA_COUNTER_PACKETS, zero))
-        if op.comment:
-            payload += _udata_comment(NFTA_OBJ_USERDATA, op.comment)
-        return [message(NFT_MSG_NEWOBJ, NLM_F_CREATE, payload)]
-    assert op.kind == "rules"
+        note = _udata_comment(NFTA_CHAIN_USERDATA, op.chain.comment) if op.chain.comment else b""
+        msg_type, flags, payload = NFT_MSG_NEWCHAIN, NLM_F_CREATE, _TABLE_ATTR + name + note
+    elif op.verb == "delete":
+        msg_type, flags, payload = NFT_MSG_DELOBJ, 0, _TABLE_ATTR + name + _COUNTER_TYPE
+    else:
+        note = _udata_comment(NFTA_OBJ_USERDATA, op.comment) if op.comment else b""
+        msg_type, flags, payload = NFT_MSG_NEWOBJ, NLM_F_CREATE, _TABLE_ATTR + name + _COUNTER_TYPE + _COUNTER_ZERO + note
+    return [_message((NFNL_SUBSYS_NFTABLES << 8) | msg_type, NLM_F_REQUEST | flags, first_seq, family, payload)]
+
+
+def _rule_messages(op: Op, first_seq: int, family: int) -> list[bytes]:
     messages = []
+    kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE
+    flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND
     for chain in op.chains:
-        where = _attr(NFTA_RULE_TABLE, table) + _attr(NFTA_RULE_CHAIN, _string(chain.name))
-        digest = DIGEST_PREFIX + rules_digest(chain.rules)
+        where = _TABLE_ATTR + _attr(NFTA_RULE_CHAIN, _string(chain.name))
+        last = len(chain.rules) - 1
         for index, rule in enumerate(chain.rules):
             payload = where + _attr(NFTA_RULE_EXPRESSIONS | NLA_F_NESTED, _expressions(rule))
-            if index == len(chain.rules) - 1:
-                payload += _udata_comment(NFTA_RULE_USERDATA, digest)
-            messages.append(message(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, payload))
+            if index == last:
+                payload += _udata_comment(NFTA_RULE_USERDATA, DIGEST_PREFIX + rules_digest(chain.rules))
+            messages.append(_message(kind, flags, first_seq + len(messages), family, payload))
     return messages
 
 
@@ -476,21 +468,29 @@ def _expressions(rule: str) -> bytes:
     if not rule or match is None:
         raise ValueError(f"cannot encode rule {rule!r}")
     out = b""
-    if match["counter"]:
-        data = _attr(NFTA_OBJREF_IMM_TYPE, struct.pack("!I", NFT_OBJECT_COUNTER))
-        data += _attr(NFTA_OBJREF_IMM_NAME, _string(match["counter"]))
-        out += _expression("objref", data)
-    if match["verb"]:
-        verdict = _attr(NFTA_VERDICT_CODE, struct.pack("!i", VERDICTS[match["verb"]]))
-        verdict += _attr(NFTA_VERDICT_CHAIN, _string(match["chain"]))
-        data = _attr(NFTA_IMMEDIATE_DREG, struct.pack("!I", NFT_REG_VERDICT))
-        data += _attr(NFTA_IMMEDIATE_DATA | NLA_F_NESTED, _attr(NFTA_DATA_VERDICT | NLA_F_NESTED, verdict))
-        out += _expression("immediate", data)
+    counter, verb = match["counter"], match["verb"]
+    if counter:
+        data = _OBJREF_COUNTER + _attr(NFTA_OBJREF_IMM_NAME, _string(counter))
+        out += _attr(NFTA_LIST_ELEM | NLA_F_NESTED, _OBJREF_NAME + _attr(NFTA_EXPR_DATA | NLA_F_NESTED, data))
+    if verb:
+        verdict = _VERDICT_CODES[verb] + _attr(NFTA_VERDICT_CHAIN, _string(match["chain"]))
+        data = _IMMEDIATE_DREG + _attr(NFTA_IMMEDIATE_DATA | NLA_F_NESTED, _attr(NFTA_DATA_VERDICT | NLA_F_NESTED, verdict))
+        out += _attr(NFTA_LIST_ELEM | NLA_F_NESTED, _IMMEDIATE_NAME + _attr(NFTA_EXPR_DATA | NLA_F_NESTED, data))
     return out
 
 
-def _expression(name: str, data: bytes) -> bytes:
-    return _attr(NFTA_LIST_ELEM | NLA_F_NESTED, _attr(NFTA_EXPR_NAME, _string(name)) + _attr(NFTA_EXPR_DATA | NLA_F_NESTED, data))
+# Attributes that are the same in every message (the table is attribute 1 of chains, rules and objects alike).
+_TABLE_ATTR = _attr(NFTA_CHAIN_TABLE, _string(TABLE))
+_COUNTER_TYPE = _attr(NFTA_OBJ_TYPE, struct.pack("!I", NFT_OBJECT_COUNTER))
+_COUNTER_ZERO = _attr(
+    NFTA_OBJ_DATA | NLA_F_NESTED,
+    _attr(NFTA_COUNTER_BYTES, struct.pack("!Q", 0)) + _attr(NFTA_COUNTER_PACKETS, struct.pack("!Q", 0)),
+)
+_OBJREF_NAME = _attr(NFTA_EXPR_NAME, _string("objref"))
+_OBJREF_COUNTER = _attr(NFTA_OBJREF_IMM_TYPE, struct.pack("!I", NFT_OBJECT_COUNTER))
+_IMMEDIATE_NAME = _attr(NFTA_EXPR_NAME, _string("immediate"))
+_IMMEDIATE_DREG = _attr(NFTA_IMMEDIATE_DREG, struct.pack("!I", NFT_REG_VERDICT))
+_VERDICT_CODES = {verb: _attr(NFTA_VERDICT_CODE, struct.pack("!i", VERDICTS[verb])) for verb in ("goto", "jump")}
 
 
 class BatchSocket:
