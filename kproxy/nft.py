@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Protocol
 
 from kproxy.nfnetlink import Batch, BatchSocket, NetlinkError, encodable, split_rules
-from kproxy.plan import Transaction
+from kproxy.plan import Op, Transaction
 from kproxy.readback import parse_table
 from kproxy.ruleset import TABLE, Family, Ruleset
 
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 FAMILIES: tuple[Family, ...] = ("ip", "ip6")
 LIBNFTABLES = "libnftables.so.1"
+LIBNFTABLES_PIECE_RULES = 16000
+"""The size of the pieces of rules ``apply_all`` gives each libnftables worker."""
 PROBE_TABLE = "kproxy-probe"
 _DIGEST_COMMENT = re.compile(r' comment "kproxy-rules=[0-9A-Z]+"$')
 _LOCATION = re.compile(r"^(?:\S+):(\d+):\d+(?:-\d+)?: Error: (.*)$")
@@ -211,12 +213,18 @@ class NftablesBackend:
         encodes ``prepare``, if it qualifies, for a following ``apply(prepare)``.
         """
         simple = Transaction()
-        pieces: list[Transaction] = []
+        others: list[Op] = []
         for tx in transactions:
             mine, rest = split_rules(tx)
             simple.extend(mine)
-            if rest:
-                pieces.append(rest)
+            others += rest.ops
+        # What is left for libnftables is regrouped into fewer, larger pieces: each piece
+        # costs a read of the whole table into the worker's cache (0.3 s at 30k Services).
+        pieces: list[Transaction] = []
+        for op in others:
+            if not pieces or pieces[-1].operations + op.weight > LIBNFTABLES_PIECE_RULES:
+                pieces.append(Transaction())
+            pieces[-1].add(op)
         if workers <= 1 or len(pieces) <= 1:  # a worker's own libnftables context is not worth it
             for tx in pieces:
                 self.apply(tx)
