@@ -241,9 +241,10 @@ def _endpoint_chain(
     ids = [endpoint_id(pe) for pe in endpoints]
     previous = 0
     for pe, ident in zip(endpoints, ids):
-        rules.append(f"meta mark set meta mark ^ 0x{previous ^ ident:08x}")
+        # The XOR comes first in the rule and takes effect even when the lookup
+        # after it misses: the next rule builds on it.
         rules.append(
-            f"meta l4proto {proto} {key} @affinity {remember} "
+            f"meta mark set meta mark ^ 0x{previous ^ ident:08x} meta l4proto {proto} {key} @affinity {remember} "
             f"meta mark set meta mark ^ 0x{ident:08x} dnat to {_addr(pe.address)}:{pe.port}"
         )
         previous = ident
