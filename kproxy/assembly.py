@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from kproxy.compiler import ServiceRules, frontend_of, is_endpoints_map
+from kproxy.compiler import ServiceRules
 from kproxy.model import ServiceKey
 from kproxy.ruleset import Chain, Element, Family, Table
 
@@ -50,7 +50,7 @@ class Assembly:
         """(set, key) -> every contributor in key order, for keys that several Services contribute."""
         self._chain_users: dict[str, int] = {}
         """chain -> how many contributions have it (the pick chains are shared)."""
-        self._frontends: dict[str, dict[ServiceKey, list[tuple[str, Element]]]] = {}
+        self._frontends: dict[str, dict[ServiceKey, tuple[tuple[str, Element], ...]]] = {}
         """frontend -> the endpoint slots each Service gives it (see ``_set_slots``)."""
         self.set_base(base)
 
@@ -81,9 +81,8 @@ class Assembly:
                 self.table.counters.pop(name, None)
                 touched.counters.add(name)
             for set_name, element in old.elements:
-                if not is_endpoints_map(set_name):
-                    self._disown(key, set_name, element)
-                    touched.elements.add((set_name, element.key))
+                self._disown(key, set_name, element)
+                touched.elements.add((set_name, element.key))
         if rules is not None:
             self._parts[key] = rules
             for chain in rules.chains:
@@ -95,23 +94,23 @@ class Assembly:
                 self.table.counters[name] = counter_comment
                 touched.counters.add(name)
             for set_name, element in rules.elements:
-                if not is_endpoints_map(set_name):
-                    self._own(key, set_name, element)
-                    touched.elements.add((set_name, element.key))
+                self._own(key, set_name, element)
+                touched.elements.add((set_name, element.key))
         self._set_slots(key, old, rules, touched)
         return touched
 
     def _set_slots(self, key: ServiceKey, old: ServiceRules | None, new: ServiceRules | None, touched: Touched) -> None:
         """Endpoint slots are owned per frontend: the first Service (in key order) that fills a frontend owns all its slots."""
-        before, after = _slots_by_frontend(old), _slots_by_frontend(new)
+        before = dict(old.slots) if old is not None else {}
+        after = dict(new.slots) if new is not None else {}
         for frontend in before.keys() | after.keys():
             contenders = self._frontends.setdefault(frontend, {})
-            shown = contenders[min(contenders)] if contenders else []
+            shown = contenders[min(contenders)] if contenders else ()
             if frontend in after:
                 contenders[key] = after[frontend]
             else:
                 contenders.pop(key, None)
-            now = contenders[min(contenders)] if contenders else []
+            now = contenders[min(contenders)] if contenders else ()
             if not contenders:
                 del self._frontends[frontend]
             if now is shown:
@@ -164,11 +163,3 @@ class Assembly:
     def chain(self, name: str) -> Chain | None:
         return self.table.chains.get(name)
 
-
-def _slots_by_frontend(rules: ServiceRules | None) -> dict[str, list[tuple[str, Element]]]:
-    result: dict[str, list[tuple[str, Element]]] = {}
-    if rules is not None:
-        for set_name, element in rules.elements:
-            if is_endpoints_map(set_name):
-                result.setdefault(frontend_of(element.key), []).append((set_name, element))
-    return result

@@ -97,6 +97,15 @@ class ServiceRules:
     """(set or map name, element)."""
     counters: tuple[tuple[str, str], ...] = ()
     """Named counters: (name, comment). ``conns-`` counts a port's new connections, ``drops-`` its rate-limit drops."""
+    slots: tuple[tuple[str, tuple[tuple[str, Element], ...]], ...] = ()
+    """Endpoint slots by frontend: (frontend, ((``endpoints-C`` map, element), ...)). A frontend's
+    slots belong together: they are merged into a table all from one Service or not at all."""
+
+    def all_elements(self) -> Iterable[tuple[str, Element]]:
+        """Every (set, element), slots included."""
+        yield from self.elements
+        for _, items in self.slots:
+            yield from items
 
 
 def _family_of(address: str) -> IPFamily:
@@ -263,16 +272,20 @@ def uses_pick_chains(service: Service, endpoints: Sequence[PortEndpoint]) -> boo
     return service.affinity_timeout is None and pick_class(len(endpoints)) is not None
 
 
-def _slot_elements(
-    frontends: Sequence[str], endpoints: Sequence[PortEndpoint], local: bool, label: str
-) -> list[tuple[str, Element]]:
-    slots = _SLOTS[local]
-    targets = [(_ENDPOINTS_MAPS[k], slots[k], f"{pe.address} . {pe.port}") for k, pe in enumerate(endpoints, 1)]
-    return [
-        (map_name, Element(f"{frontend} . {slot_text}", target, label))
-        for frontend in frontends
-        for map_name, slot_text, target in targets
-    ]
+def _add_slots(
+    slots: dict[str, list[tuple[str, Element]]],
+    frontends: Sequence[str],
+    endpoints: Sequence[PortEndpoint],
+    local: bool,
+    label: str,
+) -> None:
+    """Each frontend's endpoint slots (map name, element), grouped by frontend."""
+    numbers = _SLOTS[local]
+    targets = [(_ENDPOINTS_MAPS[k], numbers[k], f"{pe.address} . {pe.port}") for k, pe in enumerate(endpoints, 1)]
+    for frontend in frontends:
+        slots.setdefault(frontend, []).extend(
+            (map_name, Element(f"{frontend} . {number}", target, label)) for map_name, number, target in targets
+        )
 
 
 def compile_service(
@@ -292,6 +305,7 @@ def compile_service(
     chains: list[Chain] = []
     counters: list[tuple[str, str]] = []
     elements: list[tuple[str, Element]] = [("cluster-ips", Element(cluster_ip, comment=svc_label))]
+    slots: dict[str, list[tuple[str, Element]]] = {}
     external_ips = [ip for ip in service.external_ips + service.load_balancer_ips if _family_of(ip) == fam]
     lb_ips = [ip for ip in service.load_balancer_ips if _family_of(ip) == fam]
     ranges = [r for r in service.load_balancer_source_ranges if _family_of(r.split("/")[0]) == fam]
@@ -316,12 +330,12 @@ def compile_service(
             chains.append(_endpoint_chain(svc_chain, family, service, port, label, cluster_ip, selection.cluster, suffix, False))
             if uses_pick_chains(service, selection.cluster):
                 chains += pick_chains_for(family, pick_class(len(selection.cluster)) or 0, False)
-                elements += _slot_elements(frontends, selection.cluster, False, label)
+                _add_slots(slots, frontends, selection.cluster, False, label)
         if has_local_chain:
             chains.append(_endpoint_chain(local_chain, family, service, port, label, cluster_ip, selection.local, suffix, True))
             if uses_pick_chains(service, selection.local):
                 chains += pick_chains_for(family, pick_class(len(selection.local)) or 0, True)
-                elements += _slot_elements(frontends, selection.local, True, label)
+                _add_slots(slots, frontends, selection.local, True, label)
         for address in sorted({pe.address for pe in selection.cluster + selection.local if pe.is_local(node.name)}):
             elements.append(("hairpin", Element(f"{address} . {address}", comment=label)))
 
@@ -369,7 +383,9 @@ def compile_service(
                 elements.append(("firewall-ips", Element(frontend, comment=label)))
                 for source in ranges:
                     elements.append(("firewall-allow", Element(f"{frontend} . {_interval(source)}", comment=label)))
-    return ServiceRules(tuple(chains), tuple(elements), tuple(counters))
+    return ServiceRules(
+        tuple(chains), tuple(elements), tuple(counters), tuple((f, tuple(items)) for f, items in slots.items())
+    )
 
 
 def _in_any(address: str, cidrs: Iterable[str]) -> bool:
@@ -418,15 +434,6 @@ def base_table(node: NodeInfo, config: ProxyConfig, family: Family) -> Table:
     return table
 
 
-def is_endpoints_map(set_name: str) -> bool:
-    return set_name.startswith("endpoints-")
-
-
-def frontend_of(slot_key: str) -> str:
-    """``addr . proto . port`` of an endpoints-map key (which ends in ``. slot``)."""
-    return slot_key.rpartition(" . ")[0]
-
-
 def add_service(table: Table, rules: ServiceRules, claimed: set[str] | None = None) -> None:
     """Merge one Service's contribution into a table (an earlier key wins).
 
@@ -438,16 +445,15 @@ def add_service(table: Table, rules: ServiceRules, claimed: set[str] | None = No
         table.chains[chain.name] = chain
     for name, counter_comment in rules.counters:
         table.counters.setdefault(name, counter_comment)
-    mine: set[str] = set()
     for set_name, element in rules.elements:
-        if claimed is not None and is_endpoints_map(set_name):
-            frontend = frontend_of(element.key)
-            if frontend in claimed and frontend not in mine:
-                continue
-            mine.add(frontend)
         table.add_element(set_name, element)
-    if claimed is not None:
-        claimed |= mine
+    for frontend, items in rules.slots:
+        if claimed is not None:
+            if frontend in claimed:
+                continue
+            claimed.add(frontend)
+        for set_name, element in items:
+            table.add_element(set_name, element)
 
 
 def compile_ruleset(cluster: Cluster, node: NodeInfo, config: ProxyConfig) -> Ruleset:
