@@ -521,8 +521,11 @@ class BatchSocket:
         """Apply ``tx`` (encoded by ``prepare``, or now) atomically; raises NetlinkError naming the refused command."""
         if batch is None:
             batch = self.prepare(tx)
-        self._set_buffer(socket.SO_SNDBUF, len(batch.data) + 65536, 32)  # SO_SNDBUFFORCE
-        self._sock.sendall(batch.data)
+        try:
+            self._set_buffer(socket.SO_SNDBUF, len(batch.data) + 65536, 32)  # SO_SNDBUFFORCE
+            self._sock.sendall(batch.data)
+        except OSError as exc:  # for example EMSGSIZE without CAP_NET_ADMIN to raise the buffer
+            raise NetlinkError(f"could not send a batch of {len(batch.data)} bytes: {exc.strerror}", exc.errno or errno.EIO) from None
         answered = False
         failure: tuple[int, int] | None = None
         while True:
