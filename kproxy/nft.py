@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 FAMILIES: tuple[Family, ...] = ("ip", "ip6")
 LIBNFTABLES = "libnftables.so.1"
-LIBNFTABLES_PIECE_RULES = 16000
+LIBNFTABLES_PIECE_RULES = 8000
 """The size of the pieces of rules ``apply_all`` gives each libnftables worker."""
 PROBE_TABLE = "kproxy-probe"
 _DIGEST_COMMENT = re.compile(r' comment "kproxy-rules=[0-9A-Z]+"$')
