@@ -50,7 +50,7 @@ class Assembly:
         """(set, key) -> every contributor in key order, for keys that several Services contribute."""
         self._chain_users: dict[str, int] = {}
         """chain -> how many contributions have it (the pick chains are shared)."""
-        self._frontends: dict[str, dict[ServiceKey, tuple[tuple[str, Element], ...]]] = {}
+        self._frontends: dict[str, dict[tuple[int, ServiceKey], tuple[tuple[str, Element], ...]]] = {}
         """frontend -> the endpoint slots each Service gives it (see ``_set_slots``)."""
         self.set_base(base)
 
@@ -100,16 +100,17 @@ class Assembly:
         return touched
 
     def _set_slots(self, key: ServiceKey, old: ServiceRules | None, new: ServiceRules | None, touched: Touched) -> None:
-        """Endpoint slots are owned per frontend: the first Service (in key order) that fills a frontend owns all its slots."""
-        before = dict(old.slots) if old is not None else {}
-        after = dict(new.slots) if new is not None else {}
+        """Endpoint slots are owned per frontend, by the Service dispatch reaches: lowest rank, then key order."""
+        before = {frontend: rank for frontend, rank, _ in old.slots} if old is not None else {}
+        after = {frontend: (rank, items) for frontend, rank, items in new.slots} if new is not None else {}
         for frontend in before.keys() | after.keys():
             contenders = self._frontends.setdefault(frontend, {})
             shown = contenders[min(contenders)] if contenders else ()
+            if frontend in before:
+                contenders.pop((before[frontend], key), None)
             if frontend in after:
-                contenders[key] = after[frontend]
-            else:
-                contenders.pop(key, None)
+                rank, items = after[frontend]
+                contenders[(rank, key)] = items
             now = contenders[min(contenders)] if contenders else ()
             if not contenders:
                 del self._frontends[frontend]

@@ -97,15 +97,10 @@ class ServiceRules:
     """(set or map name, element)."""
     counters: tuple[tuple[str, str], ...] = ()
     """Named counters: (name, comment). ``conns-`` counts a port's new connections, ``drops-`` its rate-limit drops."""
-    slots: tuple[tuple[str, tuple[tuple[str, Element], ...]], ...] = ()
-    """Endpoint slots by frontend: (frontend, ((``endpoints-C`` map, element), ...)). A frontend's
-    slots belong together: they are merged into a table all from one Service or not at all."""
-
-    def all_elements(self) -> Iterable[tuple[str, Element]]:
-        """Every (set, element), slots included."""
-        yield from self.elements
-        for _, items in self.slots:
-            yield from items
+    slots: tuple[tuple[str, int, tuple[tuple[str, Element], ...]], ...] = ()
+    """Endpoint slots by frontend: (frontend, rank, ((``endpoints-C`` map, element), ...)). A
+    frontend's slots belong together: they come into a table all from the one Service that
+    dispatch reaches for that frontend (lowest rank, then first in key order), or not at all."""
 
 
 def _family_of(address: str) -> IPFamily:
@@ -272,18 +267,38 @@ def uses_pick_chains(service: Service, endpoints: Sequence[PortEndpoint]) -> boo
     return service.affinity_timeout is None and pick_class(len(endpoints)) is not None
 
 
+ADDRESS_FRONTEND, NODEPORT_FRONTEND = 0, 1
+"""Ranks of frontends: ``services`` looks up ``service-ips`` (ClusterIP, external and
+load-balancer IPs) before ``service-nodeports``, so for one address . port an
+address frontend wins over a NodePort; among equals the first Service in key order."""
+
+
 def _add_slots(
-    slots: dict[str, list[tuple[str, Element]]],
-    frontends: Sequence[str],
+    slots: dict[str, tuple[int, int, list[tuple[str, Element]]]],
+    frontends: Sequence[tuple[str, int]],
+    port_index: int,
     endpoints: Sequence[PortEndpoint],
     local: bool,
     label: str,
 ) -> None:
-    """Each frontend's endpoint slots (map name, element), grouped by frontend."""
+    """Add one port's endpoint slots to ``slots`` (frontend -> (rank, port index, [(map, element)])).
+
+    A frontend that one Service reaches through two ports (an external IP
+    equal to a node address, on a port equal to another port's NodePort)
+    gets the slots of the port that dispatch reaches: the better rank, then
+    the first port.
+    """
     numbers = _SLOTS[local]
     targets = [(_ENDPOINTS_MAPS[k], numbers[k], f"{pe.address} . {pe.port}") for k, pe in enumerate(endpoints, 1)]
-    for frontend in frontends:
-        slots.setdefault(frontend, []).extend(
+    for frontend, rank in frontends:
+        held = slots.get(frontend)
+        if held is not None and (held[0], held[1]) != (rank, port_index):
+            if held[0] <= rank:
+                continue
+            held = None
+        if held is None:
+            held = slots[frontend] = (rank, port_index, [])
+        held[2].extend(
             (map_name, Element(f"{frontend} . {number}", target, label)) for map_name, number, target in targets
         )
 
@@ -305,13 +320,13 @@ def compile_service(
     chains: list[Chain] = []
     counters: list[tuple[str, str]] = []
     elements: list[tuple[str, Element]] = [("cluster-ips", Element(cluster_ip, comment=svc_label))]
-    slots: dict[str, list[tuple[str, Element]]] = {}
+    slots: dict[str, tuple[int, int, list[tuple[str, Element]]]] = {}
     external_ips = [ip for ip in service.external_ips + service.load_balancer_ips if _family_of(ip) == fam]
     lb_ips = [ip for ip in service.load_balancer_ips if _family_of(ip) == fam]
     ranges = [r for r in service.load_balancer_source_ranges if _family_of(r.split("/")[0]) == fam]
     cidrs = [c for c in config.cluster_cidrs if _family_of(c.split("/")[0]) == fam]
 
-    for port in service.ports:
+    for port_index, port in enumerate(service.ports):
         label = port_label(service, port)
         proto = port.protocol
         selection: Selection = select(service, port_endpoints(port, slices, fam), node.name, node.zone)
@@ -323,19 +338,23 @@ def compile_service(
             counters.append((f"conns-{suffix}", label))
             if service.rate_limit is not None:
                 counters.append((f"drops-{suffix}", label))
-        frontends = [f"{ip} . {proto} . {port.port}" for ip in (cluster_ip, *external_ips)]
+        frontends: dict[str, int] = {}  # first wins: the ClusterIP, then external IPs, then NodePort addresses
+        for ip in (cluster_ip, *external_ips):
+            frontends.setdefault(f"{ip} . {proto} . {port.port}", ADDRESS_FRONTEND)
         if port.node_port:
-            frontends += [f"{ip} . {proto} . {port.node_port}" for ip in _nodeport_ips(node, config, family)]
+            for ip in _nodeport_ips(node, config, family):
+                frontends.setdefault(f"{ip} . {proto} . {port.node_port}", NODEPORT_FRONTEND)
+        port_frontends = list(frontends.items())
         if has_cluster_chain:
             chains.append(_endpoint_chain(svc_chain, family, service, port, label, cluster_ip, selection.cluster, suffix, False))
             if uses_pick_chains(service, selection.cluster):
                 chains += pick_chains_for(family, pick_class(len(selection.cluster)) or 0, False)
-                _add_slots(slots, frontends, selection.cluster, False, label)
+                _add_slots(slots, port_frontends, port_index, selection.cluster, False, label)
         if has_local_chain:
             chains.append(_endpoint_chain(local_chain, family, service, port, label, cluster_ip, selection.local, suffix, True))
             if uses_pick_chains(service, selection.local):
                 chains += pick_chains_for(family, pick_class(len(selection.local)) or 0, True)
-                _add_slots(slots, frontends, selection.local, True, label)
+                _add_slots(slots, port_frontends, port_index, selection.local, True, label)
         for address in sorted({pe.address for pe in selection.cluster + selection.local if pe.is_local(node.name)}):
             elements.append(("hairpin", Element(f"{address} . {address}", comment=label)))
 
@@ -384,7 +403,8 @@ def compile_service(
                 for source in ranges:
                     elements.append(("firewall-allow", Element(f"{frontend} . {_interval(source)}", comment=label)))
     return ServiceRules(
-        tuple(chains), tuple(elements), tuple(counters), tuple((f, tuple(items)) for f, items in slots.items())
+        tuple(chains), tuple(elements), tuple(counters),
+        tuple((frontend, rank, tuple(items)) for frontend, (rank, _, items) in slots.items()),
     )
 
 
@@ -434,12 +454,10 @@ def base_table(node: NodeInfo, config: ProxyConfig, family: Family) -> Table:
     return table
 
 
-def add_service(table: Table, rules: ServiceRules, claimed: set[str] | None = None) -> None:
-    """Merge one Service's contribution into a table (an earlier key wins).
+def add_service(table: Table, rules: ServiceRules) -> None:
+    """Merge one Service's chains, counters and elements into a table (an earlier key wins).
 
-    The endpoint slots of a frontend go together: a frontend that an earlier
-    Service already filled (``claimed``) gets none of this Service's slots,
-    so two Services sharing an address and port never mix their endpoints.
+    Endpoint slots are added separately, by ``add_slots``, once every Service is known.
     """
     for chain in rules.chains:
         table.chains[chain.name] = chain
@@ -447,13 +465,25 @@ def add_service(table: Table, rules: ServiceRules, claimed: set[str] | None = No
         table.counters.setdefault(name, counter_comment)
     for set_name, element in rules.elements:
         table.add_element(set_name, element)
-    for frontend, items in rules.slots:
-        if claimed is not None:
-            if frontend in claimed:
-                continue
-            claimed.add(frontend)
-        for set_name, element in items:
-            table.add_element(set_name, element)
+
+
+def add_slots(table: Table, contributions: Sequence[ServiceRules]) -> None:
+    """Each frontend's endpoint slots from the one Service that dispatch reaches for it.
+
+    ``contributions`` are in Service key order; a frontend goes to the lowest
+    rank (an address frontend before a NodePort), then the first Service, so
+    two Services sharing an address and port never mix their endpoints.
+    """
+    owners: dict[str, tuple[int, int]] = {}
+    for index, rules in enumerate(contributions):
+        for frontend, rank, _ in rules.slots:
+            if frontend not in owners or (rank, index) < owners[frontend]:
+                owners[frontend] = (rank, index)
+    for index, rules in enumerate(contributions):
+        for frontend, rank, items in rules.slots:
+            if owners[frontend] == (rank, index):
+                for set_name, element in items:
+                    table.add_element(set_name, element)
 
 
 def compile_ruleset(cluster: Cluster, node: NodeInfo, config: ProxyConfig) -> Ruleset:
@@ -467,10 +497,12 @@ def _compile_ruleset(cluster: Cluster, node: NodeInfo, config: ProxyConfig) -> R
     ruleset = Ruleset()
     for family in FAMILIES:
         table = base_table(node, config, family)
-        claimed: set[str] = set()
+        contributions = []
         for key in sorted(cluster.services):
             rules = compile_service(cluster.services[key], by_service.get(key, ()), family, node, config)
             if rules is not None:
-                add_service(table, rules, claimed)
+                add_service(table, rules)
+                contributions.append(rules)
+        add_slots(table, contributions)
         ruleset.tables[family] = table
     return ruleset

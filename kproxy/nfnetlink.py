@@ -60,6 +60,8 @@ NLM_F_ACK = 0x4
 NLM_F_CREATE = 0x400
 NLM_F_APPEND = 0x800
 NLMSG_ERROR = 0x2
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10
 NLA_F_NESTED = 0x8000
 NFTA_SET_ELEM_LIST_TABLE = 1
 NFTA_SET_ELEM_LIST_SET = 2
@@ -387,6 +389,8 @@ class Batch:
     commands: dict[int, Op]
     last: int
     """The sequence number of the last command, the one that asks for an ACK."""
+    seqs: range = range(0)
+    """Every sequence number of the batch, begin and end included (errors at commit carry the begin's)."""
 
 
 def encode(tx: Transaction, first_seq: int = 1) -> Batch:
@@ -416,7 +420,7 @@ def _encode(tx: Transaction, first_seq: int) -> Batch:
         (flags,) = struct.unpack_from("=H", last, 6)
         parts[-1] = last[:6] + struct.pack("=H", flags | NLM_F_ACK) + last[8:]
     parts.append(_message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES))
-    return Batch(b"".join(parts), commands, max(commands) if commands else 0)
+    return Batch(b"".join(parts), commands, max(commands) if commands else 0, range(first_seq, seq + 1))
 
 
 def _udata_comment(kind: int, text: str) -> bytes:
@@ -500,7 +504,9 @@ class BatchSocket:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         self._sock.bind((0, 0))
         self._seq = 1
-        self._set_buffer(socket.SO_RCVBUF, 4 << 20, 33)  # SO_RCVBUFFORCE: room for every ACK of a large batch
+        self._set_buffer(socket.SO_RCVBUF, 4 << 20, 33)  # SO_RCVBUFFORCE: room for the answers to a large batch
+        # Error answers carry only the failed message's header, not the whole message (up to 60 KB).
+        self._sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
 
     def _set_buffer(self, option: int, size: int, force: int) -> None:
         try:
@@ -517,10 +523,21 @@ class BatchSocket:
         self._seq += len(batch.commands) + 2
         return batch
 
+    def _drain(self) -> None:
+        """Drop answers left over from an earlier batch (there should be none)."""
+        while True:
+            try:
+                self._sock.recv(1 << 20, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # ENOBUFS: answers were lost; what is left is read on the next round
+                continue
+
     def send(self, tx: Transaction, batch: Batch | None = None) -> None:
         """Apply ``tx`` (encoded by ``prepare``, or now) atomically; raises NetlinkError naming the refused command."""
         if batch is None:
             batch = self.prepare(tx)
+        self._drain()
         try:
             self._set_buffer(socket.SO_SNDBUF, len(batch.data) + 65536, 32)  # SO_SNDBUFFORCE
             self._sock.sendall(batch.data)
@@ -533,7 +550,11 @@ class BatchSocket:
                 data = self._sock.recv(1 << 20, socket.MSG_DONTWAIT)  # the kernel answered while handling sendall
             except BlockingIOError:
                 break
+            except OSError as exc:  # ENOBUFS: some answers were lost, so the batch's fate is unknown
+                raise NetlinkError(f"lost the kernel's answers to a batch: {exc.strerror}", exc.errno or errno.EIO) from None
             for seq, code in _acks(data):
+                if seq not in batch.seqs:
+                    continue
                 answered |= seq == batch.last
                 if code and failure is None:
                     failure = (seq, code)

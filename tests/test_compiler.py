@@ -256,3 +256,39 @@ def test_random_clusters_always_load(nft_check, generated) -> None:
         key = f"ns/{svc['metadata']['name']}"
         if not bad:
             assert key in cluster.services
+
+
+def _frontend_targets(table: Any, frontend: str) -> set[str]:
+    return {
+        e.value for name, members in table.elements.items() if name.startswith("endpoints-")
+        for k, e in members.items() if k.rsplit(" . ", 1)[0] == frontend
+    }
+
+
+def test_slots_follow_dispatch_when_an_external_ip_is_a_node_address() -> None:
+    """service-ips is looked up before service-nodeports: the external IP's Service owns that address:port's slots."""
+    objects = [
+        service("a-np", "ns", "10.96.0.1", type="NodePort", ports=[{"name": "http", "port": 80, "nodePort": 30080}]),
+        endpoint_slice("a-np-1", "a-np", [endpoint("10.244.1.1"), endpoint("10.244.1.2")], namespace="ns"),
+        service("b-ext", "ns", "10.96.0.2", externalIPs=["192.168.50.1"], ports=[{"name": "http", "port": 30080}]),
+        endpoint_slice("b-ext-1", "b-ext", [endpoint("10.244.2.1")], namespace="ns", ports=[{"name": "http", "port": 9090}]),
+    ]
+    table = _compile(objects).table("ip")
+    assert "b-ext" in table.elements["service-ips"]["192.168.50.1 . tcp . 30080"].value
+    assert _frontend_targets(table, "192.168.50.1 . tcp . 30080") == {"10.244.2.1 . 9090"}
+    assert _frontend_targets(table, "10.96.0.1 . tcp . 80") == {"10.244.1.1 . 8080", "10.244.1.2 . 8080"}
+
+
+def test_one_service_reaching_a_frontend_through_two_ports() -> None:
+    """A NodePort equal to another port's external-IP port: the address port's endpoints, whatever the port order."""
+    for ports in (
+        [{"name": "np", "port": 80, "nodePort": 30081}, {"name": "ext", "port": 30081}],
+        [{"name": "ext", "port": 30081}, {"name": "np", "port": 80, "nodePort": 30081}],
+    ):
+        objects = [
+            service("web", "ns", "10.96.0.1", type="NodePort", externalIPs=["192.168.50.1"], ports=ports),
+            endpoint_slice("web-1", "web", [endpoint("10.244.1.1")], namespace="ns",
+                           ports=[{"name": "np", "port": 1111}, {"name": "ext", "port": 2222}]),
+        ]
+        table = _compile(objects).table("ip")
+        assert _frontend_targets(table, "192.168.50.1 . tcp . 30081") == {"10.244.1.1 . 2222"}, ports

@@ -135,6 +135,12 @@ def test_deletes_and_refusals(empty_netns: Netns) -> None:
             backend.apply(bad)
         assert "delete element ip kproxy endpoints-4" in str(info.value)
         assert set(backend.read().tables["ip"].elements["endpoints-4"]) == set(left), "the batch is atomic"
+        # Many refused messages at once, then a good batch on the same socket: nothing left over confuses it.
+        missing_many = tuple(Element(f"10.{i // 250}.{i % 250}.1 . tcp . 80 . 65536") for i in range(20000))
+        with pytest.raises(NftError):
+            backend.apply(Transaction([Op("delete", "element", "ip", "endpoints-4", elements=missing_many)]))
+        backend.apply(Transaction([Op("delete", "element", "ip", "endpoints-4", elements=tuple(endpoints[1:2]))]))
+        assert set(backend.read().tables["ip"].elements["endpoints-4"]) == set(left) - {endpoints[1].key}
 
 
 def test_what_netlink_can_send() -> None:

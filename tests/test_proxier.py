@@ -267,3 +267,30 @@ def test_contested_element_keys_follow_the_first_service_through_partial_syncs()
             proxier.on_service("ADDED", twin)
         result = proxier.sync()
         assert not result.full
+
+
+def test_partial_syncs_give_frontend_slots_to_the_service_dispatch_reaches() -> None:
+    """An external IP equal to the node address on another Service's NodePort: partial syncs agree with a full compile."""
+    np_service = service("a-np", "ns", "10.96.0.100", type="NodePort", ports=[{"name": "http", "port": 80, "nodePort": 30080}])
+    np_slice = endpoint_slice("a-np-1", "a-np", [endpoint("10.244.1.1"), endpoint("10.244.1.2")], namespace="ns")
+    ext_service = service("b-ext", "ns", "10.96.0.101", externalIPs=["192.168.50.1"], ports=[{"name": "http", "port": 30080}])
+    ext_slice = endpoint_slice("b-ext-1", "b-ext", [endpoint("10.244.2.1")], namespace="ns",
+                               ports=[{"name": "http", "port": 9090}])
+    for order in ((np_service, np_slice, ext_service, ext_slice), (ext_service, ext_slice, np_service, np_slice)):
+        proxier, backend, _ = _proxier(1)
+        proxier.sync()
+        for obj in order:
+            (proxier.on_service if obj["kind"] == "Service" else proxier.on_slice)("ADDED", obj)
+            assert not proxier.sync().full
+            expected, actual = _expected(proxier).tables["ip"], backend.tables["ip"]
+            for name in expected.elements:
+                if name.startswith("endpoints-"):
+                    assert actual.elements.get(name, {}) == expected.elements[name], (order[0]["metadata"]["name"], name)
+        slots = [e.value for n, m in backend.tables["ip"].elements.items() if n.startswith("endpoints-")
+                 for k, e in m.items() if k.startswith("192.168.50.1 . tcp . 30080 . ")]
+        assert slots == ["10.244.2.1 . 9090"]
+        proxier.on_service("DELETED", ext_service)
+        proxier.sync()
+        slots = [e.value for n, m in backend.tables["ip"].elements.items() if n.startswith("endpoints-")
+                 for k, e in m.items() if k.startswith("192.168.50.1 . tcp . 30080 . ")]
+        assert sorted(slots) == ["10.244.1.1 . 8080", "10.244.1.2 . 8080"]
