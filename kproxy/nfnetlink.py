@@ -260,10 +260,19 @@ def layouts(family: Family) -> dict[str, SetLayout]:
     return result
 
 
+def _parse_rule(rule: str) -> tuple[str | None, str | None, str | None] | None:
+    """(counter, verb, chain) of a rule this module encodes, written exactly as the compiler writes it; else None."""
+    match = _RULE.fullmatch(rule)
+    if match is None:
+        return None
+    counter, verb, chain = match["counter"], match["verb"], match["chain"]
+    parts = ([f'counter name "{counter}"'] if counter else []) + ([f"{verb} {chain}"] if verb else [])
+    return (counter, verb, chain) if parts and " ".join(parts) == rule else None
+
+
 def encodable_rule(rule: str) -> bool:
     """Whether this module can encode the rule (see ``_RULE``)."""
-    match = _RULE.fullmatch(rule)
-    return bool(rule) and match is not None
+    return _parse_rule(rule) is not None
 
 
 def encodable_op(op: Op) -> bool:
@@ -468,16 +477,17 @@ def _rule_messages(op: Op, first_seq: int, family: int) -> list[bytes]:
 
 
 def _expressions(rule: str) -> bytes:
-    match = _RULE.fullmatch(rule)
-    if not rule or match is None:
+    parsed = _parse_rule(rule)
+    if parsed is None:
         raise ValueError(f"cannot encode rule {rule!r}")
     out = b""
-    counter, verb = match["counter"], match["verb"]
+    counter, verb, chain = parsed
     if counter:
         data = _OBJREF_COUNTER + _attr(NFTA_OBJREF_IMM_NAME, _string(counter))
         out += _attr(NFTA_LIST_ELEM | NLA_F_NESTED, _OBJREF_NAME + _attr(NFTA_EXPR_DATA | NLA_F_NESTED, data))
     if verb:
-        verdict = _VERDICT_CODES[verb] + _attr(NFTA_VERDICT_CHAIN, _string(match["chain"]))
+        assert chain is not None
+        verdict = _VERDICT_CODES[verb] + _attr(NFTA_VERDICT_CHAIN, _string(chain))
         data = _IMMEDIATE_DREG + _attr(NFTA_IMMEDIATE_DATA | NLA_F_NESTED, _attr(NFTA_DATA_VERDICT | NLA_F_NESTED, verdict))
         out += _attr(NFTA_LIST_ELEM | NLA_F_NESTED, _IMMEDIATE_NAME + _attr(NFTA_EXPR_DATA | NLA_F_NESTED, data))
     return out

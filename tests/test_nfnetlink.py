@@ -153,6 +153,8 @@ def test_what_netlink_can_send() -> None:
     assert not encodable(Transaction([Op("add", "map", "ip", "endpoints-4")]))
     assert not encodable(Transaction([Op("add", "rules", "ip", chains=(Chain("x", ("meta l4proto tcp drop",)),))]))
     assert not encodable(Transaction())
+    for odd in (" ", 'counter name "x"goto y', "goto  y", 'counter name "x" goto y ', "goto y drop"):
+        assert not encodable(Transaction([Op("add", "rules", "ip", chains=(Chain("x", (odd,)),))])), odd
     assert encodable(Transaction([Op("flush", "chain", "ip", "svc-x"), Op("delete", "counter", "ip", "conns-x")]))
     simple, rest = split_rules(Transaction([Op("add", "rules", "ip", chains=(
         Chain("a", ('counter name "conns-a" goto pick-4',)), Chain("b", ('counter name "conns-b"', "numgen random mod 2 0 drop")),
