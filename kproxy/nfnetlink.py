@@ -34,7 +34,7 @@ import re
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from kproxy.convert import gc_paused
 from kproxy.plan import DIGEST_PREFIX, Op, Transaction, rules_digest
@@ -363,38 +363,33 @@ def _message(kind: int, flags: int, seq: int, family: int, payload: bytes, res_i
     return struct.pack("=IHHII", length, kind, flags, seq, 0) + nfgen + payload
 
 
-def _element_messages(op: Op, first_seq: int) -> list[bytes]:
+def _element_messages(op: Op, first_seq: int) -> Iterator[bytes]:
+    """The messages of an element command, one at a time (a message holds up to 60 KB of elements)."""
     layout = layouts(op.family)[op.name]
     adding = op.verb == "add"
     kind = (NFNL_SUBSYS_NFTABLES << 8) | (NFT_MSG_NEWSETELEM if adding else NFT_MSG_DELSETELEM)
     flags = NLM_F_REQUEST | (NLM_F_CREATE if adding else 0)
     head = _attr(NFTA_SET_ELEM_LIST_TABLE, _string(TABLE)) + _attr(NFTA_SET_ELEM_LIST_SET, _string(op.name))
-    messages: list[bytes] = []
+    seq = first_seq
     chunk: list[bytes] = []
     size = 0
-
-    def flush() -> None:
-        nonlocal chunk, size
-        if chunk:
-            payload = head + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, b"".join(chunk))
-            messages.append(_message(kind, flags, first_seq + len(messages), NFPROTO[op.family], payload))
-        chunk, size = [], 0
-
     for element in op.elements:
         encoded = encode_element(layout, element, adding)
-        if size + len(encoded) > MAX_ELEMENTS_BYTES:
-            flush()
+        if chunk and size + len(encoded) > MAX_ELEMENTS_BYTES:
+            yield _message(kind, flags, seq, NFPROTO[op.family], head + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, b"".join(chunk)))
+            seq += 1
+            chunk, size = [], 0
         chunk.append(encoded)
         size += len(encoded)
-    flush()
-    return messages
+    if chunk:
+        yield _message(kind, flags, seq, NFPROTO[op.family], head + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, b"".join(chunk)))
 
 
 @dataclass(frozen=True, slots=True)
 class Batch:
     """The bytes of one transaction, and what each message's sequence number was for."""
 
-    data: bytes
+    data: bytearray
     commands: dict[int, Op]
     last: int
     """The sequence number of the last command, the one that asks for an ACK."""
@@ -414,22 +409,24 @@ def encode(tx: Transaction, first_seq: int = 1) -> Batch:
 
 
 def _encode(tx: Transaction, first_seq: int) -> Batch:
-    seq = first_seq
-    parts = [_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES)]
+    # One growing buffer: a cold start's batch is 8 MB at 10k Services, and a
+    # list of its messages plus their join would hold it twice.
+    out = bytearray(_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, first_seq, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES))
     commands: dict[int, Op] = {}
-    seq += 1
+    seq = first_seq + 1
+    last_at = -1
     for op in tx.ops:
         messages = _element_messages(op, seq) if op.kind == "element" else _object_messages(op, seq)
-        for _ in messages:
+        for message in messages:
             commands[seq] = op
             seq += 1
-        parts += messages
-    if commands:  # only the last command asks for an answer: errors are reported anyway
-        last = parts[-1]
-        (flags,) = struct.unpack_from("=H", last, 6)
-        parts[-1] = last[:6] + struct.pack("=H", flags | NLM_F_ACK) + last[8:]
-    parts.append(_message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES))
-    return Batch(b"".join(parts), commands, max(commands) if commands else 0, range(first_seq, seq + 1))
+            last_at = len(out)
+            out += message
+    if last_at >= 0:  # only the last command asks for an answer: errors are reported anyway
+        (flags,) = struct.unpack_from("=H", out, last_at + 6)
+        struct.pack_into("=H", out, last_at + 6, flags | NLM_F_ACK)
+    out += _message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES)
+    return Batch(out, commands, max(commands) if commands else 0, range(first_seq, seq + 1))
 
 
 def _udata_comment(kind: int, text: str) -> bytes:
