@@ -12,9 +12,8 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from kproxy.compiler import ServiceRules
 from kproxy.model import ServiceKey
-from kproxy.ruleset import Chain, Element, Family, Table
+from kproxy.ruleset import Chain, Element, Family, ServiceRules, Table
 
 BASE = ServiceKey("")
 """The owner of the skeleton's own chains and of node/config elements; sorts first."""
@@ -103,7 +102,7 @@ class Assembly:
         """Endpoint slots are owned per frontend, by the Service dispatch reaches: lowest rank, then key order."""
         before = {frontend: rank for frontend, rank, _ in old.slots} if old is not None else {}
         after = {frontend: (rank, items) for frontend, rank, items in new.slots} if new is not None else {}
-        for frontend in before.keys() | after.keys():
+        for frontend in [*after, *(f for f in before if f not in after)]:  # in order: the table's is deterministic
             contenders = self._frontends.setdefault(frontend, {})
             shown = contenders[min(contenders)] if contenders else ()
             if frontend in before:

@@ -32,10 +32,11 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from kproxy.assembly import Assembly
 from kproxy.convert import gc_paused
 from kproxy.endpoints import PortEndpoint, Selection, port_endpoints, select
 from kproxy.model import Cluster, EndpointSlice, IPFamily, Node, Service, ServicePort
-from kproxy.ruleset import Chain, Element, Family, Ruleset, Table
+from kproxy.ruleset import Chain, Element, Family, Ruleset, ServiceRules, Table
 from kproxy.skeleton import skeleton_table
 
 FAMILIES: dict[Family, IPFamily] = {"ip": 4, "ip6": 6}
@@ -86,21 +87,6 @@ def node_info(name: str, node: Node | None, interface_addresses: tuple[str, ...]
         if candidates:
             primary.append(candidates[0])
     return NodeInfo(node.name, node.zone, tuple(primary), node.internal_ips + node.external_ips)
-
-
-@dataclass(frozen=True, slots=True)
-class ServiceRules:
-    """What one Service contributes to one family's table."""
-
-    chains: tuple[Chain, ...]
-    elements: tuple[tuple[str, Element], ...]
-    """(set or map name, element)."""
-    counters: tuple[tuple[str, str], ...] = ()
-    """Named counters: (name, comment). ``conns-`` counts a port's new connections, ``drops-`` its rate-limit drops."""
-    slots: tuple[tuple[str, int, tuple[tuple[str, Element], ...]], ...] = ()
-    """Endpoint slots by frontend: (frontend, rank, ((``endpoints-C`` map, element), ...)). A
-    frontend's slots belong together: they come into a table all from the one Service that
-    dispatch reaches for that frontend (lowest rank, then first in key order), or not at all."""
 
 
 def _family_of(address: str) -> IPFamily:
@@ -194,11 +180,6 @@ def pick_chains_for(family: Family, size: int, local: bool) -> tuple[Chain, ...]
     return tuple(chains)
 
 
-def pick_chains(family: Family) -> list[Chain]:
-    """Every pick chain there can be, of both kinds."""
-    return [*pick_chains_for(family, PICK_CLASSES[-1], False), *pick_chains_for(family, PICK_CLASSES[-1], True)]
-
-
 def _endpoint_chain(
     name: str,
     family: Family,
@@ -223,9 +204,8 @@ def _endpoint_chain(
         )
     count = len(endpoints)
     affinity = service.affinity_timeout
-    size = pick_class(count)
-    if affinity is None and size is not None:
-        goto = f"goto {pick_chain_name(size, local)}"
+    if uses_pick_chains(service, endpoints):
+        goto = f"goto {pick_chain_name(pick_class(count) or 0, local)}"
         if len(rules) == 1:  # just the counter: one rule per Service port loads faster than two
             return Chain(name, (f"{rules[0]} {goto}",), label)
         return Chain(name, (*rules, goto), label)
@@ -454,38 +434,6 @@ def base_table(node: NodeInfo, config: ProxyConfig, family: Family) -> Table:
     return table
 
 
-def add_service(table: Table, rules: ServiceRules) -> None:
-    """Merge one Service's chains, counters and elements into a table (an earlier key wins).
-
-    Endpoint slots are added separately, by ``add_slots``, once every Service is known.
-    """
-    for chain in rules.chains:
-        table.chains[chain.name] = chain
-    for name, counter_comment in rules.counters:
-        table.counters.setdefault(name, counter_comment)
-    for set_name, element in rules.elements:
-        table.add_element(set_name, element)
-
-
-def add_slots(table: Table, contributions: Sequence[ServiceRules]) -> None:
-    """Each frontend's endpoint slots from the one Service that dispatch reaches for it.
-
-    ``contributions`` are in Service key order; a frontend goes to the lowest
-    rank (an address frontend before a NodePort), then the first Service, so
-    two Services sharing an address and port never mix their endpoints.
-    """
-    owners: dict[str, tuple[int, int]] = {}
-    for index, rules in enumerate(contributions):
-        for frontend, rank, _ in rules.slots:
-            if frontend not in owners or (rank, index) < owners[frontend]:
-                owners[frontend] = (rank, index)
-    for index, rules in enumerate(contributions):
-        for frontend, rank, items in rules.slots:
-            if owners[frontend] == (rank, index):
-                for set_name, element in items:
-                    table.add_element(set_name, element)
-
-
 def compile_ruleset(cluster: Cluster, node: NodeInfo, config: ProxyConfig) -> Ruleset:
     """The whole ruleset for a node: both families, Services in key order."""
     with gc_paused():
@@ -496,13 +444,10 @@ def _compile_ruleset(cluster: Cluster, node: NodeInfo, config: ProxyConfig) -> R
     by_service = cluster.slices_by_service()
     ruleset = Ruleset()
     for family in FAMILIES:
-        table = base_table(node, config, family)
-        contributions = []
+        # The same assembly the daemon keeps up to date one Service at a time, so a
+        # full compile and a run of partial syncs resolve shared keys the same way.
+        assembly = Assembly(base_table(node, config, family))
         for key in sorted(cluster.services):
-            rules = compile_service(cluster.services[key], by_service.get(key, ()), family, node, config)
-            if rules is not None:
-                add_service(table, rules)
-                contributions.append(rules)
-        add_slots(table, contributions)
-        ruleset.tables[family] = table
+            assembly.set_service(key, compile_service(cluster.services[key], by_service.get(key, ()), family, node, config))
+        ruleset.tables[family] = assembly.table
     return ruleset

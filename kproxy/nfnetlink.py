@@ -74,9 +74,8 @@ NFTA_DATA_VALUE = 1
 NFTA_DATA_VERDICT = 2
 NFTA_VERDICT_CODE = 1
 NFTA_VERDICT_CHAIN = 2
-NFTNL_UDATA_SET_ELEM_COMMENT = 0
 NFTNL_UDATA_COMMENT = 0
-"""The comment's type in the user data of chains, rules and objects alike."""
+"""The comment's type in the user data of elements, chains, rules and objects alike."""
 NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME, NFTA_CHAIN_USERDATA = 1, 3, 12
 NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_USERDATA = 1, 2, 4, 7
 NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 2
@@ -352,9 +351,8 @@ def _data(layout: SetLayout, text: str) -> bytes:
 
 @functools.lru_cache(maxsize=1 << 16)
 def _comment(text: str) -> bytes:
-    comment(text)  # the same check as for nft text: raises UnsafeText
-    raw = _string(text)
-    return _attr(NFTA_SET_ELEM_USERDATA, bytes([NFTNL_UDATA_SET_ELEM_COMMENT, len(raw)]) + raw)
+    """An element's comment (many elements share one): see ``_udata_comment``."""
+    return _udata_comment(NFTA_SET_ELEM_USERDATA, text)
 
 
 def _message(kind: int, flags: int, seq: int, family: int, payload: bytes, res_id: int = 0) -> bytes:

@@ -166,7 +166,7 @@ class NftablesBackend:
 
     def __init__(self) -> None:
         self._nft = open_libnftables(CapabilityError)
-        self._elements = BatchSocket()
+        self._netlink = BatchSocket()
         self._prepared: tuple[Transaction, Batch] | None = None
         self._lib = ctypes.CDLL(LIBNFTABLES)
         self._lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
@@ -189,7 +189,7 @@ class NftablesBackend:
             # libnftables' read of the whole table and its parser.
             prepared, self._prepared = self._prepared, None
             try:
-                self._elements.send(tx, prepared[1] if prepared and prepared[0] is tx else None)
+                self._netlink.send(tx, prepared[1] if prepared and prepared[0] is tx else None)
             except NetlinkError as exc:
                 raise NftError(str(exc)) from None
             return
@@ -257,7 +257,7 @@ class NftablesBackend:
             try:
                 self.apply(simple)
                 if prepare is not None and encodable(prepare):
-                    self._prepared = (prepare, self._elements.prepare(prepare))
+                    self._prepared = (prepare, self._netlink.prepare(prepare))
             except BaseException as exc:
                 errors.append(exc)
             for thread in threads:

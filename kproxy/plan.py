@@ -187,16 +187,18 @@ def _elements(tx: Transaction, verb: Verb, table: Table, set_name: str, elements
         tx.add(Op(verb, "element", table.family, set_name, elements=tuple(elements[i : i + ELEMENT_BATCH])))
 
 
-def _declare(table: Table) -> Transaction:
-    """Declare the table and every set, map, counter and chain (``add`` is idempotent)."""
+def _declare(table: Table, counters: bool = True, chains: Iterable[Chain] | None = None, sets: bool = True) -> Transaction:
+    """Declare the table and its sets and maps, counters and chains (``add`` is idempotent); all of them by default."""
     family = table.family
     tx = Transaction()
-    tx.add(Op("add", "table", family, comment=table.comment))
-    for decl in table.sets.values():
-        tx.add(Op("add", decl.kind, family, decl.name, set_decl=decl))
-    for name, counter_comment in table.counters.items():
-        tx.add(Op("add", "counter", family, name, comment=counter_comment))
-    for chain in table.chains.values():
+    if sets:
+        tx.add(Op("add", "table", family, comment=table.comment))
+        for decl in table.sets.values():
+            tx.add(Op("add", decl.kind, family, decl.name, set_decl=decl))
+    if counters:
+        for name, counter_comment in table.counters.items():
+            tx.add(Op("add", "counter", family, name, comment=counter_comment))
+    for chain in table.chains.values() if chains is None else chains:
         tx.add(Op("add", "chain", family, chain.name, chain=chain))
     return tx
 
@@ -238,21 +240,11 @@ def create(table: Table, max_rules: int = 8000) -> list[Transaction]:
     once the dispatch maps point somewhere, so they can come first; pieces 2
     and 4 then hold only what the backend can send without libnftables.
     """
-    family = table.family
     skeleton = [c for c in table.chains.values() if not c.name.startswith(SERVICE_CHAIN_PREFIXES)]
     services = [c for c in table.chains.values() if c.name.startswith(SERVICE_CHAIN_PREFIXES)]
-    first = Transaction()
-    first.add(Op("add", "table", family, comment=table.comment))
-    for decl in table.sets.values():
-        first.add(Op("add", decl.kind, family, decl.name, set_decl=decl))
-    for chain in skeleton:
-        first.add(Op("add", "chain", family, chain.name, chain=chain))
+    first = _declare(table, counters=False, chains=skeleton)
     _fill_chains(first, table, skeleton, max_rules)
-    declarations = Transaction()
-    for name, counter_comment in table.counters.items():
-        declarations.add(Op("add", "counter", family, name, comment=counter_comment))
-    for chain in services:
-        declarations.add(Op("add", "chain", family, chain.name, chain=chain))
+    declarations = _declare(table, chains=services, sets=False)
     middle = Transaction()
     _fill_chains(middle, table, services, max_rules)
     last = Transaction()

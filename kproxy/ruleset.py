@@ -77,6 +77,22 @@ class Element:
         return text
 
 
+@dataclass(frozen=True, slots=True)
+class ServiceRules:
+    """What one Service contributes to one family's table."""
+
+    chains: tuple[Chain, ...]
+    elements: tuple[tuple[str, Element], ...]
+    """(set or map name, element)."""
+    counters: tuple[tuple[str, str], ...] = ()
+    """Named counters: (name, comment). ``conns-`` counts a port's new connections, ``drops-`` its rate-limit drops."""
+    slots: tuple[tuple[str, int, tuple[tuple[str, Element], ...]], ...] = ()
+    """Endpoint slots by frontend: (frontend, rank, ((``endpoints-C`` map, element), ...)). A
+    frontend's slots belong together: they come into a table all from the one Service that
+    dispatch reaches for that frontend (lowest rank, then first in key order), or not at all
+    (see ``assembly.Assembly``)."""
+
+
 @dataclass(slots=True)
 class Table:
     """One family's table. Chains and elements are keyed by name for the planner."""
