@@ -4,18 +4,19 @@ libnftables reads its cache of the whole table (every chain, set and
 counter) before it runs any command: 35-50 ms at 10k Services, whatever the
 command, and its parser costs tens of microseconds per rule or element. Most
 of what kproxy sends is simple: elements of its sets and maps (an endpoint
-comes or goes), and Service chains whose rules are a named counter and a
-``goto``. Those have small fixed binary layouts, so this module encodes them
-itself and sends each transaction as one batch on a netlink socket: the
-kernel applies the batch atomically, exactly as it would from nft.
+comes or goes), Service chains and pick chains, and their counters. Those
+have small fixed binary layouts, so this module encodes them itself and
+sends each transaction as one batch on a netlink socket: the kernel applies
+the batch atomically, exactly as it would from nft.
 
 Only what kproxy writes is supported: elements of the skeleton's static,
 non-interval sets and maps (keys of addresses, protocols, ports and
 pick-chain slot numbers; data of verdicts or ``address . port``); chains
-that are not base chains; named counters; and rules of the form
-``[counter name "N"] [goto|jump CHAIN]``, all with their comments.
-``encodable()`` says whether a transaction qualifies; everything else goes
-through libnftables.
+that are not base chains; named counters; and the rules of the chains the
+compiler generates (``nfrules`` encodes them), all with their comments.
+``encodable()`` says whether a transaction qualifies; everything else (the
+skeleton: the table, its sets, base chains and their rules) goes through
+libnftables.
 
 pyroute2's nf_tables messages are general, but they build a Python object
 per attribute (slow for 100k elements) and their batch commit does not read
@@ -30,13 +31,15 @@ import errno
 import functools
 import logging
 import os
-import re
 import socket
 import struct
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 from kproxy.convert import gc_paused
+from kproxy.nfrules import attr as _attr
+from kproxy.nfrules import encode_rule, nested, verdict_data
+from kproxy.nfrules import string as _string
 from kproxy.plan import DIGEST_PREFIX, Op, Transaction, rules_digest
 from kproxy.ruleset import TABLE, Element, Family, comment
 from kproxy.skeleton import skeleton_table
@@ -71,24 +74,14 @@ NFTA_SET_ELEM_KEY = 1
 NFTA_SET_ELEM_DATA = 2
 NFTA_SET_ELEM_USERDATA = 6
 NFTA_DATA_VALUE = 1
-NFTA_DATA_VERDICT = 2
-NFTA_VERDICT_CODE = 1
-NFTA_VERDICT_CHAIN = 2
 NFTNL_UDATA_COMMENT = 0
 """The comment's type in the user data of elements, chains, rules and objects alike."""
 NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME, NFTA_CHAIN_USERDATA = 1, 3, 12
 NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_USERDATA = 1, 2, 4, 7
-NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 2
-NFTA_OBJREF_IMM_TYPE, NFTA_OBJREF_IMM_NAME = 1, 2
-NFTA_IMMEDIATE_DREG, NFTA_IMMEDIATE_DATA = 1, 2
 NFTA_OBJ_TABLE, NFTA_OBJ_NAME, NFTA_OBJ_TYPE, NFTA_OBJ_DATA, NFTA_OBJ_USERDATA = 1, 2, 3, 4, 8
 NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS = 1, 2
 NFT_OBJECT_COUNTER = 1
-NFT_REG_VERDICT = 0
-_RULE = re.compile(r'(?:counter name "(?P<counter>[^"]+)")? ?(?:(?P<verb>goto|jump) (?P<chain>[A-Za-z0-9./:_-]+))?')
-"""The rules this module encodes: a named counter, a jump or goto, or both (what Service chains mostly are)."""
 NFPROTO: dict[Family, int] = {"ip": 2, "ip6": 10}
-VERDICTS = {"drop": 0, "accept": 1, "jump": -3, "goto": -4, "return": -5}
 PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
 MAX_ELEMENTS_BYTES = 60000
 """An element list is one netlink attribute, whose length is 16 bits."""
@@ -150,7 +143,6 @@ _TYPEOF: dict[str, Field] = {
     "ip6 saddr": _ipv6,
     "meta l4proto": _proto,
     "th dport": _port,
-    "tcp dport": _port,
 }
 
 
@@ -259,19 +251,20 @@ def layouts(family: Family) -> dict[str, SetLayout]:
     return result
 
 
-def _parse_rule(rule: str) -> tuple[str | None, str | None, str | None] | None:
-    """(counter, verb, chain) of a rule this module encodes, written exactly as the compiler writes it; else None."""
-    match = _RULE.fullmatch(rule)
-    if match is None:
-        return None
-    counter, verb, chain = match["counter"], match["verb"], match["chain"]
-    parts = ([f'counter name "{counter}"'] if counter else []) + ([f"{verb} {chain}"] if verb else [])
-    return (counter, verb, chain) if parts and " ".join(parts) == rule else None
+@functools.cache
+def dynamic_set_types(family: Family) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(name, key types) of the skeleton's dynamic sets, which rules update (affinity, rate-limit meter)."""
+    result = []
+    for name, decl in skeleton_table(family).sets.items():
+        spec = next((line for line in decl.body if line.startswith("type ")), None)
+        if decl.dynamic and spec is not None:
+            result.append((name, tuple(part.strip() for part in spec[len("type "):].split(" . "))))
+    return tuple(result)
 
 
-def encodable_rule(rule: str) -> bool:
-    """Whether this module can encode the rule (see ``_RULE``)."""
-    return _parse_rule(rule) is not None
+def encodable_rule(rule: str, family: Family) -> bool:
+    """Whether this module can send the rule (see ``nfrules``)."""
+    return encode_rule(rule, family, dynamic_set_types(family)) is not None
 
 
 def encodable_op(op: Op) -> bool:
@@ -283,7 +276,7 @@ def encodable_op(op: Op) -> bool:
     if op.kind == "counter":
         return op.verb in ("add", "delete")
     if op.kind == "rules":
-        return op.verb == "add" and all(encodable_rule(rule) for chain in op.chains for rule in chain.rules)
+        return op.verb == "add" and all(encodable_rule(rule, op.family) for chain in op.chains for rule in chain.rules)
     return False
 
 
@@ -303,8 +296,8 @@ def split_rules(tx: Transaction) -> tuple[Transaction, Transaction]:
         if op.kind != "rules" or op.verb != "add":
             rest.add(op)
             continue
-        mine = tuple(c for c in op.chains if all(encodable_rule(rule) for rule in c.rules))
-        others = tuple(c for c in op.chains if not all(encodable_rule(rule) for rule in c.rules))
+        mine = tuple(c for c in op.chains if all(encodable_rule(rule, op.family) for rule in c.rules))
+        others = tuple(c for c in op.chains if not all(encodable_rule(rule, op.family) for rule in c.rules))
         if mine:
             simple.add(Op("add", "rules", op.family, chains=mine))
         if others:
@@ -312,23 +305,11 @@ def split_rules(tx: Transaction) -> tuple[Transaction, Transaction]:
     return simple, rest
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    header = struct.pack("=HH", 4 + len(payload), kind)
-    return header + payload + b"\0" * (-len(payload) % 4)
-
-
-def _string(text: str) -> bytes:
-    return text.encode() + b"\0"
-
-
 @functools.lru_cache(maxsize=1 << 16)
 def _verdict(text: str) -> bytes:
     """NFTA_SET_ELEM_DATA holding a verdict: ``goto CHAIN``, ``jump CHAIN`` or ``drop``."""
     verb, _, chain = text.partition(" ")
-    body = _attr(NFTA_VERDICT_CODE, struct.pack("!i", VERDICTS[verb]))
-    if chain:
-        body += _attr(NFTA_VERDICT_CHAIN, _string(chain))
-    return _attr(NFTA_SET_ELEM_DATA | NLA_F_NESTED, _attr(NFTA_DATA_VERDICT | NLA_F_NESTED, body))
+    return nested(NFTA_SET_ELEM_DATA, verdict_data(verb, chain))
 
 
 def encode_element(layout: SetLayout, element: Element, with_data: bool) -> bytes:
@@ -464,28 +445,14 @@ def _rule_messages(op: Op, first_seq: int, family: int) -> list[bytes]:
         where = _TABLE_ATTR + _attr(NFTA_RULE_CHAIN, _string(chain.name))
         last = len(chain.rules) - 1
         for index, rule in enumerate(chain.rules):
-            payload = where + _attr(NFTA_RULE_EXPRESSIONS | NLA_F_NESTED, _expressions(rule))
+            expressions = encode_rule(rule, op.family, dynamic_set_types(op.family))
+            if expressions is None:
+                raise ValueError(f"cannot encode rule {rule!r}")
+            payload = where + _attr(NFTA_RULE_EXPRESSIONS | NLA_F_NESTED, expressions)
             if index == last:
                 payload += _udata_comment(NFTA_RULE_USERDATA, DIGEST_PREFIX + rules_digest(chain.rules))
             messages.append(_message(kind, flags, first_seq + len(messages), family, payload))
     return messages
-
-
-def _expressions(rule: str) -> bytes:
-    parsed = _parse_rule(rule)
-    if parsed is None:
-        raise ValueError(f"cannot encode rule {rule!r}")
-    out = b""
-    counter, verb, chain = parsed
-    if counter:
-        data = _OBJREF_COUNTER + _attr(NFTA_OBJREF_IMM_NAME, _string(counter))
-        out += _attr(NFTA_LIST_ELEM | NLA_F_NESTED, _OBJREF_NAME + _attr(NFTA_EXPR_DATA | NLA_F_NESTED, data))
-    if verb:
-        assert chain is not None
-        verdict = _VERDICT_CODES[verb] + _attr(NFTA_VERDICT_CHAIN, _string(chain))
-        data = _IMMEDIATE_DREG + _attr(NFTA_IMMEDIATE_DATA | NLA_F_NESTED, _attr(NFTA_DATA_VERDICT | NLA_F_NESTED, verdict))
-        out += _attr(NFTA_LIST_ELEM | NLA_F_NESTED, _IMMEDIATE_NAME + _attr(NFTA_EXPR_DATA | NLA_F_NESTED, data))
-    return out
 
 
 # Attributes that are the same in every message (the table is attribute 1 of chains, rules and objects alike).
@@ -495,11 +462,6 @@ _COUNTER_ZERO = _attr(
     NFTA_OBJ_DATA | NLA_F_NESTED,
     _attr(NFTA_COUNTER_BYTES, struct.pack("!Q", 0)) + _attr(NFTA_COUNTER_PACKETS, struct.pack("!Q", 0)),
 )
-_OBJREF_NAME = _attr(NFTA_EXPR_NAME, _string("objref"))
-_OBJREF_COUNTER = _attr(NFTA_OBJREF_IMM_TYPE, struct.pack("!I", NFT_OBJECT_COUNTER))
-_IMMEDIATE_NAME = _attr(NFTA_EXPR_NAME, _string("immediate"))
-_IMMEDIATE_DREG = _attr(NFTA_IMMEDIATE_DREG, struct.pack("!I", NFT_REG_VERDICT))
-_VERDICT_CODES = {verb: _attr(NFTA_VERDICT_CODE, struct.pack("!i", VERDICTS[verb])) for verb in ("goto", "jump")}
 
 
 class BatchSocket:

@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Iterable, Protocol
 
-from kproxy.nfnetlink import Batch, BatchSocket, NetlinkError, encodable, split_rules
+from kproxy.nfnetlink import Batch, BatchSocket, NetlinkError, encodable, encodable_rule, split_rules
 from kproxy.plan import Op, Transaction
 from kproxy.readback import parse_table
 from kproxy.ruleset import TABLE, Family, Ruleset
@@ -123,7 +123,7 @@ CAPABILITIES: tuple[Capability, ...] = (
         "DNAT to an address and port looked up by a key with numgen (nft_nat with concatenated data, nft_numgen)",
         ("dnat {family} to {family} daddr . meta l4proto . th dport . numgen random mod 2 offset 65536 map @e",),
         chain="type nat hook prerouting priority dstnat; policy accept;",
-        sets=("map e { typeof {family} daddr . meta l4proto . th dport . numgen random mod 1 : {family} daddr . tcp dport; }",),
+        sets=("map e { typeof {family} daddr . meta l4proto . th dport . numgen random mod 1 : {family} daddr . th dport; }",),
     ),
 )
 
@@ -161,6 +161,40 @@ def open_libnftables(error: type[Exception]) -> Any:
         ) from None
 
 
+_MAP_READ = re.compile(r" map @([a-z0-9-]+)")
+
+
+def maps_first(tx: Transaction) -> tuple[Transaction, Transaction]:
+    """(the chains whose rules read a map this transaction does not declare, the rest of ``tx``).
+
+    For a transaction that goes through libnftables: the first part (adding,
+    flushing and filling those chains) is sent over netlink before the rest.
+    Only chains whose every rule ``nfnetlink`` encodes are taken out.
+    """
+    declared = {op.name for op in tx.ops if op.verb == "add" and op.kind in ("set", "map")}
+    names = {
+        chain.name
+        for op in tx.ops if op.kind == "rules" and op.verb == "add"
+        for chain in op.chains
+        if any(name not in declared for rule in chain.rules for name in _MAP_READ.findall(rule))
+        and all(encodable_rule(rule, op.family) for rule in chain.rules)
+    }
+    if not names:
+        return Transaction(), tx
+    first, rest = Transaction(), Transaction(deferred_chain_deletes=tx.deferred_chain_deletes)
+    for op in tx.ops:
+        if op.kind == "chain" and op.verb in ("add", "flush") and op.name in names:
+            first.add(op)
+        elif op.kind == "rules" and op.verb == "add" and any(c.name in names for c in op.chains):
+            first.add(Op("add", "rules", op.family, chains=tuple(c for c in op.chains if c.name in names)))
+            others = tuple(c for c in op.chains if c.name not in names)
+            if others:
+                rest.add(Op("add", "rules", op.family, chains=others))
+        else:
+            rest.add(op)
+    return (first, rest) if encodable(first) else (Transaction(), tx)
+
+
 class NftablesBackend:
     """kproxy's tables in the current network namespace, through libnftables."""
 
@@ -193,6 +227,12 @@ class NftablesBackend:
             except NetlinkError as exc:
                 raise NftError(str(exc)) from None
             return
+        first, tx = maps_first(tx)
+        if first:
+            # Chains whose rules read a map already in the kernel (the pick chains): nft
+            # 1.0.6 cannot add those (see nfrules). They are filled first, over netlink;
+            # nothing refers to a new one before the rest of the transaction lands.
+            self.apply(first)
         script = str(tx)
         rc, _, err = self._run(script)
         if rc != 0:

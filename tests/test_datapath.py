@@ -107,6 +107,22 @@ def test_clusterip_udp(bed: NetBed) -> None:
     assert results.servers == {p.name for p in bed.remote_pods}
 
 
+def test_udp_reaches_every_endpoint_when_they_fill_a_pick_chain(bed: NetBed) -> None:
+    """UDP with exactly 4 endpoints (every slot of pick-4, the first rule included) spreads over all 4.
+
+    nft 1.0.6 once made the first pick rule of a batch TCP-only, so the 4th
+    endpoint of a UDP Service never got a new flow. The table is built as the
+    daemon builds it: the skeleton first, then the Service in a later batch.
+    """
+    client, endpoints = bed.local_pods[0], bed.local_pods[1:] + bed.remote_pods
+    assert len(endpoints) == 4
+    program(bed, [])
+    ports = [{"name": "dns", "port": 53, "protocol": "UDP"}]
+    program(bed, [service("dns", cluster_ip="10.96.0.53", ports=ports),
+                  pod_slice("dns", endpoints, port=5353, protocol="UDP", port_name="dns")])
+    assert_even_spread(client.netns.connect_many("10.96.0.53", 53, 400, proto="udp"), endpoints)
+
+
 def test_nodeport_loadbalancer_and_external_ip_from_outside(bed: NetBed) -> None:
     """An external client reaches a NodePort on the node IP, a load-balancer IP and an external IP."""
     program(bed, [

@@ -1,38 +1,64 @@
-"""Element batches sent over netlink leave the kernel exactly as libnftables would."""
+"""Batches sent over netlink leave the kernel exactly as libnftables would, expression by expression."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import uuid
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
-from kproxy.compiler import compile_ruleset
+from kproxy.compiler import ProxyConfig, compile_ruleset
 from kproxy.convert import build_cluster
-from kproxy.nfnetlink import BatchSocket, encodable, encode, layouts, split_rules
-from kproxy.nft import NftablesBackend, NftError
-from kproxy.plan import Op, Transaction, create, plan
+from kproxy.nfnetlink import BatchSocket, encodable, encodable_rule, encode, layouts, split_rules
+from kproxy.nft import NftablesBackend, NftError, maps_first
+from kproxy.plan import Op, Transaction, create, plan, render_ruleset
 from kproxy.ruleset import Chain, Element, Ruleset, UnsafeText
 from kproxy.skeleton import skeleton_table
+from tests.builders import endpoint, endpoint_slice, service
 from tests.netbed import Netns
 from tests.test_golden import NODE, SCENARIOS
+
+# Rule shapes the golden scenarios do not have: a cascade for more endpoints than
+# the largest pick chain, affinity and rate limits in IPv6, and cluster CIDRs
+# that are not whole bytes (a masked match instead of a shorter load).
+EXTRA_SHAPES: tuple[list[dict[str, Any]], ProxyConfig] = (
+    [
+        service("big", "shop", "10.96.0.80"),
+        endpoint_slice("big-1", "big", [endpoint(f"10.244.{3 + i // 200}.{i % 200 + 1}") for i in range(300)], namespace="shop"),
+        service("sticky6", "shop", ["10.96.0.81", "fd00:96::81"], ipFamilies=["IPv4", "IPv6"], sessionAffinity="ClientIP",
+                sessionAffinityConfig={"clientIP": {"timeoutSeconds": 600}}, annotations={"kproxy.io/rate-limit": "10/second"},
+                ports=[{"name": "dns", "port": 53, "protocol": "UDP"}]),
+        endpoint_slice("sticky6-1", "sticky6", [endpoint("10.244.1.81"), endpoint("10.244.2.81", node="node-b")],
+                       namespace="shop", ports=[{"name": "dns", "port": 5353, "protocol": "UDP"}]),
+        endpoint_slice("sticky6-6", "sticky6", [endpoint("fd00:244:1::81"), endpoint("fd00:244:2::81", node="node-b")],
+                       namespace="shop", address_type="IPv6", ports=[{"name": "dns", "port": 5353, "protocol": "UDP"}]),
+        service("local6", "shop", ["10.96.0.82", "fd00:96::82"], ipFamilies=["IPv4", "IPv6"], type="NodePort",
+                externalTrafficPolicy="Local", ports=[{"name": "http", "port": 80, "nodePort": 30082, "protocol": "TCP"}]),
+        endpoint_slice("local6-1", "local6", [endpoint("10.244.1.82")], namespace="shop"),
+        endpoint_slice("local6-6", "local6", [endpoint("fd00:244:1::82")], namespace="shop", address_type="IPv6"),
+    ],
+    ProxyConfig(cluster_cidrs=("172.16.0.0/13", "fd01:244::/57")),
+)
 
 pytestmark = pytest.mark.root
 
 
 def _ruleset(name: str) -> Ruleset:
-    objects, config = SCENARIOS[name]
+    return _compiled(*SCENARIOS[name])
+
+
+def _compiled(objects: list[dict[str, Any]], config: ProxyConfig) -> Ruleset:
     cluster, problems = build_cluster(objects, NODE.name)
     assert problems == []
     return compile_ruleset(cluster, NODE, config)
 
 
 def _all_scenarios() -> Ruleset:
-    """Every golden scenario's ruleset merged: every set, verdict and data shape kproxy writes."""
+    """Every golden scenario's ruleset merged, and the extra shapes: every set, verdict, data and rule shape kproxy writes."""
     result = Ruleset()
-    for name in sorted(SCENARIOS):
-        ruleset = _ruleset(name)
+    for ruleset in [_ruleset(name) for name in sorted(SCENARIOS)] + [_compiled(*EXTRA_SHAPES)]:
         for family, table in ruleset.tables.items():
             into = result.tables.setdefault(family, table)
             if into is table:
@@ -56,39 +82,86 @@ def two_netns(empty_netns: Netns) -> Iterator[tuple[Netns, Netns]]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-def _build(netns: Netns, ruleset: Ruleset, netlink: bool) -> str:
-    """Build the tables piece by piece: through netlink wherever possible, or all through libnftables."""
+_HANDLES = re.compile(r"^((?:ip|ip6) kproxy \S+)(?: \d+)+$", re.MULTILINE)
+
+
+def _by_chain(expressions: str) -> dict[str, list[str]]:
+    """``nft --debug=netlink`` output as {object: [its rules' expressions in order]} (elements sorted).
+
+    Interval sets are left out: libnftables fills them in both builds, and
+    their internal end markers depend on how the batch was cut (their
+    listings are compared).
+    """
+    interval = {f"{family} kproxy @{name}" for family in ("ip", "ip6") for name, decl in skeleton_table(family).sets.items() if decl.interval}
+    objects: dict[str, list[str]] = {}
+    header, body = "", []
+    for line in expressions.split("\ntable ", 1)[0].splitlines() + ["end"]:  # the listing after the dump is compared apart
+        if line and not line[0].isspace():
+            if header and header not in interval:
+                objects.setdefault(header, []).append("\n".join(sorted(body) if "@" in header else body))
+            header, body = _HANDLES.sub(r"\1", line), []
+        elif line.strip():
+            body.append(line)
+    return objects
+
+
+def _blocks(listing: str) -> list[str]:
+    """``nft list ruleset`` as its blocks (sets, chains), sorted: chains created in another order list in another order."""
+    return sorted(block.strip() for block in listing.split("\n\n"))
+
+
+def _build(netns: Netns, ruleset: Ruleset, netlink: bool) -> tuple[list[str], dict[str, list[str]]]:
+    """Build the tables piece by piece through netlink wherever possible, or as one nft script.
+
+    Returns ``nft list ruleset``, and the kernel's expressions of every rule
+    (``nft --debug=netlink``, without rule handles, which follow the order
+    of creation).
+    """
     with netns.entered():
         backend = NftablesBackend()
-        sent = 0
-        for family in ("ip", "ip6"):
-            for piece in create(ruleset.tables[family]):
-                simple, rest = split_rules(piece) if not encodable(piece) else (piece, Transaction())
-                if not netlink:
-                    assert backend._run(str(piece))[0] == 0  # libnftables, for comparison
-                    continue
-                if rest:
-                    assert backend._run(str(rest))[0] == 0
-                if simple:
-                    BatchSocket().send(simple)
-                    sent += simple.operations
+        if netlink:
+            sent = 0
+            for family in ("ip", "ip6"):
+                for piece in create(ruleset.tables[family]):
+                    simple, rest = split_rules(piece) if not encodable(piece) else (piece, Transaction())
+                    if rest:
+                        assert backend._run(str(rest))[0] == 0
+                    if simple:
+                        BatchSocket().send(simple)
+                        sent += simple.operations
+            assert sent > 0
+        else:
+            rc, _, err = backend._run(render_ruleset(ruleset))  # libnftables, in one batch, for comparison
+            assert rc == 0, err
         assert plan(backend.read(), ruleset).operations == 0
-        assert sent > 0 or not netlink
-    return netns.nft("list", "ruleset").stdout
+    expressions = netns.nft("--debug=netlink", "list", "ruleset").stdout
+    return _blocks(netns.nft("list", "ruleset").stdout), _by_chain(expressions)
 
 
 def test_everything_over_netlink_lists_exactly_as_through_libnftables(two_netns: tuple[Netns, Netns]) -> None:
-    """Elements (verdicts, endpoint data, slots, IPv6), chains, counters and rules, with comments, as nft writes them."""
+    """Elements, chains, counters and every rule shape of the Service and pick chains, in both families, as nft writes them."""
     ruleset = _all_scenarios()
     shapes = {name for table in ruleset.tables.values() for name, members in table.elements.items() if members}
     assert {"endpoints-4", "service-ips", "service-nodeports", "no-endpoint-services", "hairpin", "cluster-ips"} <= shapes
-    rules = [rule for table in ruleset.tables.values() for chain in table.chains.values() for rule in chain.rules]
-    assert any(r.startswith("counter name") and " goto pick-" in r for r in rules)
-    assert "jump mark-for-masquerade" in rules and any(r.startswith("goto svc-") for r in rules)
+    service_rules = {  # the rules of every chain the compiler generates (Service and pick chains)
+        family: [rule for name, chain in table.chains.items() if name not in skeleton_table(family).chains for rule in chain.rules]
+        for family, table in ruleset.tables.items()
+    }
+    for family, rules in service_rules.items():
+        assert rules and all(encodable_rule(rule, family) for rule in rules), [r for r in rules if not encodable_rule(r, family)]
+        for needle in ("goto pick-", "map @endpoints-4", "update @affinity", "limit rate over", "numgen random mod 299 0",
+                       "fib saddr type local", f"{family} saddr ", "dnat to "):
+            if family == "ip6" and needle == "numgen random mod 299 0":
+                continue
+            assert any(needle in rule for rule in rules), (family, needle)
     through_nft = _build(two_netns[0], ruleset, netlink=False)
     through_netlink = _build(two_netns[1], ruleset, netlink=True)
-    assert through_netlink == through_nft
-    assert "ip6 kproxy" in through_netlink and "endpoints-4" in through_netlink
+    assert through_netlink[0] == through_nft[0]
+    differing = {key for key in set(through_netlink[1]) | set(through_nft[1]) if through_netlink[1].get(key) != through_nft[1].get(key)}
+    assert not differing, {key: (through_nft[1].get(key), through_netlink[1].get(key)) for key in sorted(differing)[:3]}
+    picks = through_netlink[1]["ip6 kproxy pick-4"] + through_netlink[1]["ip kproxy pick-4"]
+    assert len(picks) == 10 and all("lookup reg 1 set endpoints-4 dreg 1" in rule for rule in picks[:4])
+    assert not any("cmp eq" in rule for rule in picks), "a pick rule is for every protocol"
 
 
 def test_service_added_and_removed_over_netlink(two_netns: tuple[Netns, Netns]) -> None:
@@ -151,13 +224,19 @@ def test_what_netlink_can_send() -> None:
     element = Element("10.0.0.0/8")
     assert not encodable(Transaction([Op("add", "element", "ip", "cluster-cidrs", elements=(element,))]))
     assert not encodable(Transaction([Op("add", "map", "ip", "endpoints-4")]))
-    assert not encodable(Transaction([Op("add", "rules", "ip", chains=(Chain("x", ("meta l4proto tcp drop",)),))]))
+    assert not encodable(Transaction([Op("add", "rules", "ip", chains=(Chain("x", ("tcp dport 80 drop",)),))]))
     assert not encodable(Transaction())
-    for odd in (" ", 'counter name "x"goto y', "goto  y", 'counter name "x" goto y ', "goto y drop"):
+    for odd in (" ", 'counter name "x"goto y', "goto  y", 'counter name "x" goto y ', "goto y drop", "counter drop",
+                "ip6 saddr fd00::/8 drop", "dnat to [fd00::1]:80", "dnat to 10.0.0.1:65536", "ip saddr 10.0.0.1/8 drop",
+                "meta mark set meta mark ^ 0x1 drop", "update @nope { ip saddr timeout 1s } drop",
+                "update @affinity { ip saddr . 10.0.0.1 . meta l4proto . th dport timeout 1s }"):
         assert not encodable(Transaction([Op("add", "rules", "ip", chains=(Chain("x", (odd,)),))])), odd
+    for fine in ("meta l4proto tcp drop", "ip saddr 10.0.0.0/9 drop", "dnat to 10.0.0.1:80", "numgen random mod 2 0 drop",
+                 "ct state new update @rate-limit-meter { ip saddr . 10.96.0.1 . 6 . 80 limit rate over 5/second } drop"):
+        assert encodable(Transaction([Op("add", "rules", "ip", chains=(Chain("x", (fine,)),))])), fine
     assert encodable(Transaction([Op("flush", "chain", "ip", "svc-x"), Op("delete", "counter", "ip", "conns-x")]))
     simple, rest = split_rules(Transaction([Op("add", "rules", "ip", chains=(
-        Chain("a", ('counter name "conns-a" goto pick-4',)), Chain("b", ('counter name "conns-b"', "numgen random mod 2 0 drop")),
+        Chain("a", ('counter name "conns-a" goto pick-4',)), Chain("b", ('counter name "conns-b"', "tcp dport 80 drop")),
     ))]))
     assert [c.name for op in simple.ops for c in op.chains] == ["a"] and [c.name for op in rest.ops for c in op.chains] == ["b"]
 
@@ -167,3 +246,26 @@ def test_unsafe_comments_are_refused_as_in_nft_text() -> None:
     hostile = Element("10.0.0.1", comment='x" ; flush ruleset ; "')
     with pytest.raises(UnsafeText):
         encode(Transaction([Op("add", "element", "ip", "cluster-ips", elements=(hostile,))]))
+
+
+def test_a_libnftables_transaction_fills_pick_chains_over_netlink_first(empty_netns: Netns) -> None:
+    """A transaction that needs libnftables (an interval set changes) and adds a pick chain reading a map in the kernel.
+
+    nft 1.0.6 refuses such a rule ("conflicting protocols"), so the pick
+    chain goes first over netlink and the rest through libnftables: the
+    kernel ends up with the whole desired table.
+    """
+    before = _compiled([], ProxyConfig(cluster_cidrs=("10.244.0.0/16",)))
+    after = _compiled(*SCENARIOS["udp-sctp-external-ip"][:1], ProxyConfig(cluster_cidrs=("10.240.0.0/12",)))
+    with empty_netns.entered():
+        backend = NftablesBackend()
+        for piece in create(before.tables["ip"]):
+            backend.apply(piece)
+        tx = plan(backend.read(), Ruleset({"ip": after.tables["ip"]}))
+        assert not encodable(tx) and any(c.name == "pick-4" for op in tx.ops for c in op.chains)
+        first, rest = maps_first(tx)
+        assert [c.name for op in first.ops for c in op.chains] == ["pick-4"] and encodable(first)
+        assert backend._run(str(tx))[0] != 0, "nft 1.0.6 alone refuses it"
+        backend.apply(tx)
+        assert plan(backend.read(), Ruleset({"ip": after.tables["ip"]})).operations == 0
+        assert "cmp eq" not in empty_netns.nft("--debug=netlink", "list", "chain", "ip", "kproxy", "pick-4").stdout
