@@ -37,11 +37,15 @@ ELEMENT_BATCH = 1000
 SERVICE_CHAIN_PREFIXES = ("svc-", "local-", "ext-")
 """Chains the compiler generates per Service port; every other chain is the skeleton's."""
 DIGEST_PREFIX = "kproxy-rules="
+RULES_FORMAT = "2"
+"""Part of every chain's digest: bumped when the same rule text is sent to the kernel differently,
+so that chains an older kproxy wrote are rewritten (2: generated chains over netlink, pick rules
+for every protocol)."""
 
 
 def rules_digest(rules: Iterable[str]) -> str:
-    """A short digest of a chain's rule text."""
-    data = "\n".join(rules).encode()
+    """A short digest of a chain's rule text (and of ``RULES_FORMAT``)."""
+    data = "\n".join((RULES_FORMAT, *rules)).encode()
     return hashlib.sha256(data).hexdigest()[:12].upper()
 
 
