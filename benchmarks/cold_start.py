@@ -63,7 +63,7 @@ def scenario(services: int, endpoints: int, script_out: str, upstream_out: str |
     backend = NftablesBackend()
     spent = [0.0]
     depth = [0]
-    apply, apply_all = backend.apply, backend.apply_all
+    apply, apply_in_order = backend.apply, backend.apply_in_order
 
     def timed(call):  # type: ignore[no-untyped-def]
         def run(*args, **kw):  # type: ignore[no-untyped-def]
@@ -73,12 +73,11 @@ def scenario(services: int, endpoints: int, script_out: str, upstream_out: str |
                 return call(*args, **kw)
             finally:
                 depth[0] -= 1
-                if depth[0] == 0:  # apply_all calls apply itself: count the outermost call only
+                if depth[0] == 0:  # apply_in_order may call apply itself: count the outermost call only
                     spent[0] += time.perf_counter() - t
         return run
 
-    timed_apply, timed_apply_all = timed(apply), timed(apply_all)
-    backend.apply, backend.apply_all = timed_apply, timed_apply_all  # type: ignore[method-assign]
+    backend.apply, backend.apply_in_order = timed(apply), timed(apply_in_order)  # type: ignore[method-assign]
     proxier = Proxier(backend, NODE_NAME, config)
     t0 = time.perf_counter()
     proxier.on_relist("Node", [o for o in objects if o["kind"] == "Node"])

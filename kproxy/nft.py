@@ -19,10 +19,11 @@ import os
 import re
 import tempfile
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable, Protocol
 
-from kproxy.nfnetlink import Batch, BatchSocket, NetlinkError, encodable, encodable_rule, split_rules
+from kproxy.nfnetlink import Batch, BatchSocket, NetlinkError, NotEncodable, encodable, encodable_rule
 from kproxy.plan import Op, Transaction
 from kproxy.readback import parse_table
 from kproxy.ruleset import TABLE, Family, Ruleset
@@ -31,22 +32,9 @@ log = logging.getLogger(__name__)
 
 FAMILIES: tuple[Family, ...] = ("ip", "ip6")
 LIBNFTABLES = "libnftables.so.1"
-LIBNFTABLES_PIECE_RULES = 8000
-"""The size of the pieces of rules ``apply_all`` gives each libnftables worker."""
 PROBE_TABLE = "kproxy-probe"
 _DIGEST_COMMENT = re.compile(r' comment "kproxy-rules=[0-9A-Z]+"$')
 _LOCATION = re.compile(r"^(?:\S+):(\d+):\d+(?:-\d+)?: Error: (.*)$")
-
-
-_CLONE_NEWNET = 0x40000000
-
-
-def _setns(fd: int) -> None:
-    """Move the calling thread into the network namespace ``fd`` refers to."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
 
 
 class NftError(Exception):
@@ -201,7 +189,6 @@ class NftablesBackend:
     def __init__(self) -> None:
         self._nft = open_libnftables(CapabilityError)
         self._netlink = BatchSocket()
-        self._prepared: tuple[Transaction, Batch] | None = None
         self._lib = ctypes.CDLL(LIBNFTABLES)
         self._lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
         self._nft.set_handle_output(False)
@@ -217,16 +204,17 @@ class NftablesBackend:
         """Send the transaction as one atomic batch. Raises NftError naming the refused command."""
         if not tx:
             return
-        if encodable(tx):
-            # Elements, plain chains, counters and their simple rules (most endpoint
-            # changes, most of a cold start): straight to the kernel, skipping
+        try:
+            # Elements, plain chains, counters and the rules of generated chains (every
+            # partial sync, most of a cold start): straight to the kernel, skipping
             # libnftables' read of the whole table and its parser.
-            prepared, self._prepared = self._prepared, None
-            try:
-                self._netlink.send(tx, prepared[1] if prepared and prepared[0] is tx else None)
-            except NetlinkError as exc:
-                raise NftError(str(exc)) from None
-            return
+            batch = self._netlink.prepare(tx)
+        except NotEncodable:
+            self._apply_with_libnftables(tx)
+        else:
+            self._send(tx, batch)
+
+    def _apply_with_libnftables(self, tx: Transaction) -> None:
         first, tx = maps_first(tx)
         if first:
             # Chains whose rules read a map already in the kernel (the pick chains): nft
@@ -238,74 +226,59 @@ class NftablesBackend:
         if rc != 0:
             raise self._explain(script, err)
 
-    def apply_all(self, transactions: Iterable[Transaction], workers: int = 1, prepare: Transaction | None = None) -> None:
-        """Apply independent transactions of ``add rules`` in this network namespace, as fast as possible.
-
-        For building a table in pieces: the caller applies the pieces that
-        declare everything first and the piece that links it in last; the
-        pieces in between only fill chains, in any order. Chains whose rules
-        ``nfnetlink`` can encode (most Service chains) go to the kernel from
-        this thread in one batch; the others are loaded by ``workers``
-        libnftables contexts in threads (libnftables releases the GIL, so
-        their parsing overlaps this thread's work), each opened after joining
-        the caller's network namespace (which may be a per-thread namespace).
-        Meanwhile this thread also encodes ``prepare``, if it qualifies, for
-        a following ``apply(prepare)``. One worker is the default: a second
-        was as fast on two cores but held another copy of the table's cache
-        (about 90 MB more at 30k Services).
-        """
-        simple = Transaction()
-        others: list[Op] = []
-        for tx in transactions:
-            mine, rest = split_rules(tx)
-            simple.extend(mine)
-            others += rest.ops
-        # What is left for libnftables is regrouped into fewer, larger pieces: each piece
-        # costs a read of the whole table into the worker's cache (0.3 s at 30k Services).
-        pieces: list[Transaction] = []
-        for op in others:
-            if not pieces or pieces[-1].operations + op.weight > LIBNFTABLES_PIECE_RULES:
-                pieces.append(Transaction())
-            pieces[-1].add(op)
-        if workers < 1 or not pieces:
-            for tx in pieces:
-                self.apply(tx)
-            self.apply(simple)
-            return
-        netns_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        source = iter(pieces)
-        lock = threading.Lock()
-        errors: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                _setns(netns_fd)
-                backend = NftablesBackend()
-                while not errors:
-                    with lock:
-                        tx = next(source, None)
-                    if tx is None:
-                        return
-                    backend.apply(tx)
-            except BaseException as exc:  # reported to the caller below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=work, name=f"kproxy-nft-{i}") for i in range(min(workers, len(pieces)))]
+    def _send(self, tx: Transaction, batch: Batch) -> None:
         try:
-            for thread in threads:
-                thread.start()
+            self._netlink.send(tx, batch)
+        except NetlinkError as exc:
+            raise NftError(str(exc)) from None
+
+    def apply_in_order(self, transactions: Iterable[Transaction]) -> None:
+        """Apply transactions one after the other, each atomically, and stop at the first refused.
+
+        For building a table in pieces. A sender thread hands the encoded
+        batches to the kernel, whose work happens inside that thread's system
+        call (outside the GIL), while this thread encodes the next ones: on
+        two cores the kernel's share of a cold start costs little wall time.
+        Once a batch is refused, the ones queued after it are dropped. A
+        transaction that needs libnftables waits until everything before it
+        has landed.
+        """
+        refused = threading.Event()
+
+        def send(tx: Transaction, batch: Batch) -> None:
+            if refused.is_set():
+                return
             try:
-                self.apply(simple)
-                if prepare is not None and encodable(prepare):
-                    self._prepared = (prepare, self._netlink.prepare(prepare))
-            except BaseException as exc:
-                errors.append(exc)
-            for thread in threads:
-                thread.join()
-        finally:
-            os.close(netns_fd)
-        if errors:
-            raise errors[0]
+                self._send(tx, batch)
+            except BaseException:
+                refused.set()
+                raise
+
+        with ThreadPoolExecutor(1, thread_name_prefix="kproxy-netlink") as sender:
+            queued: list[Future[None]] = []
+
+            def land() -> None:
+                """Wait for everything queued; raise the first refusal."""
+                for future in queued:
+                    future.result()
+                queued.clear()
+
+            try:
+                for tx in transactions:
+                    if refused.is_set():
+                        break
+                    if not tx:
+                        continue
+                    try:
+                        batch = self._netlink.prepare(tx)
+                    except NotEncodable:
+                        land()
+                        self._apply_with_libnftables(tx)
+                    else:
+                        queued.append(sender.submit(send, tx, batch))
+                land()
+            finally:
+                refused.set()  # on an error here, nothing still queued is sent
 
     def _set_dry_run(self, on: bool) -> None:
         self._lib.nft_ctx_set_dry_run(self._nft._Nftables__ctx, on)  # type: ignore[attr-defined]

@@ -35,7 +35,10 @@ from kproxy.ruleset import (
 
 ELEMENT_BATCH = 1000
 SERVICE_CHAIN_PREFIXES = ("svc-", "local-", "ext-")
-"""Chains the compiler generates per Service port; every other chain is the skeleton's."""
+"""Chains the compiler generates per Service port."""
+GENERATED_CHAIN_PREFIXES = (*SERVICE_CHAIN_PREFIXES, "pick-")
+"""Every chain the compiler generates (Service ports' and the shared pick chains); the rest are the skeleton's."""
+ENDPOINTS_MAP_PREFIX = "endpoints-"
 DIGEST_PREFIX = "kproxy-rules="
 RULES_FORMAT = "2"
 """Part of every chain's digest: bumped when the same rule text is sent to the kernel differently,
@@ -225,38 +228,37 @@ def converge(table: Table) -> Transaction:
 
 
 def create(table: Table, max_rules: int = 8000) -> list[Transaction]:
-    """Transactions that build ``table`` from nothing, in bounded pieces.
+    """Transactions that build ``table`` from nothing, in bounded pieces, to apply in order.
 
-    1. the table, its sets and maps, and the skeleton's chains (and the shared
-       pick chains) with their rules, and the elements of interval sets;
-    2. every counter and every (empty) Service chain: declaring them all
-       before any rule refers to them keeps libnftables from re-reading a
-       growing table for every later piece;
-    3. the Services' rules, in pieces of about ``max_rules`` rules, which
-       may be applied in any order, or in parallel;
-    4. last, every other element.
+    1. the table, its sets and maps, the skeleton's chains with their rules,
+       and the elements of interval sets (libnftables);
+    2. every counter and every (empty) generated chain;
+    3. the generated chains' rules, in pieces of about ``max_rules`` rules;
+    4. the endpoints maps' elements;
+    5. last, every other element: the dispatch maps.
 
-    Until the last piece the dispatch maps are empty, so no packet reaches a
-    Service chain: traffic switches over atomically, and libnftables never
-    holds more than a piece or two in memory. Each piece is also cheap for
-    the kernel to validate, because chains nothing jumps to yet are not
-    walked. Interval sets (cluster CIDRs, allowed source ranges) only matter
-    once the dispatch maps point somewhere, so they can come first; pieces 2
-    and 4 then hold only what the backend can send without libnftables.
+    Pieces 2 to 5 are what ``nfnetlink`` sends, so the backend can encode
+    one while the kernel takes in the previous. Until the last piece the
+    dispatch maps are empty, so no packet reaches a generated chain: traffic
+    switches over atomically. Each piece is also cheap for the kernel to
+    validate, because chains nothing jumps to yet are not walked. Interval
+    sets (cluster CIDRs, allowed source ranges) only matter once the
+    dispatch maps point somewhere, so they can come first.
     """
-    skeleton = [c for c in table.chains.values() if not c.name.startswith(SERVICE_CHAIN_PREFIXES)]
-    services = [c for c in table.chains.values() if c.name.startswith(SERVICE_CHAIN_PREFIXES)]
+    skeleton = [c for c in table.chains.values() if c.base or not c.name.startswith(GENERATED_CHAIN_PREFIXES)]
+    generated = [c for c in table.chains.values() if not c.base and c.name.startswith(GENERATED_CHAIN_PREFIXES)]
     first = _declare(table, counters=False, chains=skeleton)
     _fill_chains(first, table, skeleton, max_rules)
-    declarations = _declare(table, chains=services, sets=False)
+    declarations = _declare(table, chains=generated, sets=False)
     middle = Transaction()
-    _fill_chains(middle, table, services, max_rules)
-    last = Transaction()
+    _fill_chains(middle, table, generated, max_rules)
+    endpoints, last = Transaction(), Transaction()
     for decl in table.sets.values():
         members = table.elements.get(decl.name, {})
         if members and not decl.dynamic:
-            _elements(first if decl.interval else last, "add", table, decl.name, list(members.values()))
-    return [first, declarations, *(Transaction([op]) for op in middle.ops), last]
+            into = first if decl.interval else endpoints if decl.name.startswith(ENDPOINTS_MAP_PREFIX) else last
+            _elements(into, "add", table, decl.name, list(members.values()))
+    return [first, declarations, *(Transaction([op]) for op in middle.ops), endpoints, last]
 
 
 def diff(

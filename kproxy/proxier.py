@@ -411,16 +411,19 @@ class Proxier:
         assemblies: dict[Family, Assembly] = {}
         tx = Transaction()
         operations = 0
+        missing: list[Assembly] = []
         for family in FAMILIES:
             assembly = Assembly(base_table(node_info, self.config, family))
-            if family in current.tables:
-                with gc_paused():
-                    for key in self._all_keys():
-                        assembly.set_service(key, self._compile(key, family, node_info))
+            with gc_paused():
+                for key in self._all_keys():
+                    assembly.set_service(key, self._compile(key, family, node_info))
+                if family in current.tables:
                     tx.extend(diff(current.tables[family], assembly.table, delete_chains=False))
-            else:
-                operations += self._create_table(assembly, node_info)
+                else:
+                    missing.append(assembly)
             assemblies[family] = assembly
+        if missing:
+            operations += self._create_tables(missing)
         desired = {family: a.table for family, a in assemblies.items()}
         now = self.clock()
         # Chains read back that are still pending deletion keep their due time.
@@ -434,27 +437,25 @@ class Proxier:
         self._rule_totals = {family: table.rule_count() for family, table in self._committed.items()}
         return SyncResult(True, operations, 0.0, len(keys))
 
-    def _create_table(self, assembly: Assembly, node_info: NodeInfo) -> int:
-        """Build a family's table on a node that has none.
+    def _create_tables(self, assemblies: list[Assembly]) -> int:
+        """Build the tables of families that have none on the node, in the pieces of ``plan.create``.
 
-        The pieces between the first two (declarations) and the last
-        (elements, which make the Services reachable) only fill chains, so
-        the backend may load them in parallel (see ``plan.create``).
+        Until a family's last piece lands no packet reaches its Service chains.
+        Every skeleton goes first, while libnftables (which reads the whole
+        ruleset before each command) still finds little in the kernel; a
+        backend that can apply pieces in order faster than one by one
+        (encoding the next while the kernel takes in the previous) is given
+        them all at once.
         """
-        family = assembly.family
         with gc_paused():
-            for key in self._all_keys():
-                assembly.set_service(key, self._compile(key, family, node_info))
-            pieces = create(assembly.table)
-        self.backend.apply(pieces[0])
-        self.backend.apply(pieces[1])
-        apply_all = getattr(self.backend, "apply_all", None)
-        if apply_all is not None:
-            apply_all(pieces[2:-1], prepare=pieces[-1])
+            tables = [create(assembly.table) for assembly in assemblies]
+        pieces = [pieces[0] for pieces in tables] + [piece for pieces in tables for piece in pieces[1:]]
+        apply_in_order = getattr(self.backend, "apply_in_order", None)
+        if apply_in_order is not None:
+            apply_in_order(pieces)
         else:
-            for piece in pieces[2:-1]:
+            for piece in pieces:
                 self.backend.apply(piece)
-        self.backend.apply(pieces[-1])
         return sum(piece.operations for piece in pieces)
 
     def _sync_partial(self, keys: set[ServiceKey]) -> SyncResult:

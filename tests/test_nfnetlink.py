@@ -269,3 +269,19 @@ def test_a_libnftables_transaction_fills_pick_chains_over_netlink_first(empty_ne
         backend.apply(tx)
         assert plan(backend.read(), Ruleset({"ip": after.tables["ip"]})).operations == 0
         assert "cmp eq" not in empty_netns.nft("--debug=netlink", "list", "chain", "ip", "kproxy", "pick-4").stdout
+
+
+def test_apply_in_order_stops_at_the_first_refused_piece(empty_netns: Netns) -> None:
+    """Pieces land in order (netlink and libnftables ones alike); after a refused one nothing more is sent."""
+    table = _ruleset("nodeport-cluster-policy").tables["ip"]
+    pieces = create(table)
+    assert not encodable(pieces[0]) and all(encodable(p) for p in pieces[1:] if p)
+    endpoints = list(table.elements["endpoints-4"].values())
+    refused = Transaction([Op("delete", "element", "ip", "endpoints-4", elements=(Element("10.1.2.3 . tcp . 80 . 65536"),))])
+    after = Transaction([Op("delete", "element", "ip", "endpoints-4", elements=tuple(endpoints[:1]))])
+    with empty_netns.entered():
+        backend = NftablesBackend()
+        with pytest.raises(NftError) as info:
+            backend.apply_in_order([*pieces, refused, after])
+        assert "delete element ip kproxy endpoints-4" in str(info.value)
+        assert plan(backend.read(), Ruleset({"ip": table})).operations == 0, "every piece before landed, the one after did not"
