@@ -120,7 +120,10 @@ def select(service: Service, endpoints: list[PortEndpoint], node_name: str, zone
         return Selection((), (), False, "")
     if service.uses_cluster_endpoints:
         mode = topology_mode(endpoints, node_name, zone)
-        cluster = tuple(pe for pe in endpoints if pe.endpoint.ready and _available(pe.endpoint, mode, node_name, zone))
+        if mode:
+            cluster = tuple(pe for pe in endpoints if pe.endpoint.ready and _available(pe.endpoint, mode, node_name, zone))
+        else:
+            cluster = tuple(pe for pe in endpoints if pe.endpoint.ready)
         if not cluster:
             cluster = tuple(pe for pe in endpoints if pe.endpoint.serving and pe.endpoint.terminating)
         has_any = bool(cluster)

@@ -254,20 +254,9 @@ def layouts(family: Family) -> dict[str, SetLayout]:
     return result
 
 
-@functools.cache
-def dynamic_set_types(family: Family) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """(name, key types) of the skeleton's dynamic sets, which rules update (affinity, rate-limit meter)."""
-    result = []
-    for name, decl in skeleton_table(family).sets.items():
-        spec = next((line for line in decl.body if line.startswith("type ")), None)
-        if decl.dynamic and spec is not None:
-            result.append((name, tuple(part.strip() for part in spec[len("type "):].split(" . "))))
-    return tuple(result)
-
-
 def encodable_rule(rule: str, family: Family) -> bool:
     """Whether this module can send the rule (see ``nfrules``)."""
-    return encode_rule(rule, family, dynamic_set_types(family)) is not None
+    return encode_rule(rule, family) is not None
 
 
 class NotEncodable(Exception):
@@ -499,7 +488,7 @@ def _rule_messages(op: Op, first_seq: int, family: int) -> list[bytes]:
         where = _TABLE_ATTR + _attr(NFTA_RULE_CHAIN, _string(chain.name))
         last = len(chain.rules) - 1
         for index, rule in enumerate(chain.rules):
-            expressions = encode_rule(rule, op.family, dynamic_set_types(op.family))
+            expressions = encode_rule(rule, op.family)
             if expressions is None:
                 raise NotEncodable(f"rule {rule!r}")
             payload = where + _attr(NFTA_RULE_EXPRESSIONS | NLA_F_NESTED, expressions)

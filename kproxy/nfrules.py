@@ -30,6 +30,7 @@ import struct
 from typing import Callable
 
 from kproxy.ruleset import Family
+from kproxy.skeleton import skeleton_table
 
 NFTA_LIST_ELEM = 1
 NLA_F_NESTED = 0x8000
@@ -261,8 +262,19 @@ _STATEMENT = re.compile(
 )
 
 
+@functools.cache
+def dynamic_set_types(family: Family) -> dict[str, tuple[str, ...]]:
+    """The key types of the skeleton's dynamic sets, which rules update (affinity, rate-limit meter)."""
+    result = {}
+    for name, decl in skeleton_table(family).sets.items():
+        spec = next((line for line in decl.body if line.startswith("type ")), None)
+        if decl.dynamic and spec is not None:
+            result[name] = tuple(part.strip() for part in spec[len("type "):].split(" . "))
+    return result
+
+
 @functools.lru_cache(maxsize=1 << 16)
-def _statement(text: str, family: Family, set_types: tuple[tuple[str, tuple[str, ...]], ...]) -> bytes | None:
+def _statement(text: str, family: Family) -> bytes | None:
     """The expressions of one statement (statements repeat across rules, so they are cached)."""
     m = _STATEMENT.fullmatch(text)
     if m is None:
@@ -270,9 +282,7 @@ def _statement(text: str, family: Family, set_types: tuple[tuple[str, tuple[str,
     if m["counter"]:
         return counter_ref(m["counter"])
     if m["xor"]:
-        return (meta_load(NFT_META_MARK, NFT_REG_1)
-                + bitwise(NFT_REG_1, b"\xff\xff\xff\xff", host_u32(int(m["xor"], 16)))
-                + _expr("meta", attr(NFTA_META_KEY, u32(NFT_META_MARK)) + attr(NFTA_META_SREG, u32(NFT_REG_1))))
+        return _MARK_XOR.fill(host_u32(int(m["xor"], 16)))
     if m["l4proto"]:
         return meta_load(NFT_META_L4PROTO, NFT_REG_1) + cmp(NFT_REG_1, NFT_CMP_EQ, bytes([PROTOCOLS[m["l4proto"]]]))
     if m["modulus"]:
@@ -291,7 +301,7 @@ def _statement(text: str, family: Family, set_types: tuple[tuple[str, tuple[str,
             return None
         return key + _expr("lookup", attr(NFTA_LOOKUP_SET, string(m["lookup_set"])) + attr(NFTA_LOOKUP_SREG, u32(NFT_REG_1)))
     if m["update_set"]:
-        return _update(m, family, dict(set_types))
+        return _update(m, family, dynamic_set_types(family))
     if m["dnat_port"]:
         address = m["dnat6"] or m["dnat4"]
         if (m["dnat6"] is not None) != (family == "ip6"):
@@ -300,8 +310,7 @@ def _statement(text: str, family: Family, set_types: tuple[tuple[str, tuple[str,
         port = int(m["dnat_port"])
         if packed is None or port >= 65536:
             return None
-        return (immediate(NFT_REG_1, packed) + immediate(2, struct.pack("!H", port))
-                + dnat(family, NFT_REG_1, 2, NF_NAT_RANGE_PROTO_SPECIFIED))
+        return _DNAT_TO[family].fill(packed, struct.pack("!H", port))
     if m["map_set"]:
         if m["map_family"] != family:
             return None
@@ -369,12 +378,50 @@ def _update(m: re.Match[str], family: Family, set_types: dict[str, tuple[str, ..
     return key + _expr("dynset", body)
 
 
-def encode_rule(rule: str, family: Family, set_types: tuple[tuple[str, tuple[str, ...]], ...]) -> bytes | None:
-    """The NFTA_RULE_EXPRESSIONS payload of ``rule``, or None if this module does not encode it.
+class _Template:
+    """A statement's expressions with holes for its values: made once, filled for each rule (the hot statements)."""
 
-    ``set_types`` names the data types of the key of each dynamic set a rule
-    may update (the constants in a key are encoded by them).
-    """
+    def __init__(self, build: Callable[..., bytes], *sizes: int) -> None:
+        # Build with each value set to distinct marker bytes, then cut around them.
+        markers = [bytes([0xA0 + i]) * size for i, size in enumerate(sizes)]
+        whole = build(*markers)
+        self.parts: list[bytes] = []
+        for marker in markers:
+            assert whole.count(marker) == 1, "a template's marker must be unique"
+            before, whole = whole.split(marker)
+            self.parts.append(before)
+        self.parts.append(whole)
+        self.sizes = sizes
+
+    def fill(self, *values: bytes) -> bytes:
+        out = self.parts[0]
+        for value, size, part in zip(values, self.sizes, self.parts[1:]):
+            if len(value) != size:
+                raise ValueError(f"a value of {len(value)} bytes for a hole of {size}")
+            out += value + part
+        return out
+
+
+_MARK_XOR = _Template(
+    lambda xor: meta_load(NFT_META_MARK, NFT_REG_1) + bitwise(NFT_REG_1, b"\xff\xff\xff\xff", xor)
+    + _expr("meta", attr(NFTA_META_KEY, u32(NFT_META_MARK)) + attr(NFTA_META_SREG, u32(NFT_REG_1))),
+    4,
+)
+_DNAT_TO = {
+    family: _Template(
+        lambda address, port, family=family: immediate(NFT_REG_1, address) + immediate(2, port)
+        + dnat(family, NFT_REG_1, 2, NF_NAT_RANGE_PROTO_SPECIFIED),
+        4 if family == "ip" else 16, 2,
+    )
+    for family in NFPROTO
+}
+
+
+def encode_rule(rule: str, family: Family) -> bytes | None:
+    """The NFTA_RULE_EXPRESSIONS payload of ``rule``, or None if this module does not encode it."""
+    counter = _COUNTER_GOTO.fullmatch(rule)
+    if counter is not None:  # most rules: a Service chain's counter and goto
+        return counter_ref(counter[1]) + _verdict_statement(counter[2], counter[3])
     out = []
     position = 0
     end = len(rule)
@@ -386,7 +433,7 @@ def encode_rule(rule: str, family: Family, set_types: tuple[tuple[str, tuple[str
         if match is None:
             return None
         text = match.group(0)
-        encoded = _statement(text.rstrip(" "), family, set_types)
+        encoded = _statement(text.rstrip(" "), family)
         if encoded is None:
             return None
         out.append(encoded)
@@ -395,3 +442,11 @@ def encode_rule(rule: str, family: Family, set_types: tuple[tuple[str, tuple[str
         if text.endswith(" ") and position == end:
             return None  # a trailing space: not written by the compiler
     return b"".join(out) if out else None
+
+
+_COUNTER_GOTO = re.compile(rf'counter name "({_NAME})" (goto|jump) ({_NAME})')
+
+
+@functools.lru_cache(maxsize=1024)
+def _verdict_statement(verb: str, chain: str) -> bytes:
+    return verdict(verb, chain)
