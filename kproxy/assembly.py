@@ -63,8 +63,12 @@ class Assembly:
         self.table.sets = dict(base.sets)
         return self.set_service(BASE, rules)
 
-    def set_service(self, key: ServiceKey, rules: ServiceRules | None) -> Touched:
-        """Replace one Service's contribution (None removes it)."""
+    def set_service(self, key: ServiceKey, rules: ServiceRules | None, track: bool = True) -> Touched:
+        """Replace one Service's contribution (None removes it).
+
+        Returns what may have changed, unless ``track`` is false (building a
+        whole table, where nobody asks: 140k elements at 10k Services).
+        """
         touched = Touched()
         old = self._parts.pop(key, None)
         if old is not None:
@@ -84,21 +88,25 @@ class Assembly:
                 touched.elements.add((set_name, element.key))
         if rules is not None:
             self._parts[key] = rules
+            chains = self.table.chains
             for chain in rules.chains:
                 self._chain_users[chain.name] = self._chain_users.get(chain.name, 0) + 1
-                if self.table.chains.get(chain.name) != chain:
-                    self.table.chains[chain.name] = chain
+                existing = chains.get(chain.name)
+                if existing is not chain and existing != chain:  # shared pick chains are the same object
+                    chains[chain.name] = chain
                     touched.chains.add(chain.name)
             for name, counter_comment in rules.counters:
                 self.table.counters[name] = counter_comment
                 touched.counters.add(name)
             for set_name, element in rules.elements:
                 self._own(key, set_name, element)
-                touched.elements.add((set_name, element.key))
-        self._set_slots(key, old, rules, touched)
+                if track:
+                    touched.elements.add((set_name, element.key))
+        self._set_slots(key, old, rules, touched, track)
         return touched
 
-    def _set_slots(self, key: ServiceKey, old: ServiceRules | None, new: ServiceRules | None, touched: Touched) -> None:
+    def _set_slots(self, key: ServiceKey, old: ServiceRules | None, new: ServiceRules | None, touched: Touched,
+                   track: bool) -> None:
         """Endpoint slots are owned per frontend, by the Service dispatch reaches: lowest rank, then key order."""
         before = {frontend: rank for frontend, rank, _ in old.slots} if old is not None else {}
         after = {frontend: (rank, items) for frontend, rank, items in new.slots} if new is not None else {}
@@ -115,15 +123,21 @@ class Assembly:
                 del self._frontends[frontend]
             if now is shown:
                 continue  # another Service owns this frontend, before and after
+            elements = self.table.elements
             for set_name, element in shown:
-                self.table.elements.get(set_name, {}).pop(element.key, None)
-                touched.elements.add((set_name, element.key))
+                elements.get(set_name, {}).pop(element.key, None)
             for set_name, element in now:
-                self.table.elements.setdefault(set_name, {})[element.key] = element
-                touched.elements.add((set_name, element.key))
+                members = elements.get(set_name)
+                if members is None:
+                    members = elements[set_name] = {}
+                members[element.key] = element
+            if track:
+                touched.elements.update([(set_name, element.key) for set_name, element in (*shown, *now)])
 
     def _own(self, key: ServiceKey, set_name: str, element: Element) -> None:
-        members = self.table.elements.setdefault(set_name, {})
+        members = self.table.elements.get(set_name)
+        if members is None:
+            members = self.table.elements[set_name] = {}
         contested = self._contested.get((set_name, element.key))
         if contested is not None:
             if any(owner == key for owner, _ in contested):

@@ -448,6 +448,6 @@ def _compile_ruleset(cluster: Cluster, node: NodeInfo, config: ProxyConfig) -> R
         # full compile and a run of partial syncs resolve shared keys the same way.
         assembly = Assembly(base_table(node, config, family))
         for key in sorted(cluster.services):
-            assembly.set_service(key, compile_service(cluster.services[key], by_service.get(key, ()), family, node, config))
+            assembly.set_service(key, compile_service(cluster.services[key], by_service.get(key, ()), family, node, config), track=False)
         ruleset.tables[family] = assembly.table
     return ruleset

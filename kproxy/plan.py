@@ -38,7 +38,8 @@ SERVICE_CHAIN_PREFIXES = ("svc-", "local-", "ext-")
 """Chains the compiler generates per Service port."""
 GENERATED_CHAIN_PREFIXES = (*SERVICE_CHAIN_PREFIXES, "pick-")
 """Every chain the compiler generates (Service ports' and the shared pick chains); the rest are the skeleton's."""
-ENDPOINTS_MAP_PREFIX = "endpoints-"
+DISPATCH_MAPS = ("service-ips", "service-nodeports")
+"""The maps through which packets reach generated chains: filled last when a table is built."""
 DIGEST_PREFIX = "kproxy-rules="
 RULES_FORMAT = "2"
 """Part of every chain's digest: bumped when the same rule text is sent to the kernel differently,
@@ -227,23 +228,22 @@ def converge(table: Table) -> Transaction:
     return tx
 
 
-def create(table: Table, max_rules: int = 8000) -> list[Transaction]:
+def create(table: Table, max_rules: int = 8000, max_elements: int = 30000) -> list[Transaction]:
     """Transactions that build ``table`` from nothing, in bounded pieces, to apply in order.
 
     1. the table, its sets and maps, the skeleton's chains with their rules,
        and the elements of interval sets (libnftables);
     2. every counter and every (empty) generated chain;
     3. the generated chains' rules, in pieces of about ``max_rules`` rules;
-    4. the endpoints maps' elements;
-    5. last, every other element: the dispatch maps.
+    4. the other elements, in pieces of about ``max_elements``, but
+    5. last, the dispatch maps' elements (``DISPATCH_MAPS``).
 
     Pieces 2 to 5 are what ``nfnetlink`` sends, so the backend can encode
-    one while the kernel takes in the previous. Until the last piece the
-    dispatch maps are empty, so no packet reaches a generated chain: traffic
-    switches over atomically. Each piece is also cheap for the kernel to
-    validate, because chains nothing jumps to yet are not walked. Interval
-    sets (cluster CIDRs, allowed source ranges) only matter once the
-    dispatch maps point somewhere, so they can come first.
+    one while the kernel takes in the previous. Until the last piece no
+    packet reaches a generated chain: traffic switches over atomically, to a
+    table whose endpoints, firewall and checks are already complete. Each
+    piece is also cheap for the kernel to validate, because chains nothing
+    jumps to yet are not walked.
     """
     skeleton = [c for c in table.chains.values() if c.base or not c.name.startswith(GENERATED_CHAIN_PREFIXES)]
     generated = [c for c in table.chains.values() if not c.base and c.name.startswith(GENERATED_CHAIN_PREFIXES)]
@@ -252,13 +252,18 @@ def create(table: Table, max_rules: int = 8000) -> list[Transaction]:
     declarations = _declare(table, chains=generated, sets=False)
     middle = Transaction()
     _fill_chains(middle, table, generated, max_rules)
-    endpoints, last = Transaction(), Transaction()
+    data, last = Transaction(), Transaction()
     for decl in table.sets.values():
         members = table.elements.get(decl.name, {})
         if members and not decl.dynamic:
-            into = first if decl.interval else endpoints if decl.name.startswith(ENDPOINTS_MAP_PREFIX) else last
+            into = first if decl.interval else last if decl.name in DISPATCH_MAPS else data
             _elements(into, "add", table, decl.name, list(members.values()))
-    return [first, declarations, *(Transaction([op]) for op in middle.ops), endpoints, last]
+    pieces = [first, declarations, *(Transaction([op]) for op in middle.ops)]
+    for op in data.ops:
+        if len(pieces) == 2 + len(middle.ops) or pieces[-1].operations + op.weight > max_elements:
+            pieces.append(Transaction())
+        pieces[-1].add(op)
+    return [*pieces, last]
 
 
 def diff(

@@ -416,7 +416,7 @@ class Proxier:
             assembly = Assembly(base_table(node_info, self.config, family))
             with gc_paused():
                 for key in self._all_keys():
-                    assembly.set_service(key, self._compile(key, family, node_info))
+                    assembly.set_service(key, self._compile(key, family, node_info), track=False)
                 if family in current.tables:
                     tx.extend(diff(current.tables[family], assembly.table, delete_chains=False))
                 else:
