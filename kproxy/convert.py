@@ -166,15 +166,19 @@ def _bool(value: Any, default: bool, what: str) -> bool:
 
 def object_key(obj: Mapping[str, Any]) -> str:
     """``namespace/name`` as well as it can be read, for log lines about bad objects."""
-    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
-    meta = meta if isinstance(meta, Mapping) else {}
+    meta = obj.get("metadata") if type(obj) is dict or isinstance(obj, Mapping) else None
+    meta = meta if type(meta) is dict or isinstance(meta, Mapping) else {}
     return f"{_safe(meta.get('namespace', ''))}/{_safe(meta.get('name', ''))}".lstrip("/")
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9._-]{0,80}")
 
 
 def _safe(value: Any) -> str:
     text = str(value)
-    cleaned = "".join(c if c.isalnum() or c in "-._" else "?" for c in text[:80])
-    return cleaned
+    if _PLAIN.fullmatch(text):
+        return text  # the common case: nothing to replace (this runs for every object)
+    return "".join(c if c.isalnum() or c in "-._" else "?" for c in text[:80])
 
 
 def is_proxied(obj: Mapping[str, Any]) -> bool:
