@@ -278,9 +278,9 @@ def _add_slots(
             held = None
         if held is None:
             held = slots[frontend] = (rank, port_index, [])
-        held[2].extend(
+        held[2].extend([
             (map_name, Element(f"{frontend} . {number}", target, label)) for map_name, number, target in targets
-        )
+        ])
 
 
 def compile_service(

@@ -382,6 +382,8 @@ class Proxier:
                 return None
             ips = [ip for ip in tombstone[0] if (":" in ip) == (family == "ip6")]
             return ServiceRules((), tuple(("cluster-ips", Element(ip, comment=f"{key}, deleted")) for ip in ips))
+        if not any((":" in ip) == (family == "ip6") for ip in service.cluster_ips):
+            return None  # nothing in this family (compile_service would say so after reading the slices)
         return compile_service(service, self.tracker.slices_of(key), family, node_info, self.config)
 
     def _all_keys(self) -> list[ServiceKey]:
