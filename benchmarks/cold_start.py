@@ -9,7 +9,11 @@ with every Service and EndpointSlice listed, and programs an empty kernel:
 * convert: manifests to the typed model (what the watchers' lists cost);
 * compile: the model to the ruleset (pure Python, in the sync);
 * apply: the ruleset into the kernel through libnftables (in-process);
-* total: convert + compile + apply, and the process's peak RSS after each step.
+* total: convert + compile + apply, and the process's peak RSS after each step;
+* CPU: the CPU time the process used for all of it (user and system, every
+  thread; the kernel's share of loading the table is system time), and the
+  share of the machine's time the hypervisor took from this VM meanwhile
+  (steal, from /proc/stat): a development VM's wall times vary with it.
 
 Then, each in a fresh namespace with the same kernel and nft:
 
@@ -37,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 FULL_SIZES = [(1_000, 10, True), (10_000, 10, True), (30_000, 10, False), (5_000, 50, False)]
 QUICK_SIZES = [(200, 10, True), (500, 10, True)]
 CONFIG_CIDRS = ("10.128.0.0/9",)
+REPEATS = 5
+"""Cold starts per row: the median is reported (the VM's speed varies from minute to minute)."""
 
 
 def _rss_mb() -> float:
@@ -45,6 +51,12 @@ def _rss_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _steal_and_total() -> tuple[int, int]:
+    """(steal, all) CPU jiffies of the machine so far, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[7] if len(fields) > 7 else 0, sum(fields[:8])
 
 
 def scenario(services: int, endpoints: int, script_out: str, upstream_out: str | None) -> dict[str, float]:
@@ -79,6 +91,8 @@ def scenario(services: int, endpoints: int, script_out: str, upstream_out: str |
 
     backend.apply, backend.apply_in_order = timed(apply), timed(apply_in_order)  # type: ignore[method-assign]
     proxier = Proxier(backend, NODE_NAME, config)
+    steal0, all0 = _steal_and_total()
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     proxier.on_relist("Node", [o for o in objects if o["kind"] == "Node"])
     proxier.on_relist("Service", [o for o in objects if o["kind"] == "Service"])
@@ -88,6 +102,8 @@ def scenario(services: int, endpoints: int, script_out: str, upstream_out: str |
     del objects
     result = proxier.sync()
     t2 = time.perf_counter()
+    cpu = time.process_time() - cpu0
+    steal1, all1 = _steal_and_total()
     rss_sync = _rss_mb()
     assert result.full and result.operations > 0
     committed = proxier.committed()
@@ -103,6 +119,8 @@ def scenario(services: int, endpoints: int, script_out: str, upstream_out: str |
         "compile_s": (t2 - t1) - spent[0],
         "apply_s": spent[0],
         "total_s": t2 - t0,
+        "cpu_s": cpu,
+        "steal_pct": 100 * (steal1 - steal0) / max(1, all1 - all0),
         "rss_start_mb": rss_start,
         "rss_convert_mb": rss_convert,
         "rss_peak_mb": rss_sync,
@@ -148,17 +166,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     if args.scenario:
         print(json.dumps(scenario(*args.scenario, args.script_out, args.upstream_out)))
         return []
-    rows = [measure(*size, repeats=1 if args.quick else 3) for size in (QUICK_SIZES if args.quick else FULL_SIZES)]
+    rows = [measure(*size, repeats=1 if args.quick else REPEATS) for size in (QUICK_SIZES if args.quick else FULL_SIZES)]
     if not args.quick:
-        print("Each row is the median of 3 cold starts (by total) and of 3 floors; the upstream layout runs once.\n")
-    print("| Services x endpoints | convert s | compile s | apply s | total s | peak RSS MB | "
+        print(f"Each row is the median of {REPEATS} cold starts (by total) and of {REPEATS} floors; the upstream layout runs once.\n")
+    print("| Services x endpoints | convert s | compile s | apply s | total s | CPU s | steal % | peak RSS MB | "
           "floor (nft -f) s | total / floor | upstream layout s | upstream / total |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         base = f"{r['baseline_s']:.2f}" if "baseline_s" in r else "not run"
         ratio = f"{r['baseline_s'] / r['total_s']:.0f}x" if "baseline_s" in r else "-"
         print(f"| {r['services']:,} x {r['endpoints']} | {r['convert_s']:.2f} | {r['compile_s']:.2f} | "
-              f"{r['apply_s']:.2f} | {r['total_s']:.2f} | {r['rss_peak_mb']:.0f} | {r['floor_s']:.2f} | "
+              f"{r['apply_s']:.2f} | {r['total_s']:.2f} | {r['cpu_s']:.2f} | {r['steal_pct']:.0f} | "
+              f"{r['rss_peak_mb']:.0f} | {r['floor_s']:.2f} | "
               f"{r['total_s'] / r['floor_s']:.2f} | {base} | {ratio} |")
     return rows
 
