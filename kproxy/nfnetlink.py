@@ -276,40 +276,13 @@ def _sendable_kind(op: Op) -> bool:
 
 def encodable_op(op: Op) -> bool:
     """Whether this module can send the command."""
-    if op.kind == "element":
-        return op.verb in ("add", "delete") and op.name in layouts(op.family)
-    if op.kind == "chain":
-        return op.verb in ("flush", "delete") or (op.verb == "add" and op.chain is not None and not op.chain.base)
-    if op.kind == "counter":
-        return op.verb in ("add", "delete")
-    if op.kind == "rules":
-        return op.verb == "add" and all(encodable_rule(rule, op.family) for chain in op.chains for rule in chain.rules)
-    return False
+    return _sendable_kind(op) and (op.kind != "rules" or all(
+        encodable_rule(rule, op.family) for chain in op.chains for rule in chain.rules))
 
 
 def encodable(tx: Transaction) -> bool:
     """Whether every command of ``tx`` is one this module can send."""
     return bool(tx.ops) and all(encodable_op(op) for op in tx.ops)
-
-
-def split_rules(tx: Transaction) -> tuple[Transaction, Transaction]:
-    """(what this module can send, the rest) of a transaction of ``add rules`` commands, split by chain.
-
-    Only for transactions whose chains are independent of each other, as the
-    middle pieces of ``plan.create`` are.
-    """
-    simple, rest = Transaction(), Transaction()
-    for op in tx.ops:
-        if op.kind != "rules" or op.verb != "add":
-            rest.add(op)
-            continue
-        mine = tuple(c for c in op.chains if all(encodable_rule(rule, op.family) for rule in c.rules))
-        others = tuple(c for c in op.chains if not all(encodable_rule(rule, op.family) for rule in c.rules))
-        if mine:
-            simple.add(Op("add", "rules", op.family, chains=mine))
-        if others:
-            rest.add(Op("add", "rules", op.family, chains=others))
-    return simple, rest
 
 
 @functools.lru_cache(maxsize=1 << 16)
