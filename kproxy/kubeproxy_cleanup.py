@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from kproxy.nft import FAMILIES, open_libnftables
-from kproxy.plan import SERVICE_CHAIN_PREFIXES
+from kproxy.plan import DISPATCH_MAPS, SERVICE_CHAIN_PREFIXES
 from kproxy.ruleset import TABLE as KPROXY_TABLE
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,6 @@ PROTECTED = ("KUBE-FIREWALL", "KUBE-KUBELET-CANARY", "KUBE-IPTABLES-HINT")
 """kubelet's chains: left in place."""
 PROTECTED_PREFIXES = ("KUBE-ROUTER-", "KUBE-POD-FW-", "KUBE-NWPLCY-")
 """kube-router's network-policy chains: left in place."""
-DISPATCH_MAPS = ("service-ips", "service-nodeports")
-"""kproxy's maps that lead to Service chains; filled by the last step of a table's first build."""
 
 
 class KubeProxyCleanupError(Exception):

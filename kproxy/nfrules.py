@@ -251,11 +251,11 @@ _STATEMENT = re.compile(
     r"|fib saddr type local(?P<fib>)"
     r"|ct state new(?P<ctnew>)"
     r"|(?P<lookup_key>(?:ip6? [sd]addr|meta l4proto|th dport|meta mark)(?: \. (?:ip6? [sd]addr|meta l4proto|th dport|meta mark))*) @(?P<lookup_set>[a-z0-9-]+)"
-    r"|(?P<pfamily>ip6?) saddr (?P<prefix>[0-9a-f][0-9a-f.:]*(?:/[0-9]+)?)"
+    r"|(?P<pfamily>ip6?) saddr (?P<prefix>[0-9a-f:][0-9a-f.:]*(?:/[0-9]+)?)"
     r"|update @(?P<update_set>[a-z0-9-]+) \{ (?P<update_key>[^{}]+?) (?:timeout (?P<timeout>[0-9]+)s"
     r"|limit rate over (?P<rate>[0-9]+)/(?P<unit>second|minute|hour|day)(?: burst (?P<burst>[0-9]+) packets)?) \}"
     r"|dnat to (?:\[(?P<dnat6>[0-9a-f:.]+)\]|(?P<dnat4>[0-9.]+)):(?P<dnat_port>[0-9]+)"
-    r"|dnat (?P<map_family>ip6?) to (?P<map_key>[^@]+) map @(?P<map_set>[a-z0-9-]+)"
+    r"|dnat (?P<map_family>ip6?) to (?P<map_key>[^@]+) map @(?P<map_set>endpoints-[0-9]+)"
     r"|(?P<verdict>drop|accept|return)"
     rf"|(?P<verb>goto|jump) (?P<chain>{_NAME})"
     r")(?: |$)"
@@ -275,7 +275,14 @@ def dynamic_set_types(family: Family) -> dict[str, tuple[str, ...]]:
 
 @functools.lru_cache(maxsize=1 << 16)
 def _statement(text: str, family: Family) -> bytes | None:
-    """The expressions of one statement (statements repeat across rules, so they are cached)."""
+    """The expressions of one statement (statements repeat across rules, so they are cached); None if not encoded."""
+    try:
+        return _encode_statement(text, family)
+    except (ValueError, OverflowError, struct.error):
+        return None  # a number out of its field's range: nft would refuse it too
+
+
+def _encode_statement(text: str, family: Family) -> bytes | None:
     m = _STATEMENT.fullmatch(text)
     if m is None:
         return None
@@ -425,13 +432,16 @@ def encode_rule(rule: str, family: Family) -> bytes | None:
     out = []
     position = 0
     end = len(rule)
-    ended = False
+    ended = protocol = False
     while position < end:
         if ended:
             return None  # nothing may follow a verdict
         match = _STATEMENT.match(rule, position)
         if match is None:
             return None
+        if match["dnat_port"] and not protocol:
+            return None  # nft maps a port only after a transport protocol match
+        protocol = protocol or bool(match["l4proto"])
         text = match.group(0)
         encoded = _statement(text.rstrip(" "), family)
         if encoded is None:

@@ -1,7 +1,9 @@
-"""The kernel edge: kproxy's tables through libnftables (the ``nftables`` binding).
+"""The kernel edge: kproxy's tables, over netlink (``nfnetlink``) or through libnftables (the ``nftables`` binding).
 
-* ``apply`` sends a transaction as one nft batch: the kernel applies all of it
-  or none of it. On failure the error names the command the kernel refused.
+* ``apply`` sends a transaction as one batch, which the kernel applies all
+  of it or none of it; the one exception is a libnftables transaction that
+  also fills chains reading a map already in the kernel (see ``maps_first``),
+  sent as two. On failure the error names the command the kernel refused.
 * ``read`` lists only ``ip kproxy`` and ``ip6 kproxy``, never anything else.
 * ``delete_tables`` removes those two tables and nothing else. Nothing here
   ever flushes the ruleset.
@@ -156,26 +158,29 @@ def maps_first(tx: Transaction) -> tuple[Transaction, Transaction]:
     """(the chains whose rules read a map this transaction does not declare, the rest of ``tx``).
 
     For a transaction that goes through libnftables: the first part (adding,
-    flushing and filling those chains) is sent over netlink before the rest.
-    Only chains whose every rule ``nfnetlink`` encodes are taken out.
+    flushing and filling those chains, the pick chains) is sent over netlink
+    before the rest, as its own batch. That is safe because a pick chain's
+    rules are the same for every Service that uses it, and nothing refers to
+    a new one until the rest lands. Only chains whose every rule
+    ``nfnetlink`` encodes are taken out.
     """
-    declared = {op.name for op in tx.ops if op.verb == "add" and op.kind in ("set", "map")}
+    declared = {(op.family, op.name) for op in tx.ops if op.verb == "add" and op.kind in ("set", "map")}
     names = {
-        chain.name
+        (op.family, chain.name)
         for op in tx.ops if op.kind == "rules" and op.verb == "add"
         for chain in op.chains
-        if any(name not in declared for rule in chain.rules for name in _MAP_READ.findall(rule))
+        if any((op.family, name) not in declared for rule in chain.rules for name in _MAP_READ.findall(rule))
         and all(encodable_rule(rule, op.family) for rule in chain.rules)
     }
     if not names:
         return Transaction(), tx
     first, rest = Transaction(), Transaction(deferred_chain_deletes=tx.deferred_chain_deletes)
     for op in tx.ops:
-        if op.kind == "chain" and op.verb in ("add", "flush") and op.name in names:
+        if op.kind == "chain" and op.verb in ("add", "flush") and (op.family, op.name) in names:
             first.add(op)
-        elif op.kind == "rules" and op.verb == "add" and any(c.name in names for c in op.chains):
-            first.add(Op("add", "rules", op.family, chains=tuple(c for c in op.chains if c.name in names)))
-            others = tuple(c for c in op.chains if c.name not in names)
+        elif op.kind == "rules" and op.verb == "add" and any((op.family, c.name) in names for c in op.chains):
+            first.add(Op("add", "rules", op.family, chains=tuple(c for c in op.chains if (op.family, c.name) in names)))
+            others = tuple(c for c in op.chains if (op.family, c.name) not in names)
             if others:
                 rest.add(Op("add", "rules", op.family, chains=others))
         else:
@@ -274,11 +279,17 @@ class NftablesBackend:
                     except NotEncodable:
                         land()
                         self._apply_with_libnftables(tx)
-                    else:
-                        queued.append(sender.submit(send, tx, batch))
+                        continue
+                    if len(queued) >= 2:
+                        queued[-2].result()  # at most two encoded batches wait: they can be large
+                    queued.append(sender.submit(send, tx, batch))
                 land()
-            finally:
-                refused.set()  # on an error here, nothing still queued is sent
+            except BaseException as error:
+                refused.set()  # nothing still queued is sent
+                for future in queued:
+                    if future.done() and future.exception() not in (None, error):
+                        log.error("the kernel also refused an earlier piece: %s", future.exception())
+                raise
 
     def _set_dry_run(self, on: bool) -> None:
         self._lib.nft_ctx_set_dry_run(self._nft._Nftables__ctx, on)  # type: ignore[attr-defined]

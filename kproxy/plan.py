@@ -39,17 +39,23 @@ SERVICE_CHAIN_PREFIXES = ("svc-", "local-", "ext-")
 GENERATED_CHAIN_PREFIXES = (*SERVICE_CHAIN_PREFIXES, "pick-")
 """Every chain the compiler generates (Service ports' and the shared pick chains); the rest are the skeleton's."""
 DISPATCH_MAPS = ("service-ips", "service-nodeports")
-"""The maps through which packets reach generated chains: filled last when a table is built."""
+"""The maps through which packets reach generated chains."""
+LAST_SETS = (*DISPATCH_MAPS, "cluster-ips")
+"""Filled last when a table is built: dispatch, and the ClusterIPs that ``cluster-ips-check``
+rejects when no Service port matches (before dispatch, that would be every connection)."""
 DIGEST_PREFIX = "kproxy-rules="
-RULES_FORMAT = "2"
-"""Part of every chain's digest: bumped when the same rule text is sent to the kernel differently,
-so that chains an older kproxy wrote are rewritten (2: generated chains over netlink, pick rules
-for every protocol)."""
+RULE_FORMATS = ((" map @endpoints-", "pick rules v2"),)
+"""Rules whose text is sent to the kernel differently than an older kproxy sent it: (a marker in
+the rule, a version). A chain with such a rule has the version in its digest, so that the chains
+an older kproxy wrote are rewritten once ("pick rules v2": the pick rules are sent over netlink,
+for every protocol; nft 1.0.6 had made the first one of each batch TCP-only)."""
 
 
 def rules_digest(rules: Iterable[str]) -> str:
-    """A short digest of a chain's rule text (and of ``RULES_FORMAT``)."""
-    data = "\n".join((RULES_FORMAT, *rules)).encode()
+    """A short digest of a chain's rule text (and of the ``RULE_FORMATS`` its rules use)."""
+    rules = tuple(rules)
+    versions = [version for marker, version in RULE_FORMATS if any(marker in rule for rule in rules)]
+    data = "\n".join((*versions, *rules)).encode()
     return hashlib.sha256(data).hexdigest()[:12].upper()
 
 
@@ -236,14 +242,14 @@ def create(table: Table, max_rules: int = 8000, max_elements: int = 30000) -> li
     2. every counter and every (empty) generated chain;
     3. the generated chains' rules, in pieces of about ``max_rules`` rules;
     4. the other elements, in pieces of about ``max_elements``, but
-    5. last, the dispatch maps' elements (``DISPATCH_MAPS``).
+    5. last, the dispatch maps' and the ClusterIPs' elements (``LAST_SETS``).
 
     Pieces 2 to 5 are what ``nfnetlink`` sends, so the backend can encode
     one while the kernel takes in the previous. Until the last piece no
-    packet reaches a generated chain: traffic switches over atomically, to a
-    table whose endpoints, firewall and checks are already complete. Each
-    piece is also cheap for the kernel to validate, because chains nothing
-    jumps to yet are not walked.
+    packet reaches a generated chain and no ClusterIP is rejected: traffic
+    switches over atomically, to a table whose endpoints and firewall are
+    already complete. Each piece is also cheap for the kernel to validate,
+    because chains nothing jumps to yet are not walked.
     """
     skeleton = [c for c in table.chains.values() if c.base or not c.name.startswith(GENERATED_CHAIN_PREFIXES)]
     generated = [c for c in table.chains.values() if not c.base and c.name.startswith(GENERATED_CHAIN_PREFIXES)]
@@ -256,7 +262,7 @@ def create(table: Table, max_rules: int = 8000, max_elements: int = 30000) -> li
     for decl in table.sets.values():
         members = table.elements.get(decl.name, {})
         if members and not decl.dynamic:
-            into = first if decl.interval else last if decl.name in DISPATCH_MAPS else data
+            into = first if decl.interval else last if decl.name in LAST_SETS else data
             _elements(into, "add", table, decl.name, list(members.values()))
     pieces = [first, declarations, *(Transaction([op]) for op in middle.ops)]
     for op in data.ops:

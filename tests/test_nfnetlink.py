@@ -165,6 +165,38 @@ def test_everything_over_netlink_lists_exactly_as_through_libnftables(two_netns:
     assert not any("cmp eq" in rule for rule in picks), "a pick rule is for every protocol"
 
 
+# Shapes at the edges, in a ruleset of their own (their cluster CIDRs would overlap the others'):
+# CIDRs of length 0, an IPv6 CIDR starting with "::", a rate limit per minute with a burst,
+# and an IPv6 SCTP cascade.
+EDGE_SHAPES: tuple[list[dict[str, Any]], ProxyConfig] = (
+    [
+        service("edge", "shop", ["10.96.0.90", "fd00:96::90"], ipFamilies=["IPv4", "IPv6"], type="NodePort",
+                externalTrafficPolicy="Local", annotations={"kproxy.io/rate-limit": "30/minute", "kproxy.io/rate-limit-burst": "7"},
+                ports=[{"name": "sig", "port": 5060, "nodePort": 30090, "protocol": "SCTP"}]),
+        endpoint_slice("edge-1", "edge", [endpoint("10.244.1.90")], namespace="shop",
+                       ports=[{"name": "sig", "port": 5060, "protocol": "SCTP"}]),
+        endpoint_slice("edge-6", "edge", [endpoint(f"fd00:244:1::{i + 1:x}") for i in range(260)], namespace="shop",
+                       address_type="IPv6", ports=[{"name": "sig", "port": 5060, "protocol": "SCTP"}]),
+    ],
+    ProxyConfig(cluster_cidrs=("0.0.0.0/0", "::/0")),
+)
+
+
+def test_edge_shapes_over_netlink_list_exactly_as_through_libnftables(two_netns: tuple[Netns, Netns]) -> None:
+    """Zero-length and "::" CIDRs, a per-minute limit with a burst, an IPv6 SCTP cascade: as nft writes them."""
+    ruleset = _compiled(*EDGE_SHAPES)
+    rules = [rule for table in ruleset.tables.values() for name, chain in table.chains.items()
+             if name not in skeleton_table(table.family).chains for rule in chain.rules]
+    for needle in ("ip saddr 0.0.0.0/0 ", "ip6 saddr ::/0 ", "limit rate over 30/minute burst 7 packets",
+                   "meta l4proto sctp numgen random mod 260 0 dnat to [fd00:244:1::1]:5060"):
+        assert any(needle in rule for rule in rules), needle
+    through_nft = _build(two_netns[0], ruleset, netlink=False)
+    through_netlink = _build(two_netns[1], ruleset, netlink=True)
+    assert through_netlink[0] == through_nft[0]
+    differing = {key for key in set(through_netlink[1]) | set(through_nft[1]) if through_netlink[1].get(key) != through_nft[1].get(key)}
+    assert not differing, {key: (through_nft[1].get(key), through_netlink[1].get(key)) for key in sorted(differing)[:3]}
+
+
 def test_service_added_and_removed_over_netlink(two_netns: tuple[Netns, Netns]) -> None:
     """The transactions of a partial sync that adds, then removes a Service: same kernel state either way."""
     before, after = _ruleset("clusterip"), _ruleset("nodeport-cluster-policy")
@@ -228,11 +260,13 @@ def test_what_netlink_can_send() -> None:
     assert not encodable(Transaction([Op("add", "rules", "ip", chains=(Chain("x", ("tcp dport 80 drop",)),))]))
     assert not encodable(Transaction())
     for odd in (" ", 'counter name "x"goto y', "goto  y", 'counter name "x" goto y ', "goto y drop", "counter drop",
-                "ip6 saddr fd00::/8 drop", "dnat to [fd00::1]:80", "dnat to 10.0.0.1:65536", "ip saddr 10.0.0.1/8 drop",
+                "ip6 saddr fd00::/8 drop", "dnat to [fd00::1]:80", "meta l4proto tcp dnat to 10.0.0.1:65536",
+                "ip saddr 10.0.0.1/8 drop", "dnat to 10.0.0.1:80", "numgen random mod 4294967296 0 drop",
+                "dnat ip to ip daddr . meta l4proto . th dport map @service-ips",
                 "meta mark set meta mark ^ 0x1 drop", "update @nope { ip saddr timeout 1s } drop",
                 "update @affinity { ip saddr . 10.0.0.1 . meta l4proto . th dport timeout 1s }"):
         assert not encodable(Transaction([Op("add", "rules", "ip", chains=(Chain("x", (odd,)),))])), odd
-    for fine in ("meta l4proto tcp drop", "ip saddr 10.0.0.0/9 drop", "dnat to 10.0.0.1:80", "numgen random mod 2 0 drop",
+    for fine in ("meta l4proto tcp drop", "ip saddr 10.0.0.0/9 drop", "meta l4proto udp dnat to 10.0.0.1:80", "numgen random mod 2 0 drop",
                  "ct state new update @rate-limit-meter { ip saddr . 10.96.0.1 . 6 . 80 limit rate over 5/second } drop"):
         assert encodable(Transaction([Op("add", "rules", "ip", chains=(Chain("x", (fine,)),))])), fine
     assert encodable(Transaction([Op("flush", "chain", "ip", "svc-x"), Op("delete", "counter", "ip", "conns-x")]))
@@ -282,3 +316,19 @@ def test_apply_in_order_stops_at_the_first_refused_piece(empty_netns: Netns) -> 
             backend.apply_in_order([*pieces, refused, after])
         assert "delete element ip kproxy endpoints-4" in str(info.value)
         assert plan(backend.read(), Ruleset({"ip": table})).operations == 0, "every piece before landed, the one after did not"
+
+
+def test_maps_first_tells_the_families_apart() -> None:
+    """A map declared in one family does not keep the other family's pick chain from going first."""
+    pick = Chain("pick-4", ("dnat ip to ip daddr . meta l4proto . th dport . numgen random mod 1 offset 65536 map @endpoints-4",))
+    tx = Transaction([
+        Op("add", "map", "ip6", "endpoints-4", set_decl=skeleton_table("ip6").sets["endpoints-4"]),
+        Op("flush", "chain", "ip", "pick-4"),
+        Op("add", "rules", "ip", chains=(pick,)),
+    ])
+    first, rest = maps_first(tx)
+    assert [(op.verb, op.kind, op.family) for op in first.ops] == [("flush", "chain", "ip"), ("add", "rules", "ip")]
+    assert [(op.kind, op.family) for op in rest.ops] == [("map", "ip6")]
+    declared_here = Transaction([Op("add", "map", "ip", "endpoints-4", set_decl=skeleton_table("ip").sets["endpoints-4"]),
+                                 Op("add", "rules", "ip", chains=(pick,))])
+    assert not maps_first(declared_here)[0], "a map declared in the same batch: nft adds the rule itself"

@@ -12,7 +12,7 @@ from kproxy.compiler import NodeInfo, ProxyConfig, compile_ruleset
 from kproxy.convert import build_cluster
 from kproxy.fake import FakeBackend
 from kproxy.nft import NftablesBackend, NftError
-from kproxy.plan import Op, Transaction, plan
+from kproxy.plan import LAST_SETS, Op, Transaction, create, plan
 from kproxy.ruleset import Chain, Ruleset
 from tests.builders import endpoint, endpoint_slice, service
 
@@ -146,3 +146,24 @@ def test_fake_agrees_with_the_kernel() -> None:
             assert "x" not in kernel.read().tables["ip"].chains
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_create_fills_dispatch_and_cluster_ips_last() -> None:
+    """Building a table: nothing reaches a Service chain, and no ClusterIP is rejected, before the last piece.
+
+    ``cluster-ips-check`` rejects a ClusterIP port no Service defines; with the
+    ClusterIPs in place before dispatch, every connection would be reset.
+    The other elements come in bounded pieces before it.
+    """
+    objects: list[dict[str, Any]] = []
+    for i in range(200):
+        objects.append(service(f"s{i}", "ns", f"10.96.{i // 250}.{i % 250 + 1}", type="NodePort",
+                               ports=[{"name": "http", "port": 80, "nodePort": 30000 + i}]))
+        objects.append(endpoint_slice(f"s{i}-x", f"s{i}", [endpoint(f"10.244.{i}.{j + 1}") for j in range(3)], namespace="ns"))
+    table = _ruleset(objects).tables["ip"]
+    pieces = create(table, max_rules=20, max_elements=1000)
+    filled = [{op.name for op in piece.ops if op.kind == "element"} for piece in pieces]
+    assert filled[-1] == set(LAST_SETS)
+    assert not any(names & set(LAST_SETS) for names in filled[:-1])
+    assert sum(1 for names in filled if "endpoints-4" in names) > 1, "elements in bounded pieces"
+    assert all(piece.operations <= 1000 for piece in pieces[2:-1] if all(op.kind == "element" for op in piece.ops))
