@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 FAMILIES: tuple[Family, ...] = ("ip", "ip6")
 LIBNFTABLES = "libnftables.so.1"
 PROBE_TABLE = "kproxy-probe"
+MAX_WAITING_BATCHES = 4
+"""How many encoded batches ``apply_in_order`` lets wait for the sender thread (a few MB each)."""
 _DIGEST_COMMENT = re.compile(r' comment "kproxy-rules=[0-9A-Z]+"$')
 _LOCATION = re.compile(r"^(?:\S+):(\d+):\d+(?:-\d+)?: Error: (.*)$")
 
@@ -280,8 +282,8 @@ class NftablesBackend:
                         land()
                         self._apply_with_libnftables(tx)
                         continue
-                    if len(queued) >= 2:
-                        queued[-2].result()  # at most two encoded batches wait: they can be large
+                    if len(queued) >= MAX_WAITING_BATCHES:
+                        queued[-MAX_WAITING_BATCHES].result()  # encoded batches hold megabytes each
                     queued.append(sender.submit(send, tx, batch))
                 land()
             except BaseException as error:
