@@ -141,10 +141,18 @@ class ProxyMetrics:
         self.rules.set(rules)
         self.elements.set(elements)
 
-    def sync_failed(self) -> None:
-        """A transaction was refused: nothing changed in either family's table."""
+    def sync_failed(self, full: bool, seconds: float) -> None:
+        """A sync failed after ``seconds``: its duration counts, as upstream's does; the last-sync time does not move.
+
+        A refused transaction changed nothing; when a table was being built,
+        the pieces before the refused one stay, and the next (full) sync
+        reads them back.
+        """
+        by_kind = self.sync_full_duration if full else self.sync_partial_duration
         for family in self.families:
             self.sync_failures.labels(family).inc()
+            self.sync_duration.labels(family).observe(seconds)
+            by_kind.labels(family).observe(seconds)
 
     def cleanup_failed(self) -> None:
         """Deleting stale chains failed (kproxy sends those deletes inside the sync transaction)."""

@@ -66,7 +66,7 @@ class SyncObserver(Protocol):
 
     def sync_done(self, full: bool, seconds: float, operations: int, rules: int, elements: int) -> None: ...
 
-    def sync_failed(self) -> None: ...
+    def sync_failed(self, full: bool, seconds: float) -> None: ...
 
     def programming_latency(self, seconds: float) -> None: ...
 
@@ -85,7 +85,7 @@ class NullObserver:
     def sync_done(self, full: bool, seconds: float, operations: int, rules: int, elements: int) -> None:
         pass
 
-    def sync_failed(self) -> None:
+    def sync_failed(self, full: bool, seconds: float) -> None:
         pass
 
     def programming_latency(self, seconds: float) -> None:
@@ -339,7 +339,7 @@ class Proxier:
                 self._needs_full = True
                 self.tracker.forget_synced()
                 self._assemblies = None
-                self.observer.sync_failed()
+                self.observer.sync_failed(full, self.clock() - start)
                 raise
             self.tracker.synced(changes.services)
             self._needs_full = False

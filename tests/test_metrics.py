@@ -88,13 +88,15 @@ def test_sync_done_records_duration_per_family_and_kind(full: bool) -> None:
 
 
 def test_sync_failed_counts_a_failure_for_each_family() -> None:
-    """A refused transaction counts one nftables sync failure per family; cleanup failures stay at zero."""
+    """A failed sync counts one nftables sync failure per family, and its duration; cleanup failures stay at zero."""
     registry, metrics, _ = _metrics()
-    metrics.sync_failed()
-    metrics.sync_failed()
+    metrics.sync_failed(True, 0.25)
+    metrics.sync_failed(False, 0.003)
     for family in IP_FAMILIES:
         assert _value(registry, "kubeproxy_sync_proxy_rules_nftables_sync_failures_total", ip_family=family) == 2
         assert _value(registry, "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total", ip_family=family) == 0
+        assert _value(registry, "kubeproxy_sync_proxy_rules_duration_seconds_count", ip_family=family) == 2
+        assert _value(registry, "kubeproxy_sync_proxy_rules_duration_seconds_sum", ip_family=family) == pytest.approx(0.253)
     metrics.cleanup_failed()
     assert _value(registry, "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total", ip_family="IPv6") == 1
 

@@ -15,6 +15,7 @@ from kproxy.plan import plan
 from kproxy.proxier import (
     CHAIN_DELETE_DELAY,
     DELETED_SERVICE_REJECT,
+    NullObserver,
     Proxier,
     SyncRunner,
 )
@@ -145,6 +146,28 @@ def test_failed_sync_keeps_kernel_and_retries_as_full_sync() -> None:
     assert plan(backend.read(), _expected(proxier)).operations == 0
 
 
+def test_failed_sync_reports_its_duration() -> None:
+    """A failed sync is counted with the time it took, as upstream's sync latency counts every attempt."""
+    failures: list[tuple[bool, float]] = []
+
+    class Observer(NullObserver):
+        def sync_failed(self, full: bool, seconds: float) -> None:
+            failures.append((full, seconds))
+
+    proxier, backend, clock = _proxier(observer=Observer())
+    proxier.sync()
+    proxier.on_slice("MODIFIED", _slice(1, 5))
+
+    def slow_refusal(tx: Any) -> None:
+        clock.now += 0.5
+        raise NftError("Device or resource busy", "add element ...")
+
+    backend.apply = slow_refusal  # type: ignore[method-assign]
+    with pytest.raises(NftError):
+        proxier.sync()
+    assert failures == [(False, 0.5)]
+
+
 def test_drift_repaired_by_full_sync() -> None:
     """A table deleted by hand breaks the next partial sync; the full resync that follows restores it."""
     proxier, backend, _ = _proxier()
@@ -222,7 +245,6 @@ def test_runner_waits_for_both_lists_then_syncs() -> None:
 
 def test_rule_and_element_gauges_follow_partial_syncs() -> None:
     """The rule count reported after partial syncs (kept incrementally) equals a recount of the tables."""
-    from kproxy.proxier import NullObserver
 
     reported: list[tuple[int, int]] = []
 
