@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import re
+from typing import Iterable
 
 from kproxy.nft import NftError
 from kproxy.plan import Op, Transaction, with_digest
@@ -55,6 +56,11 @@ class FakeBackend:
         self._check_references(tables, rules)
         self.tables, self.rules = tables, rules
         self.transactions.append(tx)
+
+    def apply_in_order(self, transactions: Iterable[Transaction]) -> None:
+        """Apply each transaction in turn; stop at the first refused."""
+        for tx in transactions:
+            self.apply(tx)
 
     def _apply(self, tables: dict[Family, Table], rules: dict[tuple[Family, str], list[str]], op: Op) -> None:
         table = tables.get(op.family)

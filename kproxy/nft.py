@@ -42,7 +42,7 @@ _LOCATION = re.compile(r"^(?:\S+):(\d+):\d+(?:-\d+)?: Error: (.*)$")
 
 
 class NftError(Exception):
-    """The kernel or libnftables refused a transaction; nothing was changed."""
+    """The kernel or libnftables refused a transaction; the refused batch changed nothing."""
 
     def __init__(self, message: str, command: str | None = None) -> None:
         super().__init__(f"{message}: {command}" if command else message)
@@ -58,6 +58,10 @@ class Backend(Protocol):
     """What the rest of kproxy needs from the kernel."""
 
     def apply(self, tx: Transaction) -> None: ...
+
+    def apply_in_order(self, transactions: Iterable[Transaction]) -> None:
+        """Apply each transaction atomically, in order; stop at the first refused."""
+        ...
 
     def read(self) -> Ruleset: ...
 

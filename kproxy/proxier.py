@@ -421,13 +421,12 @@ class Proxier:
         missing: list[Assembly] = []
         for family in FAMILIES:
             assembly = Assembly(base_table(node_info, self.config, family))
-            with gc_paused():
-                for key in self._all_keys():
-                    assembly.set_service(key, self._compile(key, family, node_info), track=False)
-                if family in current.tables:
-                    tx.extend(diff(current.tables[family], assembly.table, delete_chains=False))
-                else:
-                    missing.append(assembly)
+            for key in self._all_keys():
+                assembly.set_service(key, self._compile(key, family, node_info), track=False)
+            if family in current.tables:
+                tx.extend(diff(current.tables[family], assembly.table, delete_chains=False))
+            else:
+                missing.append(assembly)
             assemblies[family] = assembly
         if missing:
             operations += self._create_tables(missing)
@@ -449,20 +448,13 @@ class Proxier:
 
         Until a family's last piece lands no packet reaches its Service chains.
         Every skeleton goes first, while libnftables (which reads the whole
-        ruleset before each command) still finds little in the kernel; a
-        backend that can apply pieces in order faster than one by one
-        (encoding the next while the kernel takes in the previous) is given
-        them all at once.
+        ruleset before each command) still finds little in the kernel; then
+        the backend gets all the pieces at once, so it can encode the next
+        while the kernel takes in the previous.
         """
-        with gc_paused():
-            tables = [create(assembly.table) for assembly in assemblies]
-        pieces = [pieces[0] for pieces in tables] + [piece for pieces in tables for piece in pieces[1:]]
-        apply_in_order = getattr(self.backend, "apply_in_order", None)
-        if apply_in_order is not None:
-            apply_in_order(pieces)
-        else:
-            for piece in pieces:
-                self.backend.apply(piece)
+        built = [create(assembly.table) for assembly in assemblies]
+        pieces = [table[0] for table in built] + [piece for table in built for piece in table[1:]]
+        self.backend.apply_in_order(pieces)
         return sum(piece.operations for piece in pieces)
 
     def _sync_partial(self, keys: set[ServiceKey]) -> SyncResult:
