@@ -176,4 +176,3 @@ class Assembly:
 
     def chain(self, name: str) -> Chain | None:
         return self.table.chains.get(name)
-

@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Iterator
 
 from kproxy.convert import gc_paused
 from kproxy.nfrules import attr as _attr
-from kproxy.nfrules import encode_rule, nested, verdict_data
+from kproxy.nfrules import encode_rule, host_u32, nested, verdict_data
 from kproxy.nfrules import string as _string
 from kproxy.plan import DIGEST_PREFIX, Op, Transaction, rules_digest
 from kproxy.ruleset import TABLE, Element, Family, comment
@@ -115,7 +115,7 @@ def _port(text: str) -> bytes:
 
 
 def _host_u32(text: str) -> bytes:
-    return struct.pack("=I", int(text))
+    return host_u32(int(text))
 
 
 def _proto_word(text: str) -> bytes:
@@ -212,10 +212,8 @@ def layouts(family: Family) -> dict[str, SetLayout]:
     """The layouts of the skeleton's sets that this module can encode (static, non-interval)."""
     result: dict[str, SetLayout] = {}
     for name, decl in skeleton_table(family).sets.items():
-        if decl.dynamic or any(line.startswith("flags") and "interval" in line for line in decl.body):
-            continue
-        spec = next((line for line in decl.body if line.startswith(("type ", "typeof "))), None)
-        if spec is None:
+        spec = decl.type_line
+        if decl.dynamic or decl.interval or spec is None:
             continue
         typeof = spec.startswith("typeof ")
         key_text, _, data_text = spec.split(" ", 1)[1].partition(" : ")

@@ -267,8 +267,8 @@ def dynamic_set_types(family: Family) -> dict[str, tuple[str, ...]]:
     """The key types of the skeleton's dynamic sets, which rules update (affinity, rate-limit meter)."""
     result = {}
     for name, decl in skeleton_table(family).sets.items():
-        spec = next((line for line in decl.body if line.startswith("type ")), None)
-        if decl.dynamic and spec is not None:
+        spec = decl.type_line
+        if decl.dynamic and spec is not None and spec.startswith("type "):
             result[name] = tuple(part.strip() for part in spec[len("type "):].split(" . "))
     return result
 

@@ -48,6 +48,11 @@ class SetDecl:
         """Holds ranges or prefixes."""
         return any(line.startswith("flags") and "interval" in line for line in self.body)
 
+    @property
+    def type_line(self) -> str | None:
+        """The ``type ...`` or ``typeof ...`` line of the declaration."""
+        return next((line for line in self.body if line.startswith(("type ", "typeof "))), None)
+
 
 @dataclass(frozen=True, slots=True)
 class Chain:
