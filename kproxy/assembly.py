@@ -32,6 +32,12 @@ class Touched:
         self.elements |= other.elements
         self.counters |= other.counters
 
+    def discard(self, other: "Touched") -> None:
+        """Leave out what ``other`` holds."""
+        self.chains -= other.chains
+        self.elements -= other.elements
+        self.counters -= other.counters
+
     def __bool__(self) -> bool:
         return bool(self.chains or self.elements or self.counters)
 
@@ -173,6 +179,22 @@ class Assembly:
 
     def services(self) -> set[ServiceKey]:
         return {k for k in self._parts if k != BASE}
+
+    def part(self, key: ServiceKey) -> ServiceRules | None:
+        """What ``key`` contributes now (None if nothing)."""
+        return self._parts.get(key)
+
+    def names_of(self, key: ServiceKey) -> Touched:
+        """The chains, element keys and counters ``key``'s contribution holds (shared ones included)."""
+        rules = self._parts.get(key)
+        if rules is None:
+            return Touched()
+        return Touched(
+            chains={chain.name for chain in rules.chains},
+            elements={(set_name, element.key) for set_name, element in rules.elements}
+            | {(set_name, element.key) for _, _, items in rules.slots for set_name, element in items},
+            counters={name for name, _ in rules.counters},
+        )
 
     def chain(self, name: str) -> Chain | None:
         return self.table.chains.get(name)

@@ -22,22 +22,24 @@ import argparse
 import ipaddress
 import logging
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
-from kproxy.compiler import compile_ruleset, node_info
+from kproxy.compiler import NodeInfo, compile_ruleset, node_info
 from kproxy.config import ConfigError, DaemonConfig, add_daemon_flags, daemon_config
-from kproxy.conntrack import PyrouteConntrack, cleanup_stale_udp, udp_cleanup_targets
-from kproxy.convert import build_cluster
+from kproxy.conntrack import PyrouteConntrack
+from kproxy.convert import build_cluster, object_key
 from kproxy.daemon_errors import StartupError
 from kproxy.explain import Packet, explain
 from kproxy.inspect import KernelTables
 from kproxy.kubeproxy_cleanup import KubeProxyCleanupError, cleanup_kube_proxy
 from kproxy.logs import setup_logging
 from kproxy.manifests import ManifestError, load_manifest_files
-from kproxy.model import Cluster
+from kproxy.model import Cluster, ServiceKey
 from kproxy.nft import CapabilityError, NftablesBackend, NftError
 from kproxy.nodeaddr import interface_addresses
-from kproxy.plan import Op, Transaction, plan, render_ruleset
+from kproxy.plan import plan, render_ruleset
+from kproxy.proxier import NullObserver, Proxier
+from kproxy.ruleset import Ruleset
 
 log = logging.getLogger("kproxy")
 EXIT_USAGE = 2
@@ -99,16 +101,20 @@ def build_explain_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_input(args: argparse.Namespace, mode: str, node_name: str) -> Cluster:
+def _load_objects(args: argparse.Namespace, mode: str) -> list[dict[str, Any]]:
+    """The raw manifests of every --from-file, as read (exit 2 on an unreadable file)."""
     if not args.from_file:
         raise UsageError(f"{mode} needs at least one --from-file")
     if not args.hostname_override:
         raise UsageError(f"{mode} needs --node-name")
     try:
-        objects = load_manifest_files(args.from_file)
+        return load_manifest_files(args.from_file)
     except ManifestError as exc:
         raise UsageError(str(exc)) from None
-    cluster, problems = build_cluster(objects, node_name)
+
+
+def _load_input(args: argparse.Namespace, mode: str, node_name: str) -> Cluster:
+    cluster, problems = build_cluster(_load_objects(args, mode), node_name)
     for problem in problems:
         log.warning("%s", problem)
     return cluster
@@ -127,6 +133,14 @@ def _model(args: argparse.Namespace, mode: str, config: DaemonConfig) -> Cluster
         raise UsageError(f"{mode} without --from-file lists the API server, which failed: {reason}") from None
 
 
+def _compile(cluster: Cluster, node: NodeInfo, config: DaemonConfig) -> Ruleset:
+    failed: dict[ServiceKey, str] = {}
+    ruleset = compile_ruleset(cluster, node, config.proxy_config(), failed)
+    for key, error in sorted(failed.items()):
+        log.warning("skipping Service %s: it cannot be compiled: %s (reason=compile_error)", key, error)
+    return ruleset
+
+
 def dry_run(args: argparse.Namespace, config: DaemonConfig) -> int:
     cluster = _model(args, "--dry-run", config)
     if cluster.node is None and not args.diff:
@@ -134,7 +148,7 @@ def dry_run(args: argparse.Namespace, config: DaemonConfig) -> int:
     node = node_info(config.node_name, cluster.node)
     if args.diff and not node.primary_ips:
         node = node_info(config.node_name, cluster.node, interface_addresses()[1])
-    ruleset = compile_ruleset(cluster, node, config.proxy_config())
+    ruleset = _compile(cluster, node, config)
     if not args.diff:
         sys.stdout.write(render_ruleset(ruleset))
         return 0
@@ -172,29 +186,47 @@ def explain_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def once(args: argparse.Namespace, daemon_config_: DaemonConfig) -> int:
-    """Program the kernel of this network namespace once, then exit."""
-    cluster = _load_input(args, "--once", daemon_config_.node_name)
-    node = node_info(daemon_config_.node_name, cluster.node)
-    if not node.primary_ips:
-        node = node_info(daemon_config_.node_name, cluster.node, interface_addresses()[1])
-        log.info("Node %s has no addresses in the input; NodePorts use this namespace's %s", node.name, node.primary_ips)
+class _OnceObserver(NullObserver):
+    """What ``--once`` prints: the operations sent, the conntrack entries removed."""
+
+    def __init__(self) -> None:
+        self.operations = 0
+        self.conntrack = 0
+
+    def sync_done(self, full: bool, seconds: float, operations: int, rules: int, elements: int) -> None:
+        self.operations += operations
+
+    def conntrack_deleted(self, count: int) -> None:
+        self.conntrack += count
+
+
+def once(args: argparse.Namespace, config: DaemonConfig) -> int:
+    """Program the kernel of this network namespace once, then exit.
+
+    It is the daemon's own sync engine, fed from the files instead of the API
+    server: the same netlink pipeline, the same per-Service isolation.
+    """
+    objects = _load_objects(args, "--once")
+    by_kind: dict[str, list[dict[str, Any]]] = {"Service": [], "EndpointSlice": [], "Node": []}
+    for obj in objects:
+        kind = obj.get("kind")
+        if kind in by_kind:
+            by_kind[kind].append(obj)
+    by_kind["Node"] = [n for n in by_kind["Node"] if object_key(n) == config.node_name]
     backend = NftablesBackend()
     backend.check_capabilities()
-    config = daemon_config_.proxy_config()
-    desired = compile_ruleset(cluster, node, config)
-    tx = plan(backend.read(), desired, delete_chains=False)
-    backend.apply(tx)
-    if tx.deferred_chain_deletes:
-        backend.apply(
-            Transaction([Op("delete", "chain", family, name) for family, name in tx.deferred_chain_deletes])
-        )
+    observer = _OnceObserver()
     with PyrouteConntrack() as conntrack:
-        deleted = cleanup_stale_udp(conntrack, udp_cleanup_targets(cluster, node, config))
-    print(
-        f"kproxy: applied {tx.operations + len(tx.deferred_chain_deletes)} operations"
-        f" ({len(tx.ops)} commands), removed {deleted} stale UDP conntrack entries"
-    )
+        proxier = Proxier(backend, config.node_name, config.proxy_config(), conntrack=conntrack, observer=observer,
+                          interfaces=interface_addresses)
+        for kind in ("Node", "Service", "EndpointSlice"):
+            proxier.on_relist(kind, by_kind[kind])
+        proxier.sync()
+        deleted = proxier.delete_dereferenced_chains()
+    if not proxier.tracker.node or not (proxier.tracker.node.internal_ips or proxier.tracker.node.external_ips):
+        log.info("Node %s has no addresses in the input; NodePorts use this namespace's addresses", config.node_name)
+    print(f"kproxy: applied {observer.operations + deleted} operations, "
+          f"removed {observer.conntrack} stale UDP conntrack entries")
     return 0
 
 

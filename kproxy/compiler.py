@@ -35,8 +35,8 @@ from typing import Iterable, Sequence
 from kproxy.assembly import Assembly
 from kproxy.convert import gc_paused
 from kproxy.endpoints import PortEndpoint, Selection, port_endpoints, select
-from kproxy.model import Cluster, EndpointSlice, IPFamily, Node, Service, ServicePort
-from kproxy.ruleset import Chain, Element, Family, Ruleset, ServiceRules, Table
+from kproxy.model import Cluster, EndpointSlice, IPFamily, Node, Service, ServiceKey, ServicePort
+from kproxy.ruleset import Chain, Element, Family, Ruleset, ServiceRules, Table, fit_comment
 from kproxy.skeleton import skeleton_table
 
 FAMILIES: dict[Family, IPFamily] = {"ip": 4, "ip6": 6}
@@ -98,8 +98,8 @@ def _hash(text: str) -> str:
 
 
 def port_label(service: Service, port: ServicePort) -> str:
-    """``ns/name:port`` as used in comments: the port's name, or its number."""
-    return f"{service.namespace}/{service.name}:{port.name or port.port}"
+    """``ns/name:port`` as used in comments: the port's name, or its number (shortened to nft's limit)."""
+    return fit_comment(f"{service.namespace}/{service.name}:{port.name or port.port}")
 
 
 def chain_suffix(service: Service, port: ServicePort) -> str:
@@ -296,7 +296,7 @@ def compile_service(
     if cluster_ip is None:
         return None
     slices = list(slices)
-    svc_label = f"{service.namespace}/{service.name}"
+    svc_label = fit_comment(f"{service.namespace}/{service.name}")
     chains: list[Chain] = []
     counters: list[tuple[str, str]] = []
     elements: list[tuple[str, Element]] = [("cluster-ips", Element(cluster_ip, comment=svc_label))]
@@ -430,17 +430,23 @@ def base_table(node: NodeInfo, config: ProxyConfig, family: Family) -> Table:
         if _family_of(cidr.split("/")[0]) == fam:
             table.add_element("cluster-cidrs", Element(_interval(cidr), comment="--cluster-cidr"))
     for address in nodeport_addresses(node, config, family):
-        table.add_element("nodeport-ips", Element(address, comment=f"node {node.name}"))
+        table.add_element("nodeport-ips", Element(address, comment=fit_comment(f"node {node.name}")))
     return table
 
 
-def compile_ruleset(cluster: Cluster, node: NodeInfo, config: ProxyConfig) -> Ruleset:
-    """The whole ruleset for a node: both families, Services in key order."""
+def compile_ruleset(
+    cluster: Cluster, node: NodeInfo, config: ProxyConfig, failed: dict[ServiceKey, str] | None = None
+) -> Ruleset:
+    """The whole ruleset for a node: both families, Services in key order.
+
+    A Service the compiler cannot compile is left out (and named in ``failed``,
+    with the error); it never stops the others.
+    """
     with gc_paused():
-        return _compile_ruleset(cluster, node, config)
+        return _compile_ruleset(cluster, node, config, failed if failed is not None else {})
 
 
-def _compile_ruleset(cluster: Cluster, node: NodeInfo, config: ProxyConfig) -> Ruleset:
+def _compile_ruleset(cluster: Cluster, node: NodeInfo, config: ProxyConfig, failed: dict[ServiceKey, str]) -> Ruleset:
     by_service = cluster.slices_by_service()
     ruleset = Ruleset()
     for family in FAMILIES:
@@ -448,6 +454,14 @@ def _compile_ruleset(cluster: Cluster, node: NodeInfo, config: ProxyConfig) -> R
         # full compile and a run of partial syncs resolve shared keys the same way.
         assembly = Assembly(base_table(node, config, family))
         for key in sorted(cluster.services):
-            assembly.set_service(key, compile_service(cluster.services[key], by_service.get(key, ()), family, node, config), track=False)
+            if key in failed:
+                continue
+            try:
+                rules = compile_service(cluster.services[key], by_service.get(key, ()), family, node, config)
+            except Exception as exc:  # one Service must never stop the others
+                failed[key] = f"{type(exc).__name__}: {exc}"
+                assembly.set_service(key, None, track=False)
+                continue
+            assembly.set_service(key, rules, track=False)
         ruleset.tables[family] = assembly.table
     return ruleset

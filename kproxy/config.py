@@ -30,12 +30,10 @@ import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
-from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Union
 
-import yaml
-
 from kproxy.compiler import ProxyConfig
+from kproxy.manifests import ManifestError, load_yaml_file
 
 log = logging.getLogger(__name__)
 
@@ -567,16 +565,9 @@ def load_kube_proxy_configuration(path: str) -> dict[str, Any]:
     the fields the file sets (zero values are not set). Raises ConfigError.
     """
     try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+        data = load_yaml_file(path)
+    except ManifestError as exc:
+        raise ConfigError(str(exc)) from None
     if data is None:
         raise ConfigError(f"{path}: the file is empty; expected a {KIND}")
     if not isinstance(data, dict):

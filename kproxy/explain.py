@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Protocol
 
-from kproxy.compiler import PICK_CLASSES, NodeInfo, ProxyConfig, endpoints_map, slot
+from kproxy.compiler import PICK_CLASSES, NodeInfo, ProxyConfig, endpoints_map, port_label, slot
 from kproxy.endpoints import PREFER_SAME_NODE, PREFER_SAME_ZONE, port_endpoints, select
 from kproxy.model import Cluster, Service, ServicePort
 from kproxy.ruleset import Element, Family
@@ -57,14 +57,17 @@ def _in(address: str, cidrs: list[str]) -> str | None:
 
 
 def _find_service_port(cluster: Cluster, label: str) -> tuple[Service, ServicePort] | None:
-    """The Service port named by an element comment ``ns/name:port``."""
-    key, _, port_label = label.partition(":")
+    """The Service port named by an element comment ``ns/name:port`` (shortened for long names)."""
+    key, _, name = label.partition(":")
     service = cluster.services.get(key)  # type: ignore[call-overload]
-    if service is None:
-        return None
-    for port in service.ports:
-        if (port.name or str(port.port)) == port_label:
-            return service, port
+    if service is not None:
+        for port in service.ports:
+            if (port.name or str(port.port)) == name:
+                return service, port
+    for service in cluster.services.values():  # a comment shortened to nft's limit
+        for port in service.ports:
+            if port_label(service, port) == label:
+                return service, port
     return None
 
 

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import struct
 import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -219,11 +220,20 @@ class NftablesBackend:
             # Elements, plain chains, counters and the rules of generated chains (every
             # partial sync, most of a cold start): straight to the kernel, skipping
             # libnftables' read of the whole table and its parser.
-            batch = self._netlink.prepare(tx)
+            batch = self._prepare(tx)
         except NotEncodable:
             self._apply_with_libnftables(tx)
         else:
             self._send(tx, batch)
+
+    def _prepare(self, tx: Transaction) -> Batch:
+        """Encode ``tx``; a value that cannot be encoded is an NftError, as a refusal by the kernel would be."""
+        try:
+            return self._netlink.prepare(tx)
+        except NotEncodable:
+            raise
+        except (ValueError, TypeError, KeyError, OverflowError, struct.error) as exc:
+            raise NftError(f"cannot encode the transaction: {type(exc).__name__}: {exc}") from None
 
     def _apply_with_libnftables(self, tx: Transaction) -> None:
         first, tx = maps_first(tx)
@@ -232,7 +242,10 @@ class NftablesBackend:
             # 1.0.6 cannot add those (see nfrules). They are filled first, over netlink;
             # nothing refers to a new one before the rest of the transaction lands.
             self.apply(first)
-        script = str(tx)
+        try:
+            script = str(tx)
+        except ValueError as exc:  # UnsafeText: refused before anything is sent
+            raise NftError(f"cannot write the transaction: {exc}") from None
         rc, _, err = self._run(script)
         if rc != 0:
             raise self._explain(script, err)
@@ -281,7 +294,7 @@ class NftablesBackend:
                     if not tx:
                         continue
                     try:
-                        batch = self._netlink.prepare(tx)
+                        batch = self._prepare(tx)
                     except NotEncodable:
                         land()
                         self._apply_with_libnftables(tx)

@@ -8,8 +8,17 @@
   kernel, and sends the difference. It runs first (adopting whatever a previous
   run left, without flushing), hourly, after any failure, and when the node's
   labels or addresses change. Reading the kernel is what repairs drift.
-* A failed transaction changes nothing in the kernel. The Services it carried
-  stay dirty, and the next attempt is a full sync after a backoff.
+* One Service never stops the others (isolation). A Service that cannot be
+  converted is skipped; one that cannot be compiled, or whose rules the
+  kernel refuses, is *quarantined*: it keeps what it last had in the kernel
+  (nothing, if it never had anything), and everything else is programmed.
+  A refused transaction is bisected by Service to find the ones responsible.
+  A quarantined Service is retried when it (or the node) changes. Each
+  problem is logged once per change and counted in
+  ``kproxy_invalid_objects_skipped_total``.
+* A transaction refused for a reason no Service explains changes nothing in
+  the kernel; the next attempt is a full sync after a backoff no longer than
+  the sync period.
 * Chains that are no longer wanted are flushed and dereferenced first, and
   deleted at least ``CHAIN_DELETE_DELAY`` later (upstream's rule for kernels
   before 6.2).
@@ -23,9 +32,10 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from kproxy.assembly import Assembly, Touched
+from kproxy.conflicts import FrontendIndex
 from kproxy.compiler import (
     FAMILIES,
     NodeInfo,
@@ -38,7 +48,9 @@ from kproxy.compiler import (
 from kproxy.conntrack import Conntrack, cleanup_stale_udp, udp_cleanup_targets
 from kproxy.convert import (
     InvalidObject,
+    Notes,
     NotProxied,
+    Problem,
     gc_paused,
     node_from_manifest,
     object_key,
@@ -47,9 +59,9 @@ from kproxy.convert import (
 )
 from kproxy.endpoints import port_endpoints, select
 from kproxy.model import Cluster, EndpointSlice, Service, ServiceKey, SliceKey
-from kproxy.nft import Backend
+from kproxy.nft import Backend, NftError
 from kproxy.plan import Op, Transaction, create, diff
-from kproxy.ruleset import Chain, Element, Family, Table
+from kproxy.ruleset import Chain, Element, Family, Table, fit_comment
 from kproxy.tracker import ChangeTracker
 
 log = logging.getLogger(__name__)
@@ -129,6 +141,17 @@ class SyncResult:
     services: int
 
 
+@dataclass(frozen=True, slots=True)
+class Quarantine:
+    """A Service kproxy could not program as it is now; it keeps what it last had in the kernel."""
+
+    state: tuple[object, ...]
+    """What it was compiled from (Service, slices, node): it is retried once this changes."""
+    reason: str
+    """``compile_error`` or ``kernel_refused``."""
+    message: str
+
+
 class Proxier:
     """Owns the tracker, the assemblies and the committed state. Thread-safe."""
 
@@ -162,6 +185,10 @@ class Proxier:
         self._pending_deletes: dict[tuple[Family, str], float] = {}
         self._tombstones: dict[ServiceKey, tuple[tuple[str, ...], float]] = {}
         """Deleted Services: their ClusterIPs, and when to stop rejecting traffic to them."""
+        self._frontends = FrontendIndex()
+        self._problems: dict[tuple[str, str], dict[str, Problem]] = {}
+        """(kind, key) -> the problems last reported for that object, by message: each is logged once per change."""
+        self.quarantined: dict[ServiceKey, Quarantine] = {}
         self._node_info: NodeInfo | None = None
         self._needs_full = True
         self._last_full = float("-inf")
@@ -180,30 +207,57 @@ class Proxier:
             self.oldest_pending_wall = self.wall_clock()
         self.changed.notify_all()
 
+    def _report(self, kind: str, key: str, problems: list[Problem]) -> None:
+        """Log and count the problems of one object that were not reported for it before; forget fixed ones."""
+        with self.lock:
+            before = self._problems.get((kind, key), {})
+            now = {p.message: p for p in problems}
+            for message, problem in now.items():
+                if message not in before:
+                    log.warning("%s", problem)
+                    self.observer.invalid_object(kind, problem.reason)
+            if now:
+                self._problems[(kind, key)] = now
+            elif before:
+                del self._problems[(kind, key)]
+                log.info("%s %s: no longer skipped", kind, key)
+
+    def _convert(self, kind: str, obj: Mapping[str, Any], convert: Callable[[Mapping[str, Any], Notes], Any]) -> Any:
+        """Convert one object; report what was skipped (all of it, or parts). None if it is skipped or not proxied."""
+        key = object_key(obj)
+        notes: Notes = []
+        value = None
+        problems = []
+        try:
+            value = convert(obj, notes)
+        except NotProxied:
+            pass
+        except InvalidObject as exc:
+            problems.append(Problem(kind, key, exc.reason, str(exc)))
+        except Exception as exc:  # conversion promises InvalidObject only; one object must never stop a relist
+            problems.append(Problem(kind, key, "malformed", f"{type(exc).__name__}: {exc}"))
+        problems += [Problem(kind, key, reason, message, part=True) for reason, message in notes]
+        self._report(kind, key, problems)
+        return value
+
     def _service(self, obj: Mapping[str, Any]) -> tuple[ServiceKey, Service | None]:
         """Convert a Service; None for one kproxy leaves alone or must skip."""
-        key = ServiceKey(object_key(obj))
-        try:
-            service = service_from_manifest(obj)
-            return service.key, service
-        except NotProxied:
-            return key, None
-        except InvalidObject as exc:
-            log.warning("skipping Service %s: %s (reason=%s)", key, exc, exc.reason)
-            self.observer.invalid_object("Service", exc.reason)
-            return key, None
+        service = self._convert("Service", obj, service_from_manifest)
+        return (service.key if service is not None else ServiceKey(object_key(obj))), service
 
     def _slice(self, obj: Mapping[str, Any]) -> tuple[SliceKey, EndpointSlice | None]:
-        key = SliceKey(object_key(obj))
-        try:
-            return key, slice_from_manifest(obj)
-        except InvalidObject as exc:
-            log.warning("skipping EndpointSlice %s: %s (reason=%s)", key, exc, exc.reason)
-            self.observer.invalid_object("EndpointSlice", exc.reason)
-            return key, None
+        eps = self._convert("EndpointSlice", obj, slice_from_manifest)
+        return (eps.key if eps is not None else SliceKey(object_key(obj))), eps
+
+    def _forget(self, kind: str, obj: Mapping[str, Any]) -> None:
+        self._report(kind, object_key(obj), [])
 
     def on_service(self, event: str, obj: Mapping[str, Any]) -> None:
-        key, service = (ServiceKey(object_key(obj)), None) if event == "DELETED" else self._service(obj)
+        if event == "DELETED":
+            self._forget("Service", obj)
+            key, service = ServiceKey(object_key(obj)), None
+        else:
+            key, service = self._service(obj)
         with self.lock:
             self._set_service(key, service)
             self._notify()
@@ -215,10 +269,17 @@ class Proxier:
             self._tombstones[key] = (old.cluster_ips, self.clock() + DELETED_SERVICE_REJECT)
         elif service is not None:
             self._tombstones.pop(key, None)
+        if service is not old:
+            for conflict in self._frontends.update(key, service):
+                log.warning("%s", conflict)
         self.tracker.set_service(key, service)
 
     def on_slice(self, event: str, obj: Mapping[str, Any]) -> None:
-        key, eps = (SliceKey(object_key(obj)), None) if event == "DELETED" else self._slice(obj)
+        if event == "DELETED":
+            self._forget("EndpointSlice", obj)
+            key, eps = SliceKey(object_key(obj)), None
+        else:
+            key, eps = self._slice(obj)
         with self.lock:
             self.tracker.set_slice(key, eps)
             self._notify()
@@ -226,12 +287,9 @@ class Proxier:
     def on_node(self, event: str, obj: Mapping[str, Any]) -> None:
         node = None
         if event != "DELETED":
-            try:
-                node = node_from_manifest(obj)
-            except InvalidObject as exc:
-                log.warning("ignoring Node %s: %s (reason=%s)", object_key(obj), exc, exc.reason)
-                self.observer.invalid_object("Node", exc.reason)
-                return
+            node = self._convert("Node", obj, node_from_manifest)
+            if node is None:
+                return  # an invalid Node: keep what was known
         with self.lock:
             self.tracker.set_node(node)
             self._notify()
@@ -250,9 +308,18 @@ class Proxier:
 
     def _relist(self, kind: str, objects: list[Mapping[str, Any]]) -> None:
         if kind == "Service":
-            services = dict(self._service(obj) for obj in objects)
+            converted: list[tuple[Any, Any]] = [self._service(obj) for obj in objects]
+            services = dict(converted)
         elif kind == "EndpointSlice":
-            slices = dict(self._slice(obj) for obj in objects)
+            converted = [self._slice(obj) for obj in objects]
+            slices = dict(converted)
+        if kind in ("Service", "EndpointSlice") and len(converted) != len(dict(converted)):
+            counts: dict[str, int] = {}
+            for key, _ in converted:
+                counts[key] = counts.get(key, 0) + 1
+            for key, count in sorted(counts.items()):
+                if count > 1:
+                    log.warning("%s %s is defined %d times; the last one is used", kind, key, count)
         with self.lock:
             if kind == "Service":
                 for key in [k for k in self.tracker.services if k not in services]:
@@ -269,6 +336,10 @@ class Proxier:
                     self.tracker.set_node(None)
                 for obj in objects:
                     self.on_node("ADDED", obj)
+            if kind in ("Service", "EndpointSlice"):
+                listed = {object_key(obj) for obj in objects}
+                for problem_kind, key in [k for k in self._problems if k[0] == kind and k[1] not in listed]:
+                    self._report(problem_kind, key, [])
             self._synced_sources.add(kind)
             self._notify()
 
@@ -282,6 +353,13 @@ class Proxier:
         """
         with self.lock:
             return {"Service", "EndpointSlice", "Node"} <= self._synced_sources
+
+    def skipped(self) -> list[Problem]:
+        """Every object (or part of one) skipped now, and every quarantined Service."""
+        with self.lock:
+            problems = [p for by_message in self._problems.values() for p in by_message.values()]
+            problems += [Problem("Service", key, q.reason, q.message) for key, q in self.quarantined.items()]
+            return sorted(problems, key=lambda p: (p.kind, p.key, p.message))
 
     # -- syncing -------------------------------------------------------------
 
@@ -334,7 +412,17 @@ class Proxier:
                 del self._tombstones[key]
             changes.services |= expired
             try:
-                result = self._sync_full(node_info, changes.services) if full else self._sync_partial(changes.services)
+                if not full:
+                    try:
+                        result = self._sync_partial(changes.services)
+                    except NftError as refusal:
+                        log.warning("sync failed: the kernel refused a partial sync (%s); a full sync follows at once",
+                                    refusal)
+                        self.observer.sync_failed(False, self.clock() - start)
+                        full, start = True, self.clock()
+                        changes.services |= self.tracker.known()
+                if full:
+                    result = self._sync_full(node_info, changes.services)
             except Exception:
                 self._needs_full = True
                 self.tracker.forget_synced()
@@ -379,6 +467,39 @@ class Proxier:
             )
             return result
 
+    # -- one Service's rules, isolated ------------------------------------------
+
+    def _state(self, key: ServiceKey, node_info: NodeInfo) -> tuple[object, ...]:
+        return (*self.tracker.state(key), node_info)
+
+    def _quarantine(self, key: ServiceKey, node_info: NodeInfo, reason: str, message: str) -> None:
+        """Keep ``key`` at what it last had; log it once per change of the Service.
+
+        A partial sync only compiles Services that changed, so a quarantined
+        one is retried when it changes; full syncs (hourly, on SIGHUP, after a
+        failure) retry it too, in case the kernel refused it for a passing reason.
+        """
+        held = self.quarantined.get(key)
+        if held is None or held.state != self._state(key, node_info) or held.reason != reason:
+            log.warning("quarantining Service %s: %s (reason=%s); it keeps its previous rules, and is retried "
+                        "when it changes; every other Service is programmed", key, message, reason)
+            self.observer.invalid_object("Service", reason)
+        self.quarantined[key] = Quarantine(self._state(key, node_info), reason, message)
+
+    def _rules(
+        self, key: ServiceKey, family: Family, node_info: NodeInfo, last_good: Callable[[Family, ServiceKey], ServiceRules | None]
+    ) -> ServiceRules | None:
+        """``key``'s contribution to ``family``: compiled, or its last good one while it is quarantined."""
+        held = self.quarantined.get(key)
+        if held is not None and held.state != self._state(key, node_info):
+            del self.quarantined[key]
+            log.info("Service %s changed: retrying it", key)
+        try:
+            return self._compile(key, family, node_info)
+        except Exception as exc:  # one Service must never stop the others
+            self._quarantine(key, node_info, "compile_error", f"{type(exc).__name__}: {exc}")
+            return last_good(family, key)
+
     def _compile(self, key: ServiceKey, family: Family, node_info: NodeInfo) -> ServiceRules | None:
         service = self.tracker.services.get(key)
         if service is None:
@@ -386,7 +507,7 @@ class Proxier:
             if tombstone is None:
                 return None
             ips = [ip for ip in tombstone[0] if (":" in ip) == (family == "ip6")]
-            return ServiceRules((), tuple(("cluster-ips", Element(ip, comment=f"{key}, deleted")) for ip in ips))
+            return ServiceRules((), tuple(("cluster-ips", Element(ip, comment=fit_comment(f"{key}, deleted"))) for ip in ips))
         if not any((":" in ip) == (family == "ip6") for ip in service.cluster_ips):
             return None  # nothing in this family (compile_service would say so after reading the slices)
         return compile_service(service, self.tracker.slices_of(key), family, node_info, self.config)
@@ -407,6 +528,9 @@ class Proxier:
     def _commit(self, tx: Transaction, delete_ops: list[Op], now: float) -> None:
         tx.ops.extend(delete_ops)
         self.backend.apply(tx)
+        self._after_commit(tx, delete_ops, now)
+
+    def _after_commit(self, tx: Transaction, delete_ops: list[Op], now: float) -> None:
         for op in delete_ops:
             self._pending_deletes.pop((op.family, op.name), None)
             self._committed[op.family].chains.pop(op.name, None)
@@ -415,6 +539,11 @@ class Proxier:
 
     def _sync_full(self, node_info: NodeInfo, keys: set[ServiceKey]) -> SyncResult:
         current = self.backend.read()
+        previous = self._assemblies
+
+        def last_good(family: Family, key: ServiceKey) -> ServiceRules | None:
+            return previous[family].part(key) if previous is not None else None
+
         assemblies: dict[Family, Assembly] = {}
         tx = Transaction()
         operations = 0
@@ -422,7 +551,7 @@ class Proxier:
         for family in FAMILIES:
             assembly = Assembly(base_table(node_info, self.config, family))
             for key in self._all_keys():
-                assembly.set_service(key, self._compile(key, family, node_info), track=False)
+                assembly.set_service(key, self._rules(key, family, node_info, last_good), track=False)
             if family in current.tables:
                 tx.extend(diff(current.tables[family], assembly.table, delete_chains=False))
             else:
@@ -434,12 +563,26 @@ class Proxier:
         now = self.clock()
         # Chains read back that are still pending deletion keep their due time.
         delete_ops = self._due_deletes(now, desired)
-        self._commit(tx, delete_ops, now)
-        operations += tx.operations
         self._assemblies = assemblies
-        self._committed = {family: _snapshot(table) for family, table in desired.items()}
+        try:
+            self._commit(tx, delete_ops, now)
+        except NftError as refusal:
+            # Start from what the kernel holds, and program it piece by piece.
+            self._committed = {family: current.tables[family] for family in current.tables}
+            for table in missing:
+                self._committed[table.family] = _snapshot(table.table)
+            by_key = {family: {key: a.names_of(key) for key in self._all_keys()} for family, a in assemblies.items()}
+            base = {family: _everything(self._committed[family], a.table) for family, a in assemblies.items()}
+            for family in base:
+                for touched in by_key[family].values():
+                    base[family].discard(touched)
+            operations += self._isolate(node_info, sorted(set(self._all_keys()) & keys), by_key, base, delete_ops,
+                                        last_good, refusal)
+        else:
+            operations += tx.operations
+            self._committed = {family: _snapshot(table) for family, table in desired.items()}
         for family, name in self._pending_deletes:
-            self._committed[family].chains[name] = Chain(name, ())
+            self._committed[family].chains.setdefault(name, Chain(name, ()))
         self._rule_totals = {family: table.rule_count() for family, table in self._committed.items()}
         return SyncResult(True, operations, 0.0, len(keys))
 
@@ -450,7 +593,9 @@ class Proxier:
         Every skeleton goes first, while libnftables (which reads the whole
         ruleset before each command) still finds little in the kernel; then
         the backend gets all the pieces at once, so it can encode the next
-        while the kernel takes in the previous.
+        while the kernel takes in the previous. If the kernel refuses a piece,
+        the sync fails; the full sync that follows reads back what landed and
+        finds the Services responsible (``_isolate``).
         """
         built = [create(assembly.table) for assembly in assemblies]
         pieces = [table[0] for table in built] + [piece for table in built for piece in table[1:]]
@@ -458,30 +603,133 @@ class Proxier:
         return sum(piece.operations for piece in pieces)
 
     def _sync_partial(self, keys: set[ServiceKey]) -> SyncResult:
+        """Program the Services in ``keys``: the difference for what they touched, one transaction.
+
+        If the kernel refuses it, the assemblies go back to what the kernel
+        holds and NftError is raised: ``sync`` then runs a full sync at once,
+        which reads the kernel (the refusal may be drift) and finds the
+        Services responsible if it is refused again.
+        """
         assert self._assemblies is not None and self._node_info is not None
-        touched: dict[Family, Touched] = {family: Touched() for family in FAMILIES}
+        node_info = self._node_info
+        previous: dict[Family, dict[ServiceKey, ServiceRules | None]] = {family: {} for family in FAMILIES}
+
+        def last_good(family: Family, key: ServiceKey) -> ServiceRules | None:
+            return previous[family][key]
+
+        touched = {family: Touched() for family in FAMILIES}
         for key in sorted(keys):
             for family, assembly in self._assemblies.items():
-                touched[family].update(assembly.set_service(key, self._compile(key, family, self._node_info)))
-        tx = Transaction()
-        for family, assembly in self._assemblies.items():
-            t = touched[family]
-            if t:
-                tx.extend(diff(self._committed[family], assembly.table, False, t.chains, t.elements, t.counters))
+                previous[family][key] = assembly.part(key)
+                touched[family].update(assembly.set_service(key, self._rules(key, family, node_info, last_good)))
         now = self.clock()
         desired = {family: a.table for family, a in self._assemblies.items()}
         delete_ops = self._due_deletes(now, desired)
-        self._commit(tx, delete_ops, now)
+        tx = self._transaction(touched)
+        before = self._rules_in(touched)
+        try:
+            self._commit(tx, delete_ops, now)
+        except NftError:
+            for family, assembly in self._assemblies.items():
+                for key, rules in previous[family].items():
+                    assembly.set_service(key, rules)
+            raise
+        self._record(touched)
+        for family, count in self._rules_in(touched).items():
+            self._rule_totals[family] = self._rule_totals.get(family, 0) + count - before[family]
+        return SyncResult(False, tx.operations, 0.0, len(keys))
+
+    # -- pieces of a sync ---------------------------------------------------------
+
+    def _transaction(self, touched: dict[Family, Touched]) -> Transaction:
+        """The difference between the committed tables and the desired ones, for ``touched`` only."""
+        assert self._assemblies is not None
+        tx = Transaction()
         for family, assembly in self._assemblies.items():
-            committed = self._committed[family]
-            before = sum(len(committed.chains[n].rules) for n in touched[family].chains if n in committed.chains)
-            _apply_touched(committed, assembly.table, touched[family])
-            after = sum(len(committed.chains[n].rules) for n in touched[family].chains if n in committed.chains)
-            self._rule_totals[family] = self._rule_totals.get(family, 0) + after - before
+            t = touched.get(family)
+            if t:
+                tx.extend(diff(self._committed[family], assembly.table, False, t.chains, t.elements, t.counters))
+        return tx
+
+    def _record(self, touched: dict[Family, Touched]) -> None:
+        """The kernel now holds ``touched`` as desired: update the committed tables."""
+        assert self._assemblies is not None
+        for family, assembly in self._assemblies.items():
+            t = touched.get(family)
+            if t is None:
+                continue
+            _apply_touched(self._committed[family], assembly.table, t)
             for (fam, name) in self._pending_deletes:
                 if fam == family and name not in assembly.table.chains:
-                    self._committed[family].chains[name] = Chain(name, ())
-        return SyncResult(False, tx.operations, 0.0, len(keys))
+                    self._committed[family].chains.setdefault(name, Chain(name, ()))
+
+    def _rules_in(self, touched: dict[Family, Touched]) -> dict[Family, int]:
+        return {
+            family: sum(len(self._committed[family].chains[n].rules) for n in t.chains if n in self._committed[family].chains)
+            for family, t in touched.items() if family in self._committed
+        }
+
+    def _apply_group(self, touched: dict[Family, Touched], delete_ops: list[Op] = ()) -> int:  # type: ignore[assignment]
+        """Send the difference for ``touched`` (and due chain deletes) as one transaction; raises NftError."""
+        tx = self._transaction(touched)
+        self._commit(tx, list(delete_ops), self.clock())
+        self._record(touched)
+        return tx.operations
+
+    def _isolate(
+        self,
+        node_info: NodeInfo,
+        keys: list[ServiceKey],
+        by_key: dict[Family, dict[ServiceKey, Touched]],
+        base: dict[Family, Touched],
+        delete_ops: list[Op],
+        last_good: Callable[[Family, ServiceKey], ServiceRules | None],
+        refusal: NftError,
+    ) -> int:
+        """The kernel refused a sync's transaction: find the Services responsible and program everything else.
+
+        What no Service owns (the skeleton, stale objects, due chain deletes)
+        goes first; if the kernel refuses that, no Service is to blame and
+        the sync fails. Then the Services' parts go in halves: a half the
+        kernel takes is recorded, a half it refuses is split again, and a
+        single Service it refuses is quarantined: its part goes back to its
+        last good one, which the kernel still holds. About 2 log2(n)
+        transactions per Service refused.
+        """
+        assert self._assemblies is not None
+        log.warning("the kernel refused a sync (%s); finding the Services responsible", refusal)
+        operations = self._apply_group(base, delete_ops)
+        try:
+            self.backend.apply(_probe(self._committed))
+        except NftError:
+            raise refusal from None  # the kernel takes nothing at all: no Service is to blame
+        groups = [keys] if keys else []
+        while groups:
+            group = groups.pop()
+            touched = {family: _union(by_key[family].get(k, Touched()) for k in group) for family in FAMILIES}
+            try:
+                operations += self._apply_group(touched)
+            except NftError as exc:
+                if len(group) > 1:
+                    half = len(group) // 2
+                    groups += [group[half:], group[:half]]
+                    continue
+                key = group[0]
+                self._quarantine(key, node_info, "kernel_refused", str(exc))
+                back = {family: self._assemblies[family].set_service(key, last_good(family, key)) for family in FAMILIES}
+                for family in FAMILIES:
+                    back[family].update(by_key[family].get(key, Touched()))
+                operations += self._apply_group(back)  # refused as well: the sync fails
+        return operations
+
+    def delete_dereferenced_chains(self) -> int:
+        """Delete now the chains a sync dereferenced, without the usual delay (``kproxy --once``)."""
+        with self.lock:
+            if not self._pending_deletes:
+                return 0
+            ops = [Op("delete", "chain", family, name) for family, name in sorted(self._pending_deletes)]
+            self._commit(Transaction(), ops, self.clock())
+            return len(ops)
 
     def _cleanup_conntrack(self, keys: set[ServiceKey], node_info: NodeInfo) -> None:
         if self.conntrack is None or not keys:
@@ -552,6 +800,37 @@ def _snapshot(table: Table) -> Table:
     )
 
 
+PROBE_ADDRESS = {"ip": "0.0.0.0", "ip6": "::"}
+"""Never a ClusterIP (conversion refuses unspecified addresses)."""
+
+
+def _probe(tables: Mapping[Family, Table]) -> Transaction:
+    """A transaction that changes nothing, yet is sent to the kernel: it adds and deletes one element."""
+    tx = Transaction()
+    for family in tables:
+        element = Element(PROBE_ADDRESS[family], comment="kproxy probe")
+        tx.add(Op("add", "element", family, "cluster-ips", elements=(element,)))
+        tx.add(Op("delete", "element", family, "cluster-ips", elements=(element,)))
+    return tx
+
+
+def _union(parts: Iterable[Touched]) -> Touched:
+    total = Touched()
+    for part in parts:
+        total.update(part)
+    return total
+
+
+def _everything(current: Table, desired: Table) -> Touched:
+    """Every name either table holds: what a full diff compares."""
+    return Touched(
+        chains=set(current.chains) | set(desired.chains),
+        elements={(name, key) for table in (current, desired) for name, members in table.elements.items()
+                  for key in members},
+        counters=set(current.counters) | set(desired.counters),
+    )
+
+
 def _apply_touched(committed: Table, desired: Table, touched: Touched) -> None:
     for name in touched.chains:
         chain = desired.chains.get(name)
@@ -578,7 +857,8 @@ def _apply_touched(committed: Table, desired: Table, touched: Touched) -> None:
 class SyncRunner(threading.Thread):
     """Runs ``proxier.sync`` no more often than ``min_period``, at least every ``period``.
 
-    A failed sync is retried after a capped exponential backoff, as a full sync.
+    A failed sync is retried after a capped exponential backoff (never longer
+    than ``period``), as a full sync.
     Nothing runs until the proxier is ready (Services and slices listed once).
     """
 
@@ -633,6 +913,7 @@ class SyncRunner(threading.Thread):
                 retry_at = None
             except Exception as exc:  # a sync must never kill the loop
                 self.failures += 1
-                delay = min(self.backoff[1], self.backoff[0] * 2 ** (self.failures - 1))
+                # Never longer than the sync period, as upstream retries a failed sync after syncPeriod.
+                delay = min(self.backoff[1], self.period, self.backoff[0] * 2 ** (self.failures - 1))
                 retry_at = clock() + delay
                 log.warning("sync failed (attempt %d), full resync in %.1fs: %s", self.failures, delay, exc)

@@ -3,11 +3,15 @@
 A ``Ruleset`` is what the compiler returns and what the planner compares. Rule
 bodies are nft text. ``comment()`` is the one way a comment string enters that
 text, and it refuses any character outside a small safe alphabet, so no value
-can ever close the string and inject syntax.
+can ever close the string and inject syntax. Comments are built from validated
+names and addresses, and ``fit_comment`` shortens the long ones (a 63-character
+namespace and a 63-character name) to nft's 128 characters, so every legal
+name compiles.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -15,7 +19,9 @@ from typing import Literal
 Family = Literal["ip", "ip6"]
 TABLE = "kproxy"
 
-_SAFE_COMMENT = re.compile(r"^[A-Za-z0-9 ./:_,()>+=-]{0,128}$")
+COMMENT_MAX = 128
+"""nft refuses a comment longer than this (NFTNL_UDATA_COMMENT_MAXLEN)."""
+_SAFE_COMMENT = re.compile(r"[A-Za-z0-9 ./:_,()>+=-]{0,128}")
 
 
 class UnsafeText(ValueError):
@@ -24,9 +30,20 @@ class UnsafeText(ValueError):
 
 def comment(text: str) -> str:
     """``comment "<text>"`` for a rule, chain, set or element."""
-    if not _SAFE_COMMENT.match(text):
+    if not _SAFE_COMMENT.fullmatch(text):
         raise UnsafeText(f"refusing unsafe comment text {text!r}")
     return f'comment "{text}"'
+
+
+def fit_comment(text: str) -> str:
+    """``text`` if it fits nft's 128 characters, else its start, ``...`` and a stable 8-character hash of the whole.
+
+    The hash keeps two long names that share a start apart.
+    """
+    if len(text) <= COMMENT_MAX:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8].upper()
+    return f"{text[: COMMENT_MAX - 11]}...{digest}"
 
 
 @dataclass(frozen=True, slots=True)

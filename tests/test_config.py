@@ -399,10 +399,10 @@ def test_file_without_permission(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     """A --config file that cannot be opened (EACCES, even as root here) is a ConfigError naming it."""
     path = _file(tmp_path, FULL)
 
-    def denied(self: Path) -> bytes:
+    def denied(self: Path, *args: object, **kwargs: object) -> bytes:
         raise PermissionError(13, "Permission denied", str(self))
 
-    monkeypatch.setattr(Path, "read_bytes", denied)
+    monkeypatch.setattr(Path, "open", denied)
     with pytest.raises(ConfigError, match=f"^{path}: cannot read: Permission denied$"):
         _config("--config", path)
 

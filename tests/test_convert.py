@@ -102,51 +102,78 @@ def _mutate(path: list[Any], value: Any) -> Callable[[dict[str, Any]], dict[str,
 BAD_SERVICES = [
     pytest.param(["spec", "clusterIP"], "10.96.0.300", "invalid_ip", id="bad-cluster-ip"),
     pytest.param(["spec", "clusterIPs"], ["10.0.0.1; flush ruleset"], "invalid_ip", id="injected-cluster-ip"),
-    pytest.param(["spec", "ports"], [{"name": "http", "port": 70000}], "invalid_port", id="port-out-of-range"),
-    pytest.param(["spec", "ports"], [{"name": "http", "port": "80"}], "invalid_port", id="port-as-string"),
-    pytest.param(["spec", "ports"], [{"name": "http", "port": 80, "protocol": "ICMP"}], "unknown_protocol", id="unknown-protocol"),
-    pytest.param(["spec", "ports"], [{"name": 'x" ; flush ruleset ; "', "port": 80}], "invalid_name", id="injected-port-name"),
+    pytest.param(["spec", "clusterIPs"], ["fd00::1%x }"], "invalid_ip", id="zone-id-cluster-ip"),
+    pytest.param(["spec", "clusterIPs"], ["10.96.0.1\n"], "invalid_ip", id="trailing-newline-cluster-ip"),
     pytest.param(["spec", "ipFamilies"], ["IPv6"], "family_mismatch", id="family-mismatch"),
-    pytest.param(["spec", "externalIPs"], ["not-an-ip"], "invalid_ip", id="bad-external-ip"),
+    pytest.param(["spec", "ipFamilies"], [["IPv4"]], "family_mismatch", id="family-wrong-type"),
     pytest.param(["spec", "loadBalancerSourceRanges"], ["10.0.0.0/33"], "invalid_cidr", id="bad-source-range"),
+    pytest.param(["spec", "loadBalancerSourceRanges"], ["fe80::%1/64"], "invalid_cidr", id="zone-id-source-range"),
     pytest.param(["metadata", "name"], "Web}", "invalid_name", id="injected-name"),
+    pytest.param(["metadata", "name"], "web\n", "invalid_name", id="trailing-newline-name"),
     pytest.param(["metadata", "namespace"], "a" * 64, "invalid_name", id="namespace-too-long"),
-    pytest.param(["metadata", "annotations"], {"kproxy.io/rate-limit": "10/hour"}, "invalid_annotation", id="rate-unit"),
-    pytest.param(["metadata", "annotations"], {"kproxy.io/rate-limit": "0/second"}, "invalid_annotation", id="rate-zero"),
-    pytest.param(
-        ["metadata", "annotations"],
-        {"kproxy.io/rate-limit": '1/second } drop ; add rule ip filter x accept #'},
-        "invalid_annotation",
-        id="rate-injection",
-    ),
-    pytest.param(
-        ["metadata", "annotations"],
-        {"kproxy.io/rate-limit": "5/second", "kproxy.io/rate-limit-burst": "-1"},
-        "invalid_annotation",
-        id="bad-burst",
-    ),
-    pytest.param(["metadata", "annotations"], {"kproxy.io/rate-limit-burst": "3"}, "invalid_annotation", id="burst-alone"),
+    pytest.param(["metadata", "namespace"], ["default"], "invalid_name", id="namespace-wrong-type"),
     pytest.param(
         ["spec", "sessionAffinityConfig"], {"clientIP": {"timeoutSeconds": 0}}, "malformed", id="affinity-timeout-zero"
     ),
     pytest.param(["spec", "externalTrafficPolicy"], "Sometimes", "malformed", id="unknown-policy"),
+    pytest.param(["spec", "externalTrafficPolicy"], ["Local"], "malformed", id="policy-wrong-type"),
+    pytest.param(["spec", "type"], {"a": 1}, "malformed", id="type-wrong-type"),
 ]
 
 
 @pytest.mark.parametrize("path, value, reason", BAD_SERVICES)
 def test_bad_service_rejected(path: list[Any], value: Any, reason: str) -> None:
-    """A malformed or hostile Service raises InvalidObject with a metric reason."""
+    """A Service whose every rule depends on a bad value raises InvalidObject with a metric reason."""
     base = service("web", sessionAffinity="ClientIP")
     with pytest.raises(InvalidObject) as info:
         service_from_manifest(_mutate(path, value)(base))
     assert info.value.reason == reason
+    assert path[-1] in str(info.value), f"the message names the field: {info.value}"
+
+
+BAD_PARTS = [
+    pytest.param(["spec", "ports", 1], {"name": "b", "port": 70000}, "invalid_port", "spec.ports[1].port", id="port-out-of-range"),
+    pytest.param(["spec", "ports", 1], {"name": "b", "port": "80"}, "invalid_port", "spec.ports[1].port", id="port-as-string"),
+    pytest.param(["spec", "ports", 1], {"name": "b", "port": 81, "protocol": "ICMP"}, "unknown_protocol",
+                 "spec.ports[1].protocol", id="unknown-protocol"),
+    pytest.param(["spec", "ports", 1], {"name": "b", "port": 81, "protocol": ["TCP"]}, "unknown_protocol",
+                 "spec.ports[1].protocol", id="protocol-wrong-type"),
+    pytest.param(["spec", "ports", 1], {"name": 'x" ; flush ruleset ; "', "port": 81}, "invalid_name",
+                 "spec.ports[1].name", id="injected-port-name"),
+    pytest.param(["spec", "ports", 1], {"name": "http\n", "port": 81}, "invalid_name", "spec.ports[1].name",
+                 id="trailing-newline-port-name"),
+    pytest.param(["spec", "externalIPs"], ["not-an-ip"], "invalid_ip", "spec.externalIPs[0]", id="bad-external-ip"),
+    pytest.param(["spec", "externalIPs"], ["0.0.0.0"], "invalid_ip", "spec.externalIPs[0]", id="unspecified-external-ip"),
+    pytest.param(["spec", "externalIPs"], ["127.0.0.1"], "invalid_ip", "spec.externalIPs[0]", id="loopback-external-ip"),
+    pytest.param(["spec", "externalIPs"], ["239.1.1.1"], "invalid_ip", "spec.externalIPs[0]", id="multicast-external-ip"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/rate-limit": "10/hour"}, "invalid_annotation",
+                 "kproxy.io/rate-limit", id="rate-unit"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/rate-limit": "0/second"}, "invalid_annotation",
+                 "kproxy.io/rate-limit", id="rate-zero"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/rate-limit": "1/second } drop ; add rule ip filter x accept #"},
+                 "invalid_annotation", "kproxy.io/rate-limit", id="rate-injection"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/rate-limit": "5/second", "kproxy.io/rate-limit-burst": "-1"},
+                 "invalid_annotation", "kproxy.io/rate-limit-burst", id="bad-burst"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/rate-limit-burst": "3"}, "invalid_annotation",
+                 "kproxy.io/rate-limit-burst", id="burst-alone"),
+]
+
+
+@pytest.mark.parametrize("path, value, reason, field", BAD_PARTS)
+def test_bad_part_skipped_and_the_rest_kept(path: list[Any], value: Any, reason: str, field: str) -> None:
+    """A bad port, external IP or annotation is skipped with a note naming the field; the Service is kept."""
+    base = service("web", ports=[{"name": "a", "port": 80}, {"name": "b", "port": 81}])
+    notes: list[tuple[str, str]] = []
+    svc = service_from_manifest(_mutate(path, value)(base), notes)
+    assert [n[0] for n in notes] == [reason]
+    assert field in notes[0][1]
+    assert svc.ports[0].name == "a"
+    assert svc.external_ips == () and svc.rate_limit is None
 
 
 BAD_SLICES = [
-    pytest.param(["endpoints"], [endpoint("10.0.0.1; drop")], "invalid_ip", id="bad-endpoint-ip"),
-    pytest.param(["endpoints"], [endpoint("fd00::1")], "family_mismatch", id="v6-in-v4-slice"),
     pytest.param(["addressType"], "FQDN", "family_mismatch", id="fqdn-slice"),
-    pytest.param(["ports"], [{"name": "http", "port": 0}], "invalid_port", id="port-zero"),
+    pytest.param(["addressType"], ["IPv4"], "family_mismatch", id="address-type-wrong-type"),
     pytest.param(["metadata", "labels"], {}, "invalid_name", id="no-service-label"),
 ]
 
@@ -158,6 +185,27 @@ def test_bad_slice_rejected(path: list[Any], value: Any, reason: str) -> None:
     with pytest.raises(InvalidObject) as info:
         slice_from_manifest(_mutate(path, value)(base))
     assert info.value.reason == reason
+
+
+BAD_SLICE_PARTS = [
+    pytest.param(["endpoints", 0], endpoint("10.0.0.1; drop"), "invalid_ip", id="bad-endpoint-ip"),
+    pytest.param(["endpoints", 0], endpoint("fd00::1"), "family_mismatch", id="v6-in-v4-slice"),
+    pytest.param(["endpoints", 0], endpoint("127.0.0.1"), "invalid_ip", id="loopback-endpoint"),
+    pytest.param(["endpoints", 0], endpoint("10.0.0.1", node="Node A"), "invalid_name", id="bad-node-name"),
+    pytest.param(["ports", 0], {"name": "http", "port": 0}, "invalid_port", id="port-zero"),
+]
+
+
+@pytest.mark.parametrize("path, value, reason", BAD_SLICE_PARTS)
+def test_bad_endpoint_or_slice_port_skipped(path: list[Any], value: Any, reason: str) -> None:
+    """A bad endpoint or port of a slice is skipped with a note; the rest of the slice is kept."""
+    base = endpoint_slice("web-1", "web", [endpoint("10.0.0.1"), endpoint("10.0.0.2")],
+                          ports=[{"name": "http", "port": 8080}, {"name": "dns", "port": 53, "protocol": "UDP"}])
+    notes: list[tuple[str, str]] = []
+    eps = slice_from_manifest(_mutate(path, value)(base), notes)
+    assert [n[0] for n in notes] == [reason]
+    assert path[0] + "[0]" in notes[0][1]
+    assert len(eps.endpoints) + len(eps.ports) == 3
 
 
 def test_slice_fields() -> None:
@@ -199,7 +247,7 @@ def test_build_cluster_skips_only_bad_objects() -> None:
         service("good", cluster_ip="10.96.0.1"),
         service("bad", cluster_ip="10.96.0.999"),
         endpoint_slice("good-1", "good", [endpoint("10.0.0.1")]),
-        endpoint_slice("bad-1", "bad", [endpoint("nope")]),
+        endpoint_slice("bad-1", "bad", [endpoint("nope")], address_type="FQDN"),
         node("node-a"),
         node("node-b"),
         {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}},
@@ -210,10 +258,30 @@ def test_build_cluster_skips_only_bad_objects() -> None:
     assert set(cluster.slices) == {"default/good-1"}
     assert cluster.node is not None and cluster.node.name == "node-a"
     assert sorted((p.kind, p.key, p.reason) for p in problems) == [
-        ("EndpointSlice", "default/bad-1", "invalid_ip"),
+        ("EndpointSlice", "default/bad-1", "family_mismatch"),
         ("Service", "default/bad", "invalid_ip"),
     ]
     assert "default/bad" in str(problems[1]) or "default/bad" in str(problems[0])
+
+
+def test_duplicates_and_conflicts_are_named() -> None:
+    """Two objects with one name, and two Services on one address:port or NodePort, each give a warning naming both."""
+    objects = [
+        service("a", cluster_ip="10.96.0.1"),
+        service("a", cluster_ip="10.96.0.2"),
+        service("b", cluster_ip="10.96.0.3", type="NodePort", externalIPs=["198.51.100.1"],
+                ports=[{"name": "http", "port": 80, "nodePort": 30080}]),
+        service("c", cluster_ip="10.96.0.4", type="NodePort", externalIPs=["198.51.100.1"],
+                ports=[{"name": "http", "port": 80, "nodePort": 30080}]),
+    ]
+    cluster, problems = build_cluster(objects, "node-a")
+    assert cluster.services["default/a"].cluster_ips == ("10.96.0.2",), "the last definition is used"
+    texts = sorted(str(p) for p in problems)
+    assert any("default/a" in t and "defined 2 times" in t for t in texts)
+    conflicts = [t for t in texts if "both claim" in t]
+    assert len(conflicts) == 2, texts
+    assert any("198.51.100.1 tcp/80" in t for t in conflicts) and any("NodePort tcp/30080" in t for t in conflicts)
+    assert all("default/b gets it" in t and "default/c" in t for t in conflicts)
 
 
 def test_parse_list_and_multidoc() -> None:

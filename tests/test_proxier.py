@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -11,7 +11,7 @@ from kproxy.compiler import ProxyConfig, compile_ruleset, node_info
 from kproxy.conntrack import FakeConntrack, FlowEntry
 from kproxy.fake import FakeBackend
 from kproxy.nft import NftError
-from kproxy.plan import plan
+from kproxy.plan import Transaction, plan
 from kproxy.proxier import (
     CHAIN_DELETE_DELAY,
     DELETED_SERVICE_REJECT,
@@ -128,21 +128,58 @@ def test_service_back_before_its_chain_is_deleted() -> None:
     assert plan(backend.read(), _expected(proxier)).operations == 0
 
 
-def test_failed_sync_keeps_kernel_and_retries_as_full_sync() -> None:
-    """A refused transaction changes nothing; the next sync is full and converges."""
-    proxier, backend, _ = _proxier()
+class RefusingBackend(FakeBackend):
+    """The fake kernel, refusing every transaction for which ``refuse(op text)`` holds for one of its commands."""
+
+    def __init__(self, refuse: Callable[[str], bool] = lambda text: False) -> None:
+        super().__init__()
+        self.refuse = refuse
+        self.refused = 0
+
+    def apply(self, tx: Transaction) -> None:
+        if any(self.refuse(op.render()) for op in tx.ops):
+            self.refused += 1
+            raise NftError("Invalid argument", "injected refusal")
+        super().apply(tx)
+
+
+def _proxier_on(backend: FakeBackend, services: int = 5, **kw: Any) -> tuple[Proxier, Clock]:
+    clock = Clock()
+    proxier = Proxier(backend, "node-a", CONFIG, clock=clock, **kw)
+    proxier.on_relist("Node", [node("node-a")])
+    proxier.on_relist("Service", [_svc(i) for i in range(services)])
+    proxier.on_relist("EndpointSlice", [_slice(i) for i in range(services)])
+    return proxier, clock
+
+
+def test_refusal_no_service_explains_fails_the_sync_and_changes_nothing() -> None:
+    """A kernel refusing everything: the sync fails, the kernel is unchanged, and the next sync converges."""
+    backend = RefusingBackend()
+    proxier, _ = _proxier_on(backend)
     proxier.sync()
     before = backend.read()
     proxier.on_slice("MODIFIED", _slice(1, 5))
-    backend.fail_next = NftError("Device or resource busy", "add rule ...")
+    backend.refuse = lambda text: True
     with pytest.raises(NftError):
         proxier.sync()
-    assert plan(before, _expected(proxier)).operations > 0
     assert {n: c.fingerprint for n, c in backend.read().tables["ip"].chains.items()} == {
         n: c.fingerprint for n, c in before.tables["ip"].chains.items()
     }
-    result = proxier.sync()
-    assert result.full
+    assert backend.read().tables["ip"].elements == before.tables["ip"].elements
+    assert not proxier.quarantined, "no Service is blamed for a refusal of everything"
+    backend.refuse = lambda text: False
+    assert proxier.sync().full
+    assert plan(backend.read(), _expected(proxier)).operations == 0
+
+
+def test_one_passing_refusal_is_retried_in_the_same_sync() -> None:
+    """A partial sync the kernel refuses once is followed at once by a full sync that lands; nothing is quarantined."""
+    proxier, backend, _ = _proxier()
+    proxier.sync()
+    proxier.on_slice("MODIFIED", _slice(1, 5))
+    backend.fail_next = NftError("Device or resource busy", "add rule ...")
+    assert proxier.sync().full
+    assert not proxier.quarantined
     assert plan(backend.read(), _expected(proxier)).operations == 0
 
 
@@ -154,30 +191,131 @@ def test_failed_sync_reports_its_duration() -> None:
         def sync_failed(self, full: bool, seconds: float) -> None:
             failures.append((full, seconds))
 
-    proxier, backend, clock = _proxier(observer=Observer())
+    backend = RefusingBackend()
+    proxier, clock = _proxier_on(backend, observer=Observer())
     proxier.sync()
     proxier.on_slice("MODIFIED", _slice(1, 5))
 
-    def slow_refusal(tx: Any) -> None:
+    def slow_refusal(text: str) -> bool:
         clock.now += 0.5
-        raise NftError("Device or resource busy", "add element ...")
+        return True
 
-    backend.apply = slow_refusal  # type: ignore[method-assign]
+    backend.refuse = slow_refusal
     with pytest.raises(NftError):
         proxier.sync()
-    assert failures == [(False, 0.5)]
+    # the partial attempt (one refusal), then the full one it escalated to (its transaction, then a probe)
+    assert failures == [(False, 0.5), (True, 1.0)]
 
 
 def test_drift_repaired_by_full_sync() -> None:
-    """A table deleted by hand breaks the next partial sync; the full resync that follows restores it."""
+    """A table deleted by hand breaks the next partial sync; the full sync that follows at once restores it."""
     proxier, backend, _ = _proxier()
     proxier.sync()
     backend.delete_tables()
     proxier.on_slice("MODIFIED", _slice(0, 3))
-    with pytest.raises(NftError):
-        proxier.sync()
     assert proxier.sync().full
+    assert not proxier.quarantined
     assert plan(backend.read(), _expected(proxier)).operations == 0
+
+
+def test_kernel_refusing_one_service_quarantines_it_alone() -> None:
+    """The kernel refuses whatever names ns/s2: s2 keeps its old rules, every other change lands, s2 is retried when it changes."""
+    seen: list[tuple[str, str]] = []
+
+    class Observer(NullObserver):
+        def invalid_object(self, kind: str, reason: str) -> None:
+            seen.append((kind, reason))
+
+    backend = RefusingBackend()
+    proxier, _ = _proxier_on(backend, services=8, observer=Observer())
+    proxier.sync()
+    old_s2 = {k: e for k, e in backend.elements("ip", "endpoints-4").items() if k.startswith("10.96.0.3 ")}
+    backend.refuse = lambda text: "ns/s2:" in text
+    for i in (1, 2, 6):
+        proxier.on_slice("MODIFIED", _slice(i, 3))
+    proxier.on_service("ADDED", _svc(9))
+    proxier.on_slice("ADDED", _slice(9, 2))
+    proxier.sync()
+    assert set(proxier.quarantined) == {"ns/s2"}
+    assert seen == [("Service", "kernel_refused")]
+    ep4 = backend.elements("ip", "endpoints-4")
+    assert {k: e for k, e in ep4.items() if k.startswith("10.96.0.3 ")} == old_s2, "s2 keeps its previous endpoints"
+    for i in (1, 6):
+        assert sum(k.startswith(f"10.96.0.{i + 1} ") for k in ep4) == 3, f"s{i} got its third endpoint"
+    assert "10.96.0.10 . tcp . 80" in backend.elements("ip", "service-ips"), "the new Service is programmed"
+    assert any(p.key == "ns/s2" and p.reason == "kernel_refused" for p in proxier.skipped())
+
+    proxier.on_slice("MODIFIED", _slice(4, 1))  # another change: s2 is not retried, and not logged again
+    refused = backend.refused
+    proxier.sync()
+    assert backend.refused == refused and seen == [("Service", "kernel_refused")]
+
+    backend.refuse = lambda text: False
+    proxier.on_slice("MODIFIED", _slice(2, 4))  # s2 changes: retried, and it lands
+    proxier.sync()
+    assert not proxier.quarantined
+    assert plan(backend.read(), _expected(proxier)).operations == 0
+
+
+def test_kernel_refusing_one_service_at_a_full_sync() -> None:
+    """At startup (a full sync against an existing table) a refused Service is found by bisection; the rest lands."""
+    backend = RefusingBackend()
+    proxier, _ = _proxier_on(backend, services=6)
+    proxier.sync()
+    backend.refuse = lambda text: "ns/s4:" in text
+    restarted, _ = _proxier_on(backend, services=6)
+    restarted.on_slice("MODIFIED", _slice(4, 3))
+    restarted.on_slice("MODIFIED", _slice(0, 3))
+    restarted.sync()
+    assert set(restarted.quarantined) == {"ns/s4"}
+    assert sum(k.startswith("10.96.0.1 ") for k in backend.elements("ip", "endpoints-4")) == 3
+
+
+def test_compile_error_quarantines_one_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Service the compiler chokes on is quarantined; the others are programmed."""
+    import kproxy.proxier as proxier_module
+
+    real = proxier_module.compile_service
+
+    def flaky(service: Any, *args: Any) -> Any:
+        if service.name == "s3":
+            raise RuntimeError("boom")
+        return real(service, *args)
+
+    monkeypatch.setattr(proxier_module, "compile_service", flaky)
+    proxier, backend, _ = _proxier()
+    proxier.sync()
+    assert set(proxier.quarantined) == {"ns/s3"} and proxier.quarantined["ns/s3"].reason == "compile_error"
+    assert "10.96.0.4 . tcp . 80" not in backend.elements("ip", "service-ips")
+    assert "10.96.0.5 . tcp . 80" in backend.elements("ip", "service-ips")
+
+
+def test_problems_are_logged_once_per_change(caplog: pytest.LogCaptureFixture) -> None:
+    """The same bad Service seen again (a relist, a status update) is not logged again; a new problem is; a fix is noted."""
+    proxier, _, _ = _proxier()
+    bad = _svc(7, externalIPs=["127.0.0.1"])
+    with caplog.at_level("WARNING", logger="kproxy.proxier"):
+        proxier.on_service("ADDED", bad)
+        proxier.on_service("MODIFIED", bad)
+        proxier.on_relist("Service", [_svc(i) for i in range(5)] + [bad])
+    assert sum("ns/s7" in r.getMessage() for r in caplog.records) == 1, caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="kproxy.proxier"):
+        proxier.on_service("MODIFIED", _svc(7))
+    assert "no longer skipped" in caplog.text
+    assert not proxier.skipped()
+
+
+def test_conflicting_services_are_named_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Two Services on one external IP:port: one warning naming both and the winner, not repeated on updates."""
+    proxier, _, _ = _proxier()
+    with caplog.at_level("WARNING", logger="kproxy.proxier"):
+        proxier.on_service("ADDED", service("x", "ns", "10.96.1.1", externalIPs=["198.51.100.7"]))
+        proxier.on_service("ADDED", service("y", "ns", "10.96.1.2", externalIPs=["198.51.100.7"]))
+        proxier.on_service("MODIFIED", service("y", "ns", "10.96.1.2", externalIPs=["198.51.100.7"], labels={"a": "b"}))
+    lines = [r.getMessage() for r in caplog.records if "both claim" in r.getMessage()]
+    assert lines == ["Services ns/x and ns/y both claim 198.51.100.7 tcp/80; ns/x gets it (the first by namespace/name), "
+                     "ns/y does not"]
 
 
 def test_node_zone_change_forces_full_sync() -> None:
