@@ -27,10 +27,10 @@ from typing import Any, Sequence
 from kproxy.compiler import NodeInfo, compile_ruleset, node_info
 from kproxy.config import ConfigError, DaemonConfig, add_daemon_flags, daemon_config
 from kproxy.conntrack import PyrouteConntrack
-from kproxy.convert import build_cluster, object_key
+from kproxy.convert import Problem, build_cluster, object_key
 from kproxy.daemon_errors import StartupError
 from kproxy.explain import Packet, explain
-from kproxy.inspect import KernelTables
+from kproxy.inspect import KernelTables, daemon_skipped
 from kproxy.kubeproxy_cleanup import KubeProxyCleanupError, cleanup_kube_proxy
 from kproxy.logs import setup_logging
 from kproxy.manifests import ManifestError, load_manifest_files
@@ -113,24 +113,21 @@ def _load_objects(args: argparse.Namespace, mode: str) -> list[dict[str, Any]]:
         raise UsageError(str(exc)) from None
 
 
-def _load_input(args: argparse.Namespace, mode: str, node_name: str) -> Cluster:
-    cluster, problems = build_cluster(_load_objects(args, mode), node_name)
+def _model(args: argparse.Namespace, mode: str, config: DaemonConfig) -> tuple[Cluster, list[Problem]]:
+    """The cluster from --from-file, or from one list of the API server; what was skipped is logged and returned."""
+    if args.from_file:
+        cluster, problems = build_cluster(_load_objects(args, mode), config.node_name)
+    else:
+        from kproxy.inspect import cluster_from_api
+
+        try:
+            cluster, problems = cluster_from_api(config.kubeconfig, config.node_name)
+        except Exception as exc:  # no kubeconfig, no in-cluster config, API server down
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UsageError(f"{mode} without --from-file lists the API server, which failed: {reason}") from None
     for problem in problems:
         log.warning("%s", problem)
-    return cluster
-
-
-def _model(args: argparse.Namespace, mode: str, config: DaemonConfig) -> Cluster:
-    """The cluster from --from-file, or from one list of the API server."""
-    if args.from_file:
-        return _load_input(args, mode, config.node_name)
-    from kproxy.inspect import cluster_from_api
-
-    try:
-        return cluster_from_api(config.kubeconfig, config.node_name)
-    except Exception as exc:  # no kubeconfig, no in-cluster config, API server down
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UsageError(f"{mode} without --from-file lists the API server, which failed: {reason}") from None
+    return cluster, problems
 
 
 def _compile(cluster: Cluster, node: NodeInfo, config: DaemonConfig) -> Ruleset:
@@ -142,7 +139,7 @@ def _compile(cluster: Cluster, node: NodeInfo, config: DaemonConfig) -> Ruleset:
 
 
 def dry_run(args: argparse.Namespace, config: DaemonConfig) -> int:
-    cluster = _model(args, "--dry-run", config)
+    cluster, _ = _model(args, "--dry-run", config)
     if cluster.node is None and not args.diff:
         log.warning("Node %s is not in the input; NodePorts will have no addresses", config.node_name)
     node = node_info(config.node_name, cluster.node)
@@ -171,12 +168,18 @@ def explain_main(argv: Sequence[str]) -> int:
         return EXIT_USAGE
     setup_logging(config.log_format, "debug" if args.verbose else "warning")
     try:
-        cluster = _model(args, "explain", config)
+        cluster, problems = _model(args, "explain", config)
         node = node_info(config.node_name, cluster.node)
         if not node.primary_ips:
             node = node_info(config.node_name, cluster.node, interface_addresses()[1])
-        for line in explain(packet, cluster, node, config.proxy_config(), KernelTables(NftablesBackend())):
+        from_daemon = daemon_skipped(config.metrics_bind_address)
+        skipped = sorted({(p.kind, p.key, p.message): p for p in problems + (from_daemon or [])}.values(),
+                         key=lambda p: (p.kind, p.key, p.message))
+        for line in explain(packet, cluster, node, config.proxy_config(), KernelTables(NftablesBackend()), skipped):
             print(line)
+        if from_daemon is None:
+            print(f"note: the daemon's /skipped on {config.metrics_bind_address} did not answer; "
+                  "Services it quarantined are not shown")
     except UsageError as exc:
         print(f"kproxy: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from kproxy.config import DaemonConfig
@@ -48,12 +48,14 @@ class Daemon:
     watch_timeout: int = 300
     on_restart: Callable[[str, str], None] | None = None
     stop_event: threading.Event = field(default_factory=threading.Event)
+    backend_factory: Callable[[], NftablesBackend] = NftablesBackend
+    """Makes the kernel edge (tests pass one that refuses chosen transactions)."""
 
     def __post_init__(self) -> None:
         from kproxy.conntrack import PyrouteConntrack
         from kproxy.nodeaddr import interface_addresses
 
-        self.backend = NftablesBackend()
+        self.backend = self.backend_factory()
         self.backend.check_capabilities()
         self.proxier = Proxier(
             self.backend,
@@ -63,7 +65,8 @@ class Daemon:
             observer=self.observer,
             interfaces=interface_addresses,
         )
-        self.runner = SyncRunner(self.proxier, self.config.min_sync_period, self.config.sync_period, self.stop_event)
+        self.runner = SyncRunner(self.proxier, self.config.min_sync_period, self.config.sync_period, self.stop_event,
+                                 backoff=(min(0.5, self.config.sync_period), self.config.sync_period))
         handlers = {"Service": self.proxier.on_service, "EndpointSlice": self.proxier.on_slice, "Node": self.proxier.on_node}
         self.watchers = [
             Watcher(
@@ -132,7 +135,8 @@ def start_observability(daemon: Daemon, registry: Any, metrics: Any) -> list[Cal
     registry.register(ProxierCollector(daemon.proxier, reader.counters))
     try:
         metrics_server = start_metrics_server(parse_bind_address(daemon.config.metrics_bind_address), registry,
-                                              reader.rules_text)
+                                              reader.rules_text,
+                                              lambda: [asdict(p) for p in daemon.proxier.skipped()])
     except OSError as exc:
         raise StartupError(f"cannot serve metrics on {daemon.config.metrics_bind_address}: {exc.strerror or exc} "
                            "(is kube-proxy or another kproxy running on this node?)") from None

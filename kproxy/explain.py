@@ -14,10 +14,11 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Sequence
 
 from kproxy.compiler import PICK_CLASSES, NodeInfo, ProxyConfig, endpoints_map, port_label, slot
 from kproxy.endpoints import PREFER_SAME_NODE, PREFER_SAME_ZONE, port_endpoints, select
+from kproxy.convert import Problem
 from kproxy.model import Cluster, Service, ServicePort
 from kproxy.ruleset import Element, Family
 
@@ -71,8 +72,53 @@ def _find_service_port(cluster: Cluster, label: str) -> tuple[Service, ServicePo
     return None
 
 
-def explain(packet: Packet, cluster: Cluster, node: NodeInfo, config: ProxyConfig, live: LiveTables) -> list[str]:
-    """Lines of explanation for one packet."""
+def _skipped_lines(skipped: Sequence[Problem], key: str | None) -> list[str]:
+    """What was skipped of the Service ``key``; with no key, every skipped Service (the one expected may be among them)."""
+    if key is not None:
+        return [f"skipped: {p}" for p in skipped if p.kind == "Service" and p.key == key]
+    services = [p for p in skipped if p.kind == "Service" and not p.part]
+    if not services:
+        return []
+    lines = ["skipped: these Services are not programmed; the one you expect may be among them:"]
+    lines += [f"  {p.key}: {p.message} (reason={p.reason})" for p in services[:10]]
+    if len(services) > 10:
+        lines.append(f"  ... and {len(services) - 10} more")
+    return lines
+
+
+def _claimed_by(cluster: Cluster, packet: Packet) -> tuple[Service | None, bool]:
+    """The Service with the packet's destination address in the model, and whether it also has the port."""
+    found = None
+    for key in sorted(cluster.services):
+        service = cluster.services[key]
+        if packet.destination in (*service.cluster_ips, *service.external_ips, *service.load_balancer_ips):
+            if any(p.port == packet.port and p.protocol == packet.protocol for p in service.ports):
+                return service, True
+            found = found or service
+    return found, False
+
+
+def explain(
+    packet: Packet,
+    cluster: Cluster,
+    node: NodeInfo,
+    config: ProxyConfig,
+    live: LiveTables,
+    skipped: Sequence[Problem] = (),
+) -> list[str]:
+    """Lines of explanation for one packet; ``skipped`` are the objects (or parts) kproxy could not program."""
+    lines = _explain(packet, cluster, node, config, live)
+    matched = next((line.split(" ", 2)[1] for line in lines if line.startswith("service: ")), None)
+    if matched is None:
+        claimed, with_port = _claimed_by(cluster, packet)
+        if claimed is not None and with_port:
+            lines.append(f"model: Service {claimed.key} has this address and port, but the kernel has no dispatch "
+                         "element for it: it is quarantined (below) or a sync is pending")
+        matched = claimed.key if claimed is not None else None
+    return lines + _skipped_lines(skipped, matched)
+
+
+def _explain(packet: Packet, cluster: Cluster, node: NodeInfo, config: ProxyConfig, live: LiveTables) -> list[str]:
     family = packet.family
     fam = 6 if family == "ip6" else 4
     out = [f"packet: {packet.protocol} {packet.source} -> {packet.destination}:{packet.port} ({family} kproxy)"]

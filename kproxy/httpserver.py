@@ -1,4 +1,4 @@
-"""Small HTTP servers: /metrics and /rules, and the base the health servers share.
+"""Small HTTP servers: /metrics, /rules and /skipped, and the base the health servers share.
 
 * One ``HTTPService`` per listening port: a stdlib ``ThreadingHTTPServer``
   whose accept loop runs in a daemon thread. Routes are exact paths mapped to
@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import selectors
 import socket
@@ -191,8 +192,10 @@ class HTTPService(ThreadingHTTPServer):
         self._wake_w.close()
 
 
-def metrics_routes(registry: CollectorRegistry, rules_text: Callable[[], str]) -> dict[str, Route]:
-    """``/metrics`` (Prometheus text, or OpenMetrics when the scraper asks for it) and ``/rules``."""
+def metrics_routes(
+    registry: CollectorRegistry, rules_text: Callable[[], str], skipped: Callable[[], list[dict[str, object]]] = list
+) -> dict[str, Route]:
+    """``/metrics`` (Prometheus text, or OpenMetrics when the scraper asks for it), ``/rules`` and ``/skipped``."""
 
     def metrics(request: Request) -> Response:
         encoder, content_type = choose_encoder(request.headers.get("accept", ""))
@@ -201,15 +204,19 @@ def metrics_routes(registry: CollectorRegistry, rules_text: Callable[[], str]) -
     def rules(request: Request) -> Response:
         return Response(200, rules_text().encode(), TEXT_PLAIN)
 
-    return {"/metrics": metrics, "/rules": rules}
+    def skipped_objects(request: Request) -> Response:
+        return Response(200, (json.dumps(skipped(), indent=1) + "\n").encode(), "application/json")
+
+    return {"/metrics": metrics, "/rules": rules, "/skipped": skipped_objects}
 
 
 def start_metrics_server(
     address: tuple[str, int],
     registry: CollectorRegistry,
     rules_text: Callable[[], str],
+    skipped: Callable[[], list[dict[str, object]]] = list,
 ) -> HTTPService:
-    """Serve ``/metrics`` and ``/rules`` on ``address`` (from ``parse_bind_address``); 404 elsewhere."""
-    server = HTTPService(address, metrics_routes(registry, rules_text), name="metrics").start()
-    log.info("serving /metrics and /rules on %s port %d", server.host, server.port)
+    """Serve ``/metrics``, ``/rules`` and ``/skipped`` on ``address`` (from ``parse_bind_address``); 404 elsewhere."""
+    server = HTTPService(address, metrics_routes(registry, rules_text, skipped), name="metrics").start()
+    log.info("serving /metrics, /rules and /skipped on %s port %d", server.host, server.port)
     return server

@@ -7,11 +7,13 @@ same conversion the daemon uses. The live tables are kproxy's own, read once.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from typing import Any
 
-from kproxy.convert import build_cluster
+from kproxy.config import format_bind_address, parse_bind_address
+from kproxy.convert import Problem, build_cluster
 from kproxy.model import Cluster
 from kproxy.nft import NftablesBackend
 from kproxy.ruleset import Element, Family, Ruleset
@@ -43,8 +45,8 @@ class KernelTables:
         return self.backend.chain_rules(family, chain)
 
 
-def cluster_from_api(kubeconfig: str | None, node_name: str) -> Cluster:
-    """List Services, EndpointSlices and this Node once, and convert them."""
+def cluster_from_api(kubeconfig: str | None, node_name: str) -> tuple[Cluster, list[Problem]]:
+    """List Services, EndpointSlices and this Node once, and convert them (with what was skipped)."""
     from kproxy.daemon import kube_api_client
     from kproxy.watch import Watcher, api_resources
 
@@ -55,7 +57,25 @@ def cluster_from_api(kubeconfig: str | None, node_name: str) -> Cluster:
         for item in items:
             item.setdefault("kind", resource.kind)
         objects.extend(items)
-    cluster, problems = build_cluster(objects, node_name)
-    for problem in problems:
-        log.warning("%s", problem)
-    return cluster
+    return build_cluster(objects, node_name)
+
+
+def daemon_skipped(metrics_address: str, timeout: float = 2.0) -> list[Problem] | None:
+    """What the daemon on this node could not program (its ``/skipped``), or None if it does not answer.
+
+    ``kproxy explain`` runs beside the daemon (``kubectl exec``), so the
+    daemon's metrics address (``--metrics-bind-address``) is reachable.
+    """
+    import urllib.request
+
+    host, port = parse_bind_address(metrics_address)
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    url = f"http://{format_bind_address(host, port)}/skipped"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (a fixed http URL)
+            entries = json.loads(response.read())
+        return [Problem(**{k: e[k] for k in ("kind", "key", "reason", "message", "part")}) for e in entries]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.debug("the daemon's %s did not answer: %s", url, exc)
+        return None

@@ -61,7 +61,7 @@ from kproxy.endpoints import port_endpoints, select
 from kproxy.model import Cluster, EndpointSlice, Service, ServiceKey, SliceKey
 from kproxy.nft import Backend, NftError
 from kproxy.plan import Op, Transaction, create, diff
-from kproxy.ruleset import Chain, Element, Family, Table, fit_comment
+from kproxy.ruleset import Chain, Element, Family, Ruleset, Table, fit_comment
 from kproxy.tracker import ChangeTracker
 
 log = logging.getLogger(__name__)
@@ -209,6 +209,8 @@ class Proxier:
 
     def _report(self, kind: str, key: str, problems: list[Problem]) -> None:
         """Log and count the problems of one object that were not reported for it before; forget fixed ones."""
+        if not problems and (kind, key) not in self._problems:
+            return  # the common case, without the lock (a relist converts 10k objects while a sync may run)
         with self.lock:
             before = self._problems.get((kind, key), {})
             now = {p.message: p for p in problems}
@@ -538,6 +540,11 @@ class Proxier:
             self._pending_deletes.setdefault((family, name), now + CHAIN_DELETE_DELAY)
 
     def _sync_full(self, node_info: NodeInfo, keys: set[ServiceKey]) -> SyncResult:
+        """Compile everything, read the kernel, send the difference (or build missing tables in pieces).
+
+        If the kernel refuses, start again from what it holds and program it
+        piece by piece, quarantining the Services it refuses (``_isolate``).
+        """
         current = self.backend.read()
         previous = self._assemblies
 
@@ -545,32 +552,40 @@ class Proxier:
             return previous[family].part(key) if previous is not None else None
 
         assemblies: dict[Family, Assembly] = {}
-        tx = Transaction()
-        operations = 0
-        missing: list[Assembly] = []
         for family in FAMILIES:
             assembly = Assembly(base_table(node_info, self.config, family))
             for key in self._all_keys():
                 assembly.set_service(key, self._rules(key, family, node_info, last_good), track=False)
-            if family in current.tables:
-                tx.extend(diff(current.tables[family], assembly.table, delete_chains=False))
-            else:
-                missing.append(assembly)
             assemblies[family] = assembly
-        if missing:
-            operations += self._create_tables(missing)
-        desired = {family: a.table for family, a in assemblies.items()}
-        now = self.clock()
-        # Chains read back that are still pending deletion keep their due time.
-        delete_ops = self._due_deletes(now, desired)
         self._assemblies = assemblies
-        try:
-            self._commit(tx, delete_ops, now)
-        except NftError as refusal:
+        desired = {family: a.table for family, a in assemblies.items()}
+        operations = 0
+        refusal: NftError | None = None
+        missing = [a for family, a in assemblies.items() if family not in current.tables]
+        if missing:
+            try:
+                operations += self._create_tables(missing)
+                current.tables.update({a.family: _snapshot(a.table) for a in missing})
+            except NftError as exc:
+                refusal = exc
+                current = self._skeleton_tables(node_info)
+        now = self.clock()
+        delete_ops = self._due_deletes(now, desired)  # chains read back that are pending deletion keep their due time
+        if refusal is None:
+            tx = Transaction()
+            for family, table in current.tables.items():
+                if all(a.family != family for a in missing):
+                    tx.extend(diff(table, desired[family], delete_chains=False))
+            try:
+                self._commit(tx, delete_ops, now)
+                operations += tx.operations
+            except NftError as exc:
+                refusal = exc
+        if refusal is None:
+            self._committed = {family: _snapshot(table) for family, table in desired.items()}
+        else:
             # Start from what the kernel holds, and program it piece by piece.
-            self._committed = {family: current.tables[family] for family in current.tables}
-            for table in missing:
-                self._committed[table.family] = _snapshot(table.table)
+            self._committed = dict(current.tables)
             by_key = {family: {key: a.names_of(key) for key in self._all_keys()} for family, a in assemblies.items()}
             base = {family: _everything(self._committed[family], a.table) for family, a in assemblies.items()}
             for family in base:
@@ -578,13 +593,24 @@ class Proxier:
                     base[family].discard(touched)
             operations += self._isolate(node_info, sorted(set(self._all_keys()) & keys), by_key, base, delete_ops,
                                         last_good, refusal)
-        else:
-            operations += tx.operations
-            self._committed = {family: _snapshot(table) for family, table in desired.items()}
         for family, name in self._pending_deletes:
             self._committed[family].chains.setdefault(name, Chain(name, ()))
         self._rule_totals = {family: table.rule_count() for family, table in self._committed.items()}
         return SyncResult(True, operations, 0.0, len(keys))
+
+    def _skeleton_tables(self, node_info: NodeInfo) -> Ruleset:
+        """After a refused table build: what the kernel holds, with at least the skeleton of every family.
+
+        A family whose table did not land gets the skeleton alone (no Service
+        in it); if the kernel refuses even that, no Service is to blame.
+        """
+        current = self.backend.read()
+        for family in FAMILIES:
+            if family not in current.tables:
+                skeleton = Assembly(base_table(node_info, self.config, family)).table
+                self.backend.apply(create(skeleton)[0])
+                current.tables[family] = _snapshot(skeleton)
+        return current
 
     def _create_tables(self, assemblies: list[Assembly]) -> int:
         """Build the tables of families that have none on the node, in the pieces of ``plan.create``.
@@ -704,6 +730,7 @@ class Proxier:
         except NftError:
             raise refusal from None  # the kernel takes nothing at all: no Service is to blame
         groups = [keys] if keys else []
+        deferred: list[dict[Family, Touched]] = []
         while groups:
             group = groups.pop()
             touched = {family: _union(by_key[family].get(k, Touched()) for k in group) for family in FAMILIES}
@@ -719,7 +746,14 @@ class Proxier:
                 back = {family: self._assemblies[family].set_service(key, last_good(family, key)) for family in FAMILIES}
                 for family in FAMILIES:
                     back[family].update(by_key[family].get(key, Touched()))
-                operations += self._apply_group(back)  # refused as well: the sync fails
+                try:
+                    operations += self._apply_group(back)
+                except NftError:
+                    # An element several Services contribute now goes to the next of them, which
+                    # may be refused too and is not tested yet: try again once every group is done.
+                    deferred.append(back)
+        if deferred:
+            operations += self._apply_group({family: _union(d[family] for d in deferred) for family in FAMILIES})
         return operations
 
     def delete_dereferenced_chains(self) -> int:

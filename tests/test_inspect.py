@@ -112,3 +112,20 @@ def test_dry_run_diff(programmed: tuple[NetBed, str], tmp_path: Path) -> None:
     assert any(bed.local_pods[2].ip4 in line for line in lines)
     after = _kproxy(bed, "--dry-run", "--diff", "--from-file", path, "--node-name", bed.node_name, *FLAGS)
     assert after.stdout == "", "the diff must not change the kernel"
+
+
+def test_explain_names_what_was_skipped(netbed: NetBed, tmp_path: Path) -> None:
+    """A Service port skipped for a bad value, and a Service skipped whole, are named by explain."""
+    objects = _objects(netbed) + [
+        service("odd", cluster_ip="10.96.0.13", ports=[{"name": "a", "port": 80, "protocol": "GRE"}]),
+        service("broken", cluster_ip="10.96.0.300"),
+    ]
+    path = _write(tmp_path, objects)
+    args = ("--from-file", path, "--node-name", netbed.node_name, *FLAGS)
+    assert _kproxy(netbed, "--once", *args).returncode == 0
+    odd = _kproxy(netbed, "explain", netbed.local_pods[0].ip4, "10.96.0.13", "80", *args)
+    assert odd.returncode == 0, odd.stderr
+    assert "skipped: skipping part of Service default/odd: spec.ports[0].protocol: 'GRE'" in odd.stdout, odd.stdout
+    unknown = _kproxy(netbed, "explain", netbed.local_pods[0].ip4, "10.99.0.1", "80", *args).stdout
+    assert "default/broken: spec.clusterIPs[0]: '10.96.0.300' is not an IP address (reason=invalid_ip)" in unknown
+    assert "did not answer" in unknown, "no daemon runs here: explain says it could not ask it"

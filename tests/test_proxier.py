@@ -454,3 +454,21 @@ def test_partial_syncs_give_frontend_slots_to_the_service_dispatch_reaches() -> 
         slots = [e.value for n, m in backend.tables["ip"].elements.items() if n.startswith("endpoints-")
                  for k, e in m.items() if k.startswith("192.168.50.1 . tcp . 30080 . ")]
         assert sorted(slots) == ["10.244.1.1 . 8080", "10.244.1.2 . 8080"]
+
+
+def test_refused_services_sharing_an_element_with_good_ones() -> None:
+    """Two refused Services and a good one share an element (one endpoint's hairpin): the good one keeps it, both are quarantined."""
+    backend = RefusingBackend(lambda text: "ns/refused-" in text)
+    proxier = Proxier(backend, "node-a", CONFIG, clock=Clock())
+    shared = [endpoint("10.244.1.1")]
+    proxier.on_relist("Node", [node("node-a")])
+    proxier.on_relist("Service", [service("refused-a", "ns", "10.96.0.60"), service("steady", "ns", "10.96.0.61")])
+    proxier.on_relist("EndpointSlice", [endpoint_slice("refused-a-x", "refused-a", shared, namespace="ns"),
+                                        endpoint_slice("steady-x", "steady", shared, namespace="ns")])
+    proxier.sync()
+    proxier.on_service("ADDED", service("refused-b", "ns", "10.96.0.62"))
+    proxier.on_slice("ADDED", endpoint_slice("refused-b-x", "refused-b", shared, namespace="ns"))
+    proxier.sync()
+    assert set(proxier.quarantined) == {"ns/refused-a", "ns/refused-b"}
+    assert backend.elements("ip", "hairpin")["10.244.1.1 . 10.244.1.1"].comment == "ns/steady:http"
+    assert "10.96.0.61 . tcp . 80" in backend.elements("ip", "service-ips")
