@@ -130,6 +130,11 @@ def _model(args: argparse.Namespace, mode: str, config: DaemonConfig) -> tuple[C
     return cluster, problems
 
 
+def _node_info(config: DaemonConfig, cluster: Cluster, here: bool) -> NodeInfo:
+    """The node to compile for; ``here``: this network namespace is that node (its interfaces count)."""
+    return node_info(config.node_name, cluster.node, interface_addresses()[1] if here else None)
+
+
 def _compile(cluster: Cluster, node: NodeInfo, config: DaemonConfig) -> Ruleset:
     failed: dict[ServiceKey, str] = {}
     ruleset = compile_ruleset(cluster, node, config.proxy_config(), failed)
@@ -142,9 +147,7 @@ def dry_run(args: argparse.Namespace, config: DaemonConfig) -> int:
     cluster, _ = _model(args, "--dry-run", config)
     if cluster.node is None and not args.diff:
         log.warning("Node %s is not in the input; NodePorts will have no addresses", config.node_name)
-    node = node_info(config.node_name, cluster.node)
-    if args.diff and not node.primary_ips:
-        node = node_info(config.node_name, cluster.node, interface_addresses()[1])
+    node = _node_info(config, cluster, here=args.diff)
     ruleset = _compile(cluster, node, config)
     if not args.diff:
         sys.stdout.write(render_ruleset(ruleset))
@@ -169,9 +172,7 @@ def explain_main(argv: Sequence[str]) -> int:
     setup_logging(config.log_format, "debug" if args.verbose else "warning")
     try:
         cluster, problems = _model(args, "explain", config)
-        node = node_info(config.node_name, cluster.node)
-        if not node.primary_ips:
-            node = node_info(config.node_name, cluster.node, interface_addresses()[1])
+        node = _node_info(config, cluster, here=True)
         from_daemon = daemon_skipped(config.metrics_bind_address)
         skipped = sorted({(p.kind, p.key, p.message): p for p in problems + (from_daemon or [])}.values(),
                          key=lambda p: (p.kind, p.key, p.message))

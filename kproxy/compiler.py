@@ -70,23 +70,29 @@ class NodeInfo:
     primary_ips: tuple[str, ...] = ()
     """At most one per family: the default NodePort addresses."""
     addresses: tuple[str, ...] = ()
-    """Every address of the node, matched against --nodeport-addresses."""
+    """Every address of the node: its interfaces' (global) addresses where they are known, else
+    the Node object's. Matched against --nodeport-addresses CIDRs."""
 
 
-def node_info(name: str, node: Node | None, interface_addresses: tuple[str, ...] = ()) -> NodeInfo:
+def node_info(name: str, node: Node | None, interface_addresses: tuple[str, ...] | None = None) -> NodeInfo:
     """NodeInfo from the Node object: primary = first InternalIP per family, else ExternalIP.
 
-    Without a Node object (or one without addresses), NodePorts answer on every
-    address in ``interface_addresses``: the addresses of this network namespace.
+    ``interface_addresses`` are the addresses of this network namespace (None
+    when compiling for a node elsewhere, as ``--dry-run`` does). Without a Node
+    object (or one without addresses), NodePorts answer on every one of them.
     """
-    if node is None or not (node.internal_ips or node.external_ips):
-        return NodeInfo(name, node.zone if node else "", interface_addresses, interface_addresses)
+    node_ips = (node.internal_ips + node.external_ips) if node is not None else ()
+    if not node_ips:
+        local = interface_addresses or ()
+        return NodeInfo(name, node.zone if node else "", local, local)
     primary: list[str] = []
     for separator in (".", ":"):
         candidates = [a for a in node.internal_ips if separator in a] or [a for a in node.external_ips if separator in a]
         if candidates:
             primary.append(candidates[0])
-    return NodeInfo(node.name, node.zone, tuple(primary), node.internal_ips + node.external_ips)
+    assert node is not None
+    addresses = interface_addresses if interface_addresses is not None else node_ips
+    return NodeInfo(node.name, node.zone, tuple(primary), addresses)
 
 
 def _family_of(address: str) -> IPFamily:
@@ -304,6 +310,12 @@ def compile_service(
     external_ips = [ip for ip in service.external_ips + service.load_balancer_ips if _family_of(ip) == fam]
     lb_ips = [ip for ip in service.load_balancer_ips if _family_of(ip) == fam]
     ranges = [r for r in service.load_balancer_source_ranges if _family_of(r.split("/")[0]) == fam]
+    allowed_sources = ranges
+    if any(_in_any(ip, ranges) for ip in node.primary_ips if _family_of(ip) == fam):
+        # A range holds the node itself: the load-balancer IPs are allowed as sources too, as
+        # upstream does, since a connection from the node to its own load balancer often
+        # comes back with the load-balancer IP as its source (MetalLB, kube-vip, clouds).
+        allowed_sources = ranges + [f"{ip}/{32 if fam == 4 else 128}" for ip in lb_ips]
     cidrs = [c for c in config.cluster_cidrs if _family_of(c.split("/")[0]) == fam]
 
     for port_index, port in enumerate(service.ports):
@@ -335,7 +347,9 @@ def compile_service(
             if uses_pick_chains(service, selection.local):
                 chains += pick_chains_for(family, pick_class(len(selection.local)) or 0, True)
                 _add_slots(slots, port_frontends, port_index, selection.local, True, label)
-        for address in sorted({pe.address for pe in selection.cluster + selection.local if pe.is_local(node.name)}):
+        # Every endpoint, wherever it runs: nodeName may be unset or stale (as upstream, whose
+        # endpoint chains all start with "ip saddr <endpoint> jump mark-for-masquerade").
+        for address in sorted({pe.address for pe in selection.cluster + selection.local}):
             elements.append(("hairpin", Element(f"{address} . {address}", comment=label)))
 
         # Traffic to the ClusterIP follows internalTrafficPolicy.
@@ -351,6 +365,13 @@ def compile_service(
         else:
             elements.append(("service-ips", Element(key, internal, label)))
 
+        # loadBalancerSourceRanges of this family guard the load-balancer IPs, endpoints or not.
+        for ip in lb_ips if ranges else ():
+            frontend = f"{ip} . {proto} . {port.port}"
+            elements.append(("firewall-ips", Element(frontend, comment=label)))
+            for source in allowed_sources:
+                elements.append(("firewall-allow", Element(f"{frontend} . {_interval(source)}", comment=label)))
+
         # NodePort, externalIPs and load-balancer IPs follow externalTrafficPolicy.
         if not (external_ips or port.node_port):
             continue
@@ -360,13 +381,14 @@ def compile_service(
             if port.node_port:
                 elements.append(("no-endpoint-nodeports", Element(f"{proto} . {port.node_port}", REJECT, label)))
             continue
-        if service.external_policy_local and internal == DROP and not has_local_chain:
-            ext_rules = [DROP]
-        elif service.external_policy_local:
-            ext_rules = [f"{family} saddr {cidr} {internal}" for cidr in cidrs]
+        if service.external_policy_local:
+            # Traffic from pods and from the node itself is short-circuited to the cluster
+            # endpoints (upstream's clusterPolicyChain), whatever internalTrafficPolicy says.
+            cluster = f"goto {svc_chain}" if has_cluster_chain else DROP
+            ext_rules = [f"{family} saddr {cidr} {cluster}" for cidr in cidrs]
             ext_rules += [
                 "fib saddr type local jump mark-for-masquerade",
-                f"fib saddr type local {internal}",
+                f"fib saddr type local {cluster}",
                 f"goto {local_chain}" if has_local_chain else DROP,
             ]
         else:
@@ -376,12 +398,6 @@ def compile_service(
             elements.append(("service-ips", Element(f"{ip} . {proto} . {port.port}", f"goto {ext_chain}", label)))
         if port.node_port:
             elements.append(("service-nodeports", Element(f"{proto} . {port.node_port}", f"goto {ext_chain}", label)))
-        if service.load_balancer_source_ranges:
-            for ip in lb_ips:
-                frontend = f"{ip} . {proto} . {port.port}"
-                elements.append(("firewall-ips", Element(frontend, comment=label)))
-                for source in ranges:
-                    elements.append(("firewall-allow", Element(f"{frontend} . {_interval(source)}", comment=label)))
     return ServiceRules(
         tuple(chains), tuple(elements), tuple(counters),
         tuple((frontend, rank, tuple(items)) for frontend, (rank, _, items) in slots.items()),
@@ -394,10 +410,18 @@ def _in_any(address: str, cidrs: Iterable[str]) -> bool:
 
 
 def nodeport_addresses(node: NodeInfo, config: ProxyConfig, family: Family) -> list[str]:
-    """The node addresses NodePorts answer on: primary IPs, or those in --nodeport-addresses."""
+    """The node addresses NodePorts answer on, as upstream's ``--nodeport-addresses``.
+
+    ``primary`` (the default): the node's primary IP of the family. CIDRs: every
+    address of the node's interfaces inside them; a family without a CIDR of its
+    own, or with ``0.0.0.0/0`` / ``::/0``, gets every address of the family
+    (upstream matches those with ``fib daddr type local``). Never loopback.
+    """
     fam = FAMILIES[family]
     if config.nodeport_addresses:
-        candidates = [a for a in node.addresses if _in_any(a, config.nodeport_addresses)]
+        cidrs = [c for c in config.nodeport_addresses if _family_of(c.split("/")[0]) == fam]
+        everything = not cidrs or any(c.endswith("/0") for c in cidrs)
+        candidates = [a for a in node.addresses if everything or _in_any(a, cidrs)]
     else:
         candidates = list(node.primary_ips)
     chosen = []
@@ -422,8 +446,8 @@ def table_options(config: ProxyConfig, family: Family) -> frozenset[str]:
     return frozenset()
 
 
-def base_table(node: NodeInfo, config: ProxyConfig, family: Family) -> Table:
-    """The skeleton plus the elements that come from the node and the config."""
+def base_table(node: NodeInfo, config: ProxyConfig, family: Family, service_cidrs: Sequence[str] = ()) -> Table:
+    """The skeleton plus the elements that come from the node, the config and the ServiceCIDRs."""
     table = skeleton_table(family, table_options(config, family))
     fam = FAMILIES[family]
     for cidr in config.cluster_cidrs:
@@ -431,6 +455,9 @@ def base_table(node: NodeInfo, config: ProxyConfig, family: Family) -> Table:
             table.add_element("cluster-cidrs", Element(_interval(cidr), comment="--cluster-cidr"))
     for address in nodeport_addresses(node, config, family):
         table.add_element("nodeport-ips", Element(address, comment=fit_comment(f"node {node.name}")))
+    for cidr in service_cidrs:
+        if _family_of(cidr.split("/")[0]) == fam:
+            table.add_element("service-cidrs", Element(_interval(cidr), comment="ServiceCIDR"))
     return table
 
 
@@ -452,7 +479,7 @@ def _compile_ruleset(cluster: Cluster, node: NodeInfo, config: ProxyConfig, fail
     for family in FAMILIES:
         # The same assembly the daemon keeps up to date one Service at a time, so a
         # full compile and a run of partial syncs resolve shared keys the same way.
-        assembly = Assembly(base_table(node, config, family))
+        assembly = Assembly(base_table(node, config, family, cluster.service_cidrs))
         for key in sorted(cluster.services):
             if key in failed:
                 continue

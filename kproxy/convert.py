@@ -516,7 +516,7 @@ def _endpoint(raw: Any, i: int, family: IPFamily, address_type: str) -> Endpoint
     ready = cond.get("ready")
     ready = True if ready is None else ready
     serving = cond.get("serving")
-    serving = ready if serving is None else serving
+    serving = True if serving is None else serving  # as upstream: an unset condition is true
     terminating = cond.get("terminating")
     terminating = False if terminating is None else terminating
     if type(ready) is not bool or type(serving) is not bool or type(terminating) is not bool:

@@ -89,9 +89,9 @@ class Service:
 
     @property
     def uses_cluster_endpoints(self) -> bool:
-        return not self.internal_policy_local or (
-            self.externally_accessible and not self.external_policy_local
-        )
+        """Upstream's UsesClusterEndpoints: an externally accessible Service always needs them,
+        even under ``externalTrafficPolicy: Local``, for traffic from pods and the node (short-circuit)."""
+        return not self.internal_policy_local or self.externally_accessible
 
     @property
     def uses_local_endpoints(self) -> bool:
@@ -162,11 +162,13 @@ class Node:
 
 @dataclass(frozen=True, slots=True)
 class Cluster:
-    """What the proxy knows: Services and slices by key, plus its own Node."""
+    """What the proxy knows: Services and slices by key, its own Node, and the ServiceCIDRs."""
 
     services: Mapping[ServiceKey, Service]
     slices: Mapping[SliceKey, EndpointSlice]
     node: Node | None = None
+    service_cidrs: tuple[str, ...] = ()
+    """The union of every ``networking.k8s.io/v1`` ServiceCIDR's ``spec.cidrs``, canonical and sorted."""
 
     def slices_by_service(self) -> dict[ServiceKey, list[EndpointSlice]]:
         grouped: dict[ServiceKey, list[EndpointSlice]] = {}

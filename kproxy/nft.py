@@ -111,7 +111,7 @@ CAPABILITIES: tuple[Capability, ...] = (
         ("{family} saddr . meta l4proto @r counter",),
         sets=("set r { type {addr} . inet_proto; flags interval; elements = { {net} . tcp }; }",),
     ),
-    Capability("reject", "module nft_reject", ("meta l4proto tcp reject with tcp reset", "reject"),
+    Capability("reject", "module nft_reject", ("reject",),
                chain="type filter hook input priority 0; policy accept;"),
     Capability("verdict maps", "module nft_lookup", ("{family} daddr . meta l4proto . th dport vmap @v",),
                sets=("map v { type {addr} . inet_proto . inet_service : verdict; }",)),

@@ -366,10 +366,11 @@ class Proxier:
     # -- syncing -------------------------------------------------------------
 
     def _current_node_info(self) -> NodeInfo:
-        info = node_info(self.node_name, self.tracker.node)
-        if not info.primary_ips:
-            info = node_info(self.node_name, self.tracker.node, self.interfaces()[1])
-        return info
+        """The node as the compiler sees it; the interfaces are read when NodePorts depend on them."""
+        node = self.tracker.node
+        if self.config.nodeport_addresses or node is None or not (node.internal_ips or node.external_ips):
+            return node_info(self.node_name, node, self.interfaces()[1])
+        return node_info(self.node_name, node)
 
     def request_full_sync(self) -> None:
         with self.lock:

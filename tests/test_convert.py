@@ -225,7 +225,7 @@ def test_slice_fields() -> None:
     first, second = eps.endpoints
     assert (first.ready, first.serving, first.terminating) == (True, True, False)
     assert first.hint_zones == frozenset({"zone-a"}) and first.hint_nodes == frozenset({"node-a"})
-    assert (second.ready, second.serving, second.terminating) == (False, False, True)
+    assert (second.ready, second.serving, second.terminating) == (False, True, True), "unset serving is true"
     assert eps.trigger_time == "2026-12-01T10:00:00Z"
     assert eps.service_key == "default/web"
 

@@ -176,8 +176,8 @@ CASES = [
     pytest.param(
         {"type": "NodePort", "externalTrafficPolicy": "Local", "internalTrafficPolicy": "Local"},
         [endpoint("10.0.0.2", node="node-b")],
-        [], [], True, "",
-        id="both-local-without-local-endpoints",
+        ["10.0.0.2"], [], True, "",
+        id="both-local-without-local-endpoints-keeps-cluster-endpoints-for-short-circuit",
     ),
 ]
 
