@@ -46,9 +46,11 @@ from kproxy.model import (
     Protocol,
     RateLimit,
     Service,
+    ServiceCIDR,
     ServiceKey,
     ServicePort,
     SliceKey,
+    union_of_cidrs,
 )
 from kproxy.validate import DNS_1035_LABEL, DNS_LABEL, DNS_SUBDOMAIN, FieldError, show
 
@@ -58,7 +60,6 @@ _RATE_UNITS = ("second", "minute")
 _PROTOCOLS: dict[str, Protocol] = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
 _FAMILIES: dict[str, IPFamily] = {"IPv4": 4, "IPv6": 6}
 TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
-LB_SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-ranges"
 
 Notes = list[tuple[str, str]]
 """(reason, message) for every part of an object that was skipped while the rest was kept."""
@@ -254,7 +255,7 @@ def _service(obj: Mapping[str, Any], notes: Notes | None) -> Service:
     if svc_type == "LoadBalancer":
         lb_ips = _load_balancer_ips(obj, notes)
     annotations = _str_map(meta.get("annotations"), "metadata.annotations")
-    source_ranges = _source_ranges(spec, annotations)
+    source_ranges = _source_ranges(spec)
     affinity_timeout = _affinity(spec)
 
     externally_accessible = svc_type in ("NodePort", "LoadBalancer") or bool(external_ips)
@@ -356,15 +357,12 @@ def _load_balancer_ips(obj: Mapping[str, Any], notes: Notes | None) -> tuple[str
     return tuple(ips)
 
 
-def _source_ranges(spec: Mapping[str, Any], annotations: Mapping[str, str]) -> tuple[str, ...]:
-    """loadBalancerSourceRanges (or the beta annotation). A bad range invalidates the Service:
-    skipping it would open the load balancer wider than asked."""
+def _source_ranges(spec: Mapping[str, Any]) -> tuple[str, ...]:
+    """spec.loadBalancerSourceRanges. A bad range invalidates the Service: skipping it would open
+    the load balancer wider than asked. (As upstream, the beta annotation of the same name is
+    left to the cloud's load balancer.)"""
     ranges = _list(spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")
-    where = "spec.loadBalancerSourceRanges"
-    if not ranges and annotations.get(LB_SOURCE_RANGES_ANNOTATION):
-        ranges = [part.strip() for part in annotations[LB_SOURCE_RANGES_ANNOTATION].split(",")]
-        where = f"annotation {LB_SOURCE_RANGES_ANNOTATION}"
-    return tuple(_cidr(r, f"{where}[{i}]") for i, r in enumerate(ranges) if r != "")
+    return tuple(_cidr(r, f"spec.loadBalancerSourceRanges[{i}]") for i, r in enumerate(ranges) if r != "")
 
 
 def _affinity(spec: Mapping[str, Any]) -> int | None:
@@ -574,6 +572,23 @@ def _node(obj: Mapping[str, Any], notes: Notes | None) -> Node:
     )
 
 
+# --- ServiceCIDRs -------------------------------------------------------------
+
+
+def service_cidr_from_manifest(obj: Mapping[str, Any], notes: Notes | None = None) -> ServiceCIDR:
+    """Convert a networking.k8s.io/v1 ServiceCIDR. Raises InvalidObject; a bad range is skipped alone."""
+    with _whole_object():
+        if not isinstance(obj, dict):
+            raise InvalidObject("malformed", f"the object is a {type(obj).__name__}, not a mapping")
+        meta = _mapping(obj.get("metadata"), "metadata")
+        name = _name(meta.get("name"), "metadata.name", DNS_SUBDOMAIN, 253)
+        cidrs = [
+            cidr for i, raw in enumerate(_list(_mapping(obj.get("spec"), "spec").get("cidrs"), "spec.cidrs"))
+            if (cidr := _part(notes, lambda raw=raw, i=i: _cidr(raw, f"spec.cidrs[{i}]"))) is not None
+        ]
+        return ServiceCIDR(name, tuple(cidrs))
+
+
 # --- whole inputs -----------------------------------------------------------
 
 
@@ -602,12 +617,13 @@ def build_cluster(objects: Iterable[Mapping[str, Any]], node_name: str) -> tuple
 def _build_cluster(objects: Iterable[Mapping[str, Any]], node_name: str) -> tuple[Cluster, list[Problem]]:
     services: dict[ServiceKey, Service] = {}
     slices: dict[SliceKey, EndpointSlice] = {}
+    service_cidrs: dict[str, ServiceCIDR] = {}
     node: Node | None = None
     problems: list[Problem] = []
     seen: dict[tuple[str, str], int] = {}
     for obj in objects:
         kind = obj.get("kind") if isinstance(obj, dict) else None
-        if kind not in ("Service", "EndpointSlice", "Node"):
+        if kind not in ("Service", "EndpointSlice", "Node", "ServiceCIDR"):
             log.debug("ignoring object of kind %s", _safe(kind))
             continue
         key = object_key(obj)
@@ -625,6 +641,9 @@ def _build_cluster(objects: Iterable[Mapping[str, Any]], node_name: str) -> tupl
                 eps = slice_from_manifest(obj, notes)
                 slices[eps.key] = eps
                 seen[("EndpointSlice", eps.key)] = seen.get(("EndpointSlice", eps.key), 0) + 1
+            elif kind == "ServiceCIDR":
+                cidr = service_cidr_from_manifest(obj, notes)
+                service_cidrs[cidr.name] = cidr
             elif isinstance(_mapping(obj.get("metadata"), "metadata").get("name"), str) and obj["metadata"]["name"] == node_name:
                 node = node_from_manifest(obj, notes)
                 seen[("Node", node.name)] = seen.get(("Node", node.name), 0) + 1
@@ -635,4 +654,5 @@ def _build_cluster(objects: Iterable[Mapping[str, Any]], node_name: str) -> tupl
         if count > 1:
             problems.append(Problem(kind, key, "duplicate", f"defined {count} times in the input; the last one is used"))
     problems.extend(Problem("Service", str(c.loser), "conflict", str(c), part=True) for c in find_conflicts(services))
-    return Cluster(services=services, slices=slices, node=node), problems
+    cluster = Cluster(services=services, slices=slices, node=node, service_cidrs=union_of_cidrs(service_cidrs.values()))
+    return cluster, problems

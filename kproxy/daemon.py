@@ -67,7 +67,9 @@ class Daemon:
         )
         self.runner = SyncRunner(self.proxier, self.config.min_sync_period, self.config.sync_period, self.stop_event,
                                  backoff=(min(0.5, self.config.sync_period), self.config.sync_period))
-        handlers = {"Service": self.proxier.on_service, "EndpointSlice": self.proxier.on_slice, "Node": self.proxier.on_node}
+        handlers = {"Service": self.proxier.on_service, "EndpointSlice": self.proxier.on_slice,
+                    "Node": self.proxier.on_node, "ServiceCIDR": self.proxier.on_service_cidr}
+        self.proxier.required_sources = set(handlers)
         self.watchers = [
             Watcher(
                 resource,

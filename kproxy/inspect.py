@@ -52,8 +52,16 @@ def cluster_from_api(kubeconfig: str | None, node_name: str) -> tuple[Cluster, l
 
     api_client = kube_api_client(kubeconfig)
     objects: list[Any] = []
+    from kubernetes.client.exceptions import ApiException
+
     for resource in api_resources(api_client, node_name):
-        items, _ = Watcher(resource, lambda *a: None, lambda *a: None, threading.Event()).list_all()
+        try:
+            items, _ = Watcher(resource, lambda *a: None, lambda *a: None, threading.Event()).list_all()
+        except ApiException as exc:
+            if not (resource.optional and exc.status in (403, 404)):
+                raise
+            log.warning("cannot list %s (%s %s); going on without them", resource.kind, exc.status, exc.reason)
+            continue
         for item in items:
             item.setdefault("kind", resource.kind)
         objects.extend(items)

@@ -10,7 +10,7 @@ compiler put them into nft text without escaping.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Mapping, NewType
+from typing import Iterable, Literal, Mapping, NewType
 
 Protocol = Literal["tcp", "udp", "sctp"]
 """Transport protocol, spelled as nft spells it."""
@@ -158,6 +158,20 @@ class Node:
         """The node's primary addresses of one family, internal ones first."""
         sep = ":" if family == 6 else "."
         return tuple(a for a in self.internal_ips + self.external_ips if sep in a)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceCIDR:
+    """A ``networking.k8s.io/v1`` ServiceCIDR: ranges the API server allocates ClusterIPs from."""
+
+    name: str
+    cidrs: tuple[str, ...]
+    """``spec.cidrs``, canonical."""
+
+
+def union_of_cidrs(cidrs: Iterable[ServiceCIDR]) -> tuple[str, ...]:
+    """Every range of every ServiceCIDR, once, sorted (deterministic output)."""
+    return tuple(sorted({c for item in cidrs for c in item.cidrs}))
 
 
 @dataclass(frozen=True, slots=True)

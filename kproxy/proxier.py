@@ -54,6 +54,7 @@ from kproxy.convert import (
     gc_paused,
     node_from_manifest,
     object_key,
+    service_cidr_from_manifest,
     service_from_manifest,
     slice_from_manifest,
 )
@@ -178,6 +179,10 @@ class Proxier:
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
         self._synced_sources: set[str] = set()
+        self.required_sources: set[str] = {"Service", "EndpointSlice", "Node"}
+        """The kinds listed once before the first sync (the daemon adds ServiceCIDR)."""
+        self._service_cidrs: tuple[str, ...] = ()
+        """The ServiceCIDRs' ranges the committed tables drop unallocated addresses in."""
         self._assemblies: dict[Family, Assembly] | None = None
         self._committed: dict[Family, Table] = {}
         self._rule_totals: dict[Family, int] = {}
@@ -286,6 +291,16 @@ class Proxier:
             self.tracker.set_slice(key, eps)
             self._notify()
 
+    def on_service_cidr(self, event: str, obj: Mapping[str, Any]) -> None:
+        """A ServiceCIDR changed: the ranges where unallocated addresses are dropped (a full sync applies them)."""
+        name = object_key(obj)
+        cidr = None if event == "DELETED" else self._convert("ServiceCIDR", obj, service_cidr_from_manifest)
+        if event == "DELETED":
+            self._forget("ServiceCIDR", obj)
+        with self.lock:
+            self.tracker.set_service_cidr(name, cidr)
+            self._notify()
+
     def on_node(self, event: str, obj: Mapping[str, Any]) -> None:
         node = None
         if event != "DELETED":
@@ -338,6 +353,11 @@ class Proxier:
                     self.tracker.set_node(None)
                 for obj in objects:
                     self.on_node("ADDED", obj)
+            elif kind == "ServiceCIDR":
+                for name in [n for n in self.tracker.service_cidr_names() if n not in {object_key(o) for o in objects}]:
+                    self.tracker.set_service_cidr(name, None)
+                for obj in objects:
+                    self.on_service_cidr("ADDED", obj)
             if kind in ("Service", "EndpointSlice"):
                 listed = {object_key(obj) for obj in objects}
                 for problem_kind, key in [k for k in self._problems if k[0] == kind and k[1] not in listed]:
@@ -347,14 +367,15 @@ class Proxier:
 
     @property
     def ready(self) -> bool:
-        """Services, EndpointSlices and this Node have been listed once.
+        """Every kind in ``required_sources`` has been listed once.
 
         Upstream waits for Services and EndpointSlices; kproxy also waits for
-        the (possibly empty) list of its own Node, so that the first sync
-        already uses the Node's addresses and zone instead of being redone.
+        the (possibly empty) list of its own Node, and the daemon for the
+        ServiceCIDRs, so that the first sync already uses them instead of
+        being redone.
         """
         with self.lock:
-            return {"Service", "EndpointSlice", "Node"} <= self._synced_sources
+            return self.required_sources <= self._synced_sources
 
     def skipped(self) -> list[Problem]:
         """Every object (or part of one) skipped now, and every quarantined Service."""
@@ -387,6 +408,7 @@ class Proxier:
                 or any(due <= now for due in self._pending_deletes.values())
                 or any(until <= now for _, until in self._tombstones.values())
                 or now - self._last_full >= FULL_SYNC_INTERVAL
+                or self.tracker.service_cidrs() != self._service_cidrs
             )
 
     def next_deadline(self) -> float | None:
@@ -408,7 +430,7 @@ class Proxier:
             start = self.clock()
             full = self._needs_full or self._assemblies is None or node_info != self._node_info or (
                 start - self._last_full >= FULL_SYNC_INTERVAL
-            )
+            ) or self.tracker.service_cidrs() != self._service_cidrs
             changes = self.tracker.all_services() if full else self.tracker.take()
             expired = {key for key, (_, until) in self._tombstones.items() if until <= start}
             for key in expired:
@@ -437,6 +459,7 @@ class Proxier:
             if full:
                 self._last_full = start
                 self._node_info = node_info
+                self._service_cidrs = self.tracker.service_cidrs()
                 # The model and the tables are long-lived and acyclic: move them
                 # out of the cyclic GC's sight, so later collections do not
                 # scan hundreds of thousands of objects in the middle of a sync.
@@ -554,7 +577,7 @@ class Proxier:
 
         assemblies: dict[Family, Assembly] = {}
         for family in FAMILIES:
-            assembly = Assembly(base_table(node_info, self.config, family))
+            assembly = Assembly(base_table(node_info, self.config, family, self.tracker.service_cidrs()))
             for key in self._all_keys():
                 assembly.set_service(key, self._rules(key, family, node_info, last_good), track=False)
             assemblies[family] = assembly
@@ -608,7 +631,7 @@ class Proxier:
         current = self.backend.read()
         for family in FAMILIES:
             if family not in current.tables:
-                skeleton = Assembly(base_table(node_info, self.config, family)).table
+                skeleton = Assembly(base_table(node_info, self.config, family, self.tracker.service_cidrs())).table
                 self.backend.apply(create(skeleton)[0])
                 current.tables[family] = _snapshot(skeleton)
         return current

@@ -1,9 +1,9 @@
 """The Kubernetes API access the daemon needs: the one list the ClusterRole is checked against.
 
 kproxy only reads. ``kproxy/watch.py`` lists and then watches, with the same
-client call, three collections across all namespaces: Services,
-``discovery.k8s.io`` EndpointSlices and Nodes (its own, through the field
-selector ``metadata.name=<node>``). It never gets single objects, writes, or
+client call, four collections across all namespaces: Services,
+``discovery.k8s.io`` EndpointSlices, Nodes (its own, through the field
+selector ``metadata.name=<node>``) and ``networking.k8s.io`` ServiceCIDRs. It never gets single objects, writes, or
 emits Events. ``daemonset.yaml``'s ClusterRole grants exactly this list
 (``tests/test_deploy.py`` compares them, and derives the list again from the
 requests ``watch.py`` makes).
@@ -40,6 +40,7 @@ API_ACCESS: tuple[ApiAccess, ...] = (
     ApiAccess("Service", "", "services", LIST_WATCH),
     ApiAccess("EndpointSlice", "discovery.k8s.io", "endpointslices", LIST_WATCH),
     ApiAccess("Node", "", "nodes", LIST_WATCH),
+    ApiAccess("ServiceCIDR", "networking.k8s.io", "servicecidrs", LIST_WATCH),
 )
 """Everything the daemon is allowed to do with the API server, and all of it is used."""
 

@@ -14,7 +14,7 @@ import datetime
 import logging
 from dataclasses import dataclass, field
 
-from kproxy.model import Cluster, EndpointSlice, Node, Service, ServiceKey, SliceKey
+from kproxy.model import Cluster, EndpointSlice, Node, Service, ServiceCIDR, ServiceKey, SliceKey, union_of_cidrs
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class ChangeTracker:
         self.services: dict[ServiceKey, Service] = {}
         self.slices: dict[SliceKey, EndpointSlice] = {}
         self.node: Node | None = None
+        self._service_cidrs: dict[str, ServiceCIDR] = {}
         self._by_service: dict[ServiceKey, dict[SliceKey, EndpointSlice]] = {}
         self._synced: dict[ServiceKey, ServiceState] = {}
         self._dirty_services: set[ServiceKey] = set()
@@ -90,6 +91,19 @@ class ChangeTracker:
     def set_node(self, node: Node | None) -> None:
         self.node = node
 
+    def set_service_cidr(self, name: str, cidr: ServiceCIDR | None) -> None:
+        if cidr is None:
+            self._service_cidrs.pop(name, None)
+        else:
+            self._service_cidrs[name] = cidr
+
+    def service_cidr_names(self) -> list[str]:
+        return list(self._service_cidrs)
+
+    def service_cidrs(self) -> tuple[str, ...]:
+        """The union of every ServiceCIDR's ranges."""
+        return union_of_cidrs(self._service_cidrs.values())
+
     # -- reading -----------------------------------------------------------
 
     def slices_of(self, key: ServiceKey) -> tuple[EndpointSlice, ...]:
@@ -101,7 +115,8 @@ class ChangeTracker:
 
     def cluster(self) -> Cluster:
         """A snapshot view of everything (for full syncs and inspection)."""
-        return Cluster(services=dict(self.services), slices=dict(self.slices), node=self.node)
+        return Cluster(services=dict(self.services), slices=dict(self.slices), node=self.node,
+                       service_cidrs=self.service_cidrs())
 
     def pending(self) -> tuple[int, int]:
         """(services with service changes, services with endpoint changes) not yet synced."""

@@ -1,4 +1,4 @@
-"""The API server edge: list, then watch, Services, EndpointSlices and this Node.
+"""The API server edge: list, then watch, Services, EndpointSlices, this Node and the ServiceCIDRs.
 
 Each resource has its own thread running the list/watch protocol through the
 official ``kubernetes`` client:
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_SELECTOR = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
 LIST_PAGE = 500
+OPTIONAL_RETRY = 300.0
+"""Seconds between attempts to list a resource the API server does not serve (or RBAC does not allow)."""
 
 
 class Expired(Exception):
@@ -57,6 +59,9 @@ class Resource:
     """The client's list function for all namespaces (or nodes)."""
     label_selector: str | None = None
     field_selector: str | None = None
+    optional: bool = False
+    """Older API servers do not serve it (404), or the RBAC may predate it (403): then it lists as
+    empty, is logged once, and is listed again every ``OPTIONAL_RETRY`` seconds."""
 
 
 def api_resources(api_client: Any, node_name: str) -> list[Resource]:
@@ -65,10 +70,12 @@ def api_resources(api_client: Any, node_name: str) -> list[Resource]:
 
     core = client.CoreV1Api(api_client)
     discovery = client.DiscoveryV1Api(api_client)
+    networking = client.NetworkingV1Api(api_client)
     resources = [
         Resource("Service", core.list_service_for_all_namespaces, label_selector=SERVICE_SELECTOR),
         Resource("EndpointSlice", discovery.list_endpoint_slice_for_all_namespaces),
         Resource("Node", core.list_node, field_selector=f"metadata.name={node_name}"),
+        Resource("ServiceCIDR", networking.list_service_cidr, optional=True),
     ]
     for resource in resources:
         # Every call here lists and then watches: kproxy/rbac.py (and so the
@@ -103,6 +110,7 @@ class Watcher(threading.Thread):
         self.rng = rng or random.Random()
         self.resource_version: str | None = None
         self._response: Any = None
+        self._reported_unavailable = False
 
     def _selectors(self) -> dict[str, str]:
         kwargs = {}
@@ -200,6 +208,9 @@ class Watcher(threading.Thread):
                     need_list = True
                     self.on_restart(self.resource.kind, "expired")
                     continue
+                if self.resource.optional and exc.status in (403, 404) and need_list:
+                    self._unavailable(exc.status)
+                    continue
                 log.warning("%s: API server answered %s %s; retrying", self.resource.kind, exc.status, exc.reason)
                 self.on_restart(self.resource.kind, "error")
                 need_list = need_list or failures >= 5
@@ -212,6 +223,16 @@ class Watcher(threading.Thread):
                 self.on_restart(self.resource.kind, "connection")
                 need_list = need_list or failures >= 5
                 self._sleep(failures)
+
+    def _unavailable(self, status: int) -> None:
+        """An optional resource the API server does not serve (404) or RBAC does not allow (403)."""
+        if not self._reported_unavailable:
+            why = "the API server does not serve it" if status == 404 else "RBAC does not allow listing it"
+            log.warning("%s: %s (%d); going on without it, trying again every %.0f s", self.resource.kind, why,
+                        status, OPTIONAL_RETRY)
+            self._reported_unavailable = True
+        self.on_relist(self.resource.kind, [])
+        self.stop_event.wait(OPTIONAL_RETRY)
 
     def interrupt(self) -> None:
         """Close the current watch connection (used at shutdown)."""

@@ -71,7 +71,7 @@ _MERGE_PATCH_TYPES = {"application/merge-patch+json", "application/strategic-mer
 _JSON_PATCH_TYPE = "application/json-patch+json"
 
 VERSION_INFO: JSON = {
-    "major": "1", "minor": "31", "gitVersion": "v1.31.0",
+    "major": "1", "minor": "33", "gitVersion": "v1.33.0",
     "gitCommit": "0000000000000000000000000000000000000000", "gitTreeState": "clean",
     "buildDate": "2024-08-13T07:28:49Z", "goVersion": "go1.22.5", "compiler": "gc",
     "platform": "linux/amd64",
@@ -114,7 +114,9 @@ SERVICES = ResourceType("Service", "services", "", "v1", namespaced=True, has_st
 ENDPOINT_SLICES = ResourceType("EndpointSlice", "endpointslices", "discovery.k8s.io", "v1",
                                namespaced=True, has_status=False)
 NODES = ResourceType("Node", "nodes", "", "v1", namespaced=False, has_status=True)
-RESOURCES: tuple[ResourceType, ...] = (SERVICES, ENDPOINT_SLICES, NODES)
+SERVICE_CIDRS = ResourceType("ServiceCIDR", "servicecidrs", "networking.k8s.io", "v1", namespaced=False,
+                             has_status=True)
+RESOURCES: tuple[ResourceType, ...] = (SERVICES, ENDPOINT_SLICES, NODES, SERVICE_CIDRS)
 
 
 def resource_type(name: str | ResourceType) -> ResourceType:
@@ -406,7 +408,7 @@ def _strip_type(obj: JSON) -> JSON:
 
 
 class FakeKubeAPI:
-    """A fake kube-apiserver serving Services, EndpointSlices and Nodes.
+    """A fake kube-apiserver serving Services, EndpointSlices, Nodes and ServiceCIDRs.
 
     All public methods are thread-safe.  Objects are plain dicts; everything
     returned is a deep copy.  Stored objects are never mutated in place (each
@@ -414,8 +416,11 @@ class FakeKubeAPI:
     """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, bookmark_interval: float = 1.0,
-                 history_limit: Optional[int] = None, initial_resource_version: int = 1) -> None:
+                 history_limit: Optional[int] = None, initial_resource_version: int = 1,
+                 unserved: frozenset[str] = frozenset()) -> None:
         self.host = host
+        self.unserved = unserved
+        """Kinds this server answers 404 for, as an older API server does (e.g. ``{"ServiceCIDR"}``)."""
         self.bookmark_interval = bookmark_interval
         """Seconds between BOOKMARK events on watches with ``allowWatchBookmarks=true``."""
         self.history_limit = history_limit
@@ -1019,7 +1024,7 @@ class _Handler(BaseHTTPRequestHandler):
                         api._watch_count[route.res.plural] += 1
                 raise FakeApiError(500, "InternalError", "Internal error occurred: injected failure "
                                    "(FakeKubeAPI.set_failing)", {"causes": [{"message": "injected failure"}]})
-            if route is None:
+            if route is None or route.res.kind in api.unserved:
                 self._non_resource(method, url.path)
                 return
             body = self._parse_body(raw) if raw else None

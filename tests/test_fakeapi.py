@@ -119,11 +119,11 @@ class WatchThread:
 def test_version_and_discovery(core: client.CoreV1Api, disco: client.DiscoveryV1Api,
                                api_client: client.ApiClient) -> None:
     """/version and the discovery documents deserialize with the official client."""
-    assert client.VersionApi(api_client).get_code().git_version == "v1.31.0"
+    assert client.VersionApi(api_client).get_code().git_version == "v1.33.0"
     assert {r.name for r in core.get_api_resources().resources} >= {"services", "nodes"}
     assert [r.name for r in disco.get_api_resources().resources] == ["endpointslices"]
     groups = client.ApisApi(api_client).get_api_versions().groups
-    assert [g.name for g in groups] == ["discovery.k8s.io"]
+    assert [g.name for g in groups] == ["discovery.k8s.io", "networking.k8s.io"]
 
 
 def crud_ops(kind: str, core: client.CoreV1Api, disco: client.DiscoveryV1Api) -> dict[str, Callable[..., Any]]:
