@@ -211,7 +211,7 @@ def once(args: argparse.Namespace, config: DaemonConfig) -> int:
     server: the same netlink pipeline, the same per-Service isolation.
     """
     objects = _load_objects(args, "--once")
-    by_kind: dict[str, list[dict[str, Any]]] = {"Service": [], "EndpointSlice": [], "Node": []}
+    by_kind: dict[str, list[dict[str, Any]]] = {"Service": [], "EndpointSlice": [], "Node": [], "ServiceCIDR": []}
     for obj in objects:
         kind = obj.get("kind")
         if kind in by_kind:
@@ -223,7 +223,7 @@ def once(args: argparse.Namespace, config: DaemonConfig) -> int:
     with PyrouteConntrack() as conntrack:
         proxier = Proxier(backend, config.node_name, config.proxy_config(), conntrack=conntrack, observer=observer,
                           interfaces=interface_addresses)
-        for kind in ("Node", "Service", "EndpointSlice"):
+        for kind in ("Node", "ServiceCIDR", "Service", "EndpointSlice"):
             proxier.on_relist(kind, by_kind[kind])
         proxier.sync()
         deleted = proxier.delete_dereferenced_chains()
