@@ -378,7 +378,10 @@ def _mode(value: Any) -> str:
 def _detect_local_mode(value: Any) -> str:
     _one_of("", "ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix")(value)
     if value not in ("", "ClusterCIDR"):
-        log.warning("detectLocalMode %r: kproxy always detects local traffic by clusterCIDR", value)
+        # Running with another mode would treat pod traffic as external: short-circuits and
+        # masquerade would differ from kube-proxy's. Refuse rather than differ.
+        raise ConfigError(f"{value!r} is not supported: kproxy detects local (pod) traffic by clusterCIDR only; "
+                          "set detectLocalMode: ClusterCIDR and clusterCIDR to the pod CIDRs")
     return value
 
 

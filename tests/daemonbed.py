@@ -46,12 +46,14 @@ class ApiInNode:
     """A FakeKubeAPI whose listening socket lives in the node namespace."""
 
     bed: NetBed
+    unserved: frozenset[str] = frozenset()
+    """Kinds the API server answers 404 for (an older API server)."""
     api: FakeKubeAPI = field(init=False)
     kubeconfig: Path = field(init=False)
 
     def __post_init__(self) -> None:
         with self.bed.node.entered():
-            self.api = FakeKubeAPI(bookmark_interval=0.5).start()
+            self.api = FakeKubeAPI(bookmark_interval=0.5, unserved=self.unserved).start()
         handle = tempfile.NamedTemporaryFile("w", suffix=".kubeconfig", delete=False)
         yaml.safe_dump({
             "apiVersion": "v1", "kind": "Config", "current-context": "test",
@@ -130,9 +132,9 @@ def daemon_bed(netbed: NetBed, api_in_node: ApiInNode) -> NetBed:
 
 
 @pytest.fixture
-def api_in_node(netbed: NetBed) -> Iterator[ApiInNode]:
-    """A test API server reachable from the node namespace at 127.0.0.1."""
-    api = ApiInNode(netbed)
+def api_in_node(netbed: NetBed, request: pytest.FixtureRequest) -> Iterator[ApiInNode]:
+    """A test API server reachable from the node namespace at 127.0.0.1 (parametrize indirectly with unserved kinds)."""
+    api = ApiInNode(netbed, getattr(request, "param", frozenset()))
     try:
         yield api
     finally:

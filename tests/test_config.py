@@ -557,3 +557,12 @@ def test_parse_bind_address_rejects(text: str) -> None:
 def test_cidr_parsers(parse: Any, text: str, expected: tuple[str, ...]) -> None:
     """parse_cidrs and parse_nodeport_addresses, the validators cli.py can share."""
     assert parse(text) == expected
+
+
+@pytest.mark.parametrize("mode", ["NodeCIDR", "BridgeInterface", "InterfaceNamePrefix"])
+def test_unsupported_local_detection_is_refused(tmp_path: Path, mode: str) -> None:
+    """A detectLocalMode kproxy does not implement stops it at startup, naming the field (not a silent difference)."""
+    path = tmp_path / "config.yaml"
+    path.write_text(f"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\ndetectLocalMode: {mode}\n")
+    with pytest.raises(ConfigError, match=f"detectLocalMode: '{mode}' is not supported"):
+        load_kube_proxy_configuration(str(path))

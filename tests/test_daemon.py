@@ -163,3 +163,39 @@ def test_drift_repaired_and_sigterm_leaves_rules(bed: NetBed, api_in_node: ApiIn
     assert kproxy.stop(signal.SIGTERM) == 0
     assert "kproxy" in bed.node.nft("list", "tables").stdout
     assert servers_seen(bed, "10.96.0.40") == {p.name for p in bed.pods}
+
+
+def test_service_cidrs_are_watched(bed: NetBed, api_in_node: ApiInNode) -> None:
+    """A ServiceCIDR created, widened and deleted at the API server: unallocated addresses in it are dropped."""
+    api = api_in_node.api
+    bed.router.ip("addr", "add", "10.96.99.99/32", "dev", "lo")
+    bed.router.ip("addr", "add", "10.98.99.99/32", "dev", "lo")
+    bed.start_server(bed.router, "outside", tcp_ports=[80])
+    client = bed.local_pods[0].netns
+    api.create(service("web", cluster_ip="10.96.0.50"))
+    api.create(pod_slice("web", bed.pods[:1]))
+    cidr = {"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR", "metadata": {"name": "kubernetes"},
+            "spec": {"cidrs": ["10.96.0.0/16"]}}
+    api.create(cidr)
+    kproxy = KproxyProcess(bed, api_in_node)
+    wait_until(lambda: servers_seen(bed, "10.96.0.50"), 15, "the Service")
+    assert client.connect("10.96.99.99", 80, timeout=0.5).error == "timeout", "unallocated, dropped"
+    assert client.connect("10.98.99.99", 80).ok
+    api.create({**cidr, "metadata": {"name": "extra"}, "spec": {"cidrs": ["10.98.0.0/16"]}})
+    wait_until(lambda: client.connect("10.98.99.99", 80, timeout=0.3).error == "timeout", 5, "the second range")
+    api.delete("ServiceCIDR", "", "kubernetes")
+    wait_until(lambda: client.connect("10.96.99.99", 80, timeout=0.3).ok, 5, "the first range removed")
+    assert kproxy.stop() == 0
+
+
+@pytest.mark.parametrize("api_in_node", [frozenset({"ServiceCIDR"})], indirect=True, ids=["without-servicecidrs"])
+def test_api_server_without_service_cidrs(bed: NetBed, api_in_node: ApiInNode) -> None:
+    """An API server that does not serve ServiceCIDRs (older than 1.33): kproxy says so once and programs the rest."""
+    api = api_in_node.api
+    api.create(service("web", cluster_ip="10.96.0.51"))
+    api.create(pod_slice("web", bed.pods[:1]))
+    kproxy = KproxyProcess(bed, api_in_node)
+    wait_until(lambda: servers_seen(bed, "10.96.0.51"), 15, "the Service")
+    notes = [e["msg"] for e in kproxy.lines() if "ServiceCIDR" in e.get("msg", "")]
+    assert len(notes) == 1 and "does not serve it (404)" in notes[0], notes
+    assert kproxy.stop() == 0
