@@ -293,3 +293,55 @@ def test_one_service_reaching_a_frontend_through_two_ports() -> None:
         ]
         table = _compile(objects).table("ip")
         assert _frontend_targets(table, "192.168.50.1 . tcp . 30081") == {"10.244.1.1 . 2222"}, ports
+
+
+def _firewall(table: Any) -> tuple[set[str], set[str]]:
+    return set(table.elements.get("firewall-ips", {})), set(table.elements.get("firewall-allow", {}))
+
+
+def test_source_ranges_per_family_with_or_without_endpoints() -> None:
+    """Ranges guard only the LB IPs of their own family, and do so even while the Service has no endpoints."""
+    dual_lb = service("lb", "ns", ["10.96.0.40", "fd00::40"], ipFamilies=["IPv4", "IPv6"], type="LoadBalancer",
+                      loadBalancerSourceRanges=["2001:db8::/32"], ports=[{"name": "http", "port": 80, "nodePort": 30140}],
+                      status={"loadBalancer": {"ingress": [{"ip": "192.0.2.40"}, {"ip": "2001:db8:1::40"}]}})
+    ruleset = _compile([dual_lb])  # no EndpointSlice at all
+    assert _firewall(ruleset.table("ip")) == (set(), set()), "no IPv4 range: the IPv4 LB IP is open, as upstream"
+    ips, allowed = _firewall(ruleset.table("ip6"))
+    assert ips == {"2001:db8:1::40 . tcp . 80"}
+    assert allowed == {"2001:db8:1::40 . tcp . 80 . 2001:db8::/32"}
+
+
+def test_a_range_holding_the_node_allows_the_lb_ips() -> None:
+    """When a source range contains the node's primary IP, every LB IP of the family is an allowed source."""
+    lb = service("lb", "ns", "10.96.0.41", type="LoadBalancer", loadBalancerSourceRanges=["192.168.50.0/24"],
+                 ports=[{"name": "http", "port": 80, "nodePort": 30141}],
+                 status={"loadBalancer": {"ingress": [{"ip": "192.0.2.41"}, {"ip": "192.0.2.42"}]}})
+    _, allowed = _firewall(_compile([lb, endpoint_slice("lb-1", "lb", [endpoint("10.244.1.1")], namespace="ns")]).table("ip"))
+    for vip in ("192.0.2.41", "192.0.2.42"):
+        assert {f"{vip} . tcp . 80 . 192.168.50.0/24", f"{vip} . tcp . 80 . 192.0.2.41",
+                f"{vip} . tcp . 80 . 192.0.2.42"} <= allowed
+    lb["spec"]["loadBalancerSourceRanges"] = ["203.0.113.0/24"]
+    _, allowed = _firewall(_compile([lb]).table("ip"))
+    assert allowed == {"192.0.2.41 . tcp . 80 . 203.0.113.0/24", "192.0.2.42 . tcp . 80 . 203.0.113.0/24"}
+
+
+def test_beta_source_ranges_annotation_is_ignored() -> None:
+    """As upstream kube-proxy, only spec.loadBalancerSourceRanges guards the LB IP (the annotation is the cloud's)."""
+    lb = service("lb", "ns", "10.96.0.43", type="LoadBalancer", ports=[{"name": "http", "port": 80, "nodePort": 30143}],
+                 annotations={"service.beta.kubernetes.io/load-balancer-source-ranges": "10.0.0.0/8"},
+                 status={"loadBalancer": {"ingress": [{"ip": "192.0.2.43"}]}})
+    assert _firewall(_compile([lb]).table("ip")) == (set(), set())
+
+
+@pytest.mark.parametrize("flag, expected", [
+    pytest.param((), ["192.168.50.1"], id="primary"),
+    pytest.param(("10.20.0.0/16",), ["10.20.0.5"], id="cidr-on-a-second-interface"),
+    pytest.param(("0.0.0.0/0",), ["192.168.50.1", "10.20.0.5"], id="all-of-the-family"),
+    pytest.param(("fd00:20::/64",), ["192.168.50.1", "10.20.0.5"], id="family-without-a-cidr-matches-all"),
+])
+def test_nodeport_addresses(flag: tuple[str, ...], expected: list[str]) -> None:
+    """NodePort addresses as upstream: CIDRs against the interfaces, a family without its own CIDR matches all."""
+    from kproxy.compiler import nodeport_addresses
+
+    node_ = NodeInfo("node-a", "zone-a", ("192.168.50.1",), ("192.168.50.1", "10.20.0.5", "127.0.0.1", "fd00:20::5"))
+    assert nodeport_addresses(node_, ProxyConfig(nodeport_addresses=flag), "ip") == expected

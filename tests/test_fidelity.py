@@ -143,3 +143,14 @@ def test_unallocated_service_ips_are_dropped(bed: NetBed, tmp_path: Path) -> Non
     assert client.connect_many("10.96.0.34", 80, 10).all_ok, "an allocated ClusterIP works"
     assert client.connect("10.96.0.34", 81, timeout=2).error == "refused", "an undefined port is still refused"
     assert client.connect("10.97.0.9", 80).ok, "an address outside the ServiceCIDRs is left alone"
+
+
+def test_source_ranges_guard_a_load_balancer_without_endpoints(bed: NetBed, tmp_path: Path) -> None:
+    """A blocked source is dropped even while the Service has no endpoints (not told the port exists by a reject)."""
+    once(bed, tmp_path, [
+        service("idle-lb", cluster_ip="10.96.0.35", type="LoadBalancer", loadBalancerSourceRanges=[f"{bed.client_ip4}/32"],
+                ports=[{"name": "http", "port": 80, "nodePort": 30135}],
+                status={"loadBalancer": {"ingress": [{"ip": "203.0.113.35"}]}}),
+    ])
+    assert bed.client.connect("203.0.113.35", 80, timeout=2).error == "refused", "an allowed source learns: no endpoints"
+    assert bed.client2.connect("203.0.113.35", 80, timeout=0.5).error == "timeout", "a blocked source learns nothing"
