@@ -63,10 +63,10 @@ def scenario(services: int, endpoints: int, script_out: str, upstream_out: str |
     """Runs inside the fresh namespace: one cold start, measured step by step."""
     from benchmarks.synthetic import NODE_NAME, cluster_objects
     from benchmarks.upstream_layout import render_upstream
-    from kproxy.compiler import ProxyConfig, node_info
-    from kproxy.nft import NftablesBackend
-    from kproxy.plan import create
-    from kproxy.proxier import Proxier
+    from kproxy.daemon.proxier import Proxier
+    from kproxy.nft.backend import NftablesBackend
+    from kproxy.rules.compiler import ProxyConfig, node_info
+    from kproxy.rules.plan import create
 
     config = ProxyConfig(cluster_cidrs=CONFIG_CIDRS)
     objects = cluster_objects(services, endpoints)

@@ -17,13 +17,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.synthetic import NODE_NAME, cluster_objects  # noqa: E402
-from kproxy.compiler import (  # noqa: E402
-    ProxyConfig,
-    compile_ruleset,
-    node_info,  # noqa: E402
-)
-from kproxy.convert import build_cluster  # noqa: E402
-from kproxy.plan import render_ruleset  # noqa: E402
+from kproxy.cluster.convert import build_cluster  # noqa: E402
+from kproxy.rules.compiler import ProxyConfig, compile_ruleset, node_info  # noqa: E402
+from kproxy.rules.plan import render_ruleset  # noqa: E402
 
 FULL_SIZES = [(1_000, 10), (10_000, 10), (30_000, 10), (5_000, 50)]
 QUICK_SIZES = [(100, 10), (300, 10)]

@@ -132,9 +132,9 @@ def open_bed(stack: contextlib.ExitStack, services: int) -> Bed:
 
 def program(b: Bed) -> None:
     """The daemon core's cold start: relist Node, Services and EndpointSlices, then one full sync."""
-    from kproxy.compiler import ProxyConfig
-    from kproxy.nft import NftablesBackend
-    from kproxy.proxier import Proxier
+    from kproxy.daemon.proxier import Proxier
+    from kproxy.nft.backend import NftablesBackend
+    from kproxy.rules.compiler import ProxyConfig
 
     services = [service_manifest(i) for i in range(b.services)] + real_service()
     slices = [slice_manifest(i, ENDPOINTS) for i in range(b.services)] + [real_slice(b.bed.local_pods[0].ip4)]

@@ -40,9 +40,9 @@ def scenario(services: int, repetitions: int) -> dict[str, object]:
         service_manifest,
         slice_manifest,
     )
-    from kproxy.compiler import ProxyConfig
-    from kproxy.nft import NftablesBackend
-    from kproxy.proxier import Proxier
+    from kproxy.daemon.proxier import Proxier
+    from kproxy.nft.backend import NftablesBackend
+    from kproxy.rules.compiler import ProxyConfig
 
     objects = cluster_objects(services, 10)
     proxier = Proxier(NftablesBackend(), NODE_NAME, ProxyConfig(cluster_cidrs=("10.128.0.0/9",)))

@@ -55,9 +55,9 @@ def measure(services: int, changes: int, interval: float) -> dict[str, float]:
         service_manifest,
         slice_manifest,
     )
-    from kproxy.config import DaemonConfig
-    from kproxy.daemon import Daemon
-    from kproxy.proxier import NullObserver
+    from kproxy.daemon.config import DaemonConfig
+    from kproxy.daemon.proxier import NullObserver
+    from kproxy.daemon.run import Daemon
     from tests.fakeapi import FakeKubeAPI, client_config
 
     latencies: list[float] = []

@@ -14,9 +14,9 @@ from __future__ import annotations
 import base64
 import hashlib
 
-from kproxy.compiler import NodeInfo, ProxyConfig
-from kproxy.endpoints import port_endpoints, select
-from kproxy.model import Cluster
+from kproxy.cluster.model import Cluster
+from kproxy.rules.compiler import NodeInfo, ProxyConfig
+from kproxy.rules.endpoints import port_endpoints, select
 
 
 def _hash(text: str) -> str:

@@ -24,22 +24,22 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from kproxy.compiler import NodeInfo, compile_ruleset, node_info
-from kproxy.config import ConfigError, DaemonConfig, add_daemon_flags, daemon_config
-from kproxy.conntrack import PyrouteConntrack
-from kproxy.convert import Problem, build_cluster, object_key
-from kproxy.daemon_errors import StartupError
-from kproxy.explain import Packet, explain
-from kproxy.inspect import KernelTables, daemon_skipped
-from kproxy.kubeproxy_cleanup import KubeProxyCleanupError, cleanup_kube_proxy
-from kproxy.logs import setup_logging
-from kproxy.manifests import ManifestError, load_manifest_files
-from kproxy.model import Cluster, ServiceKey
-from kproxy.nft import CapabilityError, NftablesBackend, NftError
-from kproxy.nodeaddr import interface_addresses
-from kproxy.plan import plan, render_ruleset
-from kproxy.proxier import NullObserver, Proxier
-from kproxy.ruleset import Ruleset
+from kproxy.cluster.convert import Problem, build_cluster, object_key
+from kproxy.cluster.manifests import ManifestError, load_manifest_files
+from kproxy.cluster.model import Cluster, ServiceKey
+from kproxy.daemon.config import ConfigError, DaemonConfig, add_daemon_flags, daemon_config
+from kproxy.daemon.errors import StartupError
+from kproxy.daemon.inspect import KernelTables, daemon_skipped
+from kproxy.daemon.logs import setup_logging
+from kproxy.daemon.proxier import NullObserver, Proxier
+from kproxy.nft.backend import CapabilityError, NftablesBackend, NftError
+from kproxy.nft.objects import Ruleset
+from kproxy.node.addresses import interface_addresses
+from kproxy.node.conntrack import PyrouteConntrack
+from kproxy.node.kubeproxy_cleanup import KubeProxyCleanupError, cleanup_kube_proxy
+from kproxy.rules.compiler import NodeInfo, compile_ruleset, node_info
+from kproxy.rules.explain import Packet, explain
+from kproxy.rules.plan import plan, render_ruleset
 
 log = logging.getLogger("kproxy")
 EXIT_USAGE = 2
@@ -118,7 +118,7 @@ def _model(args: argparse.Namespace, mode: str, config: DaemonConfig) -> tuple[C
     if args.from_file:
         cluster, problems = build_cluster(_load_objects(args, mode), config.node_name)
     else:
-        from kproxy.inspect import cluster_from_api
+        from kproxy.daemon.inspect import cluster_from_api
 
         try:
             cluster, problems = cluster_from_api(config.kubeconfig, config.node_name)
@@ -278,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cleanup(args)
         if args.cleanup_kube_proxy:
             return cleanup_kube_proxy_mode(args.force)
-        from kproxy.daemon import run
+        from kproxy.daemon.run import run
 
         return run(config)
     except UsageError as exc:

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kproxy.compiler import PICK_CLASSES, NodeInfo, ProxyConfig, compile_ruleset, pick_class, slot
-from kproxy.convert import build_cluster
-from kproxy.plan import render_ruleset
-from kproxy.ruleset import UnsafeText, comment
-from kproxy.skeleton import skeleton_table
+from kproxy.cluster.convert import build_cluster
+from kproxy.nft.objects import UnsafeText, comment
+from kproxy.rules.compiler import PICK_CLASSES, NodeInfo, ProxyConfig, compile_ruleset, pick_class, slot
+from kproxy.rules.plan import render_ruleset
+from kproxy.rules.skeleton import skeleton_table
 from tests.builders import endpoint, endpoint_slice, service
 
 NODE = NodeInfo("node-a", "zone-a", ("192.168.50.1",), ("192.168.50.1",))
@@ -341,7 +341,7 @@ def test_beta_source_ranges_annotation_is_ignored() -> None:
 ])
 def test_nodeport_addresses(flag: tuple[str, ...], expected: list[str]) -> None:
     """NodePort addresses as upstream: CIDRs against the interfaces, a family without its own CIDR matches all."""
-    from kproxy.compiler import nodeport_addresses
+    from kproxy.rules.compiler import nodeport_addresses
 
     node_ = NodeInfo("node-a", "zone-a", ("192.168.50.1",), ("192.168.50.1", "10.20.0.5", "127.0.0.1", "fd00:20::5"))
     assert nodeport_addresses(node_, ProxyConfig(nodeport_addresses=flag), "ip") == expected

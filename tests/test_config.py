@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from kproxy.compiler import ProxyConfig
-from kproxy.config import (
+from kproxy.daemon.config import (
     ConfigError,
     DaemonConfig,
     add_daemon_flags,
@@ -21,6 +20,7 @@ from kproxy.config import (
     parse_duration,
     parse_nodeport_addresses,
 )
+from kproxy.rules.compiler import ProxyConfig
 
 HEADER = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
 
@@ -254,7 +254,7 @@ def test_full_file(tmp_path: Path) -> None:
 
 def test_unused_fields_are_logged_at_debug(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A known field kproxy does not use is accepted and logged at debug level."""
-    with caplog.at_level(logging.DEBUG, logger="kproxy.config"):
+    with caplog.at_level(logging.DEBUG, logger="kproxy.daemon.config"):
         load_kube_proxy_configuration(_file(tmp_path, FULL))
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
     assert any("ipvs.scheduler = 'rr' is accepted but not used" in m for m in messages)

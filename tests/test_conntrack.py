@@ -10,8 +10,10 @@ from typing import Any, Callable
 
 import pytest
 
-from kproxy.compiler import NodeInfo, ProxyConfig, compile_ruleset
-from kproxy.conntrack import (
+from kproxy.cluster.convert import build_cluster
+from kproxy.cluster.model import Cluster, IPFamily
+from kproxy.nft.backend import NftablesBackend
+from kproxy.node.conntrack import (
     FakeConntrack,
     FlowEntry,
     PyrouteConntrack,
@@ -19,10 +21,8 @@ from kproxy.conntrack import (
     stale_entries,
     udp_cleanup_targets,
 )
-from kproxy.convert import build_cluster
-from kproxy.model import Cluster, IPFamily
-from kproxy.nft import NftablesBackend
-from kproxy.plan import plan
+from kproxy.rules.compiler import NodeInfo, ProxyConfig, compile_ruleset
+from kproxy.rules.plan import plan
 from tests.builders import endpoint, endpoint_slice, service
 from tests.netbed import NetBed, Netns, Pod, Results, UdpFlow
 
@@ -138,7 +138,7 @@ def test_cleanup_whole_table(caplog: pytest.LogCaptureFixture) -> None:
     entries = [p.values[0] for p in CASES]
     expected_stale = [p.values[0] for p in CASES if p.values[1]]
     table = FakeConntrack(entries)
-    with caplog.at_level(logging.DEBUG, logger="kproxy.conntrack"):
+    with caplog.at_level(logging.DEBUG, logger="kproxy.node.conntrack"):
         assert cleanup_stale_udp(table, TARGETS) == len(expected_stale)
     assert sorted(table.deleted, key=str) == sorted(expected_stale, key=str)
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import pytest
 
-from kproxy.convert import (
+from kproxy.cluster.convert import (
     InvalidObject,
     NotProxied,
     build_cluster,
@@ -15,8 +15,8 @@ from kproxy.convert import (
     service_from_manifest,
     slice_from_manifest,
 )
-from kproxy.manifests import ManifestError, parse_manifests
-from kproxy.model import RateLimit
+from kproxy.cluster.manifests import ManifestError, parse_manifests
+from kproxy.cluster.model import RateLimit
 from tests.builders import endpoint, endpoint_slice, node, service
 
 

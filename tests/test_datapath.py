@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import yaml
 
-from kproxy.compiler import NodeInfo, ProxyConfig, compile_ruleset
-from kproxy.convert import build_cluster
-from kproxy.nft import NftablesBackend
-from kproxy.plan import plan
+from kproxy.cluster.convert import build_cluster
+from kproxy.nft.backend import NftablesBackend
+from kproxy.rules.compiler import NodeInfo, ProxyConfig, compile_ruleset
+from kproxy.rules.plan import plan
 from tests.builders import endpoint, endpoint_slice, node, service
 from tests.netbed import NetBed, Pod
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from kproxy.convert import service_from_manifest, slice_from_manifest
-from kproxy.endpoints import PREFER_SAME_NODE, PREFER_SAME_ZONE, port_endpoints, select
+from kproxy.cluster.convert import service_from_manifest, slice_from_manifest
+from kproxy.rules.endpoints import PREFER_SAME_NODE, PREFER_SAME_ZONE, port_endpoints, select
 from tests.builders import endpoint, endpoint_slice, service
 
 NODE = "node-a"

@@ -13,11 +13,18 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kproxy import nfnetlink
-from kproxy.compiler import NodeInfo, ProxyConfig, compile_ruleset
-from kproxy.convert import InvalidObject, NotProxied, node_from_manifest, service_from_manifest, slice_from_manifest
-from kproxy.model import Cluster
-from kproxy.plan import Transaction, plan
+from kproxy.cluster.convert import (
+    InvalidObject,
+    NotProxied,
+    node_from_manifest,
+    service_from_manifest,
+    slice_from_manifest,
+)
+from kproxy.cluster.model import Cluster
+from kproxy.nft import netlink as nfnetlink
+from kproxy.nft.objects import Transaction
+from kproxy.rules.compiler import NodeInfo, ProxyConfig, compile_ruleset
+from kproxy.rules.plan import plan
 from tests.builders import endpoint, endpoint_slice, node, service
 
 NODE = NodeInfo("node-a", "zone-a", ("192.168.50.1", "fd00:50::1"), ("192.168.50.1", "fd00:50::1"))

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from kproxy.compiler import NodeInfo, ProxyConfig, compile_ruleset
-from kproxy.convert import build_cluster
-from kproxy.plan import render_ruleset
-from kproxy.skeleton import skeleton_table
+from kproxy.cluster.convert import build_cluster
+from kproxy.rules.compiler import NodeInfo, ProxyConfig, compile_ruleset
+from kproxy.rules.plan import render_ruleset
+from kproxy.rules.skeleton import skeleton_table
 from tests.builders import endpoint, endpoint_slice, node, service
 
 GOLDEN = Path(__file__).parent / "golden"

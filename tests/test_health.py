@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from kproxy.compiler import ProxyConfig
-from kproxy.fake import FakeBackend
-from kproxy.health import (
+from kproxy.daemon.proxier import Proxier
+from kproxy.nft.fake import FakeBackend
+from kproxy.observe.health import (
     HealthInputs,
     ProxyHealth,
     ServiceHealthServers,
@@ -22,9 +22,10 @@ from kproxy.health import (
     proxier_health_inputs,
     service_health_body,
 )
-from kproxy.httpserver import HTTPService
-from kproxy.metrics import ProxyMetrics
-from kproxy.proxier import LocalPolicyStatus, Proxier
+from kproxy.observe.http import HTTPService
+from kproxy.observe.metrics import ProxyMetrics
+from kproxy.rules.compiler import ProxyConfig
+from kproxy.rules.endpoints import LocalPolicyStatus
 from tests.builders import endpoint, endpoint_slice, node, service
 
 SYNC_PERIOD = 30.0
@@ -283,7 +284,7 @@ def test_busy_port_is_retried_at_the_next_sync(servers: Any, caplog: pytest.LogC
     blocker.bind((LOCALHOST, 0))
     blocker.listen()
     port = blocker.getsockname()[1]
-    with caplog.at_level(logging.DEBUG, logger="kproxy.health"):
+    with caplog.at_level(logging.DEBUG, logger="kproxy.observe.health"):
         hc.sync([_lb("web", port, 1)])
         hc.sync([_lb("web", port, 1)])
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]

@@ -249,7 +249,7 @@ def test_corpus_is_large_enough() -> None:
 
 def test_json_goes_through_json(monkeypatch: pytest.MonkeyPatch) -> None:
     """A JSON export is parsed as JSON (seconds for 10k Services), never through the YAML parser (minutes)."""
-    from kproxy import manifests
+    from kproxy.cluster import manifests
 
     def no_yaml(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("JSON input went to the YAML parser")

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from kproxy.config import DaemonConfig
-from kproxy.daemon import Daemon, kube_api_client
-from kproxy.metrics import ProxyMetrics
-from kproxy.nft import NftablesBackend, NftError
-from kproxy.plan import Transaction
+from kproxy.daemon.config import DaemonConfig
+from kproxy.daemon.run import Daemon, kube_api_client
+from kproxy.nft.backend import NftablesBackend, NftError
+from kproxy.nft.objects import Transaction
+from kproxy.observe.metrics import ProxyMetrics
 from tests.builders import endpoint, endpoint_slice, service
 from tests.daemonbed import ApiInNode, KproxyProcess, wait_until
 from tests.netbed import NetBed, Pod

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from kproxy.compiler import ProxyConfig
-from kproxy.fake import FakeBackend
-from kproxy.httpserver import HTTPService, start_metrics_server
-from kproxy.metrics import (
+from kproxy.daemon.proxier import Proxier
+from kproxy.nft.fake import FakeBackend
+from kproxy.observe.http import HTTPService, start_metrics_server
+from kproxy.observe.metrics import (
     IP_FAMILIES,
     NETWORK_PROGRAMMING_BUCKETS,
     ProxierCollector,
@@ -23,7 +23,8 @@ from kproxy.metrics import (
     ServiceCounter,
     parse_counter_name,
 )
-from kproxy.proxier import LocalPolicyStatus, Proxier
+from kproxy.rules.compiler import ProxyConfig
+from kproxy.rules.endpoints import LocalPolicyStatus
 from tests.builders import endpoint, endpoint_slice, node, service
 
 
@@ -270,7 +271,7 @@ def test_collector_survives_failing_counter_reads(caplog: pytest.LogCaptureFixtu
         raise RuntimeError("nft: table not found")
 
     registry, _ = _collector(Stub([_status("a")]), broken)
-    with caplog.at_level(logging.WARNING, logger="kproxy.metrics"):
+    with caplog.at_level(logging.WARNING, logger="kproxy.observe.metrics"):
         assert _value(registry, "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
                       traffic_policy="external", ip_family="IPv4") == 1
         assert _value(registry, "kproxy_service_new_connections_total", namespace="shop", service="web",

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from kproxy.compiler import NodeInfo, compile_ruleset
-from kproxy.convert import build_cluster
-from kproxy.kubeproxy_cleanup import KproxyNotReady, cleanup_kube_proxy
-from kproxy.nft import NftablesBackend
-from kproxy.plan import create
+from kproxy.cluster.convert import build_cluster
+from kproxy.nft.backend import NftablesBackend
+from kproxy.node.kubeproxy_cleanup import KproxyNotReady, cleanup_kube_proxy
+from kproxy.rules.compiler import NodeInfo, compile_ruleset
+from kproxy.rules.plan import create
 from tests.builders import endpoint, endpoint_slice, service
 from tests.netbed import NetBed, Netns, Pod
 from tests.test_datapath import CONFIG, pod_slice, program

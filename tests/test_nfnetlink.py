@@ -9,13 +9,13 @@ from typing import Any, Iterator
 
 import pytest
 
-from kproxy.compiler import ProxyConfig, compile_ruleset
-from kproxy.convert import build_cluster
-from kproxy.nfnetlink import BatchSocket, encodable, encodable_rule, encode, layouts
-from kproxy.nft import NftablesBackend, NftError, maps_first
-from kproxy.plan import Op, Transaction, create, plan, render_ruleset
-from kproxy.ruleset import Chain, Element, Ruleset, UnsafeText
-from kproxy.skeleton import skeleton_table
+from kproxy.cluster.convert import build_cluster
+from kproxy.nft.backend import NftablesBackend, NftError, maps_first
+from kproxy.nft.netlink import BatchSocket, encodable, encodable_rule, encode, layouts
+from kproxy.nft.objects import Chain, Element, Op, Ruleset, Transaction, UnsafeText
+from kproxy.rules.compiler import ProxyConfig, compile_ruleset
+from kproxy.rules.plan import create, plan, render_ruleset
+from kproxy.rules.skeleton import skeleton_table
 from tests.builders import endpoint, endpoint_slice, service
 from tests.netbed import Netns
 from tests.test_golden import NODE, SCENARIOS

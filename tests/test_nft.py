@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kproxy import nft
-from kproxy.nft import Capability, CapabilityError, NftablesBackend, NftError
-from kproxy.plan import Op, Transaction
+from kproxy.nft import backend as nft
+from kproxy.nft.backend import Capability, CapabilityError, NftablesBackend, NftError
+from kproxy.nft.objects import Op, Transaction
 from tests.netbed import Netns
 
 pytestmark = pytest.mark.root
@@ -65,9 +65,9 @@ def test_error_names_the_refused_command_and_changes_nothing(netns: Netns) -> No
 
 def test_partial_syncs_across_pick_chain_sizes(netns: Netns) -> None:
     """Growing and shrinking a Service across pick chain sizes (new pick chains, both families) in partial syncs."""
-    from kproxy.compiler import ProxyConfig, compile_ruleset, node_info
-    from kproxy.plan import plan
-    from kproxy.proxier import Proxier
+    from kproxy.daemon.proxier import Proxier
+    from kproxy.rules.compiler import ProxyConfig, compile_ruleset, node_info
+    from kproxy.rules.plan import plan
     from tests.builders import endpoint, endpoint_slice, node, service
 
     config = ProxyConfig(cluster_cidrs=("10.244.0.0/16", "fd00:244::/48"))

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from kproxy.compiler import NodeInfo, ProxyConfig, compile_ruleset
-from kproxy.convert import build_cluster
-from kproxy.fake import FakeBackend
-from kproxy.nft import NftablesBackend, NftError
-from kproxy.plan import LAST_SETS, Op, Transaction, create, plan
-from kproxy.ruleset import Chain, Ruleset
+from kproxy.cluster.convert import build_cluster
+from kproxy.nft.backend import NftablesBackend, NftError
+from kproxy.nft.fake import FakeBackend
+from kproxy.nft.objects import Chain, Op, Ruleset, Transaction
+from kproxy.rules.compiler import NodeInfo, ProxyConfig, compile_ruleset
+from kproxy.rules.plan import LAST_SETS, create, plan
 from tests.builders import endpoint, endpoint_slice, service
 
 NODE = NodeInfo("node-a", "zone-a", ("192.168.50.1",), ("192.168.50.1",))

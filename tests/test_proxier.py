@@ -7,18 +7,14 @@ from typing import Any, Callable
 
 import pytest
 
-from kproxy.compiler import ProxyConfig, compile_ruleset, node_info
-from kproxy.conntrack import FakeConntrack, FlowEntry
-from kproxy.fake import FakeBackend
-from kproxy.nft import NftError
-from kproxy.plan import Transaction, plan
-from kproxy.proxier import (
-    CHAIN_DELETE_DELAY,
-    DELETED_SERVICE_REJECT,
-    NullObserver,
-    Proxier,
-    SyncRunner,
-)
+from kproxy.daemon.proxier import CHAIN_DELETE_DELAY, DELETED_SERVICE_REJECT, NullObserver, Proxier
+from kproxy.daemon.runner import SyncRunner
+from kproxy.nft.backend import NftError
+from kproxy.nft.fake import FakeBackend
+from kproxy.nft.objects import Transaction
+from kproxy.node.conntrack import FakeConntrack, FlowEntry
+from kproxy.rules.compiler import ProxyConfig, compile_ruleset, node_info
+from kproxy.rules.plan import plan
 from tests.builders import endpoint, endpoint_slice, node, service
 
 CONFIG = ProxyConfig(cluster_cidrs=("10.244.0.0/16",))
@@ -273,7 +269,7 @@ def test_kernel_refusing_one_service_at_a_full_sync() -> None:
 
 def test_compile_error_quarantines_one_service(monkeypatch: pytest.MonkeyPatch) -> None:
     """A Service the compiler chokes on is quarantined; the others are programmed."""
-    import kproxy.proxier as proxier_module
+    import kproxy.daemon.proxier as proxier_module
 
     real = proxier_module.compile_service
 
@@ -294,13 +290,13 @@ def test_problems_are_logged_once_per_change(caplog: pytest.LogCaptureFixture) -
     """The same bad Service seen again (a relist, a status update) is not logged again; a new problem is; a fix is noted."""
     proxier, _, _ = _proxier()
     bad = _svc(7, externalIPs=["127.0.0.1"])
-    with caplog.at_level("WARNING", logger="kproxy.proxier"):
+    with caplog.at_level("WARNING", logger="kproxy.daemon.proxier"):
         proxier.on_service("ADDED", bad)
         proxier.on_service("MODIFIED", bad)
         proxier.on_relist("Service", [_svc(i) for i in range(5)] + [bad])
     assert sum("ns/s7" in r.getMessage() for r in caplog.records) == 1, caplog.text
     caplog.clear()
-    with caplog.at_level("INFO", logger="kproxy.proxier"):
+    with caplog.at_level("INFO", logger="kproxy.daemon.proxier"):
         proxier.on_service("MODIFIED", _svc(7))
     assert "no longer skipped" in caplog.text
     assert not proxier.skipped()
@@ -309,7 +305,7 @@ def test_problems_are_logged_once_per_change(caplog: pytest.LogCaptureFixture) -
 def test_conflicting_services_are_named_once(caplog: pytest.LogCaptureFixture) -> None:
     """Two Services on one external IP:port: one warning naming both and the winner, not repeated on updates."""
     proxier, _, _ = _proxier()
-    with caplog.at_level("WARNING", logger="kproxy.proxier"):
+    with caplog.at_level("WARNING", logger="kproxy.daemon.proxier"):
         proxier.on_service("ADDED", service("x", "ns", "10.96.1.1", externalIPs=["198.51.100.7"]))
         proxier.on_service("ADDED", service("y", "ns", "10.96.1.2", externalIPs=["198.51.100.7"]))
         proxier.on_service("MODIFIED", service("y", "ns", "10.96.1.2", externalIPs=["198.51.100.7"], labels={"a": "b"}))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kproxy.compiler import ProxyConfig, table_options
-from kproxy.ruleset import comment
-from kproxy.skeleton import option_names, skeleton_table
+from kproxy.nft.objects import comment
+from kproxy.rules.compiler import ProxyConfig, table_options
+from kproxy.rules.skeleton import option_names, skeleton_table
 
 
 def test_options_are_the_ones_the_compiler_sets() -> None:

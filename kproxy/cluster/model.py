@@ -1,0 +1,192 @@
+"""The typed model of the cluster objects kproxy cares about.
+
+Everything downstream of ``kproxy.cluster.convert`` (endpoint selection, the compiler,
+the change tracker) works on these frozen values, never on raw manifests. Every
+string here has been validated when it was converted: names are DNS labels,
+addresses are canonical IP strings, ports are in range. That is what lets the
+compiler put them into nft text without escaping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Literal, Mapping, NewType
+
+Protocol = Literal["tcp", "udp", "sctp"]
+"""Transport protocol, spelled as nft spells it."""
+
+IPFamily = Literal[4, 6]
+
+ServiceKey = NewType("ServiceKey", str)
+"""``namespace/name`` of a Service."""
+
+SliceKey = NewType("SliceKey", str)
+"""``namespace/name`` of an EndpointSlice."""
+
+ZONE_LABEL = "topology.kubernetes.io/zone"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+HEADLESS_LABEL = "service.kubernetes.io/headless"
+TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
+RATE_LIMIT_ANNOTATION = "kproxy.io/rate-limit"
+RATE_LIMIT_BURST_ANNOTATION = "kproxy.io/rate-limit-burst"
+DEFAULT_AFFINITY_TIMEOUT = 10800
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """New connections allowed per client source IP, per Service port."""
+
+    rate: int
+    """How many new connections per ``unit``."""
+    unit: Literal["second", "minute"]
+    burst: int | None = None
+    """Extra connections allowed in a burst; nft's default (5) when None."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    """One entry of ``spec.ports``."""
+
+    name: str
+    """The port name; empty for a Service with a single unnamed port."""
+    protocol: Protocol
+    port: int
+    node_port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A Service kproxy programs (never headless, never owned by another proxy)."""
+
+    namespace: str
+    name: str
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"]
+    cluster_ips: tuple[str, ...]
+    ports: tuple[ServicePort, ...]
+    external_ips: tuple[str, ...] = ()
+    load_balancer_ips: tuple[str, ...] = ()
+    """``status.loadBalancer.ingress[].ip``."""
+    load_balancer_source_ranges: tuple[str, ...] = ()
+    """Canonical CIDRs; empty means every source is allowed."""
+    affinity_timeout: int | None = None
+    """ClientIP affinity timeout in seconds; None when affinity is off."""
+    external_policy_local: bool = False
+    """``externalTrafficPolicy: Local`` on an externally reachable Service."""
+    internal_policy_local: bool = False
+    traffic_distribution: str | None = None
+    health_check_node_port: int | None = None
+    rate_limit: RateLimit | None = None
+
+    @property
+    def key(self) -> ServiceKey:
+        return ServiceKey(f"{self.namespace}/{self.name}")
+
+    @property
+    def externally_accessible(self) -> bool:
+        """Upstream's ExternallyAccessible: NodePort, LoadBalancer or externalIPs."""
+        return self.type in ("NodePort", "LoadBalancer") or bool(self.external_ips)
+
+    @property
+    def uses_cluster_endpoints(self) -> bool:
+        """Upstream's UsesClusterEndpoints: an externally accessible Service always needs them,
+        even under ``externalTrafficPolicy: Local``, for traffic from pods and the node (short-circuit)."""
+        return not self.internal_policy_local or self.externally_accessible
+
+    @property
+    def uses_local_endpoints(self) -> bool:
+        return self.internal_policy_local or (
+            self.externally_accessible and self.external_policy_local
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One endpoint of a slice (upstream uses only ``addresses[0]``)."""
+
+    address: str
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node_name: str | None = None
+    zone: str | None = None
+    hint_zones: frozenset[str] = frozenset()
+    hint_nodes: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointPort:
+    name: str
+    protocol: Protocol
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSlice:
+    namespace: str
+    name: str
+    service_name: str
+    family: IPFamily
+    ports: tuple[EndpointPort, ...]
+    endpoints: tuple[Endpoint, ...]
+    trigger_time: str | None = None
+    """``endpoints.kubernetes.io/last-change-trigger-time``, as written."""
+
+    @property
+    def key(self) -> SliceKey:
+        return SliceKey(f"{self.namespace}/{self.name}")
+
+    @property
+    def service_key(self) -> ServiceKey:
+        return ServiceKey(f"{self.namespace}/{self.service_name}")
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    name: str
+    internal_ips: tuple[str, ...] = ()
+    external_ips: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    being_deleted: bool = False
+    """Deletion timestamp set, or tainted ToBeDeletedByClusterAutoscaler."""
+
+    @property
+    def zone(self) -> str:
+        return self.labels.get(ZONE_LABEL, "")
+
+    def addresses(self, family: IPFamily) -> tuple[str, ...]:
+        """The node's primary addresses of one family, internal ones first."""
+        sep = ":" if family == 6 else "."
+        return tuple(a for a in self.internal_ips + self.external_ips if sep in a)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceCIDR:
+    """A ``networking.k8s.io/v1`` ServiceCIDR: ranges the API server allocates ClusterIPs from."""
+
+    name: str
+    cidrs: tuple[str, ...]
+    """``spec.cidrs``, canonical."""
+
+
+def union_of_cidrs(cidrs: Iterable[ServiceCIDR]) -> tuple[str, ...]:
+    """Every range of every ServiceCIDR, once, sorted (deterministic output)."""
+    return tuple(sorted({c for item in cidrs for c in item.cidrs}))
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    """What the proxy knows: Services and slices by key, its own Node, and the ServiceCIDRs."""
+
+    services: Mapping[ServiceKey, Service]
+    slices: Mapping[SliceKey, EndpointSlice]
+    node: Node | None = None
+    service_cidrs: tuple[str, ...] = ()
+    """The union of every ``networking.k8s.io/v1`` ServiceCIDR's ``spec.cidrs``, canonical and sorted."""
+
+    def slices_by_service(self) -> dict[ServiceKey, list[EndpointSlice]]:
+        grouped: dict[ServiceKey, list[EndpointSlice]] = {}
+        for key in sorted(self.slices):
+            s = self.slices[key]
+            grouped.setdefault(s.service_key, []).append(s)
+        return grouped

@@ -1,0 +1,194 @@
+"""The long-running daemon: watchers, the sync loop, and a clean stop.
+
+Startup checks the kernel's capabilities, then lists and watches the API
+server; nothing is programmed until Services and EndpointSlices have both been
+listed. The first sync adopts whatever kproxy's tables already hold (a
+restart never flushes). SIGTERM and SIGINT stop the threads and leave the rules
+in the kernel; only ``kproxy --cleanup`` removes them. SIGHUP asks for a full
+resync (which also repairs anything changed in kproxy's tables by hand).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from kproxy.cluster.watch import Backoff, Watcher, api_resources
+from kproxy.daemon.config import DaemonConfig
+from kproxy.daemon.errors import StartupError
+from kproxy.daemon.proxier import Proxier, SyncObserver
+from kproxy.daemon.runner import SyncRunner
+from kproxy.nft.backend import NftablesBackend
+
+log = logging.getLogger(__name__)
+
+
+def kube_api_client(kubeconfig: str | None) -> Any:
+    """An ApiClient from --kubeconfig, or from the in-cluster ServiceAccount."""
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    if kubeconfig:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    else:
+        config.load_incluster_config(client_configuration=configuration)
+    return client.ApiClient(configuration)
+
+
+@dataclass
+class Daemon:
+    """All the running parts; ``start`` then ``wait``/``stop``."""
+
+    config: DaemonConfig
+    api_client: Any
+    observer: SyncObserver | None = None
+    watch_backoff: Backoff = field(default_factory=Backoff)
+    watch_timeout: int = 300
+    on_restart: Callable[[str, str], None] | None = None
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    backend_factory: Callable[[], NftablesBackend] = NftablesBackend
+    """Makes the kernel edge (tests pass one that refuses chosen transactions)."""
+
+    def __post_init__(self) -> None:
+        from kproxy.node.addresses import interface_addresses
+        from kproxy.node.conntrack import PyrouteConntrack
+
+        self.backend = self.backend_factory()
+        self.backend.check_capabilities()
+        self.proxier = Proxier(
+            self.backend,
+            self.config.node_name,
+            self.config.proxy_config(),
+            conntrack=PyrouteConntrack(),
+            observer=self.observer,
+            interfaces=interface_addresses,
+        )
+        self.runner = SyncRunner(self.proxier, self.config.min_sync_period, self.config.sync_period, self.stop_event,
+                                 backoff=(min(0.5, self.config.sync_period), self.config.sync_period))
+        handlers = {"Service": self.proxier.on_service, "EndpointSlice": self.proxier.on_slice,
+                    "Node": self.proxier.on_node, "ServiceCIDR": self.proxier.on_service_cidr}
+        self.proxier.required_sources = set(handlers)
+        self.watchers = [
+            Watcher(
+                resource,
+                handlers[resource.kind],
+                self.proxier.on_relist,
+                self.stop_event,
+                backoff=self.watch_backoff,
+                watch_timeout=self.watch_timeout,
+                on_restart=self.on_restart,
+            )
+            for resource in api_resources(self.api_client, self.config.node_name)
+        ]
+
+    def start(self) -> None:
+        for watcher in self.watchers:
+            watcher.start()
+        self.runner.start()
+        log.info("kproxy started on node %s", self.config.node_name)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop watching and syncing; the rules stay in the kernel."""
+        self.stop_event.set()
+        self.runner.wake()
+        for watcher in self.watchers:
+            watcher.interrupt()
+        self.runner.join(timeout)
+        for watcher in self.watchers:
+            watcher.join(timeout)
+        log.info("kproxy stopped; rules left in place")
+
+    def wait(self) -> None:
+        self.stop_event.wait()
+
+
+class LockedReader:
+    """kproxy's tables read for HTTP inspection, through a libnftables context of its own.
+
+    The sync loop owns its own context; a libnftables context must not be
+    shared between threads, so scrapes and /rules use this one, one at a time.
+    """
+
+    def __init__(self) -> None:
+        self._backend = NftablesBackend()
+        self._lock = threading.Lock()
+
+    def counters(self) -> dict[tuple[str, str], tuple[int, int]]:
+        with self._lock:
+            return self._backend.read_counters()  # type: ignore[return-value]
+
+    def rules_text(self) -> str:
+        with self._lock:
+            parts = [self._backend.list_text(family) for family in ("ip", "ip6")]
+        text = "".join(p for p in parts if p)
+        return text or "# kproxy has not programmed any rules yet\n"
+
+
+def start_observability(daemon: Daemon, registry: Any, metrics: Any) -> list[Callable[[], None]]:
+    """Metrics (/metrics, /rules), health (/healthz, /livez) and healthCheckNodePort servers."""
+    from kproxy.daemon.config import parse_bind_address
+    from kproxy.observe.health import ProxyHealth, ServiceHealthServers, proxier_health_inputs
+    from kproxy.observe.http import start_metrics_server
+    from kproxy.observe.metrics import ProxierCollector
+
+    reader = LockedReader()
+    registry.register(ProxierCollector(daemon.proxier, reader.counters))
+    try:
+        metrics_server = start_metrics_server(parse_bind_address(daemon.config.metrics_bind_address), registry,
+                                              reader.rules_text,
+                                              lambda: [asdict(p) for p in daemon.proxier.skipped()])
+    except OSError as exc:
+        raise StartupError(f"cannot serve metrics on {daemon.config.metrics_bind_address}: {exc.strerror or exc} "
+                           "(is kube-proxy or another kproxy running on this node?)") from None
+    health = ProxyHealth(proxier_health_inputs(daemon.proxier, daemon.config.sync_period), metrics)
+    try:
+        health_server = health.serve(parse_bind_address(daemon.config.healthz_bind_address))
+    except OSError as exc:
+        metrics_server.stop()
+        raise StartupError(f"cannot serve health checks on {daemon.config.healthz_bind_address}: "
+                           f"{exc.strerror or exc} (is kube-proxy or another kproxy running on this node?)") from None
+    service_health = ServiceHealthServers(health.healthy)
+    daemon.proxier.listeners.append(lambda proxier: service_health.sync(proxier.local_policy_report()))
+    log.info("metrics on %s:%d, health on %s:%d", metrics_server.host or "*", metrics_server.port,
+             health_server.host or "*", health_server.port)
+    return [metrics_server.stop, health.stop, service_health.stop]
+
+
+def run(config: DaemonConfig) -> int:
+    """Run until SIGTERM/SIGINT: watchers, sync loop, metrics and health servers."""
+    import prometheus_client
+    from prometheus_client import CollectorRegistry
+
+    from kproxy.observe.metrics import ProxyMetrics
+
+    prometheus_client.disable_created_metrics()
+    registry = CollectorRegistry()
+    metrics = ProxyMetrics(registry)
+    try:
+        api_client = kube_api_client(config.kubeconfig)
+    except Exception as exc:  # no kubeconfig file, not in a cluster, a malformed config
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise StartupError(f"cannot configure the Kubernetes client: {reason}") from None
+    daemon = Daemon(config, api_client, observer=metrics, on_restart=metrics.watch_restarted)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        daemon.stop_event.set()
+
+    def on_hangup(_signum: int, _frame: Any) -> None:
+        log.info("received SIGHUP: full resync")
+        daemon.proxier.request_full_sync()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
+    stoppers = start_observability(daemon, registry, metrics)
+    daemon.start()
+    daemon.wait()
+    daemon.stop()
+    for stop in stoppers:
+        stop()
+    return 0

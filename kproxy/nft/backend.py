@@ -1,0 +1,424 @@
+"""The kernel edge: kproxy's tables, over netlink (``nfnetlink``) or through libnftables (the ``nftables`` binding).
+
+* ``apply`` sends a transaction as one batch, which the kernel applies all
+  of it or none of it; the one exception is a libnftables transaction that
+  also fills chains reading a map already in the kernel (see ``maps_first``),
+  sent as two. On failure the error names the command the kernel refused.
+* ``read`` lists only ``ip kproxy`` and ``ip6 kproxy``, never anything else.
+* ``delete_tables`` removes those two tables and nothing else. Nothing here
+  ever flushes the ruleset.
+* ``check_capabilities`` proves, with a throwaway table of our own, that the
+  kernel and libnftables can do everything the ruleset uses, and names what is
+  missing if not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import re
+import struct
+import tempfile
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterable, Protocol
+
+from kproxy.nft.netlink import Batch, BatchSocket, NetlinkError, NotEncodable, encodable, encodable_rule
+from kproxy.nft.objects import TABLE, Family, Op, Ruleset, Transaction
+from kproxy.nft.readback import parse_table
+
+log = logging.getLogger(__name__)
+
+FAMILIES: tuple[Family, ...] = ("ip", "ip6")
+LIBNFTABLES = "libnftables.so.1"
+PROBE_TABLE = "kproxy-probe"
+MAX_WAITING_BATCHES = 4
+"""How many encoded batches ``apply_in_order`` lets wait for the sender thread (a few MB each)."""
+_DIGEST_COMMENT = re.compile(r' comment "kproxy-rules=[0-9A-Z]+"$')
+_LOCATION = re.compile(r"^(?:\S+):(\d+):\d+(?:-\d+)?: Error: (.*)$")
+
+
+class NftError(Exception):
+    """The kernel or libnftables refused a transaction; the refused batch changed nothing."""
+
+    def __init__(self, message: str, command: str | None = None) -> None:
+        super().__init__(f"{message}: {command}" if command else message)
+        self.reason = message
+        self.command = command
+
+
+class CapabilityError(Exception):
+    """Something the ruleset needs is missing; the message says exactly what."""
+
+
+class Backend(Protocol):
+    """What the rest of kproxy needs from the kernel."""
+
+    def apply(self, tx: Transaction) -> None: ...
+
+    def apply_in_order(self, transactions: Iterable[Transaction]) -> None:
+        """Apply each transaction atomically, in order; stop at the first refused."""
+        ...
+
+    def read(self) -> Ruleset: ...
+
+    def delete_tables(self) -> list[Family]: ...
+
+    def list_json(self, family: Family) -> dict[str, Any] | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Capability:
+    name: str
+    """What the user is told is missing."""
+    hint: str
+    rules: tuple[str, ...]
+    """Rules for a probe chain; ``{family}`` is replaced."""
+    chain: str = "type filter hook prerouting priority 0; policy accept;"
+    sets: tuple[str, ...] = ()
+
+
+CAPABILITIES: tuple[Capability, ...] = (
+    Capability("nf_tables", "the kernel needs CONFIG_NF_TABLES (module nf_tables)", ("counter",)),
+    Capability("ct (conntrack)", "module nft_ct / nf_conntrack", ("ct state new counter", "ct status dnat counter")),
+    Capability(
+        "nat",
+        "modules nft_nat, nft_chain_nat, nft_masq",
+        ("meta l4proto tcp dnat to {loopback}:1",),
+        chain="type nat hook prerouting priority dstnat; policy accept;",
+    ),
+    Capability(
+        "masquerade",
+        "module nft_masq",
+        ("masquerade fully-random",),
+        chain="type nat hook postrouting priority srcnat; policy accept;",
+    ),
+    Capability("numgen", "module nft_numgen", ("numgen random mod 2 0 counter",)),
+    Capability("fib", "module nft_fib_ipv4 / nft_fib_ipv6", ("fib saddr type local counter",)),
+    Capability(
+        "meters",
+        "dynamic sets with per-element limits (modules nft_dynset, nft_limit)",
+        ("update @m { {family} saddr limit rate over 10/second } counter",),
+        sets=("set m { type {addr}; flags dynamic,timeout; timeout 1m; }",),
+    ),
+    Capability(
+        "concatenated ranges",
+        "interval sets over concatenations (kernel 5.6 or newer, nft_set_pipapo)",
+        ("{family} saddr . meta l4proto @r counter",),
+        sets=("set r { type {addr} . inet_proto; flags interval; elements = { {net} . tcp }; }",),
+    ),
+    Capability("reject", "module nft_reject", ("reject",),
+               chain="type filter hook input priority 0; policy accept;"),
+    Capability("verdict maps", "module nft_lookup", ("{family} daddr . meta l4proto . th dport vmap @v",),
+               sets=("map v { type {addr} . inet_proto . inet_service : verdict; }",)),
+    Capability(
+        "endpoint maps",
+        "DNAT to an address and port looked up by a key with numgen (nft_nat with concatenated data, nft_numgen)",
+        ("dnat {family} to {family} daddr . meta l4proto . th dport . numgen random mod 2 offset 65536 map @e",),
+        chain="type nat hook prerouting priority dstnat; policy accept;",
+        sets=("map e { typeof {family} daddr . meta l4proto . th dport . numgen random mod 1 : {family} daddr . th dport; }",),
+    ),
+)
+
+
+def _probe_script(cap: Capability, family: Family) -> str:
+    """Create and delete a probe table in one batch: the kernel checks every rule."""
+    addr = "ipv4_addr" if family == "ip" else "ipv6_addr"
+    net = "10.0.0.0/8" if family == "ip" else "fd00::/8"
+    where = f"{family} {PROBE_TABLE}"
+    lines = [f"add table {where}", f"delete table {where}", f"add table {where}"]
+    for declaration in cap.sets:
+        kind, name, body = declaration.split(" ", 2)
+        body = body.replace("{addr}", addr).replace("{net}", net).replace("{family}", family)
+        lines.append(f"add {kind} {where} {name} {body}")
+    lines.append(f"add chain {where} c {{ {cap.chain} }}")
+    loopback = "127.0.0.1" if family == "ip" else "[::1]"
+    lines += [
+        f"add rule {where} c {rule.replace('{family}', family).replace('{loopback}', loopback)}" for rule in cap.rules
+    ]
+    lines.append(f"delete table {where}")
+    return "\n".join(lines) + "\n"
+
+
+def open_libnftables(error: type[Exception]) -> Any:
+    """A libnftables context (the pip-nftables binding); ``error`` says what is missing."""
+    try:
+        import nftables  # the pip-nftables binding
+    except ImportError as exc:  # pragma: no cover - packaging problem
+        raise error("the Python package pip-nftables is not installed") from exc
+    try:
+        return nftables.Nftables(sofile=LIBNFTABLES)
+    except OSError as exc:
+        raise error(
+            f"{LIBNFTABLES} cannot be loaded ({exc}); install it (Debian: apt-get install libnftables1)"
+        ) from None
+
+
+_MAP_READ = re.compile(r" map @([a-z0-9-]+)")
+
+
+def maps_first(tx: Transaction) -> tuple[Transaction, Transaction]:
+    """(the chains whose rules read a map this transaction does not declare, the rest of ``tx``).
+
+    For a transaction that goes through libnftables: the first part (adding,
+    flushing and filling those chains, the pick chains) is sent over netlink
+    before the rest, as its own batch. That is safe because a pick chain's
+    rules are the same for every Service that uses it, and nothing refers to
+    a new one until the rest lands. Only chains whose every rule
+    ``nfnetlink`` encodes are taken out.
+    """
+    declared = {(op.family, op.name) for op in tx.ops if op.verb == "add" and op.kind in ("set", "map")}
+    names = {
+        (op.family, chain.name)
+        for op in tx.ops if op.kind == "rules" and op.verb == "add"
+        for chain in op.chains
+        if any((op.family, name) not in declared for rule in chain.rules for name in _MAP_READ.findall(rule))
+        and all(encodable_rule(rule, op.family) for rule in chain.rules)
+    }
+    if not names:
+        return Transaction(), tx
+    first, rest = Transaction(), Transaction(deferred_chain_deletes=tx.deferred_chain_deletes)
+    for op in tx.ops:
+        if op.kind == "chain" and op.verb in ("add", "flush") and (op.family, op.name) in names:
+            first.add(op)
+        elif op.kind == "rules" and op.verb == "add" and any((op.family, c.name) in names for c in op.chains):
+            first.add(Op("add", "rules", op.family, chains=tuple(c for c in op.chains if (op.family, c.name) in names)))
+            others = tuple(c for c in op.chains if (op.family, c.name) not in names)
+            if others:
+                rest.add(Op("add", "rules", op.family, chains=others))
+        else:
+            rest.add(op)
+    return (first, rest) if encodable(first) else (Transaction(), tx)
+
+
+class NftablesBackend:
+    """kproxy's tables in the current network namespace, through libnftables."""
+
+    def __init__(self) -> None:
+        self._nft = open_libnftables(CapabilityError)
+        self._netlink = BatchSocket()
+        self._lib = ctypes.CDLL(LIBNFTABLES)
+        self._lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
+        self._nft.set_handle_output(False)
+
+    # -- transactions ----------------------------------------------------
+
+    def _run(self, script: str, json_output: bool = False) -> tuple[int, str, str]:
+        self._nft.set_json_output(json_output)
+        rc, out, err = self._nft.cmd(script)
+        return rc, out, err
+
+    def apply(self, tx: Transaction) -> None:
+        """Send the transaction as one atomic batch. Raises NftError naming the refused command."""
+        if not tx:
+            return
+        try:
+            # Elements, plain chains, counters and the rules of generated chains (every
+            # partial sync, most of a cold start): straight to the kernel, skipping
+            # libnftables' read of the whole table and its parser.
+            batch = self._prepare(tx)
+        except NotEncodable:
+            self._apply_with_libnftables(tx)
+        else:
+            self._send(tx, batch)
+
+    def _prepare(self, tx: Transaction) -> Batch:
+        """Encode ``tx``; a value that cannot be encoded is an NftError, as a refusal by the kernel would be."""
+        try:
+            return self._netlink.prepare(tx)
+        except NotEncodable:
+            raise
+        except (ValueError, TypeError, KeyError, OverflowError, struct.error) as exc:
+            raise NftError(f"cannot encode the transaction: {type(exc).__name__}: {exc}") from None
+
+    def _apply_with_libnftables(self, tx: Transaction) -> None:
+        first, tx = maps_first(tx)
+        if first:
+            # Chains whose rules read a map already in the kernel (the pick chains): nft
+            # 1.0.6 cannot add those (see nfrules). They are filled first, over netlink;
+            # nothing refers to a new one before the rest of the transaction lands.
+            self.apply(first)
+        try:
+            script = str(tx)
+        except ValueError as exc:  # UnsafeText: refused before anything is sent
+            raise NftError(f"cannot write the transaction: {exc}") from None
+        rc, _, err = self._run(script)
+        if rc != 0:
+            raise self._explain(script, err)
+
+    def _send(self, tx: Transaction, batch: Batch) -> None:
+        try:
+            self._netlink.send(tx, batch)
+        except NetlinkError as exc:
+            raise NftError(str(exc)) from None
+
+    def apply_in_order(self, transactions: Iterable[Transaction]) -> None:
+        """Apply transactions one after the other, each atomically, and stop at the first refused.
+
+        For building a table in pieces. A sender thread hands the encoded
+        batches to the kernel, whose work happens inside that thread's system
+        call (outside the GIL), while this thread encodes the next ones: on
+        two cores the kernel's share of a cold start costs little wall time.
+        Once a batch is refused, the ones queued after it are dropped. A
+        transaction that needs libnftables waits until everything before it
+        has landed.
+        """
+        refused = threading.Event()
+
+        def send(tx: Transaction, batch: Batch) -> None:
+            if refused.is_set():
+                return
+            try:
+                self._send(tx, batch)
+            except BaseException:
+                refused.set()
+                raise
+
+        with ThreadPoolExecutor(1, thread_name_prefix="kproxy-netlink") as sender:
+            queued: list[Future[None]] = []
+
+            def land() -> None:
+                """Wait for everything queued; raise the first refusal."""
+                for future in queued:
+                    future.result()
+                queued.clear()
+
+            try:
+                for tx in transactions:
+                    if refused.is_set():
+                        break
+                    if not tx:
+                        continue
+                    try:
+                        batch = self._prepare(tx)
+                    except NotEncodable:
+                        land()
+                        self._apply_with_libnftables(tx)
+                        continue
+                    if len(queued) >= MAX_WAITING_BATCHES:
+                        queued[-MAX_WAITING_BATCHES].result()  # encoded batches hold megabytes each
+                    queued.append(sender.submit(send, tx, batch))
+                land()
+            except BaseException as error:
+                refused.set()  # nothing still queued is sent
+                for future in queued:
+                    if future.done() and future.exception() not in (None, error):
+                        log.error("the kernel also refused an earlier piece: %s", future.exception())
+                raise
+
+    def _set_dry_run(self, on: bool) -> None:
+        self._lib.nft_ctx_set_dry_run(self._nft._Nftables__ctx, on)  # type: ignore[attr-defined]
+
+    def _explain(self, script: str, err: str) -> NftError:
+        """Find which command failed: libnftables only reports lines for files.
+
+        The failed batch changed nothing, so it is replayed in dry-run mode from
+        a temporary file, whose error messages carry the line number.
+        """
+        first = next((line for line in err.splitlines() if "Error:" in line), err.strip() or "nft failed")
+        reason = first.split("Error:", 1)[1].strip() if "Error:" in first else first
+        lines = script.splitlines()
+        fd, path = tempfile.mkstemp(prefix="kproxy-", suffix=".nft")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(script)
+            self._set_dry_run(True)
+            try:
+                _, _, located = self._run(f'include "{path}"')
+            finally:
+                self._set_dry_run(False)
+        finally:
+            os.unlink(path)
+        for line in located.splitlines():
+            match = _LOCATION.match(line)
+            if match and 0 < int(match.group(1)) <= len(lines):
+                command = lines[int(match.group(1)) - 1]
+                return NftError(match.group(2).strip(), command if len(command) < 500 else command[:497] + "...")
+        return NftError(reason)
+
+    # -- reading ---------------------------------------------------------
+
+    def list_json(self, family: Family) -> dict[str, Any] | None:
+        """``nft -j list table FAMILY kproxy``, or None if the table does not exist."""
+        rc, out, err = self._run(f"list table {family} {TABLE}", json_output=True)
+        if rc != 0:
+            if "No such file or directory" in err:
+                return None
+            raise NftError(err.strip().splitlines()[0] if err.strip() else "list failed", f"list table {family} {TABLE}")
+        return json.loads(out)
+
+    def read(self) -> Ruleset:
+        """kproxy's tables as they are in the kernel (absent tables are left out)."""
+        ruleset = Ruleset()
+        for family in FAMILIES:
+            document = self.list_json(family)
+            if document is not None:
+                ruleset.tables[family] = parse_table(document, family)
+        return ruleset
+
+    def read_counters(self) -> dict[tuple[Family, str], tuple[int, int]]:
+        """Every named counter of kproxy's tables: (family, name) -> (packets, bytes)."""
+        counters: dict[tuple[Family, str], tuple[int, int]] = {}
+        for family in FAMILIES:
+            rc, out, err = self._run(f"list counters table {family} {TABLE}", json_output=True)
+            if rc != 0:
+                if "No such file or directory" in err:
+                    continue
+                raise NftError(err.strip().splitlines()[0] if err.strip() else "list failed", f"list counters table {family} {TABLE}")
+            for item in json.loads(out).get("nftables", []):
+                body = item.get("counter")
+                if body is not None:
+                    counters[(family, body["name"])] = (int(body.get("packets", 0)), int(body.get("bytes", 0)))
+        return counters
+
+    def chain_rules(self, family: Family, chain: str) -> list[str] | None:
+        """The rules of one of kproxy's chains as nft prints them, or None if it does not exist."""
+        rc, out, _ = self._run(f"list chain {family} {TABLE} {chain}")
+        if rc != 0:
+            return None
+        lines = [line.strip() for line in out.splitlines()]
+        start = next((i for i, line in enumerate(lines) if line.startswith("chain ")), None)
+        if start is None:
+            return []
+        body = [line for line in lines[start + 1 :] if line and line != "}" and not line.startswith(("comment ", "type "))]
+        return [_DIGEST_COMMENT.sub("", line) for line in body]
+
+    def list_text(self, family: Family) -> str | None:
+        """The table as ``nft list table`` prints it (for inspection)."""
+        rc, out, err = self._run(f"list table {family} {TABLE}")
+        if rc != 0:
+            return None
+        return out
+
+    # -- cleanup ---------------------------------------------------------
+
+    def delete_tables(self) -> list[Family]:
+        """Delete ``ip kproxy`` and ``ip6 kproxy`` if present; return which were deleted."""
+        deleted = []
+        for family in FAMILIES:
+            if self.list_json(family) is None:
+                continue
+            rc, _, err = self._run(f"delete table {family} {TABLE}")
+            if rc != 0:
+                raise NftError(err.strip().splitlines()[0] if err.strip() else "delete failed", f"delete table {family} {TABLE}")
+            deleted.append(family)
+        return deleted
+
+    # -- capabilities ----------------------------------------------------
+
+    def check_capabilities(self) -> None:
+        """Raise CapabilityError naming every missing capability, for both families."""
+        missing: list[str] = []
+        for cap in CAPABILITIES:
+            for family in FAMILIES:
+                rc, _, err = self._run(_probe_script(cap, family))
+                if rc != 0:
+                    self._run(f"delete table {family} {PROBE_TABLE}")
+                    detail = next((line for line in err.splitlines() if "Error:" in line), err.strip())
+                    missing.append(f"{cap.name} ({family}): {cap.hint}; nft said: {detail.strip()}")
+                    break
+        if missing:
+            raise CapabilityError("missing nftables capabilities: " + "; ".join(missing))

@@ -1,0 +1,206 @@
+"""An in-memory backend that applies transactions all-or-nothing, like the kernel.
+
+For fast unit tests of anything that talks to ``Backend``. It keeps the tables
+in memory, applies a transaction to a copy, checks what the kernel would check
+(objects exist before they are used, a chain still referenced cannot be
+deleted, a map key cannot silently change its value, every ``goto``/``jump``
+target and ``@set`` exists), and only then swaps the copy in. Root tests run
+the same transactions against the real kernel, which keeps this honest.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Iterable
+
+from kproxy.nft.backend import NftError
+from kproxy.nft.objects import Chain, Element, Family, Op, Ruleset, Table, Transaction, with_digest
+from kproxy.nft.readback import _DIGEST
+
+_TARGET = re.compile(r"\b(?:goto|jump) (\S+)")
+_SET_REF = re.compile(r"@([a-z0-9-]+)")
+_COUNTER_REF = re.compile(r'counter name "([^"]+)"')
+_TRAILING_COMMENT = re.compile(r' comment "([^"]*)"$')
+
+
+class FakeBackend:
+    """kproxy's tables, in memory."""
+
+    def __init__(self) -> None:
+        self.tables: dict[Family, Table] = {}
+        self.rules: dict[tuple[Family, str], list[str]] = {}
+        self.transactions: list[Transaction] = []
+        """Every transaction that was committed, in order."""
+        self.fail_next: NftError | None = None
+        """Set to make the next apply fail with this error (nothing is changed)."""
+
+    @property
+    def last(self) -> Transaction | None:
+        return self.transactions[-1] if self.transactions else None
+
+    def apply(self, tx: Transaction) -> None:
+        if not tx:
+            return
+        if self.fail_next is not None:
+            error, self.fail_next = self.fail_next, None
+            raise error
+        tables = copy.deepcopy(self.tables)
+        rules = copy.deepcopy(self.rules)
+        for op in tx.ops:
+            try:
+                self._apply(tables, rules, op)
+            except NftError as exc:
+                raise NftError(exc.reason, op.render()) from None
+        self._check_references(tables, rules)
+        self.tables, self.rules = tables, rules
+        self.transactions.append(tx)
+
+    def apply_in_order(self, transactions: Iterable[Transaction]) -> None:
+        """Apply each transaction in turn; stop at the first refused."""
+        for tx in transactions:
+            self.apply(tx)
+
+    def _apply(self, tables: dict[Family, Table], rules: dict[tuple[Family, str], list[str]], op: Op) -> None:
+        table = tables.get(op.family)
+        if op.kind == "table":
+            if op.verb == "add":
+                if table is None:
+                    tables[op.family] = Table(family=op.family, comment=op.comment)
+                return
+            if table is None:
+                raise NftError("No such file or directory")
+            if op.verb == "delete":
+                del tables[op.family]
+                for key in [k for k in rules if k[0] == op.family]:
+                    del rules[key]
+                return
+            raise NftError(f"unsupported: {op.verb} table")
+        if table is None:
+            raise NftError("No such file or directory")
+        if op.kind in ("set", "map"):
+            if op.verb == "add":
+                assert op.set_decl is not None
+                table.sets.setdefault(op.name, op.set_decl)
+                table.elements.setdefault(op.name, {})
+            elif op.verb == "flush":
+                self._need_set(table, op.name)
+                table.elements[op.name] = {}
+            else:
+                raise NftError(f"unsupported: {op.verb} {op.kind}")
+        elif op.kind == "chain":
+            key = (op.family, op.name)
+            if op.verb == "add":
+                assert op.chain is not None
+                table.chains.setdefault(op.name, Chain(op.name, (), op.chain.comment, op.chain.base))
+                rules.setdefault(key, [])
+            elif op.verb == "flush":
+                self._need_chain(table, op.name)
+                rules[key] = []
+            elif op.verb == "delete":
+                self._need_chain(table, op.name)
+                if rules.get(key):
+                    raise NftError("Device or resource busy (chain is not empty)")
+                if self._referenced(table, rules, op.family, op.name):
+                    raise NftError("Device or resource busy (chain is still referenced)")
+                del table.chains[op.name]
+                del rules[key]
+        elif op.kind == "counter":
+            if op.verb == "add":
+                table.counters.setdefault(op.name, op.comment)
+            elif op.verb == "delete":
+                if op.name not in table.counters:
+                    raise NftError("No such file or directory (counter)")
+                if any(op.name in _COUNTER_REF.findall(r) for (fam, _), rs in rules.items() if fam == op.family for r in rs):
+                    raise NftError("Device or resource busy (counter is still referenced)")
+                del table.counters[op.name]
+        elif op.kind == "rule":
+            self._need_chain(table, op.name)
+            rules[(op.family, op.name)].append(op.rule)
+        elif op.kind == "rules":
+            for chain in op.chains:
+                self._need_chain(table, chain.name)
+                rules[(op.family, chain.name)].extend(with_digest(chain))
+        elif op.kind == "element":
+            self._need_set(table, op.name)
+            members = table.elements.setdefault(op.name, {})
+            for element in op.elements:
+                if op.verb == "add":
+                    existing = members.get(element.key)
+                    if existing is not None and existing.value != element.value:
+                        raise NftError("File exists (element with another value)")
+                    members[element.key] = element
+                elif op.verb == "delete":
+                    if element.key not in members:
+                        raise NftError("No such file or directory (element)")
+                    del members[element.key]
+
+    @staticmethod
+    def _need_chain(table: Table, name: str) -> None:
+        if name not in table.chains:
+            raise NftError("No such file or directory (chain)")
+
+    @staticmethod
+    def _need_set(table: Table, name: str) -> None:
+        if name not in table.sets:
+            raise NftError("No such file or directory (set)")
+
+    @staticmethod
+    def _referenced(table: Table, rules: dict[tuple[Family, str], list[str]], family: Family, name: str) -> bool:
+        for (fam, _), chain_rules in rules.items():
+            if fam == family and any(name in _TARGET.findall(r) for r in chain_rules):
+                return True
+        return any(
+            element.value.split(" ", 1)[-1] == name and element.value.startswith(("goto ", "jump "))
+            for members in table.elements.values()
+            for element in members.values()
+        )
+
+    @staticmethod
+    def _check_references(tables: dict[Family, Table], rules: dict[tuple[Family, str], list[str]]) -> None:
+        for (family, chain), chain_rules in rules.items():
+            table = tables[family]
+            for rule in chain_rules:
+                for target in _TARGET.findall(rule):
+                    if target not in table.chains:
+                        raise NftError("No such file or directory (jump target)", f"add rule {family} kproxy {chain} {rule}")
+                for ref in _SET_REF.findall(rule):
+                    if ref not in table.sets:
+                        raise NftError("No such file or directory (set)", f"add rule {family} kproxy {chain} {rule}")
+                for ref in _COUNTER_REF.findall(rule):
+                    if ref not in table.counters:
+                        raise NftError("No such file or directory (counter)", f"add rule {family} kproxy {chain} {rule}")
+        for family, table in tables.items():
+            for name, members in table.elements.items():
+                for element in members.values():
+                    if element.value.startswith(("goto ", "jump ")) and element.value.split(" ", 1)[1] not in table.chains:
+                        raise NftError("No such file or directory (verdict target)", f"add element {family} kproxy {name}")
+
+    def read(self) -> Ruleset:
+        """The tables as the real backend would read them back (fingerprints, not rules)."""
+        ruleset = Ruleset()
+        for family, table in self.tables.items():
+            copy_ = Table(family=family, comment=table.comment, sets=dict(table.sets), counters=dict(table.counters))
+            copy_.elements = {name: dict(members) for name, members in table.elements.items() if not table.sets[name].dynamic}
+            for name, chain in table.chains.items():
+                chain_rules = self.rules.get((family, name), [])
+                digest = ""
+                if chain_rules:
+                    match = _TRAILING_COMMENT.search(chain_rules[-1])
+                    found = _DIGEST.fullmatch(match.group(1)) if match else None
+                    digest = found.group(1) if found else ""
+                copy_.chains[name] = Chain(name, (), fingerprint=(digest, len(chain_rules)))
+            ruleset.tables[family] = copy_
+        return ruleset
+
+    def delete_tables(self) -> list[Family]:
+        deleted = [family for family in ("ip", "ip6") if family in self.tables]
+        self.apply(Transaction([Op("delete", "table", family) for family in deleted]))  # type: ignore[arg-type]
+        return deleted  # type: ignore[return-value]
+
+    def chain_rules(self, family: Family, name: str) -> list[str]:
+        """The rule text of one chain, as sent (digest comment included)."""
+        return list(self.rules[(family, name)])
+
+    def elements(self, family: Family, set_name: str) -> dict[str, Element]:
+        return dict(self.tables[family].elements.get(set_name, {}))

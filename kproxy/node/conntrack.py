@@ -1,0 +1,377 @@
+"""UDP conntrack cleanup after a sync, as upstream kube-proxy does it.
+
+UDP has no connection to tear down, so when a Service's endpoint goes away a
+client that keeps sending from one socket (DNS, statsd) keeps hitting the
+conntrack entry that DNATs it to the old endpoint, forever. After a successful
+sync upstream (``pkg/proxy/conntrack/cleanup.go``) deletes, for every UDP
+Service port with at least one serving endpoint, the entries
+
+* whose original destination is one of the Service's IPs (ClusterIP,
+  externalIPs, load-balancer IPs) and its port, or whose original destination
+  is a NodePort address of this node and the Service's NodePort,
+* and whose reply source is not one of the port's serving endpoints.
+
+The next datagram then creates a fresh entry and is DNATed by the current
+rules. A port without serving endpoints is left alone (its traffic is rejected
+anyway, and deleting would gain nothing). Traffic policies, topology and the
+terminating state are deliberately ignored: any serving endpoint keeps its
+flows, as a TCP connection would keep going.
+
+Two differences from upstream, both narrower:
+
+* an endpoint is ``(ip, port)``, not just an IP, so a flow still DNATed to a
+  port the endpoint no longer serves on is stale too;
+* a NodePort entry must be addressed to one of the addresses that accept
+  NodePorts here (``nodeport_addresses``), not to any address: only those are
+  DNATed, and unrelated traffic that happens to use the same port is kept.
+
+Layers: ``udp_cleanup_targets`` and ``stale_entries`` are pure;
+``cleanup_stale_udp`` drives a ``Conntrack``, which is either the kernel
+(``PyrouteConntrack``, through pyroute2's ctnetlink socket) or in memory
+(``FakeConntrack``).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from types import MappingProxyType, TracebackType
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol
+
+from kproxy.cluster.model import Cluster, IPFamily
+from kproxy.rules.compiler import FAMILIES, NodeInfo, ProxyConfig, nodeport_addresses
+from kproxy.rules.endpoints import port_endpoints
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyroute2.conntrack import Conntrack as _PyrouteCt
+
+log = logging.getLogger(__name__)
+
+IPPROTO_UDP = socket.IPPROTO_UDP
+_AF: dict[IPFamily, int] = {4: socket.AF_INET, 6: socket.AF_INET6}
+
+EndpointAddr = tuple[str, int]
+"""An endpoint as the reply direction of a conntrack entry shows it: (ip, port)."""
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def _empty() -> Mapping[Any, frozenset[EndpointAddr]]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class FamilyTargets:
+    """What is cleaned in one IP family."""
+
+    frontends: Mapping[tuple[str, int], frozenset[EndpointAddr]] = field(default_factory=_empty)
+    """(Service IP, port) -> the serving endpoints of that UDP Service port."""
+    node_ports: Mapping[int, frozenset[EndpointAddr]] = field(default_factory=_empty)
+    """NodePort -> the serving endpoints of that UDP Service port."""
+    node_ips: frozenset[str] = frozenset()
+    """The addresses that accept NodePorts here (a NodePort entry must be addressed to one)."""
+
+    def __bool__(self) -> bool:
+        return bool(self.frontends or self.node_ports)
+
+
+@dataclass(frozen=True, slots=True)
+class CleanupTargets:
+    """Per IP family, which conntrack entries may stay: see the module docstring."""
+
+    ipv4: FamilyTargets = FamilyTargets()
+    ipv6: FamilyTargets = FamilyTargets()
+
+    def family(self, family: IPFamily) -> FamilyTargets:
+        return self.ipv6 if family == 6 else self.ipv4
+
+    def __bool__(self) -> bool:
+        return bool(self.ipv4 or self.ipv6)
+
+
+def _family_of(address: str) -> IPFamily:
+    return 6 if ":" in address else 4
+
+
+def _canonical(address: str) -> str:
+    return str(ipaddress.ip_address(address))
+
+
+def udp_cleanup_targets(cluster: Cluster, node: NodeInfo, config: ProxyConfig) -> CleanupTargets:
+    """The frontends and NodePorts of UDP Service ports with serving endpoints, per family.
+
+    A Service takes part in a family only if it has a ClusterIP there (as the
+    compiler does). If two Services claim one frontend or NodePort, the one
+    earlier in key order wins, as it does in the compiler.
+    """
+    by_service = cluster.slices_by_service()
+    result: dict[IPFamily, FamilyTargets] = {}
+    for family_name, fam in FAMILIES.items():
+        frontends: dict[tuple[str, int], frozenset[EndpointAddr]] = {}
+        node_ports: dict[int, frozenset[EndpointAddr]] = {}
+        for key in sorted(cluster.services):
+            service = cluster.services[key]
+            cluster_ip = next((ip for ip in service.cluster_ips if _family_of(ip) == fam), None)
+            if cluster_ip is None:
+                continue
+            others = service.external_ips + service.load_balancer_ips
+            addresses = [cluster_ip] + [ip for ip in others if _family_of(ip) == fam]
+            slices = by_service.get(key, ())
+            for port in service.ports:
+                if port.protocol != "udp":
+                    continue
+                serving = frozenset(
+                    (pe.address, pe.port) for pe in port_endpoints(port, slices, fam) if pe.endpoint.serving
+                )
+                if not serving:
+                    continue  # upstream: a port without serving endpoints needs no cleanup
+                for address in addresses:
+                    frontends.setdefault((address, port.port), serving)
+                if port.node_port:
+                    node_ports.setdefault(port.node_port, serving)
+        node_ips = frozenset(_canonical(a) for a in nodeport_addresses(node, config, family_name))
+        result[fam] = FamilyTargets(MappingProxyType(frontends), MappingProxyType(node_ports), node_ips)
+    return CleanupTargets(ipv4=result[4], ipv6=result[6])
+
+
+# --------------------------------------------------------------------------- entries
+
+
+@dataclass(frozen=True, slots=True)
+class FlowEntry:
+    """The parts of a conntrack entry the cleanup looks at.
+
+    Addresses are canonical strings (``str(ipaddress.ip_address(...))``), as in
+    the model. ``handle`` is whatever the ``Conntrack`` that listed the entry
+    needs to delete exactly this entry; it takes no part in comparisons.
+    """
+
+    family: IPFamily
+    proto: int
+    """IP protocol number (``socket.IPPROTO_UDP``)."""
+    orig_src: str
+    orig_dst: str
+    orig_sport: int
+    orig_dport: int
+    reply_src: str
+    """Where the reply comes from: the endpoint, for a DNATed flow."""
+    reply_sport: int
+    handle: object = field(default=None, compare=False, repr=False)
+
+    def __str__(self) -> str:
+        def at(address: str, port: int) -> str:
+            return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+        return (
+            f"{at(self.orig_src, self.orig_sport)} -> {at(self.orig_dst, self.orig_dport)} "
+            f"(reply from {at(self.reply_src, self.reply_sport)})"
+        )
+
+
+def _is_stale(entry: FlowEntry, targets: FamilyTargets) -> bool:
+    reply = (entry.reply_src, entry.reply_sport)
+    serving = targets.frontends.get((entry.orig_dst, entry.orig_dport))
+    if serving is not None and reply not in serving:
+        return True
+    if entry.orig_dst in targets.node_ips:
+        serving = targets.node_ports.get(entry.orig_dport)
+        if serving is not None and reply not in serving:
+            return True
+    return False
+
+
+def stale_entries(entries: Iterable[FlowEntry], targets: CleanupTargets) -> list[FlowEntry]:
+    """The UDP entries addressed to a target whose reply source is not a serving endpoint."""
+    return [e for e in entries if e.proto == IPPROTO_UDP and _is_stale(e, targets.family(e.family))]
+
+
+# --------------------------------------------------------------------------- conntrack
+
+
+class Conntrack(Protocol):
+    """The conntrack table of one network namespace, as far as the cleanup needs it."""
+
+    def list_udp(self, family: IPFamily) -> list[FlowEntry]:
+        """Every UDP entry of one family."""
+        ...
+
+    def delete(self, entry: FlowEntry) -> bool:
+        """Delete one entry: True if deleted, False if it was already gone; OSError otherwise."""
+        ...
+
+
+def _current_netns() -> tuple[int, int]:
+    """The identity (device, inode) of the calling thread's network namespace."""
+    st = os.stat("/proc/thread-self/ns/net")
+    return (st.st_dev, st.st_ino)
+
+
+@dataclass(frozen=True, slots=True)
+class _KernelHandle:
+    ct_id: int | None
+    zone: int | None
+
+
+class PyrouteConntrack:
+    """The kernel's conntrack table, through pyroute2's ctnetlink socket.
+
+    The table is the one of the network namespace the *constructing* thread is
+    in. pyroute2 opens its netlink socket lazily, on the first request, and one
+    per thread: constructed in a namespace but first used after leaving it, it
+    would silently read the table of the namespace it is used in. So
+    ``__init__`` forces this thread's sockets open (one per family: pyroute2
+    fixes the address family per socket), and another thread may use the
+    object only while it is in the same namespace (it gets its own sockets
+    there); from any other namespace a call raises RuntimeError.
+    """
+
+    def __init__(self) -> None:
+        from pyroute2.conntrack import Conntrack as PyrouteCt
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        self._thread = threading.get_ident()
+        self._netns = _current_netns()
+        self._sockets: dict[IPFamily, _PyrouteCt] = {}
+        try:
+            for family, af in _AF.items():
+                sock = PyrouteCt(nfgen_family=af)
+                self._sockets[family] = sock
+                sock.count()  # opens the netlink socket now, in this namespace
+        except NetlinkError as exc:
+            self.close()
+            raise OSError(exc.code, f"opening the conntrack netlink socket: {exc}") from exc
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> PyrouteConntrack:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        sockets, self._sockets = self._sockets, {}
+        for sock in sockets.values():
+            sock.close()
+
+    def _socket(self, family: IPFamily) -> _PyrouteCt:
+        if threading.get_ident() != self._thread and _current_netns() != self._netns:
+            raise RuntimeError(
+                "PyrouteConntrack used from a thread in another network namespace than the one it was created in"
+            )
+        try:
+            return self._sockets[family]
+        except KeyError:
+            raise ValueError(f"no conntrack socket for family {family!r} (closed?)") from None
+
+    def list_udp(self, family: IPFamily) -> list[FlowEntry]:
+        from pyroute2.netlink.exceptions import NetlinkError
+        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+        sock = self._socket(family)
+        # Filtered in the kernel (CTA_FILTER, Linux 5.8+), and again by pyroute2.
+        udp_only = NFCTAttrTuple(family=_AF[family], proto=IPPROTO_UDP)
+        canon = _canonical if family == 6 else str
+        entries = []
+        try:
+            for raw in sock.dump_entries(tuple_orig=udp_only):
+                orig, reply = raw.tuple_orig, raw.tuple_reply
+                entries.append(
+                    FlowEntry(
+                        family=family,
+                        proto=orig.proto,
+                        orig_src=canon(orig.saddr),
+                        orig_dst=canon(orig.daddr),
+                        orig_sport=orig.sport,
+                        orig_dport=orig.dport,
+                        reply_src=canon(reply.saddr),
+                        reply_sport=reply.sport,
+                        handle=_KernelHandle(raw.id, raw.zone),
+                    )
+                )
+        except NetlinkError as exc:
+            raise OSError(exc.code, f"listing conntrack entries: {exc}") from exc
+        return entries
+
+    def delete(self, entry: FlowEntry) -> bool:
+        from pyroute2.netlink.exceptions import NetlinkError
+        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+        sock = self._socket(entry.family)
+        orig = NFCTAttrTuple(
+            family=_AF[entry.family],
+            saddr=entry.orig_src,
+            daddr=entry.orig_dst,
+            proto=entry.proto,
+            sport=entry.orig_sport,
+            dport=entry.orig_dport,
+        )
+        request: dict[str, Any] = {"tuple_orig": orig}
+        handle = entry.handle
+        if isinstance(handle, _KernelHandle):
+            # With the id the kernel deletes only this entry, never a newer one
+            # with the same tuple (created after the listing, already DNATed right).
+            if handle.ct_id is not None:
+                request["id"] = handle.ct_id
+            if handle.zone is not None:
+                request["zone"] = handle.zone
+        try:
+            sock.entry("del", **request)
+        except NetlinkError as exc:
+            if exc.code == errno.ENOENT:
+                return False
+            raise OSError(exc.code, f"deleting conntrack entry {entry}: {exc}") from exc
+        return True
+
+
+class FakeConntrack:
+    """An in-memory conntrack table for unit tests; lists UDP only, like the kernel filter."""
+
+    def __init__(self, entries: Iterable[FlowEntry] = ()) -> None:
+        self.entries: list[FlowEntry] = list(entries)
+        self.deleted: list[FlowEntry] = []
+
+    def list_udp(self, family: IPFamily) -> list[FlowEntry]:
+        return [e for e in self.entries if e.family == family and e.proto == IPPROTO_UDP]
+
+    def delete(self, entry: FlowEntry) -> bool:
+        if entry not in self.entries:
+            return False
+        self.entries.remove(entry)
+        self.deleted.append(entry)
+        return True
+
+
+# --------------------------------------------------------------------------- cleanup
+
+
+def cleanup_stale_udp(conntrack: Conntrack, targets: CleanupTargets) -> int:
+    """Delete the stale UDP entries; return how many were deleted.
+
+    A family with nothing to clean is not even listed. An entry that is gone by
+    the time it is deleted is not an error (and not counted). Other errors
+    propagate: the next sync retries, since a stale entry stays stale.
+    """
+    deleted = 0
+    families: tuple[IPFamily, ...] = (4, 6)
+    for family in families:
+        family_targets = targets.family(family)
+        if not family_targets:
+            continue
+        for entry in stale_entries(conntrack.list_udp(family), targets):
+            if conntrack.delete(entry):
+                deleted += 1
+                log.debug("deleted stale UDP conntrack entry %s", entry)
+            else:
+                log.debug("stale UDP conntrack entry %s was already gone", entry)
+    if deleted:
+        log.info("deleted %d stale UDP conntrack entries", deleted)
+    return deleted

@@ -1,0 +1,351 @@
+"""Prometheus metrics: kube-proxy's, under the same names, plus kproxy's own.
+
+* ``ProxyMetrics`` is the proxier's ``SyncObserver``. It registers upstream's
+  ``kubeproxy_*`` metrics with upstream's types, labels and buckets
+  (``pkg/proxy/metrics/metrics.go``), in a registry that is passed in (never
+  the global one).
+* Upstream runs one proxier per IP family and labels most metrics
+  ``ip_family="IPv4"|"IPv6"`` (the ``v1.IPFamily`` strings). kproxy programs
+  both families in one transaction, so each observation is recorded once per
+  family the node programs: dashboards that filter on ``ip_family`` work, and
+  one family's series equals what an upstream proxier of that family reports.
+* ``ProxierCollector`` computes at scrape time what is cheaper to read than
+  to track: Services with a Local policy and no local endpoint, the last
+  queued-change time, and the per-Service nft counters (new connections,
+  rate-limit drops). Counters are read at scrape time only, never in the sync
+  path; a scrape never fails because nft did.
+* The collector never waits long for the proxier's lock (a large full sync
+  holds it for minutes): after ``lock_timeout`` it serves the last values it
+  computed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kproxy.rules.endpoints import LocalPolicyStatus
+
+log = logging.getLogger(__name__)
+
+IP_FAMILIES: tuple[str, ...] = ("IPv4", "IPv6")
+"""Upstream's ``ip_family`` label values (``string(v1.IPv4Protocol)``, ``string(v1.IPv6Protocol)``)."""
+
+NFT_FAMILY_LABELS: Mapping[str, str] = {"ip": "IPv4", "ip6": "IPv6"}
+"""nft table family -> ``ip_family`` label value."""
+
+SYNC_DURATION_BUCKETS: tuple[float, ...] = tuple(0.001 * 2**k for k in range(15))
+"""``ExponentialBuckets(0.001, 2, 15)``: 1 ms .. 16.384 s."""
+
+NETWORK_PROGRAMMING_BUCKETS: tuple[float, ...] = (
+    0.0,  # upstream's MergeBuckets starts from a zero bucket
+    0.25,
+    0.5,
+    *(float(s) for s in range(1, 60)),
+    *(float(s) for s in range(60, 120, 5)),
+    *(float(s) for s in range(120, 301, 30)),
+)
+"""``MergeBuckets(Linear(0.25, 0.25, 2), Linear(1, 1, 59), Linear(60, 5, 12), Linear(120, 30, 7))``."""
+
+OPERATIONS_BUCKETS: tuple[float, ...] = tuple(float(4**k) for k in range(11))
+"""kproxy_sync_operations: 1, 4, 16, ... 1048576 nft operations."""
+
+COUNTER_KINDS: Mapping[str, str] = {"conns": "kproxy_service_new_connections", "drops": "kproxy_rate_limit_drops"}
+"""nft counter object prefix -> exported counter name (``_total`` is appended)."""
+
+
+class ProxyMetrics:
+    """Records what the proxier, the watchers and the health servers report. Implements SyncObserver."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        families: Sequence[str] = IP_FAMILIES,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.families = tuple(families)
+        self.wall_clock = wall_clock
+        fam = ["ip_family"]
+        r = registry
+        # -- upstream kubeproxy_* ---------------------------------------------
+        self.sync_duration = Histogram(
+            "kubeproxy_sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds",
+            fam, buckets=SYNC_DURATION_BUCKETS, registry=r)
+        self.sync_full_duration = Histogram(
+            "kubeproxy_sync_full_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds for full resyncs",
+            fam, buckets=SYNC_DURATION_BUCKETS, registry=r)
+        self.sync_partial_duration = Histogram(
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for partial resyncs",
+            fam, buckets=SYNC_DURATION_BUCKETS, registry=r)
+        self.network_programming = Histogram(
+            "kubeproxy_network_programming_duration_seconds", "In Cluster Network Programming Latency in seconds",
+            fam, buckets=NETWORK_PROGRAMMING_BUCKETS, registry=r)
+        self.last_timestamp = Gauge(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds", "The last time proxy rules were successfully synced",
+            fam, registry=r)
+        self.endpoint_changes_pending = Gauge(
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending", "Pending proxy rules Endpoint changes", registry=r)
+        self.endpoint_changes_total = Counter(
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total", "Cumulative proxy rules Endpoint changes", registry=r)
+        self.service_changes_pending = Gauge(
+            "kubeproxy_sync_proxy_rules_service_changes_pending", "Pending proxy rules Service changes", registry=r)
+        self.service_changes_total = Counter(
+            "kubeproxy_sync_proxy_rules_service_changes_total", "Cumulative proxy rules Service changes", registry=r)
+        self.sync_failures = Counter(
+            "kubeproxy_sync_proxy_rules_nftables_sync_failures_total", "Cumulative proxy nftables sync failures",
+            fam, registry=r)
+        self.cleanup_failures = Counter(
+            "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total", "Cumulative proxy nftables cleanup failures",
+            fam, registry=r)
+        self.healthz_total = Counter(
+            "kubeproxy_proxy_healthz_total", "Cumulative proxy healthz HTTP status", ["code"], registry=r)
+        self.livez_total = Counter(
+            "kubeproxy_proxy_livez_total", "Cumulative proxy livez HTTP status", ["code"], registry=r)
+        # -- kproxy_* -------------------------------------------------------------
+        self.rules = Gauge("kproxy_rules", "nft rules programmed (all families)", registry=r)
+        self.elements = Gauge("kproxy_elements", "nft set and map elements programmed (all families)", registry=r)
+        self.sync_operations = Histogram(
+            "kproxy_sync_operations", "nft operations sent per successful sync", buckets=OPERATIONS_BUCKETS, registry=r)
+        self.syncs_total = Counter("kproxy_syncs_total", "Successful syncs", ["kind"], registry=r)
+        self.conntrack_deleted_total = Counter(
+            "kproxy_conntrack_entries_deleted_total", "Stale UDP conntrack entries deleted", registry=r)
+        self.invalid_objects_total = Counter(
+            "kproxy_invalid_objects_skipped_total", "API objects skipped as invalid", ["kind", "reason"], registry=r)
+        self.watch_restarts_total = Counter(
+            "kproxy_watch_restarts_total", "Watch restarts", ["resource", "reason"], registry=r)
+        for family in self.families:
+            self.sync_failures.labels(family)
+            self.cleanup_failures.labels(family)
+        for kind in ("full", "partial"):
+            self.syncs_total.labels(kind)
+
+    # -- SyncObserver -------------------------------------------------------------
+
+    def sync_done(self, full: bool, seconds: float, operations: int, rules: int, elements: int) -> None:
+        now = self.wall_clock()
+        by_kind = self.sync_full_duration if full else self.sync_partial_duration
+        for family in self.families:
+            self.sync_duration.labels(family).observe(seconds)
+            by_kind.labels(family).observe(seconds)
+            self.last_timestamp.labels(family).set(now)
+        self.syncs_total.labels("full" if full else "partial").inc()
+        self.sync_operations.observe(operations)
+        self.rules.set(rules)
+        self.elements.set(elements)
+
+    def sync_failed(self, full: bool, seconds: float) -> None:
+        """A sync failed after ``seconds``: its duration counts, as upstream's does; the last-sync time does not move.
+
+        A refused transaction changed nothing; when a table was being built,
+        the pieces before the refused one stay, and the next (full) sync
+        reads them back.
+        """
+        by_kind = self.sync_full_duration if full else self.sync_partial_duration
+        for family in self.families:
+            self.sync_failures.labels(family).inc()
+            self.sync_duration.labels(family).observe(seconds)
+            by_kind.labels(family).observe(seconds)
+
+    def cleanup_failed(self) -> None:
+        """Deleting stale chains failed (kproxy sends those deletes inside the sync transaction)."""
+        for family in self.families:
+            self.cleanup_failures.labels(family).inc()
+
+    def programming_latency(self, seconds: float) -> None:
+        for family in self.families:
+            self.network_programming.labels(family).observe(seconds)
+
+    def changes(self, service_changes: int, endpoint_changes: int, pending_services: int, pending_endpoints: int) -> None:
+        self.service_changes_total.inc(max(0, service_changes))
+        self.endpoint_changes_total.inc(max(0, endpoint_changes))
+        self.service_changes_pending.set(pending_services)
+        self.endpoint_changes_pending.set(pending_endpoints)
+
+    def invalid_object(self, kind: str, reason: str) -> None:
+        self.invalid_objects_total.labels(kind, reason).inc()
+
+    def conntrack_deleted(self, count: int) -> None:
+        self.conntrack_deleted_total.inc(max(0, count))
+
+    def no_local_endpoints(self, internal: int, external: int) -> None:
+        """Ignored: ProxierCollector computes ``sync_proxy_rules_no_local_endpoints_total`` at scrape time."""
+
+    # -- others -----------------------------------------------------------------------
+
+    def watch_restarted(self, resource: str, reason: str) -> None:
+        """A watch ended and restarts (the Watcher's ``on_restart``)."""
+        self.watch_restarts_total.labels(resource, reason).inc()
+
+    def healthz(self, code: int) -> None:
+        self.healthz_total.labels(str(code)).inc()
+
+    def livez(self, code: int) -> None:
+        self.livez_total.labels(str(code)).inc()
+
+
+# -- scrape-time values -------------------------------------------------------------
+
+
+class PolicySource(Protocol):
+    """What ProxierCollector reads (a Proxier; tests pass a stub).
+
+    Optional attributes, read if present: ``lock`` (held while a sync runs) and
+    ``oldest_pending_wall`` (wall time of the oldest change not yet programmed).
+    """
+
+    def local_policy_report(self) -> list[LocalPolicyStatus]: ...
+
+
+CounterReader = Callable[[], Mapping[tuple[str, str], tuple[int, int]]]
+"""Returns {(nft family "ip"/"ip6", counter object name): (packets, bytes)}."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceCounter:
+    """A per-Service-port nft counter object, parsed from its name."""
+
+    kind: str
+    """``conns`` (new connections) or ``drops`` (rate-limit drops)."""
+    namespace: str
+    service: str
+    protocol: str
+    port: str
+    """The port's name, or its number when unnamed."""
+
+
+def parse_counter_name(name: str) -> ServiceCounter | None:
+    """``conns-HASH8-ns/name/tcp/http`` -> ServiceCounter; None for any other name."""
+    kind, _, suffix = name.partition("-")
+    if kind not in COUNTER_KINDS:
+        return None
+    digest, _, path = suffix.partition("-")
+    parts = path.split("/")
+    if not digest or len(parts) != 4 or not all(parts):
+        return None
+    namespace, service, protocol, port = parts
+    return ServiceCounter(kind, namespace, service, protocol, port)
+
+
+@dataclass(frozen=True, slots=True)
+class NoLocalCounts:
+    internal: int
+    external: int
+
+
+def no_local_counts(report: Iterable[LocalPolicyStatus]) -> NoLocalCounts:
+    """Services with a Local policy for that traffic, endpoints somewhere, and none on this node."""
+    internal = external = 0
+    for status in report:
+        if status.has_endpoints and status.local_endpoints == 0:
+            internal += status.internal_local
+            external += status.external_local
+    return NoLocalCounts(internal, external)
+
+
+class ProxierCollector(Collector):
+    """Scrape-time metrics read from the proxier and from nft counters."""
+
+    def __init__(
+        self,
+        proxier: PolicySource,
+        read_counters: CounterReader | None = None,
+        families: Sequence[str] = IP_FAMILIES,
+        wall_clock: Callable[[], float] = time.time,
+        lock_timeout: float = 1.0,
+    ) -> None:
+        self.proxier = proxier
+        self.read_counters = read_counters
+        self.families = tuple(families)
+        self.lock_timeout = lock_timeout
+        self._state_lock = threading.Lock()
+        self._last_counts: NoLocalCounts | None = None
+        self._last_queued = wall_clock()
+        """Upstream sets the queued timestamp when its proxier starts; later, each time a change is queued."""
+
+    def describe(self) -> Iterable[Metric]:
+        """Names only, so registering never reads the proxier or nft."""
+        return list(self._families())
+
+    def collect(self) -> Iterable[Metric]:
+        no_local, queued, conns, drops = self._families()
+        counts = self._no_local_counts()
+        if counts is not None:
+            for family in self.families:
+                no_local.add_metric(["internal", family], counts.internal)
+                no_local.add_metric(["external", family], counts.external)
+        for family in self.families:
+            queued.add_metric([family], self._queued_timestamp())
+        targets = {"conns": conns, "drops": drops}
+        for (kind, namespace, service, port, family), packets in sorted(self._counter_values().items()):
+            targets[kind].add_metric([namespace, service, port, family], packets)
+        return [no_local, queued, conns, drops]
+
+    def _families(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Number of services with a Local traffic policy and no endpoints",
+            labels=["traffic_policy", "ip_family"])
+        yield GaugeMetricFamily(
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "The last time a sync of proxy rules was queued",
+            labels=["ip_family"])
+        labels = ["namespace", "service", "port", "ip_family"]
+        yield CounterMetricFamily(
+            COUNTER_KINDS["conns"], "New connections to a Service port (nft counter)", labels=labels)
+        yield CounterMetricFamily(
+            COUNTER_KINDS["drops"], "Packets to a Service port dropped by its rate limit (nft counter)", labels=labels)
+
+    def _no_local_counts(self) -> NoLocalCounts | None:
+        lock = getattr(self.proxier, "lock", None)
+        try:
+            if lock is None:
+                report = self.proxier.local_policy_report()
+            elif lock.acquire(timeout=self.lock_timeout):
+                try:
+                    report = self.proxier.local_policy_report()
+                finally:
+                    lock.release()
+            else:
+                log.debug("a sync holds the proxier; serving the last no-local-endpoints counts")
+                return self._last_counts
+        except Exception as exc:  # a scrape must not fail
+            log.warning("cannot compute no-local-endpoints counts: %s", exc)
+            return self._last_counts
+        counts = no_local_counts(report)
+        with self._state_lock:
+            self._last_counts = counts
+        return counts
+
+    def _queued_timestamp(self) -> float:
+        pending = getattr(self.proxier, "oldest_pending_wall", None)
+        with self._state_lock:
+            if pending is not None and pending > self._last_queued:
+                self._last_queued = pending
+            return self._last_queued
+
+    def _counter_values(self) -> dict[tuple[str, str, str, str, str], int]:
+        """{(kind, namespace, service, port, ip_family): packets}, summed should two objects share labels."""
+        if self.read_counters is None:
+            return {}
+        try:
+            raw = self.read_counters()
+        except Exception as exc:  # nft missing, table absent, timeouts: the scrape goes on
+            log.warning("cannot read nft counters: %s", exc)
+            return {}
+        values: dict[tuple[str, str, str, str, str], int] = {}
+        for (nft_family, name), (packets, _bytes) in raw.items():
+            parsed = parse_counter_name(name)
+            family = NFT_FAMILY_LABELS.get(nft_family)
+            if parsed is None or family is None:
+                continue
+            key = (parsed.kind, parsed.namespace, parsed.service, parsed.port, family)
+            values[key] = values.get(key, 0) + int(packets)
+        return values

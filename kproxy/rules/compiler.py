@@ -1,0 +1,494 @@
+"""The compiler: (cluster model, node, config) -> nftables ruleset. Pure.
+
+Layout (see rules/README.md for the packet path):
+
+* The skeleton (rules/kproxy.nft) holds a fixed number of sets and maps. Every
+  Service contributes *elements* to them, never sets of its own, and never an
+  inline anonymous set or map: those load in quadratic time.
+* Each Service port gets up to three plain chains: ``svc-`` (cluster
+  endpoints), ``local-`` (this node's endpoints) and ``ext-`` (NodePort,
+  externalIPs and load-balancer IPs).
+* Endpoints are data, not rules. Endpoint ``k`` (1-based) of a port is an
+  element ``frontend . protocol . port . slot(k)`` of an ``endpoints-C`` map,
+  one per frontend (ClusterIP, external IP, NodePort address), and the
+  Service chain ends in ``goto pick-C`` with ``C`` the smallest size class
+  that holds its endpoints. The shared pick chains try slots ``C`` down to
+  1 with ``numgen random mod k offset slot(k)``: the lookup hits with
+  probability 1/k when slot k is filled and misses (falls through) when it
+  is empty, so the choice is uniform over the filled slots. Adding or
+  removing an endpoint only changes elements of a data map, which the
+  kernel commits without revalidating the table. Services with ClientIP
+  affinity, or more endpoints than the largest class, get a cascade of
+  ``numgen random mod (N-i) 0`` rules in their own chain instead.
+* Nothing here reads a file, the clock or the kernel; the same input always
+  gives the same ruleset.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import ipaddress
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from kproxy.cluster.model import Cluster, EndpointSlice, IPFamily, Node, Service, ServiceKey, ServicePort
+from kproxy.memory import gc_paused
+from kproxy.nft.objects import Chain, Element, Family, Ruleset, ServiceRules, Table, fit_comment
+from kproxy.rules.assembly import Assembly
+from kproxy.rules.endpoints import PortEndpoint, Selection, port_endpoints, select
+from kproxy.rules.skeleton import skeleton_table
+
+FAMILIES: dict[Family, IPFamily] = {"ip": 4, "ip6": 6}
+_PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
+REJECT = "goto reject-chain"
+DROP = "drop"
+PICK_CLASSES = (4, 8, 16, 32, 64, 128, 256)
+"""Sizes of the shared pick chains; a port with more endpoints gets a per-Service cascade."""
+_LOCAL_SLOT = 0x8000
+"""Set in the slot numbers of the local-endpoint pick chains (``pick-local-``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """The options that shape the ruleset (kube-proxy's flags of the same names)."""
+
+    cluster_cidrs: tuple[str, ...] = ()
+    """--cluster-cidr: traffic to a ClusterIP from outside these is masqueraded."""
+    nodeport_addresses: tuple[str, ...] = ()
+    """--nodeport-addresses as CIDRs; empty means the node's primary IPs."""
+    masquerade_all: bool = False
+    """--masquerade-all: masquerade all traffic to ClusterIPs."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """What the compiler needs to know about the node it compiles for."""
+
+    name: str
+    zone: str = ""
+    primary_ips: tuple[str, ...] = ()
+    """At most one per family: the default NodePort addresses."""
+    addresses: tuple[str, ...] = ()
+    """Every address of the node: its interfaces' (global) addresses where they are known, else
+    the Node object's. Matched against --nodeport-addresses CIDRs."""
+
+
+def node_info(name: str, node: Node | None, interface_addresses: tuple[str, ...] | None = None) -> NodeInfo:
+    """NodeInfo from the Node object: primary = first InternalIP per family, else ExternalIP.
+
+    ``interface_addresses`` are the addresses of this network namespace (None
+    when compiling for a node elsewhere, as ``--dry-run`` does). Without a Node
+    object (or one without addresses), NodePorts answer on every one of them.
+    """
+    node_ips = (node.internal_ips + node.external_ips) if node is not None else ()
+    if not node_ips:
+        local = interface_addresses or ()
+        return NodeInfo(name, node.zone if node else "", local, local)
+    primary: list[str] = []
+    for separator in (".", ":"):
+        candidates = [a for a in node.internal_ips if separator in a] or [a for a in node.external_ips if separator in a]
+        if candidates:
+            primary.append(candidates[0])
+    assert node is not None
+    addresses = interface_addresses if interface_addresses is not None else node_ips
+    return NodeInfo(node.name, node.zone, tuple(primary), addresses)
+
+
+def _family_of(address: str) -> IPFamily:
+    return 6 if ":" in address else 4
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8].upper()
+
+
+def port_label(service: Service, port: ServicePort) -> str:
+    """``ns/name:port`` as used in comments: the port's name, or its number (shortened to nft's limit)."""
+    return fit_comment(f"{service.namespace}/{service.name}:{port.name or port.port}")
+
+
+def chain_suffix(service: Service, port: ServicePort) -> str:
+    """``HASH8-ns/name/tcp/http``: unique per Service port, and readable."""
+    label = port.name or str(port.port)
+    path = f"{service.namespace}/{service.name}/{port.protocol}/{label}"
+    return f"{_hash(path)}-{path}"
+
+
+def chain_name(kind: str, service: Service, port: ServicePort) -> str:
+    """``svc-HASH8-ns/name/tcp/http`` (kinds: svc, local, ext)."""
+    return f"{kind}-{chain_suffix(service, port)}"
+
+
+def _interval(cidr: str) -> str:
+    """A CIDR as an interval-set element: a full-length prefix is written (and read back) as the address."""
+    network = ipaddress.ip_network(cidr)
+    return str(network.network_address) if network.prefixlen == network.max_prefixlen else cidr
+
+
+def _addr(address: str) -> str:
+    """An address as nft writes it after ``dnat to``."""
+    return f"[{address}]" if ":" in address else address
+
+
+def endpoint_id(pe: PortEndpoint) -> int:
+    """A stable, non-zero 32-bit id of an endpoint, for the affinity set."""
+    digest = hashlib.sha256(f"{pe.address}:{pe.port}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") or 1
+
+
+def pick_class(count: int) -> int | None:
+    """The smallest pick chain size that holds ``count`` endpoints; None if none does."""
+    return next((size for size in PICK_CLASSES if size >= count), None)
+
+
+def slot(index: int, local: bool) -> int:
+    """The ``numgen`` value that selects endpoint ``index`` (1-based) in the pick chains."""
+    return (index << 16) | (_LOCAL_SLOT if local else 0)
+
+
+def pick_chain_name(size: int, local: bool) -> str:
+    return f"pick-{'local-' if local else ''}{size}"
+
+
+def endpoints_map(index: int) -> str:
+    """The map that holds slot ``index``: ``endpoints-C`` for the pick chain size C that tries it."""
+    return _ENDPOINTS_MAPS[index]
+
+
+_ENDPOINTS_MAPS = ("",) + tuple(f"endpoints-{pick_class(k)}" for k in range(1, PICK_CLASSES[-1] + 1))
+_SLOTS = {local: ("",) + tuple(str(slot(k, local)) for k in range(1, PICK_CLASSES[-1] + 1)) for local in (False, True)}
+
+
+@functools.cache
+def pick_chains_for(family: Family, size: int, local: bool) -> tuple[Chain, ...]:
+    """The shared chains a port with a ``size``-class pick needs: ``pick-size`` and the smaller ones it continues in.
+
+    ``pick-C`` tries slots C down to C/2+1 and continues in ``pick-C/2``;
+    ``pick-4`` ends with slot 1, which is always filled, then a drop that
+    only an inconsistent map could reach. Every Service port that picks
+    through the maps contributes these chains (identical for all), so they
+    exist exactly while some Service needs them.
+    """
+    key = f"{family} daddr . meta l4proto . th dport"
+    kind = "local" if local else "cluster"
+    chains = []
+    for class_size in PICK_CLASSES:
+        if class_size > size:
+            break
+        low = class_size // 2 if class_size > PICK_CLASSES[0] else 0
+        rules = [
+            f"dnat {family} to {key} . numgen random mod {k} offset {slot(k, local)} map @endpoints-{class_size}"
+            for k in range(class_size, low, -1)
+        ]
+        rules.append(f"goto {pick_chain_name(low, local)}" if low else DROP)
+        chains.append(Chain(pick_chain_name(class_size, local), tuple(rules), f"pick one of up to {class_size} {kind} endpoints"))
+    return tuple(chains)
+
+
+def _endpoint_chain(
+    name: str,
+    family: Family,
+    service: Service,
+    port: ServicePort,
+    label: str,
+    cluster_ip: str,
+    endpoints: Sequence[PortEndpoint],
+    suffix: str,
+    local: bool,
+) -> Chain:
+    """A chain that counts, rate-limits, applies affinity and picks an endpoint."""
+    proto = port.protocol
+    rules = [f'counter name "conns-{suffix}"']
+    limit = service.rate_limit
+    if limit is not None:
+        burst = f" burst {limit.burst} packets" if limit.burst else ""
+        rules.append(
+            f"ct state new update @rate-limit-meter {{ {family} saddr . {cluster_ip} . "
+            f"{_PROTO_NUMBERS[proto]} . {port.port} limit rate over {limit.rate}/{limit.unit}{burst} }} "
+            f'counter name "drops-{suffix}" drop'
+        )
+    count = len(endpoints)
+    affinity = service.affinity_timeout
+    if uses_pick_chains(service, endpoints):
+        goto = f"goto {pick_chain_name(pick_class(count) or 0, local)}"
+        if len(rules) == 1:  # just the counter: one rule per Service port loads faster than two
+            return Chain(name, (f"{rules[0]} {goto}",), label)
+        return Chain(name, (*rules, goto), label)
+    if affinity is None:
+        for i, pe in enumerate(endpoints):
+            pick = f" numgen random mod {count - i} 0" if i < count - 1 else ""
+            rules.append(f"meta l4proto {proto}{pick} dnat to {_addr(pe.address)}:{pe.port}")
+        return Chain(name, tuple(rules), label)
+
+    # ClientIP affinity. The affinity set remembers (client, frontend, endpoint
+    # id); nft cannot put a constant into the key of a lookup, so the endpoint id
+    # is XORed into the packet mark around the lookup and XORed out again. The
+    # mark leaves this chain as it came in. An endpoint that goes away takes its
+    # rules with it, so its entries simply stop matching.
+    key = f"{family} saddr . {family} daddr . meta l4proto . th dport . meta mark"
+    remember = f"update @affinity {{ {key} timeout {affinity}s }}"
+    ids = [endpoint_id(pe) for pe in endpoints]
+    previous = 0
+    for pe, ident in zip(endpoints, ids):
+        # The XOR comes first in the rule and takes effect even when the lookup
+        # after it misses: the next rule builds on it.
+        rules.append(
+            f"meta mark set meta mark ^ 0x{previous ^ ident:08x} meta l4proto {proto} {key} @affinity {remember} "
+            f"meta mark set meta mark ^ 0x{ident:08x} dnat to {_addr(pe.address)}:{pe.port}"
+        )
+        previous = ident
+    rules.append(f"meta mark set meta mark ^ 0x{previous:08x}")
+    for i, (pe, ident) in enumerate(zip(endpoints, ids)):
+        pick = f" numgen random mod {count - i} 0" if i < count - 1 else ""
+        rules.append(
+            f"meta l4proto {proto}{pick} meta mark set meta mark ^ 0x{ident:08x} {remember} "
+            f"meta mark set meta mark ^ 0x{ident:08x} dnat to {_addr(pe.address)}:{pe.port}"
+        )
+    return Chain(name, tuple(rules), label)
+
+
+def uses_pick_chains(service: Service, endpoints: Sequence[PortEndpoint]) -> bool:
+    """Whether a chain for these endpoints picks through the ``endpoints`` map."""
+    return service.affinity_timeout is None and pick_class(len(endpoints)) is not None
+
+
+ADDRESS_FRONTEND, NODEPORT_FRONTEND = 0, 1
+"""Ranks of frontends: ``services`` looks up ``service-ips`` (ClusterIP, external and
+load-balancer IPs) before ``service-nodeports``, so for one address . port an
+address frontend wins over a NodePort; among equals the first Service in key order."""
+
+
+def _add_slots(
+    slots: dict[str, tuple[int, int, list[tuple[str, Element]]]],
+    frontends: Sequence[tuple[str, int]],
+    port_index: int,
+    endpoints: Sequence[PortEndpoint],
+    local: bool,
+    label: str,
+) -> None:
+    """Add one port's endpoint slots to ``slots`` (frontend -> (rank, port index, [(map, element)])).
+
+    A frontend that one Service reaches through two ports (an external IP
+    equal to a node address, on a port equal to another port's NodePort)
+    gets the slots of the port that dispatch reaches: the better rank, then
+    the first port.
+    """
+    numbers = _SLOTS[local]
+    targets = [(_ENDPOINTS_MAPS[k], numbers[k], f"{pe.address} . {pe.port}") for k, pe in enumerate(endpoints, 1)]
+    for frontend, rank in frontends:
+        held = slots.get(frontend)
+        if held is not None and (held[0], held[1]) != (rank, port_index):
+            if held[0] <= rank:
+                continue
+            held = None
+        if held is None:
+            held = slots[frontend] = (rank, port_index, [])
+        held[2].extend([
+            (map_name, Element(f"{frontend} . {number}", target, label)) for map_name, number, target in targets
+        ])
+
+
+def compile_service(
+    service: Service,
+    slices: Iterable[EndpointSlice],
+    family: Family,
+    node: NodeInfo,
+    config: ProxyConfig,
+) -> ServiceRules | None:
+    """Chains and elements of one Service in one family; None if it has no IP there."""
+    fam = FAMILIES[family]
+    cluster_ip = next((ip for ip in service.cluster_ips if _family_of(ip) == fam), None)
+    if cluster_ip is None:
+        return None
+    slices = list(slices)
+    svc_label = fit_comment(f"{service.namespace}/{service.name}")
+    chains: list[Chain] = []
+    counters: list[tuple[str, str]] = []
+    elements: list[tuple[str, Element]] = [("cluster-ips", Element(cluster_ip, comment=svc_label))]
+    slots: dict[str, tuple[int, int, list[tuple[str, Element]]]] = {}
+    external_ips = [ip for ip in service.external_ips + service.load_balancer_ips if _family_of(ip) == fam]
+    lb_ips = [ip for ip in service.load_balancer_ips if _family_of(ip) == fam]
+    ranges = [r for r in service.load_balancer_source_ranges if _family_of(r.split("/")[0]) == fam]
+    allowed_sources = ranges
+    if any(_in_any(ip, ranges) for ip in node.primary_ips if _family_of(ip) == fam):
+        # A range holds the node itself: the load-balancer IPs are allowed as sources too, as
+        # upstream does, since a connection from the node to its own load balancer often
+        # comes back with the load-balancer IP as its source (MetalLB, kube-vip, clouds).
+        allowed_sources = ranges + [f"{ip}/{32 if fam == 4 else 128}" for ip in lb_ips]
+    cidrs = [c for c in config.cluster_cidrs if _family_of(c.split("/")[0]) == fam]
+
+    for port_index, port in enumerate(service.ports):
+        label = port_label(service, port)
+        proto = port.protocol
+        selection: Selection = select(service, port_endpoints(port, slices, fam), node.name, node.zone)
+        suffix = chain_suffix(service, port)
+        svc_chain, local_chain, ext_chain = f"svc-{suffix}", f"local-{suffix}", f"ext-{suffix}"
+        has_cluster_chain = service.uses_cluster_endpoints and bool(selection.cluster)
+        has_local_chain = service.uses_local_endpoints and bool(selection.local)
+        if has_cluster_chain or has_local_chain:
+            counters.append((f"conns-{suffix}", label))
+            if service.rate_limit is not None:
+                counters.append((f"drops-{suffix}", label))
+        frontends: dict[str, int] = {}  # first wins: the ClusterIP, then external IPs, then NodePort addresses
+        for ip in (cluster_ip, *external_ips):
+            frontends.setdefault(f"{ip} . {proto} . {port.port}", ADDRESS_FRONTEND)
+        if port.node_port:
+            for ip in _nodeport_ips(node, config, family):
+                frontends.setdefault(f"{ip} . {proto} . {port.node_port}", NODEPORT_FRONTEND)
+        port_frontends = list(frontends.items())
+        if has_cluster_chain:
+            chains.append(_endpoint_chain(svc_chain, family, service, port, label, cluster_ip, selection.cluster, suffix, False))
+            if uses_pick_chains(service, selection.cluster):
+                chains += pick_chains_for(family, pick_class(len(selection.cluster)) or 0, False)
+                _add_slots(slots, port_frontends, port_index, selection.cluster, False, label)
+        if has_local_chain:
+            chains.append(_endpoint_chain(local_chain, family, service, port, label, cluster_ip, selection.local, suffix, True))
+            if uses_pick_chains(service, selection.local):
+                chains += pick_chains_for(family, pick_class(len(selection.local)) or 0, True)
+                _add_slots(slots, port_frontends, port_index, selection.local, True, label)
+        # Every endpoint, wherever it runs: nodeName may be unset or stale (as upstream, whose
+        # endpoint chains all start with "ip saddr <endpoint> jump mark-for-masquerade").
+        for address in sorted({pe.address for pe in selection.cluster + selection.local}):
+            elements.append(("hairpin", Element(f"{address} . {address}", comment=label)))
+
+        # Traffic to the ClusterIP follows internalTrafficPolicy.
+        if service.internal_policy_local:
+            internal = f"goto {local_chain}" if has_local_chain else DROP
+        else:
+            internal = f"goto {svc_chain}" if has_cluster_chain else DROP
+        key = f"{cluster_ip} . {proto} . {port.port}"
+        if not selection.has_any:
+            elements.append(("no-endpoint-services", Element(key, REJECT, label)))
+        elif internal == DROP:
+            elements.append(("no-endpoint-services", Element(key, DROP, label)))
+        else:
+            elements.append(("service-ips", Element(key, internal, label)))
+
+        # loadBalancerSourceRanges of this family guard the load-balancer IPs, endpoints or not.
+        for ip in lb_ips if ranges else ():
+            frontend = f"{ip} . {proto} . {port.port}"
+            elements.append(("firewall-ips", Element(frontend, comment=label)))
+            for source in allowed_sources:
+                elements.append(("firewall-allow", Element(f"{frontend} . {_interval(source)}", comment=label)))
+
+        # NodePort, externalIPs and load-balancer IPs follow externalTrafficPolicy.
+        if not (external_ips or port.node_port):
+            continue
+        if not selection.has_any:
+            for ip in external_ips:
+                elements.append(("no-endpoint-services", Element(f"{ip} . {proto} . {port.port}", REJECT, label)))
+            if port.node_port:
+                elements.append(("no-endpoint-nodeports", Element(f"{proto} . {port.node_port}", REJECT, label)))
+            continue
+        if service.external_policy_local:
+            # Traffic from pods and from the node itself is short-circuited to the cluster
+            # endpoints (upstream's clusterPolicyChain), whatever internalTrafficPolicy says.
+            cluster = f"goto {svc_chain}" if has_cluster_chain else DROP
+            ext_rules = [f"{family} saddr {cidr} {cluster}" for cidr in cidrs]
+            ext_rules += [
+                "fib saddr type local jump mark-for-masquerade",
+                f"fib saddr type local {cluster}",
+                f"goto {local_chain}" if has_local_chain else DROP,
+            ]
+        else:
+            ext_rules = ["jump mark-for-masquerade", f"goto {svc_chain}"]
+        chains.append(Chain(ext_chain, tuple(ext_rules), label))
+        for ip in external_ips:
+            elements.append(("service-ips", Element(f"{ip} . {proto} . {port.port}", f"goto {ext_chain}", label)))
+        if port.node_port:
+            elements.append(("service-nodeports", Element(f"{proto} . {port.node_port}", f"goto {ext_chain}", label)))
+    return ServiceRules(
+        tuple(chains), tuple(elements), tuple(counters),
+        tuple((frontend, rank, tuple(items)) for frontend, (rank, _, items) in slots.items()),
+    )
+
+
+def _in_any(address: str, cidrs: Iterable[str]) -> bool:
+    ip = ipaddress.ip_address(address)
+    return any(ip in ipaddress.ip_network(c) for c in cidrs if ipaddress.ip_network(c).version == ip.version)
+
+
+def nodeport_addresses(node: NodeInfo, config: ProxyConfig, family: Family) -> list[str]:
+    """The node addresses NodePorts answer on, as upstream's ``--nodeport-addresses``.
+
+    ``primary`` (the default): the node's primary IP of the family. CIDRs: every
+    address of the node's interfaces inside them; a family without a CIDR of its
+    own, or with ``0.0.0.0/0`` / ``::/0``, gets every address of the family
+    (upstream matches those with ``fib daddr type local``). Never loopback.
+    """
+    fam = FAMILIES[family]
+    if config.nodeport_addresses:
+        cidrs = [c for c in config.nodeport_addresses if _family_of(c.split("/")[0]) == fam]
+        everything = not cidrs or any(c.endswith("/0") for c in cidrs)
+        candidates = [a for a in node.addresses if everything or _in_any(a, cidrs)]
+    else:
+        candidates = list(node.primary_ips)
+    chosen = []
+    for address in candidates:
+        if _family_of(address) == fam and not ipaddress.ip_address(address).is_loopback and address not in chosen:
+            chosen.append(address)
+    return chosen
+
+
+@functools.lru_cache(maxsize=16)
+def _nodeport_ips(node: NodeInfo, config: ProxyConfig, family: Family) -> tuple[str, ...]:
+    return tuple(nodeport_addresses(node, config, family))
+
+
+def table_options(config: ProxyConfig, family: Family) -> frozenset[str]:
+    """Which '# if' rules of the skeleton this configuration switches on."""
+    if config.masquerade_all:
+        return frozenset({"masquerade-all"})
+    fam = FAMILIES[family]
+    if any(_family_of(c.split("/")[0]) == fam for c in config.cluster_cidrs):
+        return frozenset({"cluster-cidr"})
+    return frozenset()
+
+
+def base_table(node: NodeInfo, config: ProxyConfig, family: Family, service_cidrs: Sequence[str] = ()) -> Table:
+    """The skeleton plus the elements that come from the node, the config and the ServiceCIDRs."""
+    table = skeleton_table(family, table_options(config, family))
+    fam = FAMILIES[family]
+    for cidr in config.cluster_cidrs:
+        if _family_of(cidr.split("/")[0]) == fam:
+            table.add_element("cluster-cidrs", Element(_interval(cidr), comment="--cluster-cidr"))
+    for address in nodeport_addresses(node, config, family):
+        table.add_element("nodeport-ips", Element(address, comment=fit_comment(f"node {node.name}")))
+    for cidr in service_cidrs:
+        if _family_of(cidr.split("/")[0]) == fam:
+            table.add_element("service-cidrs", Element(_interval(cidr), comment="ServiceCIDR"))
+    return table
+
+
+def compile_ruleset(
+    cluster: Cluster, node: NodeInfo, config: ProxyConfig, failed: dict[ServiceKey, str] | None = None
+) -> Ruleset:
+    """The whole ruleset for a node: both families, Services in key order.
+
+    A Service the compiler cannot compile is left out (and named in ``failed``,
+    with the error); it never stops the others.
+    """
+    with gc_paused():
+        return _compile_ruleset(cluster, node, config, failed if failed is not None else {})
+
+
+def _compile_ruleset(cluster: Cluster, node: NodeInfo, config: ProxyConfig, failed: dict[ServiceKey, str]) -> Ruleset:
+    by_service = cluster.slices_by_service()
+    ruleset = Ruleset()
+    for family in FAMILIES:
+        # The same assembly the daemon keeps up to date one Service at a time, so a
+        # full compile and a run of partial syncs resolve shared keys the same way.
+        assembly = Assembly(base_table(node, config, family, cluster.service_cidrs))
+        for key in sorted(cluster.services):
+            if key in failed:
+                continue
+            try:
+                rules = compile_service(cluster.services[key], by_service.get(key, ()), family, node, config)
+            except Exception as exc:  # one Service must never stop the others
+                failed[key] = f"{type(exc).__name__}: {exc}"
+                assembly.set_service(key, None, track=False)
+                continue
+            assembly.set_service(key, rules, track=False)
+        ruleset.tables[family] = assembly.table
+    return ruleset

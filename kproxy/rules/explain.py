@@ -1,0 +1,278 @@
+"""``kproxy explain``: where a packet would go, read from the live tables, and why, from the model.
+
+The kernel side answers *what*: which dispatch element matches the packet's
+destination, which chain it jumps to, which endpoints that chain's rules can
+DNAT to. The model side answers *why*: which Service port that is, the traffic
+policy that applies, the topology that narrowed the endpoints, session
+affinity, rate limits and masquerade. When the two disagree, the kernel is
+behind the API server (a sync is pending) and the explanation says so.
+This module is pure: the kernel is reached through a ``LiveTables`` protocol.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from kproxy.cluster.convert import Problem
+from kproxy.cluster.model import Cluster, Service, ServicePort
+from kproxy.nft.objects import Element, Family
+from kproxy.rules.compiler import PICK_CLASSES, NodeInfo, ProxyConfig, endpoints_map, port_label, slot
+from kproxy.rules.endpoints import PREFER_SAME_NODE, PREFER_SAME_ZONE, port_endpoints, select
+
+_PICK = re.compile(r"goto (pick-[a-z0-9-]+)")
+_DNAT = re.compile(r"dnat (?:ip6? )?to \[?([0-9a-f.:]+?)\]?:(\d+)")
+
+
+class LiveTables(Protocol):
+    """What explain reads from the kernel."""
+
+    def element(self, family: Family, set_name: str, key: str) -> Element | None: ...
+
+    def set_keys(self, family: Family, set_name: str) -> list[str]: ...
+
+    def chain_rules(self, family: Family, chain: str) -> list[str] | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Packet:
+    source: str
+    destination: str
+    port: int
+    protocol: str = "tcp"
+
+    @property
+    def family(self) -> Family:
+        return "ip6" if ":" in self.destination else "ip"
+
+
+def _in(address: str, cidrs: list[str]) -> str | None:
+    ip = ipaddress.ip_address(address)
+    for cidr in cidrs:
+        network = ipaddress.ip_network(cidr)
+        if network.version == ip.version and ip in network:
+            return cidr
+    return None
+
+
+def _find_service_port(cluster: Cluster, label: str) -> tuple[Service, ServicePort] | None:
+    """The Service port named by an element comment ``ns/name:port`` (shortened for long names)."""
+    key, _, name = label.partition(":")
+    service = cluster.services.get(key)  # type: ignore[call-overload]
+    if service is not None:
+        for port in service.ports:
+            if (port.name or str(port.port)) == name:
+                return service, port
+    for service in cluster.services.values():  # a comment shortened to nft's limit
+        for port in service.ports:
+            if port_label(service, port) == label:
+                return service, port
+    return None
+
+
+def _skipped_lines(skipped: Sequence[Problem], key: str | None) -> list[str]:
+    """What was skipped of the Service ``key``; with no key, every skipped Service (the one expected may be among them)."""
+    if key is not None:
+        return [f"skipped: {p}" for p in skipped if p.kind == "Service" and p.key == key]
+    services = [p for p in skipped if p.kind == "Service" and not p.part]
+    if not services:
+        return []
+    lines = ["skipped: these Services are not programmed; the one you expect may be among them:"]
+    lines += [f"  {p.key}: {p.message} (reason={p.reason})" for p in services[:10]]
+    if len(services) > 10:
+        lines.append(f"  ... and {len(services) - 10} more")
+    return lines
+
+
+def _claimed_by(cluster: Cluster, packet: Packet) -> tuple[Service | None, bool]:
+    """The Service with the packet's destination address in the model, and whether it also has the port."""
+    found = None
+    for key in sorted(cluster.services):
+        service = cluster.services[key]
+        if packet.destination in (*service.cluster_ips, *service.external_ips, *service.load_balancer_ips):
+            if any(p.port == packet.port and p.protocol == packet.protocol for p in service.ports):
+                return service, True
+            found = found or service
+    return found, False
+
+
+def explain(
+    packet: Packet,
+    cluster: Cluster,
+    node: NodeInfo,
+    config: ProxyConfig,
+    live: LiveTables,
+    skipped: Sequence[Problem] = (),
+) -> list[str]:
+    """Lines of explanation for one packet; ``skipped`` are the objects (or parts) kproxy could not program."""
+    lines = _explain(packet, cluster, node, config, live)
+    matched = next((line.split(" ", 2)[1] for line in lines if line.startswith("service: ")), None)
+    if matched is None:
+        claimed, with_port = _claimed_by(cluster, packet)
+        if claimed is not None and with_port:
+            lines.append(f"model: Service {claimed.key} has this address and port, but the kernel has no dispatch "
+                         "element for it: it is quarantined (below) or a sync is pending")
+        matched = claimed.key if claimed is not None else None
+    return lines + _skipped_lines(skipped, matched)
+
+
+def _explain(packet: Packet, cluster: Cluster, node: NodeInfo, config: ProxyConfig, live: LiveTables) -> list[str]:
+    family = packet.family
+    fam = 6 if family == "ip6" else 4
+    out = [f"packet: {packet.protocol} {packet.source} -> {packet.destination}:{packet.port} ({family} kproxy)"]
+    key = f"{packet.destination} . {packet.protocol} . {packet.port}"
+
+    frontend = "ClusterIP, externalIP or load-balancer IP"
+    element = live.element(family, "service-ips", key)
+    set_name = "service-ips"
+    if element is None and packet.destination in live.set_keys(family, "nodeport-ips"):
+        element = live.element(family, "service-nodeports", f"{packet.protocol} . {packet.port}")
+        set_name, frontend = "service-nodeports", "NodePort"
+    if element is None:
+        for name, lookup in (("no-endpoint-services", key), ("no-endpoint-nodeports", f"{packet.protocol} . {packet.port}")):
+            if name == "no-endpoint-nodeports" and packet.destination not in live.set_keys(family, "nodeport-ips"):
+                continue
+            found = live.element(family, name, lookup)
+            if found is not None:
+                verdict = "rejected (TCP reset / ICMP unreachable)" if "reject" in found.value else "dropped"
+                out.append(f"kernel: {name} has {found.key} ({found.comment}): {verdict}")
+                out += _why_no_endpoints(cluster, found.comment, node, fam)
+                return out
+        if packet.destination in live.set_keys(family, "cluster-ips"):
+            out.append("kernel: the destination is a ClusterIP but no Service defines this port: rejected")
+        else:
+            out.append("kernel: no kproxy Service matches this destination; kproxy does not touch the packet")
+        return out
+
+    out.append(f"kernel: {set_name} {element.key} -> {element.value} ({element.comment})")
+    found_port = _find_service_port(cluster, element.comment)
+    if found_port is None:
+        out.append(f"model: {element.comment} is not (any more) in the cluster model: a sync is pending")
+        return out
+    service, port = found_port
+    out.append(
+        f"service: {service.key} port {port.name or port.port} ({port.protocol} {port.port}"
+        + (f", nodePort {port.node_port}" if port.node_port else "")
+        + f"), type {service.type}"
+    )
+    if set_name == "service-ips" and packet.destination in service.load_balancer_ips and service.load_balancer_source_ranges:
+        allowed = _in(packet.source, list(service.load_balancer_source_ranges))
+        out.append(
+            f"firewall: loadBalancerSourceRanges {', '.join(service.load_balancer_source_ranges)}: "
+            + (f"source allowed by {allowed}" if allowed else "source NOT allowed: the packet is dropped")
+        )
+        if not allowed:
+            return out
+
+    chain = element.value.split(" ", 1)[1] if element.value.startswith(("goto ", "jump ")) else ""
+    cidrs = [c for c in config.cluster_cidrs if (":" in c) == (fam == 6)]
+    from_pod = _in(packet.source, cidrs)
+    from_node = packet.source in node.addresses
+    external = chain.startswith("ext-")
+    if external:
+        frontend = "NodePort" if set_name == "service-nodeports" else (
+            "load-balancer IP" if packet.destination in service.load_balancer_ips else "externalIP")
+        if service.external_policy_local and (from_pod or from_node):
+            target = "local" if service.internal_policy_local else "cluster"
+            why = f"source is in --cluster-cidr {from_pod}" if from_pod else "source is this node"
+            out.append(f"policy: {frontend}, externalTrafficPolicy Local, but {why}: short-circuited to the {target} endpoints"
+                       + (", masqueraded" if from_node else ", client IP kept"))
+            chain = chain.replace("ext-", "local-" if service.internal_policy_local else "svc-", 1)
+        elif service.external_policy_local:
+            out.append(f"policy: {frontend}, externalTrafficPolicy Local: this node's endpoints only, client IP kept")
+            chain = chain.replace("ext-", "local-", 1)
+        else:
+            out.append(f"policy: {frontend}, externalTrafficPolicy Cluster: any endpoint, source masqueraded")
+            chain = chain.replace("ext-", "svc-", 1)
+    else:
+        if service.internal_policy_local:
+            out.append("policy: ClusterIP, internalTrafficPolicy Local: this node's endpoints only")
+        else:
+            out.append("policy: ClusterIP, internalTrafficPolicy Cluster: cluster endpoints")
+        if config.masquerade_all:
+            out.append("masquerade: yes (--masquerade-all)")
+        elif cidrs:
+            out.append(f"masquerade: {'no' if from_pod else 'yes'} (source {'inside' if from_pod else 'outside'} "
+                       f"--cluster-cidr {', '.join(cidrs)})")
+        else:
+            out.append("masquerade: no (--cluster-cidr is not set)")
+
+    slices = [s for s in cluster.slices.values() if s.service_key == service.key]
+    selection = select(service, port_endpoints(port, slices, fam), node.name, node.zone)
+    use_local = chain.startswith("local-")
+    chosen = selection.local if use_local else selection.cluster
+    if not use_local:
+        if selection.topology == PREFER_SAME_ZONE:
+            out.append(f"topology: PreferSameZone: endpoints hinted for zone {node.zone!r} only")
+        elif selection.topology == PREFER_SAME_NODE:
+            out.append(f"topology: PreferSameNode: endpoints hinted for node {node.name!r} only")
+        else:
+            out.append("topology: none (no hints, or not every ready endpoint is hinted): all endpoints")
+    if chosen and not any(pe.endpoint.ready for pe in chosen):
+        out.append("endpoints: none ready; using serving-and-terminating endpoints (fallback)")
+
+    rules = live.chain_rules(family, chain) if chain else None
+    live_targets = sorted({(m.group(1), int(m.group(2))) for r in (rules or []) for m in _DNAT.finditer(r)})
+    pick = next((m.group(1) for r in (rules or []) for m in _PICK.finditer(r)), None)
+    if pick is not None:
+        live_targets = _slot_targets(live, family, f"{packet.destination} . {packet.protocol} . {packet.port}",
+                                     pick.startswith("pick-local-"))
+    model_targets = sorted({(pe.address, pe.port) for pe in chosen})
+    if rules is None:
+        out.append(f"kernel: chain {chain} is missing" if chain else f"kernel: {element.value}")
+        if element.value == "drop":
+            out.append("verdict: dropped (Local policy without a local endpoint)")
+        return out
+    out.append(f"kernel: chain {chain}: {len(live_targets)} endpoint(s), each with probability 1/{max(1, len(live_targets))}")
+    for address, number in live_targets:
+        pe = next((p for p in chosen if (p.address, p.port) == (address, number)), None)
+        if pe is None:
+            out.append(f"  {address}:{number}  (not in the model: a sync is pending)")
+            continue
+        ep = pe.endpoint
+        state = "ready" if ep.ready else "serving, terminating" if ep.serving else "not ready"
+        out.append(f"  {address}:{number}  node {ep.node_name or '?'} zone {ep.zone or '?'} {state}")
+    if not rules or (len(rules) == 1 and rules[0].startswith("drop")):
+        out.append("verdict: dropped (Local policy without a local endpoint)")
+    if live_targets != model_targets:
+        out.append(f"note: the model selects {len(model_targets)} endpoint(s); the kernel is behind (a sync is pending)")
+    if service.affinity_timeout:
+        out.append(f"affinity: ClientIP, {service.affinity_timeout}s since the last new connection; "
+                   "a client that connected recently goes back to the same endpoint")
+    else:
+        out.append("affinity: none")
+    if service.rate_limit:
+        limit = service.rate_limit
+        out.append(f"rate limit: {limit.rate}/{limit.unit} new connections per client (burst {limit.burst or 5}); "
+                   "connections over it are dropped")
+    else:
+        out.append("rate limit: none")
+    return out
+
+
+def _slot_targets(live: LiveTables, family: Family, frontend: str, local: bool) -> list[tuple[str, int]]:
+    """The endpoints in the ``endpoints-C`` maps for one frontend: slots 1, 2, ... until the first empty one."""
+    targets = []
+    index = 1
+    while index <= PICK_CLASSES[-1] and (
+        element := live.element(family, endpoints_map(index), f"{frontend} . {slot(index, local)}")
+    ) is not None:
+        address, _, number = element.value.rpartition(" . ")
+        targets.append((address, int(number)))
+        index += 1
+    return sorted(set(targets))
+
+
+def _why_no_endpoints(cluster: Cluster, label: str, node: NodeInfo, fam: int) -> list[str]:
+    found = _find_service_port(cluster, label)
+    if found is None:
+        return []
+    service, port = found
+    slices = [s for s in cluster.slices.values() if s.service_key == service.key]
+    endpoints = port_endpoints(port, slices, fam)  # type: ignore[arg-type]
+    selection = select(service, endpoints, node.name, node.zone)
+    if not selection.has_any:
+        return [f"why: {service.key} has {len(endpoints)} endpoint(s), none ready or serving"]
+    return [f"why: {service.key} uses a Local policy and this node ({node.name}) has no endpoint of it"]
