@@ -70,6 +70,9 @@ MMDEBSTRAP_OPTIONS = [
     # mmdebstrap copies the host's; a container gets both from its runtime.
     "--customize-hook=rm -f \"$1/etc/resolv.conf\" \"$1/etc/hostname\"",
 ]
+STRIP = ["./dev/?*"]
+"""Left out of the base: device nodes (a container runtime mounts its own /dev; a rootless
+podman could not create them when it pulls the image)."""
 FALLBACK_EPOCH = 1700000000
 """SOURCE_DATE_EPOCH outside a git checkout."""
 
@@ -150,7 +153,7 @@ def mirrors() -> list[str]:
 
 def base_key() -> str:
     """What shapes the base: the packages, mmdebstrap's options, the suite and the mirrors."""
-    text = json.dumps([SUITE, debian_packages(), MMDEBSTRAP_OPTIONS, mirrors(), platform.machine()])
+    text = json.dumps([SUITE, debian_packages(), MMDEBSTRAP_OPTIONS, STRIP, mirrors(), platform.machine()])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -170,6 +173,7 @@ def make_base(epoch: int, refresh: bool) -> tuple[str, dict[str, str]]:
         run(["mmdebstrap", "--quiet", *MMDEBSTRAP_OPTIONS, f"--include={','.join(debian_packages())}",
              "--format=tar", SUITE, str(tarball) + ".part", *mirrors()],
             env={**os.environ, "SOURCE_DATE_EPOCH": str(epoch)})
+        run(["tar", "--delete", "--wildcards", "-f", str(tarball) + ".part", *STRIP])
         os.replace(str(tarball) + ".part", tarball)
         log(f"mmdebstrap: done in {time.monotonic() - started:.0f} s")
     else:
@@ -178,7 +182,16 @@ def make_base(epoch: int, refresh: bool) -> tuple[str, dict[str, str]]:
     # The same tarball and timestamp give the same image ID: podman's cache or a fresh import.
     run([*PODMAN, "build", "--quiet", "--isolation=chroot", "--pull=never", "--layers=false",
          f"--timestamp={epoch}", "-t", name, "-f", str(IMAGE / "base.Dockerfile"), str(directory)], capture=True)
+    remove_other_bases(name)
     return name, packages_in_tarball(tarball)
+
+
+def remove_other_bases(keep: str) -> None:
+    """Untag older kproxy-base images (an image still in use stays)."""
+    listed = run([*PODMAN, "images", "--format", "{{.Repository}}:{{.Tag}}", "localhost/kproxy-base"], capture=True)
+    for name in listed.split():
+        if name != keep:
+            subprocess.run([*PODMAN, "image", "rm", name], capture_output=True)
 
 
 def packages_in_tarball(tarball: Path) -> dict[str, str]:
@@ -349,6 +362,15 @@ def save_archive(ref: str, archive: Path, epoch: int) -> None:
     shutil.rmtree(layout)
 
 
+def manifest_digest(archive: Path) -> str:
+    """The digest of the image's manifest in the archive: what a registry reports after a push of it."""
+    with tarfile.open(archive) as tar:
+        member = tar.extractfile("index.json")
+        assert member is not None
+        (manifest,) = json.load(member)["manifests"]
+    return manifest["digest"]
+
+
 @contextlib.contextmanager
 def mounted(ref: str) -> Iterator[Path]:
     """The image's root filesystem, mounted read-only while in the block."""
@@ -367,7 +389,7 @@ def sbom(ref: str, python: Path, record: dict) -> str:
         dpkg_list = run(["dpkg-query", f"--admindir={rootfs}/var/lib/dpkg", "-l"], capture=True,
                         env={**os.environ, "COLUMNS": "160"})
     head = [f"# kproxy {record['version']} image: {', '.join(record['tags'])}",
-            f"# image ID {record['image_id']}, {record['size_bytes'] / 1e6:.1f} MB",
+            f"# image ID {record['image_id']}, {record['size_bytes'] / 1e6:.1f} MB, digest {record['digest']}",
             f"# built from inputs {record['inputs']} with SOURCE_DATE_EPOCH={record['source_date_epoch']}",
             f"# base {record['base']}"]
     if record["debian_drift"]:
@@ -409,6 +431,7 @@ def report(record: dict, sbom_path: Path, archive: Path) -> None:
     print(sbom_path.read_text(), end="")
     print(f"\nkproxy {record['version']}: {', '.join(record['tags'])}")
     print(f"  image ID     {record['image_id']}")
+    print(f"  digest       {record['digest']} (pushed as it is, the registry reports this one)")
     print(f"  image size   {record['size_bytes'] / 1e6:.1f} MB (uncompressed)")
     print(f"  OCI archive  {archive.relative_to(ROOT)} ({archive.stat().st_size / 1e6:.1f} MB)")
     print(f"  SBOM         {sbom_path.relative_to(ROOT)}")
@@ -453,7 +476,8 @@ def main(argv: Sequence[str]) -> int:
     tags = [f"{REPOSITORY}:{ver}", f"localhost/kproxy:{ver}"]
     image = build_image(base, epoch, tags)
     save_archive(tags[0], archive, epoch)
-    record = {"version": ver, "tags": tags, "image_id": image, "size_bytes": image_size(tags[0]),
+    record = {"version": ver, "tags": tags, "image_id": image, "digest": manifest_digest(archive),
+              "size_bytes": image_size(tags[0]),
               "inputs": inputs, "source_date_epoch": epoch, "base": base, "debian_drift": drift,
               "archive": archive.name}
     sbom_path.write_text(sbom(tags[0], python, record))
