@@ -179,7 +179,7 @@ def make_base(epoch: int, refresh: bool) -> tuple[str, dict[str, str]]:
     else:
         log(f"base: reusing {tarball.relative_to(ROOT)} (--refresh-base makes it again)")
     name = f"localhost/kproxy-base:{key}"
-    # The same tarball and timestamp give the same image ID: podman's cache or a fresh import.
+    # --timestamp sets every file's time too: the same packages give the same image ID, whenever made.
     run([*PODMAN, "build", "--quiet", "--isolation=chroot", "--pull=never", "--layers=false",
          f"--timestamp={epoch}", "-t", name, "-f", str(IMAGE / "base.Dockerfile"), str(directory)], capture=True)
     remove_other_bases(name)
