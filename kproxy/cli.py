@@ -24,6 +24,7 @@ import logging
 import sys
 from typing import Any, Sequence
 
+from kproxy import __version__
 from kproxy.cluster.convert import Problem, build_cluster, object_key
 from kproxy.cluster.manifests import ManifestError, load_manifest_files
 from kproxy.cluster.model import Cluster, ServiceKey
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(refused until kproxy's own rules are in place), and exit",
     )
     mode.add_argument("--force", action="store_true", help="with --cleanup-kube-proxy: even before kproxy's rules are in place")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_common(parser)
     return parser
 

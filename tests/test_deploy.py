@@ -34,8 +34,8 @@ NAMESPACE = "kube-system"
 HEALTH_PORT = 10256
 MIGRATION_LABEL = "kproxy.io/proxy"
 """Nodes labelled kproxy.io/proxy=kube-proxy keep kube-proxy and get no kproxy pod (docs/migration.md)."""
-RUNTIME_PACKAGES = {"nftables", "libnftables1", "conntrack"}
-"""The Debian packages kproxy runs on (./dev installs them, and the image must too)."""
+RUNTIME_PACKAGES = {"python3", "libnftables1", "netbase"}
+"""The Debian packages kproxy runs on (./dev installs them, and the image's base must have them too)."""
 SCHEMA_VERSIONS = sorted({"1.31.0", kubernetes_validate.latest_version()})
 """The oldest Kubernetes kproxy supports (upstream's nftables mode went beta in 1.31) and the newest bundled."""
 
@@ -331,24 +331,33 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 
 def dev_apt_packages() -> set[str]:
-    match = re.search(r"^APT_PACKAGES=\(([^)]*)\)", (ROOT / "dev").read_text(), re.M)
-    assert match, "./dev has no APT_PACKAGES=(...) line"
-    return set(match.group(1).split())
+    """Every Debian package ./dev installs, for any command (its *_PACKAGES=(...) lists)."""
+    lists = re.findall(r"^[A-Z]+_PACKAGES=\(([^)]*)\)", (ROOT / "dev").read_text(), re.M)
+    assert lists, "./dev has no *_PACKAGES=(...) lists"
+    return {word for text in lists for word in text.split()}
 
 
-def test_dockerfile_installs_what_dev_installs_and_kproxy_non_editable() -> None:
-    """Debian 12 slim, the runtime packages ./dev installs (and none it does not), kproxy installed from a wheel."""
+def image_debian_packages() -> set[str]:
+    """The packages the image's Debian base gets besides the essential set (image/debian.in)."""
+    lines = (ROOT / "image" / "debian.in").read_text().splitlines()
+    return {word for line in lines if (word := line.split("#", 1)[0].strip())}
+
+
+def test_dockerfile_builds_offline_on_the_debian_base() -> None:
+    """Both stages start FROM the local Debian base; nothing is fetched; kproxy and the locked wheels, hash-checked."""
     steps = dockerfile_instructions()
-    assert steps[0] == ("FROM", "debian:12-slim")
+    assert steps[0] == ("ARG", "BASE")
+    assert [args for instruction, args in steps if instruction == "FROM"] == ["${BASE} AS build", "${BASE}"]
+    assert RUNTIME_PACKAGES <= image_debian_packages() <= dev_apt_packages()
     runs = " && ".join(args for instruction, args in steps if instruction == "RUN")
+    assert not re.search(r"\b(apt-get|apt|curl|wget)\b", runs), "the build is offline: the base has the packages"
     commands = [shlex.split(c) for c in re.split(r"&&|;", runs)]
-    apt = next(c for c in commands if "apt-get" in c and "install" in c)
-    assert "--no-install-recommends" in apt
-    packages = {word for word in apt[apt.index("install") + 1:] if not word.startswith("-")}
-    assert RUNTIME_PACKAGES <= packages <= dev_apt_packages()
-    assert any(c[:3] == ["rm", "-rf", "/var/lib/apt/lists/*"] for c in commands)
-    pip = next(c for c in commands if c and c[0].endswith("/pip") and "install" in c)
+    pip = next(c for c in commands if any(word.endswith("/pip") for word in c) and "install" in c)
+    assert {"--no-index", "--require-hashes", "--only-binary=:all:"} <= set(pip)
     assert "-e" not in pip and "--editable" not in pip
+    requirements = [pip[i + 1] for i, word in enumerate(pip) if word == "-r"]
+    assert requirements == ["/src/requirements.lock", "/src/kproxy.txt"]
+    assert ("COPY", "--from=build /opt/kproxy /opt/kproxy") in steps
     assert dict(steps).get("ENTRYPOINT") == '["kproxy"]'
 
 
@@ -378,11 +387,13 @@ def test_dockerignore_keeps_what_the_build_copies() -> None:
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
     copied = [src for instruction, args in dockerfile_instructions() if instruction == "COPY"
-              for src in args.split()[:-1]]
-    needed = [src.rstrip("/") for src in copied] + ["kproxy/cli.py", "rules/kproxy.nft"]
-    assert "pyproject.toml" in needed and "rules" in needed
+              and not args.startswith("--from=") for src in args.split()[:-1]]
+    needed = [src.rstrip("/") for src in copied] + ["dist/wheels/kproxy-0.1.0-py3-none-any.whl"]
+    assert "image/requirements.lock" in needed and "dist/wheels" in needed
     for path in needed:
-        assert (ROOT / path).exists(), path
+        # dist/ is what ./dev image makes before it builds.
+        assert path.startswith("dist/") or (ROOT / path).exists(), path
         assert not _ignored(path, patterns), f"{path} is excluded by .dockerignore"
-    for path in (".venv", ".git", "tests/test_deploy.py", "kproxy/__pycache__/cli.cpython-311.pyc"):
+    for path in (".venv", ".git", "tests/test_deploy.py", "kproxy/cli.py", "dist/base/0123/rootfs.tar",
+                 "dist/kproxy-0.1.0.oci.tar", "dist/build-venv"):
         assert _ignored(path, patterns), f"{path} reaches the build context"
