@@ -25,7 +25,7 @@ import sys
 from typing import Any, Sequence
 
 from kproxy import __version__
-from kproxy.cluster.convert import Problem, build_cluster, object_key
+from kproxy.cluster.convert import Problem, build_cluster, object_key, summarize
 from kproxy.cluster.manifests import ManifestError, load_manifest_files
 from kproxy.cluster.model import Cluster, ServiceKey
 from kproxy.daemon.config import ConfigError, DaemonConfig, add_daemon_flags, daemon_config
@@ -127,8 +127,8 @@ def _model(args: argparse.Namespace, mode: str, config: DaemonConfig) -> tuple[C
         except Exception as exc:  # no kubeconfig, no in-cluster config, API server down
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise UsageError(f"{mode} without --from-file lists the API server, which failed: {reason}") from None
-    for problem in problems:
-        log.warning("%s", problem)
+    for line in summarize(problems):
+        log.warning("%s", line)
     return cluster, problems
 
 
@@ -216,7 +216,7 @@ def once(args: argparse.Namespace, config: DaemonConfig) -> int:
     by_kind: dict[str, list[dict[str, Any]]] = {"Service": [], "EndpointSlice": [], "Node": [], "ServiceCIDR": []}
     for obj in objects:
         kind = obj.get("kind")
-        if kind in by_kind:
+        if isinstance(kind, str) and kind in by_kind:
             by_kind[kind].append(obj)
     by_kind["Node"] = [n for n in by_kind["Node"] if object_key(n) == config.node_name]
     backend = NftablesBackend()

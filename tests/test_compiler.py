@@ -15,7 +15,7 @@ from kproxy.nft.objects import UnsafeText, comment
 from kproxy.rules.compiler import PICK_CLASSES, NodeInfo, ProxyConfig, compile_ruleset, pick_class, slot
 from kproxy.rules.plan import render_ruleset
 from kproxy.rules.skeleton import skeleton_table
-from tests.builders import endpoint, endpoint_slice, service
+from tests.builders import endpoint, endpoint_slice, node, service
 
 NODE = NodeInfo("node-a", "zone-a", ("192.168.50.1",), ("192.168.50.1",))
 CONFIG = ProxyConfig(cluster_cidrs=("10.244.0.0/16",))
@@ -345,3 +345,49 @@ def test_nodeport_addresses(flag: tuple[str, ...], expected: list[str]) -> None:
 
     node_ = NodeInfo("node-a", "zone-a", ("192.168.50.1",), ("192.168.50.1", "10.20.0.5", "127.0.0.1", "fd00:20::5"))
     assert nodeport_addresses(node_, ProxyConfig(nodeport_addresses=flag), "ip") == expected
+
+
+def _lb(name: str, ranges: list[str], ip: str = "10.96.100.3", lb_ip: str = "203.0.113.9") -> dict[str, Any]:
+    return service(name, "ns", ip, type="LoadBalancer", loadBalancerSourceRanges=ranges,
+                   ports=[{"name": "http", "port": 80, "nodePort": 30000 + int(ip.split(".")[-1])}],
+                   status={"loadBalancer": {"ingress": [{"ip": lb_ip}]}})
+
+
+@pytest.mark.root
+def test_overlapping_ranges_and_cidrs_load(nft_check) -> None:
+    """Overlapping source ranges, cluster CIDRs and ServiceCIDRs are merged: an interval set refuses overlaps."""
+    objs = [_lb("lb", ["10.0.0.0/8", "10.1.0.0/16", "192.168.50.0/24"]),
+            endpoint_slice("lb-1", "lb", [endpoint("10.244.1.1")], namespace="ns"),
+            {"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR", "metadata": {"name": "a"},
+             "spec": {"cidrs": ["10.96.0.0/12", "10.96.0.0/16"]}}]
+    cluster, _ = build_cluster(objs, "node-a")
+    config = ProxyConfig(cluster_cidrs=("10.244.0.0/16", "10.244.1.0/24"))
+    table = compile_ruleset(cluster, NODE, config).table("ip")
+    assert set(table.elements["firewall-allow"]) == {"203.0.113.9 . tcp . 80 . 10.0.0.0/8",
+                                                      "203.0.113.9 . tcp . 80 . 192.168.50.0/24",
+                                                      "203.0.113.9 . tcp . 80 . 203.0.113.9"}
+    assert set(table.elements["cluster-cidrs"]) == {"10.244.0.0/16"}
+    assert set(table.elements["service-cidrs"]) == {"10.96.0.0/12"}
+    nft_check(render_ruleset(compile_ruleset(cluster, NODE, config)))
+
+
+def test_the_winner_of_a_frontend_alone_sets_its_firewall() -> None:
+    """Two Services on one LB IP and port: the loser's source ranges neither widen nor impose a firewall."""
+    objs = [_lb("a", ["10.0.0.0/8"], "10.96.100.4"), _lb("b", ["172.16.0.0/12"], "10.96.100.5"),
+            _lb("c", [], "10.96.100.6", "203.0.113.10"), _lb("d", ["172.16.0.0/12"], "10.96.100.7", "203.0.113.10")]
+    objs += [endpoint_slice(f"{n}-1", n, [endpoint("10.244.1.1")], namespace="ns") for n in "abcd"]
+    table = _compile(objs).table("ip")
+    assert set(table.elements["firewall-allow"]) == {"203.0.113.9 . tcp . 80 . 10.0.0.0/8"}
+    assert set(table.elements["firewall-ips"]) == {"203.0.113.9 . tcp . 80"}
+
+
+def test_external_ip_on_a_node_address_and_a_node_port_is_a_named_conflict() -> None:
+    """An external IP equal to a node address, on another Service's NodePort: named, with who gets it and why."""
+    objs = [service("np", "ns", "10.96.100.1", type="NodePort", ports=[{"name": "http", "port": 80, "nodePort": 30500}]),
+            service("zz", "other", "10.96.100.2", externalIPs=["192.168.50.1"], ports=[{"name": "http", "port": 30500}]),
+            node("node-a", ["192.168.50.1"])]
+    _, problems = build_cluster(objs, "node-a")
+    conflicts = [str(p) for p in problems if p.reason == "conflict"]
+    assert conflicts == ["skipping part of Service ns/np: Services other/zz and ns/np both claim 192.168.50.1 tcp/30500; "
+                         "other/zz gets it (a Service IP is looked up before a NodePort), ns/np does not "
+                         "(reason=conflict)"]

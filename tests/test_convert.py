@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any, Callable
 
 import pytest
@@ -172,10 +173,19 @@ def test_bad_part_skipped_and_the_rest_kept(path: list[Any], value: Any, reason:
 
 
 BAD_SLICES = [
-    pytest.param(["addressType"], "FQDN", "family_mismatch", id="fqdn-slice"),
     pytest.param(["addressType"], ["IPv4"], "family_mismatch", id="address-type-wrong-type"),
-    pytest.param(["metadata", "labels"], {}, "invalid_name", id="no-service-label"),
+    pytest.param(["metadata", "labels"], {"kubernetes.io/service-name": "Web!"}, "invalid_name", id="bad-service-label"),
 ]
+
+
+@pytest.mark.parametrize("path, value", [
+    pytest.param(["addressType"], "FQDN", id="fqdn-slice"),
+    pytest.param(["metadata", "labels"], {}, id="no-service-label"),
+])
+def test_slices_proxies_ignore_are_not_invalid(path: list[Any], value: Any) -> None:
+    """Legal slices that no proxy uses (FQDN, no Service label) are left alone, not reported as invalid."""
+    with pytest.raises(NotProxied):
+        slice_from_manifest(_mutate(path, value)(endpoint_slice("web-1", "web", [endpoint("10.0.0.1")])))
 
 
 @pytest.mark.parametrize("path, value, reason", BAD_SLICES)
@@ -247,7 +257,7 @@ def test_build_cluster_skips_only_bad_objects() -> None:
         service("good", cluster_ip="10.96.0.1"),
         service("bad", cluster_ip="10.96.0.999"),
         endpoint_slice("good-1", "good", [endpoint("10.0.0.1")]),
-        endpoint_slice("bad-1", "bad", [endpoint("nope")], address_type="FQDN"),
+        endpoint_slice("bad-1", "bad", [endpoint("nope")], address_type="IPv5"),
         node("node-a"),
         node("node-b"),
         {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}},
@@ -316,3 +326,56 @@ def test_parse_errors_name_the_file(text: str, fragment: str) -> None:
         parse_manifests(text, "f.yaml")
     assert fragment in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_zone_hint_names_are_label_values() -> None:
+    """Zone hints are label values for the API server ('AZ1', 'Zone_A'): endpoints carrying them are kept."""
+    notes: list[tuple[str, str]] = []
+    eps = slice_from_manifest(endpoint_slice("web-1", "web", [
+        endpoint("10.244.1.1", zone="AZ1", for_zones=["AZ1"]),
+        endpoint("10.244.1.2", zone="Zone_A", for_zones=["Zone_A", "not a zone!"])], namespace="ns"), notes)
+    assert [e.hint_zones for e in eps.endpoints] == [frozenset({"AZ1"}), frozenset({"Zone_A"})]
+    assert [reason for reason, _ in notes] == ["invalid_name"], "a bad hint is skipped alone"
+
+
+def test_repeated_port_protocol_or_node_port_in_one_service_is_named() -> None:
+    """What the API server refuses inside one Service (a port or NodePort twice for a protocol) is skipped and named."""
+    notes: list[tuple[str, str]] = []
+    svc = service_from_manifest(service("dup", "ns", "10.96.100.2", type="NodePort", ports=[
+        {"name": "a", "port": 80, "protocol": "TCP", "nodePort": 30080},
+        {"name": "b", "port": 80, "protocol": "TCP", "nodePort": 30081},
+        {"name": "c", "port": 81, "protocol": "TCP", "nodePort": 30080},
+        {"name": "d", "port": 80, "protocol": "UDP", "nodePort": 30080}]), notes)
+    assert [p.name for p in svc.ports] == ["a", "d"]
+    assert [m.split(":")[1].strip().split(" ")[1] for _, m in notes] == ["port", "nodePort"]
+
+
+def test_rate_limit_burst_the_kernel_would_refuse_is_a_skipped_annotation() -> None:
+    """A burst whose bucket overflows 64 bits in the kernel is refused here, as an annotation, not as a Service."""
+    notes: list[tuple[str, str]] = []
+    limit = {"kproxy.io/rate-limit": "1/minute"}
+    ok = service_from_manifest(service("rl", "ns", "10.96.100.1",
+                                       annotations={**limit, "kproxy.io/rate-limit-burst": "307445734"}), notes)
+    assert ok.rate_limit is not None and not notes
+    over = service_from_manifest(service("rl", "ns", "10.96.100.1",
+                                         annotations={**limit, "kproxy.io/rate-limit-burst": "307445735"}), notes)
+    assert over.rate_limit is None and [r for r, _ in notes] == ["invalid_annotation"]
+
+
+def test_flow_style_yaml_and_json_streams_are_read() -> None:
+    """Both are YAML that kubectl apply -f reads: JSON that is not one document is read as YAML."""
+    flow = "{apiVersion: v1, kind: Service, metadata: {name: a, namespace: ns}, spec: {clusterIP: 10.96.1.1}}\n"
+    assert [o["metadata"]["name"] for o in parse_manifests(flow, "flow.yaml")] == ["a"]
+    one = json.dumps(service("a", "ns", "10.96.1.1"))
+    assert len(parse_manifests(one + "\n---\n" + one, "stream.yaml")) == 2
+
+
+def test_yaml_merge_keys_and_aliases_as_pyyaml_reads_them() -> None:
+    """The event reader builds what PyYAML's safe loader builds for plain data (merge keys, aliases, scalars)."""
+    import yaml
+
+    text = "a: &x {b: 1, c: [true, null, 1.5, 0x10, '07']}\nd: *x\ne: {<<: *x, b: 2}\nf: 2026-01-01T00:00:00Z\n"
+    ours = parse_manifests(text, "x.yaml")[0]
+    theirs = yaml.safe_load(text)
+    theirs["f"] = "2026-01-01T00:00:00Z"  # timestamps stay strings here
+    assert ours == theirs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from typing import Any, Callable
 
 import pytest
@@ -169,12 +170,12 @@ def test_refusal_no_service_explains_fails_the_sync_and_changes_nothing() -> Non
 
 
 def test_one_passing_refusal_is_retried_in_the_same_sync() -> None:
-    """A partial sync the kernel refuses once is followed at once by a full sync that lands; nothing is quarantined."""
+    """A partial sync the kernel refuses once is tried again piece by piece in the same sync; nothing is quarantined."""
     proxier, backend, _ = _proxier()
     proxier.sync()
     proxier.on_slice("MODIFIED", _slice(1, 5))
     backend.fail_next = NftError("Device or resource busy", "add rule ...")
-    assert proxier.sync().full
+    assert not proxier.sync().full
     assert not proxier.quarantined
     assert plan(backend.read(), _expected(proxier)).operations == 0
 
@@ -199,8 +200,8 @@ def test_failed_sync_reports_its_duration() -> None:
     backend.refuse = slow_refusal
     with pytest.raises(NftError):
         proxier.sync()
-    # the partial attempt (one refusal), then the full one it escalated to (its transaction, then a probe)
-    assert failures == [(False, 0.5), (True, 1.0)]
+    # the partial attempt (its transaction, then a probe), then the full one it escalated to (the same)
+    assert failures == [(False, 1.0), (True, 1.0)]
 
 
 def test_drift_repaired_by_full_sync() -> None:
@@ -468,3 +469,145 @@ def test_refused_services_sharing_an_element_with_good_ones() -> None:
     assert set(proxier.quarantined) == {"ns/refused-a", "ns/refused-b"}
     assert backend.elements("ip", "hairpin")["10.244.1.1 . 10.244.1.1"].comment == "ns/steady:http"
     assert "10.96.0.61 . tcp . 80" in backend.elements("ip", "service-ips")
+
+
+def _on(backend: FakeBackend, services: list[dict[str, Any]], slices: list[dict[str, Any]], **kw: Any) -> Proxier:
+    proxier = Proxier(backend, "node-a", CONFIG, clock=Clock(), **kw)
+    proxier.on_relist("Node", [node("node-a")])
+    proxier.on_relist("Service", services)
+    proxier.on_relist("EndpointSlice", slices)
+    return proxier
+
+
+def _endpoints_of(backend: FakeBackend, cluster_ip: str) -> dict[str, Any]:
+    return {k: e for name in backend.tables["ip"].elements if name.startswith("endpoints-")
+            for k, e in backend.elements("ip", name).items() if k.startswith(cluster_ip + " ")}
+
+
+def test_quarantined_service_keeps_its_rules_after_a_failed_sync() -> None:
+    """A sync failing for another reason does not make a quarantined Service lose the rules it keeps."""
+    backend = RefusingBackend()
+    proxier = _on(backend, [_svc(i) for i in range(5)], [_slice(i) for i in range(5)])
+    proxier.sync()
+    before = _endpoints_of(backend, "10.96.0.3")
+    backend.refuse = lambda text: "10.244.2.3" in text  # s2's new endpoint
+    proxier.on_slice("MODIFIED", _slice(2, 3))
+    proxier.sync()
+    assert set(proxier.quarantined) == {"ns/s2"} and _endpoints_of(backend, "10.96.0.3") == before
+    backend.refuse = lambda text: True
+    proxier.on_slice("MODIFIED", _slice(4, 3))
+    with pytest.raises(NftError):
+        proxier.sync()
+    backend.refuse = lambda text: "10.244.2.3" in text
+    proxier.sync()
+    assert _endpoints_of(backend, "10.96.0.3") == before, "s2 still has what it had"
+    assert set(proxier.quarantined) == {"ns/s2"}
+
+
+def test_a_frontend_won_by_rank_does_not_blame_the_service_that_lost_it() -> None:
+    """s2's external IP is the node IP on s1's NodePort (s2 owns the frontend): only s2 is quarantined."""
+    backend = RefusingBackend()
+    services = [_svc(0), _svc(1, type="NodePort", ports=[{"name": "http", "port": 80, "nodePort": 30000}]),
+                _svc(2, externalIPs=["192.168.50.1"], ports=[{"name": "http", "port": 30000}]), _svc(3)]
+    proxier = _on(backend, services, [_slice(0), _slice(1, 4), _slice(2), _slice(3)])
+    proxier.sync()
+    backend.refuse = lambda text: "10.244.2.3" in text
+    proxier.on_slice("MODIFIED", _slice(2, 3))
+    proxier.sync()
+    assert set(proxier.quarantined) == {"ns/s2"}
+
+
+def test_a_refused_service_changing_again_does_not_cost_full_syncs() -> None:
+    """The first refusal of a Service is confirmed by a full sync; later changes of it stay partial syncs."""
+    backend = RefusingBackend()
+    proxier = _on(backend, [_svc(i) for i in range(20)], [_slice(i) for i in range(20)])
+    proxier.sync()
+    backend.refuse = lambda text: "ns/s7:" in text and "10.244.7." in text
+    proxier.on_slice("MODIFIED", _slice(7, 3))
+    assert proxier.sync().full, "a first refusal is confirmed against the kernel read back"
+    for n in (4, 5, 6):
+        proxier.on_slice("MODIFIED", _slice(7, n))
+        proxier.on_slice("MODIFIED", _slice(n, n))
+        assert not proxier.sync().full
+        assert set(proxier.quarantined) == {"ns/s7"}
+        assert len(_endpoints_of(backend, f"10.96.0.{n + 1}")) == n, "the other change lands"
+
+
+def test_netlink_names_the_refused_command_so_no_bisection_is_needed() -> None:
+    """With the refused command known (as netlink reports it), one refused Service costs one or two transactions."""
+    backend = FakeBackend()
+    proxier = _on(backend, [_svc(i) for i in range(40)], [_slice(i) for i in range(40)])
+    proxier.sync()
+    real_apply = backend.apply
+    attempts: list[Transaction] = []
+
+    def refuse_s13(tx: Transaction) -> None:
+        """The kernel refuses s13's chain once it picks among 8, naming the message (one rule) it refused."""
+        attempts.append(tx)
+        for op in tx.ops:
+            for chain in op.chains:
+                if "-ns/s13/" in chain.name and any("pick-8" in rule for rule in chain.rules):
+                    raise NftError("Invalid argument", op.render(), op=replace(op, chains=(chain,)))
+        real_apply(tx)
+
+    backend.apply = refuse_s13  # type: ignore[method-assign]
+    proxier.on_slice("MODIFIED", _slice(13, 5))
+    proxier.sync()  # the first refusal of s13, confirmed by a full sync
+    assert set(proxier.quarantined) == {"ns/s13"}
+    attempts.clear()
+    for i in range(40):
+        proxier.on_slice("MODIFIED", _slice(i, 4 if i != 13 else 6))
+    assert not proxier.sync().full
+    assert set(proxier.quarantined) == {"ns/s13"}
+    # the sync's transaction, the probe, the chunk (refused), the chunk without s13, s13 put back
+    assert len([tx for tx in attempts if tx]) <= 5, [len(tx.ops) for tx in attempts]
+    assert all(len(_endpoints_of(backend, f"10.96.0.{i + 1}")) == 4 for i in range(40) if i != 13)
+
+
+def test_a_quarantined_service_is_retried_when_the_service_it_collided_with_goes() -> None:
+    """b is refused because of what it shares with a; when a is deleted, b is retried at once, not at the next full sync."""
+    backend = RefusingBackend()
+    a = service("a", "ns", "10.96.1.1", externalIPs=["198.51.100.1"])
+    b = service("b", "ns", "10.96.1.2", externalIPs=["198.51.100.1"])
+    proxier = _on(backend, [a, b], [endpoint_slice("a-1", "a", [endpoint("10.244.1.1")], namespace="ns"),
+                                    endpoint_slice("b-1", "b", [endpoint("10.244.1.2")], namespace="ns")])
+    backend.refuse = lambda text: "ns/b:" in text
+    proxier.sync()
+    assert set(proxier.quarantined) == {"ns/b"}
+    backend.refuse = lambda text: False
+    proxier.on_service("DELETED", a)
+    assert not proxier.sync().full
+    assert not proxier.quarantined
+    assert backend.elements("ip", "service-ips")["198.51.100.1 . tcp . 80"].comment == "ns/b:http"
+
+
+def test_legal_slices_proxies_ignore_are_not_counted_invalid() -> None:
+    """FQDN slices and slices without a Service label are legal and ignored, not skipped as invalid."""
+    seen: list[tuple[str, str]] = []
+
+    class Observer(NullObserver):
+        def invalid_object(self, kind: str, reason: str) -> None:
+            seen.append((kind, reason))
+
+    proxier = Proxier(FakeBackend(), "node-a", CONFIG, observer=Observer())
+    fqdn = endpoint_slice("ext-1", "ext", [{"addresses": ["example.com"]}], namespace="ns", address_type="FQDN")
+    unlabeled = endpoint_slice("custom-1", "x", [endpoint("10.244.1.1")], namespace="ns")
+    del unlabeled["metadata"]["labels"]
+    proxier.on_relist("EndpointSlice", [fqdn, unlabeled])
+    assert seen == [] and not proxier.skipped()
+
+
+def test_many_problems_of_one_object_are_summarized(caplog: pytest.LogCaptureFixture) -> None:
+    """A slice with 1000 bad endpoints gives a few lines and one count, not 1000."""
+    seen: list[tuple[str, str]] = []
+
+    class Observer(NullObserver):
+        def invalid_object(self, kind: str, reason: str) -> None:
+            seen.append((kind, reason))
+
+    proxier = Proxier(FakeBackend(), "node-a", CONFIG, observer=Observer())
+    bad = endpoint_slice("big-1", "big", [endpoint(f"127.0.{i // 250}.{i % 250 + 1}") for i in range(1000)], namespace="ns")
+    with caplog.at_level("WARNING", logger="kproxy.daemon.proxier"):
+        proxier.on_slice("ADDED", bad)
+    assert len(caplog.records) == 4 and "997 more problems" in caplog.records[-1].getMessage()
+    assert seen == [("EndpointSlice", "invalid_ip")]

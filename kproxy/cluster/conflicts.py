@@ -13,9 +13,12 @@ only finds collisions, so that each is named in one warning saying who wins.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from kproxy.cluster.model import Service, ServiceKey
+
+ADDRESS, NODEPORT = 0, 1
+"""Ranks: dispatch looks up Service IPs (ClusterIP, external, load-balancer) before NodePorts."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,45 +28,75 @@ class Conflict:
     frontend: str
     winner: ServiceKey
     loser: ServiceKey
+    by_rank: bool = False
+    """The winner holds it as a Service IP and the loser as a NodePort on a node address."""
 
     def __str__(self) -> str:
+        why = "a Service IP is looked up before a NodePort" if self.by_rank else "the first by namespace/name"
         return (f"Services {self.winner} and {self.loser} both claim {self.frontend}; "
-                f"{self.winner} gets it (the first by namespace/name), {self.loser} does not")
+                f"{self.winner} gets it ({why}), {self.loser} does not")
 
 
-def frontends(service: Service) -> frozenset[str]:
-    """What a Service claims: ``address proto/port`` for its Service IPs, ``NodePort proto/port`` for NodePorts."""
-    claimed = set()
+def frontends(service: Service, node_addresses: Iterable[str] = ()) -> dict[str, int]:
+    """What a Service claims, with the rank it claims it at.
+
+    ``address proto/port`` for its Service IPs; ``NodePort proto/port`` and,
+    on each node address, ``address proto/port`` for its NodePorts.
+    """
+    claimed: dict[str, int] = {}
     addresses = (*service.cluster_ips, *service.external_ips, *service.load_balancer_ips)
     for port in service.ports:
         for address in addresses:
-            claimed.add(f"{address} {port.protocol}/{port.port}")
+            claimed[f"{address} {port.protocol}/{port.port}"] = ADDRESS
         if port.node_port:
-            claimed.add(f"NodePort {port.protocol}/{port.node_port}")
-    return frozenset(claimed)
+            claimed.setdefault(f"NodePort {port.protocol}/{port.node_port}", NODEPORT)
+            for address in node_addresses:
+                claimed.setdefault(f"{address} {port.protocol}/{port.node_port}", NODEPORT)
+    return claimed
+
+
+def _winner(holders: Mapping[ServiceKey, int]) -> tuple[ServiceKey, int]:
+    key = min(holders, key=lambda k: (holders[k], k))
+    return key, holders[key]
 
 
 class FrontendIndex:
     """Who claims what, kept up to date one Service at a time."""
 
-    def __init__(self) -> None:
-        self._claims: dict[str, set[ServiceKey]] = {}
-        self._by_service: dict[ServiceKey, frozenset[str]] = {}
+    def __init__(self, node_addresses: Iterable[str] = ()) -> None:
+        self._claims: dict[str, dict[ServiceKey, int]] = {}
+        self._by_service: dict[ServiceKey, dict[str, int]] = {}
+        self._services: dict[ServiceKey, Service] = {}
+        self._node_addresses = tuple(node_addresses)
+
+    def set_node_addresses(self, addresses: Iterable[str]) -> list[Conflict]:
+        """The node's addresses changed: claims of NodePorts move with them."""
+        addresses = tuple(addresses)
+        if addresses == self._node_addresses:
+            return []
+        self._node_addresses = addresses
+        found = []
+        for key, service in sorted(self._services.items()):
+            found += self.update(key, service)
+        return found
 
     def update(self, key: ServiceKey, service: Service | None) -> list[Conflict]:
         """Record ``key``'s claims (None: it is gone); return the conflicts it is now part of that it was not before."""
-        old = self._by_service.pop(key, frozenset())
-        new = frontends(service) if service is not None else frozenset()
+        old = self._by_service.pop(key, {})
+        new = frontends(service, self._node_addresses) if service is not None else {}
         before = {frontend: self._pair(frontend, key) for frontend in old}
-        for frontend in old - new:
+        for frontend in old:
             holders = self._claims[frontend]
-            holders.discard(key)
+            holders.pop(key, None)
             if not holders:
                 del self._claims[frontend]
-        for frontend in new - old:
-            self._claims.setdefault(frontend, set()).add(key)
+        for frontend, rank in new.items():
+            self._claims.setdefault(frontend, {})[key] = rank
         if new:
             self._by_service[key] = new
+            self._services[key] = service  # type: ignore[assignment]
+        else:
+            self._services.pop(key, None)
         found = []
         for frontend in sorted(new):
             pair = self._pair(frontend, key)
@@ -71,23 +104,34 @@ class FrontendIndex:
                 found.append(pair)
         return found
 
+    def neighbours(self, keys: Iterable[ServiceKey]) -> set[ServiceKey]:
+        """The Services that share a frontend with any of ``keys`` (``keys`` themselves left out)."""
+        keys = set(keys)
+        found: set[ServiceKey] = set()
+        for key in keys:
+            for frontend in self._by_service.get(key, {}):
+                found.update(self._claims.get(frontend, {}))
+        return found - keys
+
     def _pair(self, frontend: str, key: ServiceKey) -> Conflict | None:
-        holders = self._claims.get(frontend, set())
+        holders = self._claims.get(frontend, {})
         if len(holders) < 2 or key not in holders:
             return None
-        winner = min(holders)
-        loser = key if key != winner else min(h for h in holders if h != winner)
-        return Conflict(frontend, winner, loser)
+        winner, rank = _winner(holders)
+        loser = key if key != winner else _winner({k: r for k, r in holders.items() if k != winner})[0]
+        return Conflict(frontend, winner, loser, by_rank=rank < holders[loser])
 
 
-def find_conflicts(services: Mapping[ServiceKey, Service]) -> list[Conflict]:
+def find_conflicts(services: Mapping[ServiceKey, Service], node_addresses: Iterable[str] = ()) -> list[Conflict]:
     """Every frontend claimed by more than one Service: one conflict per Service that loses it."""
-    claims: dict[str, list[ServiceKey]] = {}
+    node_addresses = tuple(node_addresses)
+    claims: dict[str, dict[ServiceKey, int]] = {}
     for key in sorted(services):
-        for frontend in frontends(services[key]):
-            claims.setdefault(frontend, []).append(key)
-    return [
-        Conflict(frontend, holders[0], loser)
-        for frontend, holders in sorted(claims.items())
-        for loser in holders[1:]
-    ]
+        for frontend, rank in frontends(services[key], node_addresses).items():
+            claims.setdefault(frontend, {})[key] = rank
+    found = []
+    for frontend, holders in sorted(claims.items()):
+        winner, rank = _winner(holders)
+        for loser in sorted(k for k in holders if k != winner):
+            found.append(Conflict(frontend, winner, loser, by_rank=rank < holders[loser]))
+    return found

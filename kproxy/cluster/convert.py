@@ -57,6 +57,7 @@ from kproxy.memory import gc_paused
 log = logging.getLogger(__name__)
 
 _RATE_UNITS = ("second", "minute")
+_UNIT_NS = {"second": 10**9, "minute": 60 * 10**9}
 _PROTOCOLS: dict[str, Protocol] = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
 _FAMILIES: dict[str, IPFamily] = {"IPv4": 4, "IPv6": 6}
 TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
@@ -92,6 +93,23 @@ class Problem:
     def __str__(self) -> str:
         what = "part of" if self.part else ""
         return f"skipping {what} {self.kind} {self.key}: {self.message} (reason={self.reason})".replace("  ", " ")
+
+
+SHOWN_PER_OBJECT = 3
+"""Problems of one object that are written out; the rest are counted in one more line."""
+
+
+def summarize(problems: Iterable[Problem]) -> list[str]:
+    """Warning lines for problems: at most SHOWN_PER_OBJECT per object, then how many more it has."""
+    lines: list[str] = []
+    by_object: dict[tuple[str, str], list[Problem]] = {}
+    for problem in problems:
+        by_object.setdefault((problem.kind, problem.key), []).append(problem)
+    for (kind, key), found in by_object.items():
+        lines += [str(p) for p in found[:SHOWN_PER_OBJECT]]
+        if len(found) > SHOWN_PER_OBJECT:
+            lines.append(f"{kind} {key}: {len(found) - SHOWN_PER_OBJECT} more problems like these")
+    return lines
 
 
 # --- small validators -------------------------------------------------------
@@ -293,7 +311,8 @@ def _cluster_ips(spec: Mapping[str, Any]) -> tuple[str, ...]:
     cluster_ips = tuple(_ip(ip, f"spec.clusterIPs[{i}]") for i, ip in enumerate(raw_ips))
     if any(ip in ("0.0.0.0", "::") for ip in cluster_ips):
         raise InvalidObject("invalid_ip", "spec.clusterIPs: an unspecified address is not a ClusterIP")
-    if spec.get("clusterIP") is not None and _ip(spec["clusterIP"], "spec.clusterIP") != cluster_ips[0]:
+    first = spec.get("clusterIP")
+    if first is not None and first != raw_ips[0] and _ip(first, "spec.clusterIP") != cluster_ips[0]:
         raise InvalidObject("malformed", "spec.clusterIP is not the first of spec.clusterIPs")
     families = _list(spec.get("ipFamilies"), "spec.ipFamilies")
     if families:
@@ -309,17 +328,24 @@ def _cluster_ips(spec: Mapping[str, Any]) -> tuple[str, ...]:
 
 def _service_ports(spec: Mapping[str, Any], svc_type: str, notes: Notes | None) -> tuple[ServicePort, ...]:
     ports: list[ServicePort] = []
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[object, ...]] = set()
     raw_ports = _list(spec.get("ports"), "spec.ports")
     for i, raw in enumerate(raw_ports):
         port = _part(notes, lambda raw=raw, i=i: _service_port(raw, i, svc_type, len(raw_ports) > 1))
         if port is None:
             continue
-        if (port.name, port.protocol) in seen:
+        # The API server refuses a repeated name, a repeated port and protocol, and a repeated
+        # NodePort and protocol: the first one counts, the repeat is skipped and named.
+        claims = [("name", port.name, port.protocol), ("port", port.port, port.protocol)]
+        if port.node_port:
+            claims.append(("nodePort", port.node_port, port.protocol))
+        repeated = next((claim for claim in claims if claim in seen), None)
+        if repeated is not None:
             if notes is not None:
-                notes.append(("malformed", f"spec.ports[{i}]: repeats port name {port.name!r} ({port.protocol})"))
+                notes.append(("malformed", f"spec.ports[{i}]: repeats {repeated[0]} {repeated[1]!r} ({port.protocol}) "
+                                           "of an earlier port; skipped"))
             continue
-        seen.add((port.name, port.protocol))
+        seen.update(claims)
         ports.append(port)
     return tuple(ports)
 
@@ -413,6 +439,10 @@ def _rate_limit(annotations: Mapping[str, str]) -> RateLimit | None:
         )
     count = _count(number, RATE_LIMIT_ANNOTATION, 1)
     burst_value = _count(burst.strip(), RATE_LIMIT_BURST_ANNOTATION, 0) if burst is not None else None
+    # The kernel keeps (nanoseconds per unit / rate) x burst in 64 bits, and refuses the rule otherwise.
+    if (_UNIT_NS[unit] // count) * (burst_value or 5) >= 2**64:
+        raise InvalidObject("invalid_annotation", f"{RATE_LIMIT_BURST_ANNOTATION}: {burst_value} is too large for "
+                            f"{count}/{unit} (the kernel's bucket would overflow); ignored")
     return RateLimit(count, unit, burst_value)  # type: ignore[arg-type]
 
 
@@ -420,7 +450,8 @@ def _rate_limit(annotations: Mapping[str, str]) -> RateLimit | None:
 
 
 def slice_from_manifest(obj: Mapping[str, Any], notes: Notes | None = None) -> EndpointSlice:
-    """Convert a discovery.k8s.io/v1 EndpointSlice. Raises InvalidObject; parts skipped go to ``notes``."""
+    """Convert a discovery.k8s.io/v1 EndpointSlice. Raises InvalidObject, or NotProxied for a slice
+    proxies ignore (FQDN, or no Service label); parts skipped go to ``notes``."""
     with _whole_object():
         return _slice(obj, notes)
 
@@ -432,6 +463,10 @@ def _slice(obj: Mapping[str, Any], notes: Notes | None) -> EndpointSlice:
     namespace = _name(meta.get("namespace", "default"), "metadata.namespace")
     name = _name(meta.get("name"), "metadata.name", DNS_SUBDOMAIN, 253)
     labels = _str_map(meta.get("labels"), "metadata.labels")
+    if SERVICE_NAME_LABEL not in labels:
+        raise NotProxied(f"{namespace}/{name}: no {SERVICE_NAME_LABEL} label (a slice no Service owns)")
+    if obj.get("addressType") == "FQDN":
+        raise NotProxied(f"{namespace}/{name}: an FQDN slice (proxies do not use them)")
     service_name = _name(labels.get(SERVICE_NAME_LABEL), f"label {SERVICE_NAME_LABEL}", DNS_1035_LABEL)
     address_type = obj.get("addressType")
     if not isinstance(address_type, str) or address_type not in _FAMILIES:
@@ -447,7 +482,7 @@ def _slice(obj: Mapping[str, Any], notes: Notes | None) -> EndpointSlice:
     endpoints = [
         endpoint
         for i, raw in enumerate(_list(obj.get("endpoints"), "endpoints"))
-        if (endpoint := _part(notes, lambda raw=raw, i=i: _endpoint(raw, i, family, address_type))) is not None
+        if (endpoint := _part(notes, lambda raw=raw, i=i: _endpoint(raw, i, family, address_type, notes))) is not None
     ]
     annotations = _str_map(meta.get("annotations"), "metadata.annotations")
     return EndpointSlice(
@@ -479,19 +514,27 @@ _ENDPOINT_IPS: dict[str, str] = {}
 """Endpoint addresses already validated (canonical form): the same pods appear in every relist."""
 
 
-def _hint_names(hints: Mapping[str, Any], key: str, where: str) -> frozenset[str]:
+def _hint_names(hints: Mapping[str, Any], key: str, where: str, notes: Notes | None) -> frozenset[str]:
+    """Hint names (compared, never written into rules): zones are label values, nodes DNS subdomains.
+
+    A bad name is left out alone; the endpoint is kept (it has fewer hints,
+    which at worst turns topology off for its Service, as upstream does).
+    """
     raw = hints.get(key)
     if not raw:
         return _EMPTY
+    pattern, limit = (validate.LABEL_VALUE, 63) if key == "forZones" else (DNS_SUBDOMAIN, 253)
     names = set()
     for j, hint in enumerate(_list(raw, f"{where}.{key}")):
         value = _mapping(hint, f"{where}.{key}[{j}]").get("name")
         if value:
-            names.add(_name(value, f"{where}.{key}[{j}].name", DNS_SUBDOMAIN, 253))
+            name = _part(notes, lambda value=value, j=j: _name(value, f"{where}.{key}[{j}].name", pattern, limit))
+            if name is not None:
+                names.add(name)
     return frozenset(names)
 
 
-def _endpoint(raw: Any, i: int, family: IPFamily, address_type: str) -> Endpoint | None:
+def _endpoint(raw: Any, i: int, family: IPFamily, address_type: str, notes: Notes | None = None) -> Endpoint | None:
     """One endpoint of a slice (hot: 100k of them at 10k Services). Error texts are built only on error."""
     if type(raw) is not dict:
         raw = _mapping(raw, f"endpoints[{i}]")
@@ -504,8 +547,9 @@ def _endpoint(raw: Any, i: int, family: IPFamily, address_type: str) -> Endpoint
     address = _ENDPOINT_IPS.get(first) if type(first) is str else None
     if address is None:
         address = _ip(first, f"endpoints[{i}].addresses[0]", special_ok=False)
-        if len(_ENDPOINT_IPS) < 1_000_000:
-            _ENDPOINT_IPS[first] = address
+        if len(_ENDPOINT_IPS) >= 200_000:
+            _ENDPOINT_IPS.clear()  # bounded: pods come and go
+        _ENDPOINT_IPS[first] = address
     if ip_family(address) != family:
         raise InvalidObject("family_mismatch", f"endpoints[{i}].addresses[0]: {address} is not of addressType {address_type}")
     cond = raw.get("conditions") or {}
@@ -523,8 +567,8 @@ def _endpoint(raw: Any, i: int, family: IPFamily, address_type: str) -> Endpoint
     zones = nodes = _EMPTY
     if hints:
         hints = _mapping(hints, f"endpoints[{i}].hints")
-        zones = _hint_names(hints, "forZones", f"endpoints[{i}].hints")
-        nodes = _hint_names(hints, "forNodes", f"endpoints[{i}].hints")
+        zones = _hint_names(hints, "forZones", f"endpoints[{i}].hints", notes)
+        nodes = _hint_names(hints, "forNodes", f"endpoints[{i}].hints", notes)
     node_name = raw.get("nodeName")
     if node_name is not None and (type(node_name) is not str or node_name not in _NODE_NAMES):
         _name(node_name, f"endpoints[{i}].nodeName", DNS_SUBDOMAIN, 253)
@@ -622,7 +666,11 @@ def _build_cluster(objects: Iterable[Mapping[str, Any]], node_name: str) -> tupl
                 services[svc.key] = svc
                 seen[("Service", svc.key)] = seen.get(("Service", svc.key), 0) + 1
             elif kind == "EndpointSlice":
-                eps = slice_from_manifest(obj, notes)
+                try:
+                    eps = slice_from_manifest(obj, notes)
+                except NotProxied as why:
+                    log.debug("not using EndpointSlice %s", why)
+                    continue
                 slices[eps.key] = eps
                 seen[("EndpointSlice", eps.key)] = seen.get(("EndpointSlice", eps.key), 0) + 1
             elif kind == "ServiceCIDR":
@@ -637,6 +685,8 @@ def _build_cluster(objects: Iterable[Mapping[str, Any]], node_name: str) -> tupl
     for (kind, key), count in sorted(seen.items()):
         if count > 1:
             problems.append(Problem(kind, key, "duplicate", f"defined {count} times in the input; the last one is used"))
-    problems.extend(Problem("Service", str(c.loser), "conflict", str(c), part=True) for c in find_conflicts(services))
+    node_addresses = (node.internal_ips + node.external_ips) if node is not None else ()
+    problems.extend(Problem("Service", str(c.loser), "conflict", str(c), part=True)
+                    for c in find_conflicts(services, node_addresses))
     cluster = Cluster(services=services, slices=slices, node=node, service_cidrs=union_of_cidrs(service_cidrs.values()))
     return cluster, problems

@@ -7,12 +7,15 @@ flattens; ``kproxy.cluster.convert`` decides what the objects mean.
 Files are untrusted, so reading is bounded:
 
 * a file whose first character is ``{`` or ``[`` is JSON, parsed with ``json``
-  (a 10k-Service ``kubectl get -o json`` export in well under a second);
-  anything else is YAML, parsed with libyaml (``CSafeLoader``: no Python
-  objects, no tags beyond plain data);
-* files larger than ``MAX_FILE_BYTES`` are refused before they are read;
-* documents nested deeper than ``MAX_DEPTH`` are refused (libyaml itself stops
-  at 1000 levels, and ``json`` at Python's recursion limit);
+  (a 10k-Service ``kubectl get -o json`` export in about a second); anything
+  else, and JSON that does not parse as one document (flow-style YAML, JSON
+  documents separated by ``---``), is YAML, built from libyaml's events
+  (``kproxy.cluster.yamlstream``: plain data only, no node graph);
+* files larger than ``MAX_FILE_BYTES``, or holding more than ``MAX_VALUES``
+  values, are refused (memory follows the values, not the bytes: ``[],`` is
+  three bytes and a list);
+* YAML nested deeper than ``MAX_DEPTH`` is refused (JSON stops at Python's
+  recursion limit);
 * YAML aliases may not expand a document to more than ``MAX_ALIAS_EXPANSION``
   times its own size (a few hundred bytes of aliases can stand for billions of
   values); ``kubectl`` never writes aliases.
@@ -32,16 +35,18 @@ from typing import Any, Iterable
 
 import yaml
 
+from kproxy.cluster.yamlstream import StreamError, load_all
+
 log = logging.getLogger(__name__)
 
 MAX_FILE_BYTES = 1 << 30
 """1 GiB: a 30k-Service export with managedFields is a few hundred MB."""
 MAX_DEPTH = 100
 """Kubernetes objects nest about 15 levels deep (managedFields included)."""
+MAX_VALUES = 50_000_000
+"""Values (scalars and containers) in one file: about five times a 30k-Service export with managedFields."""
 MAX_ALIAS_EXPANSION = 10
-"""Values a document may stand for, with its aliases expanded, per value it holds."""
-_ALIAS_ALLOWANCE = 10_000
-"""Expanded values allowed in any document on top of the ratio (small files with a few aliases are fine)."""
+"""Values a YAML document may stand for, with its aliases expanded, per value it holds."""
 
 
 class ManifestError(Exception):
@@ -68,64 +73,37 @@ def _flatten(document: Any, path: str, index: int) -> list[dict[str, Any]]:
     return [document]
 
 
-def check_shape(document: Any, where: str, aliases: bool) -> None:
-    """Refuse a document nested deeper than MAX_DEPTH or, with ``aliases``, one whose aliases expand too far.
-
-    Iterative (no recursion), and linear in the number of distinct values:
-    each container is visited once, whatever refers to it.
-    """
-    expanded: dict[int, int] = {}  # id(container) -> values it stands for, expanded
-    distinct = 0
-    stack: list[tuple[Any, int, bool]] = [(document, 1, False)]
-    while stack:
-        value, depth, done = stack.pop()
-        if not isinstance(value, (dict, list)):
-            continue
-        key = id(value)
-        children = list(value.values()) if isinstance(value, dict) else value
-        if done:
-            expanded[key] = 1 + sum(expanded.get(id(c), 1) if isinstance(c, (dict, list)) else 1 for c in children)
-            continue
-        if key in expanded:
-            if aliases:
-                continue  # seen before: an alias, already counted
-            raise ManifestError(f"{where}: a value refers to itself")
-        if depth > MAX_DEPTH:
-            raise ManifestError(f"{where}: nested more than {MAX_DEPTH} levels deep")
-        expanded[key] = 1
-        distinct += 1 + len(children)
-        stack.append((value, depth, True))
-        stack.extend((c, depth + 1, False) for c in children if isinstance(c, (dict, list)))
-    total = expanded.get(id(document), 1)
-    if aliases and total > MAX_ALIAS_EXPANSION * distinct + _ALIAS_ALLOWANCE:
-        raise ManifestError(
-            f"{where}: YAML aliases expand {distinct} values to {total}; refusing more than {MAX_ALIAS_EXPANSION}x"
-        )
-
-
 def parse_manifests(text: str | bytes, path: str = "<input>") -> list[dict[str, Any]]:
     """Every object in a JSON or YAML text (multi-document YAML and Lists flattened)."""
     start = text.lstrip()[:1]
     if start in ("{", "[", b"{", b"["):
-        return _parse_json(text, path)
+        try:
+            return _parse_json(text, path)
+        except json.JSONDecodeError:
+            pass  # flow-style YAML, or JSON documents separated by "---": YAML reads both
     return _parse_yaml(text, path)
 
 
 def _parse_json(text: str | bytes, path: str) -> list[dict[str, Any]]:
+    data = text.encode() if isinstance(text, str) else text
+    values = data.count(b",") + data.count(b"{") + data.count(b"[")  # at least the values the document holds
+    if values > MAX_VALUES:
+        raise ManifestError(f"{path}: more than {MAX_VALUES} values")
     try:
         document = json.loads(text)
     except RecursionError:
-        raise ManifestError(f"{path}: nested more than {MAX_DEPTH} levels deep") from None
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        raise ManifestError(f"{path}: nested too deep") from None
+    except json.JSONDecodeError:
+        raise
     except UnicodeDecodeError as exc:
         raise ManifestError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    check_shape(document, path, aliases=False)
+    except ValueError as exc:  # an integer of more than 4300 digits
+        raise ManifestError(f"{path}: unusable JSON: {str(exc)[:120]}") from None
     return _flatten(document, path, 0)
 
 
 def _yaml_error(exc: Exception, path: str) -> ManifestError:
-    """One line for anything libyaml or the constructor raised."""
+    """One line for anything libyaml or the stream reader raised."""
     if isinstance(exc, yaml.YAMLError):
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -133,7 +111,8 @@ def _yaml_error(exc: Exception, path: str) -> ManifestError:
         return ManifestError(f"{path}: invalid YAML{where}: {problem}")
     if isinstance(exc, UnicodeDecodeError):
         return ManifestError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})")
-    # e.g. a mapping used as a mapping key (unhashable)
+    if isinstance(exc, StreamError):
+        return ManifestError(f"{path}: {exc}")
     return ManifestError(f"{path}: unusable YAML: {type(exc).__name__}: {str(exc)[:120]}".replace("\n", " "))
 
 
@@ -143,8 +122,7 @@ _YAML_FAILURES = (yaml.YAMLError, UnicodeDecodeError, ValueError, TypeError, Rec
 def _parse_yaml(text: str | bytes, path: str) -> list[dict[str, Any]]:
     objects: list[dict[str, Any]] = []
     try:
-        for index, document in enumerate(yaml.load_all(text, Loader=_Loader)):
-            check_shape(document, f"{path}: document {index + 1}", aliases=True)
+        for index, document in enumerate(load_all(text, MAX_VALUES, MAX_DEPTH, MAX_ALIAS_EXPANSION)):
             objects.extend(_flatten(document, path, index))
     except _YAML_FAILURES as exc:
         raise _yaml_error(exc, path) from None
@@ -183,9 +161,9 @@ def load_yaml_file(path: str) -> Any:
     """One YAML (or JSON) document from a file, with the same limits (for the KubeProxyConfiguration)."""
     data = read_limited(path)
     try:
-        document = yaml.load(data, Loader=_Loader)
+        documents = list(load_all(data, MAX_VALUES, MAX_DEPTH, MAX_ALIAS_EXPANSION))
     except _YAML_FAILURES as exc:
         raise _yaml_error(exc, path) from None
-    check_shape(document, path, aliases=True)
-    return document
-
+    if len(documents) > 1:
+        raise ManifestError(f"{path}: holds {len(documents)} YAML documents; expected one")
+    return documents[0] if documents else None

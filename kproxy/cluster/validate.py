@@ -9,7 +9,7 @@ the flag (``kproxy.daemon.config``).
 * Addresses are parsed as the API server parses them (``netutils.ParseIPSloppy``):
   IPv4 with leading zeros is read as decimal, as Go does; IPv6 zone ids
   (``fe80::1%eth0``), surrounding whitespace and IPv4-mapped IPv6 addresses
-  are refused. The result is the one spelling nft prints.
+  are refused. The result is the one spelling nft prints (``inet_ntop``'s).
 * ``special_ok=False`` refuses what upstream's ``ValidateNonSpecialIP`` and
   ``ValidateEndpointIP`` refuse (unspecified, loopback, link-local) and
   multicast, for external IPs, load-balancer IPs and endpoints.
@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Any
+import socket
+from typing import Any, Iterable
 
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
@@ -40,7 +41,10 @@ class FieldError(ValueError):
 
 def show(value: Any, limit: int = 80) -> str:
     """A value for a message: repr, cut short, so hostile input stays one readable line."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"<a deeply nested {type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -51,7 +55,8 @@ def name(value: Any, pattern: re.Pattern[str] = DNS_LABEL, limit: int = 63) -> s
     if len(value) > limit:
         raise FieldError(f"{show(value)} is longer than {limit} characters")
     if not pattern.fullmatch(value):
-        kind = {DNS_LABEL: "a DNS label", DNS_1035_LABEL: "a DNS-1035 label", DNS_SUBDOMAIN: "a DNS subdomain"}
+        kind = {DNS_LABEL: "a DNS label", DNS_1035_LABEL: "a DNS-1035 label", DNS_SUBDOMAIN: "a DNS subdomain",
+                LABEL_VALUE: "a label value"}
         raise FieldError(f"{show(value)} is not {kind.get(pattern, 'a valid name')}")
     return value
 
@@ -61,14 +66,36 @@ def ip(value: Any, special_ok: bool = True) -> str:
     if not isinstance(value, str):
         raise FieldError(f"{show(value)} is not an IP address")
     if _CANONICAL_V4.fullmatch(value):
+        if special_ok:
+            return value  # the common case: nothing to build
         address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv4Address(value)
         text = value
     else:
         address = _parse_ip(value)
-        text = str(address)
+        text = spell(address)
     if not special_ok:
         _not_special(address, value)
     return text
+
+
+def spell(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """The one spelling nft prints (inet_ntop's): Python writes ``::1.2.3.4`` as ``::102:304``, nft does not."""
+    if address.version == 4:
+        return str(address)
+    return socket.inet_ntop(socket.AF_INET6, address.packed)
+
+
+def spell_network(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
+    return f"{spell(network.network_address)}/{network.prefixlen}"
+
+
+def collapse(cidrs: Iterable[str]) -> list[str]:
+    """Canonical CIDRs with overlaps merged (an interval set refuses overlapping elements), per family, sorted."""
+    networks = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+    merged: list[str] = []
+    for version in (4, 6):
+        merged += [spell_network(n) for n in ipaddress.collapse_addresses(n for n in networks if n.version == version)]
+    return merged
 
 
 def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -109,7 +136,7 @@ def cidr(value: Any) -> str:
         raise FieldError(f"{show(value)} is not a CIDR (expected e.g. '10.0.0.0/8')")
     address = _parse_ip(address_text)
     try:
-        return str(ipaddress.ip_network(f"{address}/{int(length)}", strict=False))
+        return spell_network(ipaddress.ip_network(f"{address}/{int(length)}", strict=False))
     except ValueError:
         raise FieldError(f"{show(value)} is not a CIDR (prefix length out of range)") from None
 

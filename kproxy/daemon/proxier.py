@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from kproxy.cluster.conflicts import FrontendIndex
 from kproxy.cluster.convert import (
@@ -45,6 +45,7 @@ from kproxy.cluster.convert import (
     service_cidr_from_manifest,
     service_from_manifest,
     slice_from_manifest,
+    summarize,
 )
 from kproxy.cluster.model import Cluster, EndpointSlice, Service, ServiceKey, SliceKey
 from kproxy.cluster.tracker import ChangeTracker
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 
 CHAIN_DELETE_DELAY = 1.0
 FULL_SYNC_INTERVAL = 3600.0
+ISOLATION_CHUNK = 256
+"""Services per transaction when a refused sync is programmed piece by piece."""
 DELETED_SERVICE_REJECT = 60.0
 """For this long after a Service is deleted, its ClusterIPs stay in ``cluster-ips``:
 clients that still connect to them are refused at once instead of hanging."""
@@ -117,6 +120,10 @@ class SyncResult:
     services: int
 
 
+class _FullSyncNeeded(Exception):
+    """A partial sync cannot settle a refusal by itself: the message says why."""
+
+
 @dataclass(frozen=True, slots=True)
 class Quarantine:
     """A Service kproxy could not program as it is now; it keeps what it last had in the kernel."""
@@ -169,6 +176,12 @@ class Proxier:
         self._problems: dict[tuple[str, str], dict[str, Problem]] = {}
         """(kind, key) -> the problems last reported for that object, by message: each is logged once per change."""
         self.quarantined: dict[ServiceKey, Quarantine] = {}
+        self._retried: dict[ServiceKey, Quarantine] = {}
+        """Quarantined Services being tried again in the current sync."""
+        self._retry: set[ServiceKey] = set()
+        """Quarantined Services to try again at the next sync (a Service sharing a frontend changed)."""
+        self._kept: dict[ServiceKey, dict[Family, ServiceRules | None]] = {}
+        """A quarantined Service's last good parts: what the kernel keeps for it (across failed syncs too)."""
         self._node_info: NodeInfo | None = None
         self._needs_full = True
         self._last_full = float("-inf")
@@ -194,10 +207,11 @@ class Proxier:
         with self.lock:
             before = self._problems.get((kind, key), {})
             now = {p.message: p for p in problems}
-            for message, problem in now.items():
-                if message not in before:
-                    log.warning("%s", problem)
-                    self.observer.invalid_object(kind, problem.reason)
+            new = [problem for message, problem in now.items() if message not in before]
+            for line in summarize(new):
+                log.warning("%s", line)
+            for reason in sorted({problem.reason for problem in new}):
+                self.observer.invalid_object(kind, reason)
             if now:
                 self._problems[(kind, key)] = now
             elif before:
@@ -252,8 +266,11 @@ class Proxier:
         elif service is not None:
             self._tombstones.pop(key, None)
         if service is not old:
+            sharing = self._frontends.neighbours({key})
             for conflict in self._frontends.update(key, service):
                 log.warning("%s", conflict)
+            # A quarantined Service sharing a frontend with this one may be freed by the change.
+            self._retry |= {k for k in sharing | self._frontends.neighbours({key}) if k in self.quarantined}
         self.tracker.set_service(key, service)
 
     def on_slice(self, event: str, obj: Mapping[str, Any]) -> None:
@@ -284,6 +301,8 @@ class Proxier:
                 return  # an invalid Node: keep what was known
         with self.lock:
             self.tracker.set_node(node)
+            for conflict in self._frontends.set_node_addresses(node.internal_ips + node.external_ips if node else ()):
+                log.warning("%s", conflict)
             self._notify()
 
     def on_relist(self, kind: str, objects: list[Mapping[str, Any]]) -> None:
@@ -414,10 +433,10 @@ class Proxier:
             try:
                 if not full:
                     try:
-                        result = self._sync_partial(changes.services)
-                    except NftError as refusal:
-                        log.warning("sync failed: the kernel refused a partial sync (%s); a full sync follows at once",
-                                    refusal)
+                        retry, self._retry = self._retry, set()
+                        result = self._sync_partial(changes.services | retry)
+                    except _FullSyncNeeded as why:
+                        log.warning("sync failed: %s; a full sync follows at once", why)
                         self.observer.sync_failed(False, self.clock() - start)
                         full, start = True, self.clock()
                         changes.services |= self.tracker.known()
@@ -427,9 +446,16 @@ class Proxier:
                 self._needs_full = True
                 self.tracker.forget_synced()
                 self._assemblies = None
+                for key, held in self._retried.items():  # not settled: they stay quarantined
+                    self.quarantined.setdefault(key, held)
+                self._retried.clear()
                 self.observer.sync_failed(full, self.clock() - start)
                 raise
             self.tracker.synced(changes.services)
+            for key in changes.services | set(self._retried):
+                if key not in self.quarantined and self._kept.pop(key, None) is not None:
+                    log.info("Service %s is programmed again", key)
+            self._retried.clear()
             self._needs_full = False
             if full:
                 self._last_full = start
@@ -473,33 +499,39 @@ class Proxier:
     def _state(self, key: ServiceKey, node_info: NodeInfo) -> tuple[object, ...]:
         return (*self.tracker.state(key), node_info)
 
-    def _quarantine(self, key: ServiceKey, node_info: NodeInfo, reason: str, message: str) -> None:
-        """Keep ``key`` at what it last had; log it once per change of the Service.
+    def _quarantine(self, key: ServiceKey, node_info: NodeInfo, reason: str, message: str,
+                    kept: dict[Family, ServiceRules | None]) -> bool:
+        """Keep ``key`` at ``kept`` (what it last had); log it once per change. True if it was not quarantined before.
 
         A partial sync only compiles Services that changed, so a quarantined
-        one is retried when it changes; full syncs (hourly, on SIGHUP, after a
-        failure) retry it too, in case the kernel refused it for a passing reason.
+        one is retried when it changes (or when a Service sharing a frontend
+        with it changes); full syncs (hourly, on SIGHUP, after a failure)
+        retry it too, in case the kernel refused it for a passing reason.
         """
-        held = self.quarantined.get(key)
+        held = self.quarantined.get(key) or self._retried.get(key)
         if held is None or held.state != self._state(key, node_info) or held.reason != reason:
             log.warning("quarantining Service %s: %s (reason=%s); it keeps its previous rules, and is retried "
                         "when it changes; every other Service is programmed", key, message, reason)
             self.observer.invalid_object("Service", reason)
         self.quarantined[key] = Quarantine(self._state(key, node_info), reason, message)
+        self._kept.setdefault(key, kept)
+        return held is None
 
-    def _rules(
-        self, key: ServiceKey, family: Family, node_info: NodeInfo, last_good: Callable[[Family, ServiceKey], ServiceRules | None]
-    ) -> ServiceRules | None:
-        """``key``'s contribution to ``family``: compiled, or its last good one while it is quarantined."""
-        held = self.quarantined.get(key)
-        if held is not None and held.state != self._state(key, node_info):
-            del self.quarantined[key]
-            log.info("Service %s changed: retrying it", key)
+    def _contribution(
+        self, key: ServiceKey, node_info: NodeInfo, last_good: Callable[[Family, ServiceKey], ServiceRules | None]
+    ) -> dict[Family, ServiceRules | None]:
+        """``key``'s parts of both tables: compiled, or its last good ones if it cannot be compiled."""
+        held = self.quarantined.pop(key, None)
+        if held is not None:  # retried: if it is refused again unchanged, that is not news (see _quarantine)
+            self._retried[key] = held
+            if held.state != self._state(key, node_info):
+                log.info("Service %s changed: retrying it", key)
         try:
-            return self._compile(key, family, node_info)
+            return {family: self._compile(key, family, node_info) for family in FAMILIES}
         except Exception as exc:  # one Service must never stop the others
-            self._quarantine(key, node_info, "compile_error", f"{type(exc).__name__}: {exc}")
-            return last_good(family, key)
+            kept = {family: last_good(family, key) for family in FAMILIES}
+            self._quarantine(key, node_info, "compile_error", f"{type(exc).__name__}: {exc}", kept)
+            return kept
 
     def _compile(self, key: ServiceKey, family: Family, node_info: NodeInfo) -> ServiceRules | None:
         service = self.tracker.services.get(key)
@@ -538,6 +570,17 @@ class Proxier:
         for family, name in tx.deferred_chain_deletes:
             self._pending_deletes.setdefault((family, name), now + CHAIN_DELETE_DELAY)
 
+    def _last_good(self, previous: Mapping[Family, Assembly] | None) -> Callable[[Family, ServiceKey], ServiceRules | None]:
+        """What a Service had in the kernel before this sync: kept while quarantined, else its part in ``previous``."""
+
+        def last_good(family: Family, key: ServiceKey) -> ServiceRules | None:
+            kept = self._kept.get(key)
+            if kept is not None:
+                return kept[family]
+            return previous[family].part(key) if previous is not None else None
+
+        return last_good
+
     def _sync_full(self, node_info: NodeInfo, keys: set[ServiceKey]) -> SyncResult:
         """Compile everything, read the kernel, send the difference (or build missing tables in pieces).
 
@@ -545,17 +588,12 @@ class Proxier:
         piece by piece, quarantining the Services it refuses (``_isolate``).
         """
         current = self.backend.read()
-        previous = self._assemblies
-
-        def last_good(family: Family, key: ServiceKey) -> ServiceRules | None:
-            return previous[family].part(key) if previous is not None else None
-
-        assemblies: dict[Family, Assembly] = {}
-        for family in FAMILIES:
-            assembly = Assembly(base_table(node_info, self.config, family, self.tracker.service_cidrs()))
-            for key in self._all_keys():
-                assembly.set_service(key, self._rules(key, family, node_info, last_good), track=False)
-            assemblies[family] = assembly
+        last_good = self._last_good(self._assemblies)
+        assemblies = {family: Assembly(base_table(node_info, self.config, family, self.tracker.service_cidrs()))
+                      for family in FAMILIES}
+        for key in self._all_keys():
+            for family, rules in self._contribution(key, node_info, last_good).items():
+                assemblies[family].set_service(key, rules, track=False)
         self._assemblies = assemblies
         desired = {family: a.table for family, a in assemblies.items()}
         operations = 0
@@ -585,12 +623,8 @@ class Proxier:
         else:
             # Start from what the kernel holds, and program it piece by piece.
             self._committed = dict(current.tables)
-            by_key = {family: {key: a.names_of(key) for key in self._all_keys()} for family, a in assemblies.items()}
             base = {family: _everything(self._committed[family], a.table) for family, a in assemblies.items()}
-            for family in base:
-                for touched in by_key[family].values():
-                    base[family].discard(touched)
-            operations += self._isolate(node_info, sorted(set(self._all_keys()) & keys), by_key, base, delete_ops,
+            operations += self._isolate(node_info, sorted(set(self._all_keys()) & keys), base, delete_ops,
                                         last_good, refusal)
         for family, name in self._pending_deletes:
             self._committed[family].chains.setdefault(name, Chain(name, ()))
@@ -619,8 +653,8 @@ class Proxier:
         ruleset before each command) still finds little in the kernel; then
         the backend gets all the pieces at once, so it can encode the next
         while the kernel takes in the previous. If the kernel refuses a piece,
-        the sync fails; the full sync that follows reads back what landed and
-        finds the Services responsible (``_isolate``).
+        what landed is read back and the rest is programmed piece by piece
+        (``_isolate``), in the same sync.
         """
         built = [create(assembly.table) for assembly in assemblies]
         pieces = [table[0] for table in built] + [piece for table in built for piece in table[1:]]
@@ -628,12 +662,14 @@ class Proxier:
         return sum(piece.operations for piece in pieces)
 
     def _sync_partial(self, keys: set[ServiceKey]) -> SyncResult:
-        """Program the Services in ``keys``: the difference for what they touched, one transaction.
+        """Program the Services in ``keys``: the difference for what they touched, in one transaction.
 
-        If the kernel refuses it, the assemblies go back to what the kernel
-        holds and NftError is raised: ``sync`` then runs a full sync at once,
-        which reads the kernel (the refusal may be drift) and finds the
-        Services responsible if it is refused again.
+        If the kernel refuses it, the Services are programmed piece by piece
+        against what the kernel holds (``_isolate``), and the ones it refuses
+        are quarantined. A Service refused for the first time, or a refusal
+        no Service explains, may be drift rather than a bad Service: then a
+        full sync follows at once (``_FullSyncNeeded``), which reads the
+        kernel back before it blames anyone.
         """
         assert self._assemblies is not None and self._node_info is not None
         node_info = self._node_info
@@ -646,7 +682,8 @@ class Proxier:
         for key in sorted(keys):
             for family, assembly in self._assemblies.items():
                 previous[family][key] = assembly.part(key)
-                touched[family].update(assembly.set_service(key, self._rules(key, family, node_info, last_good)))
+            for family, rules in self._contribution(key, node_info, last_good).items():
+                touched[family].update(self._assemblies[family].set_service(key, rules))
         now = self.clock()
         desired = {family: a.table for family, a in self._assemblies.items()}
         delete_ops = self._due_deletes(now, desired)
@@ -654,11 +691,19 @@ class Proxier:
         before = self._rules_in(touched)
         try:
             self._commit(tx, delete_ops, now)
-        except NftError:
-            for family, assembly in self._assemblies.items():
-                for key, rules in previous[family].items():
-                    assembly.set_service(key, rules)
-            raise
+        except NftError as refusal:
+            known = set(self.quarantined) | set(self._retried)
+            base = {family: Touched(set(t.chains), set(t.elements), set(t.counters)) for family, t in touched.items()}
+            try:
+                operations = self._isolate(node_info, sorted(keys), base, delete_ops, last_good, refusal)
+            except NftError:
+                raise _FullSyncNeeded(f"the kernel refused a partial sync ({refusal})") from None
+            self._rule_totals = {family: table.rule_count() for family, table in self._committed.items()}
+            fresh = set(self.quarantined) - known
+            if fresh:
+                raise _FullSyncNeeded(f"the kernel refused {', '.join(sorted(fresh))}, which were not quarantined "
+                                      "before; reading the kernel back to rule out drift")
+            return SyncResult(False, operations, 0.0, len(keys))
         self._record(touched)
         for family, count in self._rules_in(touched).items():
             self._rule_totals[family] = self._rule_totals.get(family, 0) + count - before[family]
@@ -694,63 +739,100 @@ class Proxier:
             for family, t in touched.items() if family in self._committed
         }
 
-    def _apply_group(self, touched: dict[Family, Touched], delete_ops: list[Op] = ()) -> int:  # type: ignore[assignment]
+    def _apply_group(self, touched: dict[Family, Touched], delete_ops: Sequence[Op] = ()) -> int:
         """Send the difference for ``touched`` (and due chain deletes) as one transaction; raises NftError."""
         tx = self._transaction(touched)
         self._commit(tx, list(delete_ops), self.clock())
         self._record(touched)
         return tx.operations
 
+    def _owned(self, keys: Iterable[ServiceKey]) -> dict[Family, Touched]:
+        assert self._assemblies is not None
+        return {family: _union(a.owned(k) for k in keys) for family, a in self._assemblies.items()}
+
+    def _blame(self, refusal: NftError, group: list[ServiceKey]) -> list[ServiceKey]:
+        """The Services of ``group`` that own what the refused command touched (all of them if it is not known)."""
+        op = refusal.op
+        if op is None or self._assemblies is None:
+            return group
+        assembly = self._assemblies[op.family]
+        if op.kind == "element":
+            owners = assembly.owners(elements=[(op.name, e.key) for e in op.elements])
+        elif op.kind == "rules":
+            owners = assembly.owners(chains=[c.name for c in op.chains])
+        elif op.kind == "chain":
+            owners = assembly.owners(chains=[op.name])
+        elif op.kind == "counter":
+            owners = assembly.owners(counters=[op.name])
+        else:
+            owners = set()
+        suspects = [k for k in group if k in owners]
+        return suspects or group
+
     def _isolate(
         self,
         node_info: NodeInfo,
         keys: list[ServiceKey],
-        by_key: dict[Family, dict[ServiceKey, Touched]],
-        base: dict[Family, Touched],
+        touched: dict[Family, Touched],
         delete_ops: list[Op],
         last_good: Callable[[Family, ServiceKey], ServiceRules | None],
         refusal: NftError,
     ) -> int:
         """The kernel refused a sync's transaction: find the Services responsible and program everything else.
 
-        What no Service owns (the skeleton, stale objects, due chain deletes)
-        goes first; if the kernel refuses that, no Service is to blame and
-        the sync fails. Then the Services' parts go in halves: a half the
-        kernel takes is recorded, a half it refuses is split again, and a
-        single Service it refuses is quarantined: its part goes back to its
-        last good one, which the kernel still holds. About 2 log2(n)
+        ``touched`` is everything the refused transaction compared. What none
+        of ``keys`` owns (the skeleton, shared pick chains, objects nobody
+        contributes any more, due chain deletes) goes first; if the kernel
+        refuses that, or refuses even a transaction that changes nothing, no
+        Service is to blame and NftError is raised. Then the Services go in
+        chunks of ``ISOLATION_CHUNK``, each a transaction: a chunk the kernel
+        takes is recorded; for a chunk it refuses, the command it refused
+        names the suspects (the owners of what that command touched; the
+        whole chunk when the backend cannot say), which are halved until one
+        is left. That one is quarantined: its part goes back to its last good
+        one, which the kernel still holds. With netlink's answer, one or two
         transactions per Service refused.
         """
         assert self._assemblies is not None
         log.warning("the kernel refused a sync (%s); finding the Services responsible", refusal)
-        operations = self._apply_group(base, delete_ops)
+        owned = self._owned(keys)
+        for family, t in touched.items():
+            t.discard(owned[family])
+        operations = self._apply_group(touched, delete_ops)
         try:
             self.backend.apply(_probe(self._committed))
         except NftError:
             raise refusal from None  # the kernel takes nothing at all: no Service is to blame
-        groups = [keys] if keys else []
+        groups = [keys[i:i + ISOLATION_CHUNK] for i in range(0, len(keys), ISOLATION_CHUNK)]
         deferred: list[dict[Family, Touched]] = []
         while groups:
-            group = groups.pop()
-            touched = {family: _union(by_key[family].get(k, Touched()) for k in group) for family in FAMILIES}
+            group = groups.pop(0)
             try:
-                operations += self._apply_group(touched)
+                operations += self._apply_group(self._owned(group))
+                continue
             except NftError as exc:
-                if len(group) > 1:
-                    half = len(group) // 2
-                    groups += [group[half:], group[:half]]
+                suspects = self._blame(exc, group)
+                if len(suspects) > 1:
+                    half = len(suspects) // 2
+                    others = [k for k in group if k not in suspects]
+                    groups[:0] = [part for part in (suspects[:half], suspects[half:], others) if part]
                     continue
-                key = group[0]
-                self._quarantine(key, node_info, "kernel_refused", str(exc))
-                back = {family: self._assemblies[family].set_service(key, last_good(family, key)) for family in FAMILIES}
-                for family in FAMILIES:
-                    back[family].update(by_key[family].get(key, Touched()))
-                try:
-                    operations += self._apply_group(back)
-                except NftError:
-                    # An element several Services contribute now goes to the next of them, which
-                    # may be refused too and is not tested yet: try again once every group is done.
-                    deferred.append(back)
+                key = suspects[0]
+                error = exc
+            before = self._owned([key])
+            self._quarantine(key, node_info, "kernel_refused", str(error), {f: last_good(f, key) for f in FAMILIES})
+            back = {family: self._assemblies[family].set_service(key, last_good(family, key)) for family in FAMILIES}
+            for family in FAMILIES:
+                back[family].update(before[family])
+            rest = [k for k in group if k != key]
+            if rest:
+                groups.insert(0, rest)
+            try:
+                operations += self._apply_group(back)
+            except NftError:
+                # An element several Services contribute now goes to the next of them, which
+                # may be refused too and is not tested yet: try again once every group is done.
+                deferred.append(back)
         if deferred:
             operations += self._apply_group({family: _union(d[family] for d in deferred) for family in FAMILIES})
         return operations

@@ -42,12 +42,17 @@ _LOCATION = re.compile(r"^(?:\S+):(\d+):\d+(?:-\d+)?: Error: (.*)$")
 
 
 class NftError(Exception):
-    """The kernel or libnftables refused a transaction; the refused batch changed nothing."""
+    """The kernel or libnftables refused a transaction; the refused batch changed nothing.
 
-    def __init__(self, message: str, command: str | None = None) -> None:
+    ``op`` is the refused command when it is known (netlink says which message
+    it refused), so the sync engine can tell whose objects it touched.
+    """
+
+    def __init__(self, message: str, command: str | None = None, op: Op | None = None) -> None:
         super().__init__(f"{message}: {command}" if command else message)
         self.reason = message
         self.command = command
+        self.op = op
 
 
 class CapabilityError(Exception):
@@ -253,7 +258,7 @@ class NftablesBackend:
         try:
             self._netlink.send(tx, batch)
         except NetlinkError as exc:
-            raise NftError(str(exc)) from None
+            raise NftError(str(exc), op=exc.op) from None
 
     def apply_in_order(self, transactions: Iterable[Transaction]) -> None:
         """Apply transactions one after the other, each atomically, and stop at the first refused.

@@ -51,7 +51,7 @@ class FakeBackend:
             try:
                 self._apply(tables, rules, op)
             except NftError as exc:
-                raise NftError(exc.reason, op.render()) from None
+                raise NftError(exc.reason, op.render(), op=op) from None
         self._check_references(tables, rules)
         self.tables, self.rules = tables, rules
         self.transactions.append(tx)

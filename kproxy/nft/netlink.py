@@ -33,7 +33,7 @@ import logging
 import os
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator
 
 from kproxy.memory import gc_paused
@@ -89,11 +89,12 @@ Field = Callable[[str], bytes]
 
 
 class NetlinkError(Exception):
-    """The kernel refused a batch (nothing of it was applied)."""
+    """The kernel refused a batch (nothing of it was applied); ``op`` is the command it refused, if known."""
 
-    def __init__(self, message: str, code: int) -> None:
+    def __init__(self, message: str, code: int, op: Op | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.op = op
 
 
 def _ipv4(text: str) -> bytes:
@@ -349,8 +350,9 @@ def _message(kind: int, flags: int, seq: int, family: int, payload: bytes, res_i
     return struct.pack("=IHHII", length, kind, flags, seq, 0) + nfgen + payload
 
 
-def _element_messages(op: Op, first_seq: int) -> Iterator[bytes]:
-    """The messages of an element command, one at a time (a message holds up to 60 KB of elements)."""
+def _element_messages(op: Op, first_seq: int) -> Iterator[tuple[bytes, int, int]]:
+    """The messages of an element command, one at a time (a message holds up to 60 KB of elements),
+    each with the range of ``op.elements`` it carries."""
     layout = layouts(op.family)[op.name]
     adding = op.verb == "add"
     kind = (NFNL_SUBSYS_NFTABLES << 8) | (NFT_MSG_NEWSETELEM if adding else NFT_MSG_DELSETELEM)
@@ -359,16 +361,18 @@ def _element_messages(op: Op, first_seq: int) -> Iterator[bytes]:
     family = NFPROTO[op.family]
     seq = first_seq
     chunk: list[bytes] = []
-    size = 0
-    for encoded in _encoded_elements(layout, op.elements, adding):
+    size = start = 0
+    for index, encoded in enumerate(_encoded_elements(layout, op.elements, adding)):
         if size + len(encoded) > MAX_ELEMENTS_BYTES and chunk:
-            yield _message(kind, flags, seq, family, head + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, b"".join(chunk)))
+            message = head + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, b"".join(chunk))
+            yield _message(kind, flags, seq, family, message), start, index
             seq += 1
-            chunk, size = [], 0
+            chunk, size, start = [], 0, index
         chunk.append(encoded)
         size += len(encoded)
     if chunk:
-        yield _message(kind, flags, seq, family, head + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, b"".join(chunk)))
+        message = head + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, b"".join(chunk))
+        yield _message(kind, flags, seq, family, message), start, len(op.elements)
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +385,20 @@ class Batch:
     """The sequence number of the last command, the one that asks for an ACK."""
     seqs: range = range(0)
     """Every sequence number of the batch, begin and end included (errors at commit carry the begin's)."""
+    parts: dict[int, tuple[int, int]] | None = None
+    """What of its command each message carries: a range of elements, or of chains (rules)."""
+
+    def refused(self, seq: int) -> Op | None:
+        """The command a refused message belongs to, narrowed to the elements or chain that message carried."""
+        op = self.commands.get(seq)
+        if op is None or self.parts is None or seq not in self.parts:
+            return op
+        lo, hi = self.parts[seq]
+        if op.kind == "element":
+            return replace(op, elements=op.elements[lo:hi])
+        if op.kind == "rules":
+            return replace(op, chains=op.chains[lo:hi])
+        return op
 
 
 def encode(tx: Transaction, first_seq: int = 1) -> Batch:
@@ -402,6 +420,7 @@ def _encode(tx: Transaction, first_seq: int) -> Batch:
     # list of its messages plus their join would hold it twice.
     out = bytearray(_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, first_seq, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES))
     commands: dict[int, Op] = {}
+    parts: dict[int, tuple[int, int]] = {}
     seq = first_seq + 1
     last_at = -1
     if not tx.ops:
@@ -410,8 +429,10 @@ def _encode(tx: Transaction, first_seq: int) -> Batch:
         if not _sendable_kind(op):
             raise NotEncodable(op.render()[:200])
         messages = _element_messages(op, seq) if op.kind == "element" else _object_messages(op, seq)
-        for message in messages:
+        for message, lo, hi in messages:
             commands[seq] = op
+            if hi - lo != len(op.elements or op.chains):
+                parts[seq] = (lo, hi)
             seq += 1
             last_at = len(out)
             out += message
@@ -419,7 +440,7 @@ def _encode(tx: Transaction, first_seq: int) -> Batch:
         (flags,) = struct.unpack_from("=H", out, last_at + 6)
         struct.pack_into("=H", out, last_at + 6, flags | NLM_F_ACK)
     out += _message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES)
-    return Batch(out, commands, max(commands) if commands else 0, range(first_seq, seq + 1))
+    return Batch(out, commands, max(commands) if commands else 0, range(first_seq, seq + 1), parts)
 
 
 def _udata_comment(kind: int, text: str) -> bytes:
@@ -428,8 +449,8 @@ def _udata_comment(kind: int, text: str) -> bytes:
     return _attr(kind, bytes([NFTNL_UDATA_COMMENT, len(raw)]) + raw)
 
 
-def _object_messages(op: Op, first_seq: int) -> list[bytes]:
-    """Messages for chain, counter and rule commands."""
+def _object_messages(op: Op, first_seq: int) -> list[tuple[bytes, int, int]]:
+    """Messages for chain, counter and rule commands (rules: with the index of the chain each is for)."""
     family = NFPROTO[op.family]
     kind = op.kind
     if kind == "rules":
@@ -448,14 +469,14 @@ def _object_messages(op: Op, first_seq: int) -> list[bytes]:
     else:
         note = _udata_comment(NFTA_OBJ_USERDATA, op.comment) if op.comment else b""
         msg_type, flags, payload = NFT_MSG_NEWOBJ, NLM_F_CREATE, _TABLE_ATTR + name + _COUNTER_TYPE + _COUNTER_ZERO + note
-    return [_message((NFNL_SUBSYS_NFTABLES << 8) | msg_type, NLM_F_REQUEST | flags, first_seq, family, payload)]
+    return [(_message((NFNL_SUBSYS_NFTABLES << 8) | msg_type, NLM_F_REQUEST | flags, first_seq, family, payload), 0, 0)]
 
 
-def _rule_messages(op: Op, first_seq: int, family: int) -> list[bytes]:
-    messages = []
+def _rule_messages(op: Op, first_seq: int, family: int) -> list[tuple[bytes, int, int]]:
+    messages: list[tuple[bytes, int, int]] = []
     kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE
     flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND
-    for chain in op.chains:
+    for position, chain in enumerate(op.chains):
         where = _TABLE_ATTR + _attr(NFTA_RULE_CHAIN, _string(chain.name))
         last = len(chain.rules) - 1
         for index, rule in enumerate(chain.rules):
@@ -465,7 +486,7 @@ def _rule_messages(op: Op, first_seq: int, family: int) -> list[bytes]:
             payload = where + _attr(NFTA_RULE_EXPRESSIONS | NLA_F_NESTED, expressions)
             if index == last:
                 payload += _udata_comment(NFTA_RULE_USERDATA, DIGEST_PREFIX + rules_digest(chain.rules))
-            messages.append(_message(kind, flags, first_seq + len(messages), family, payload))
+            messages.append((_message(kind, flags, first_seq + len(messages), family, payload), position, position + 1))
     return messages
 
 
@@ -541,9 +562,11 @@ class BatchSocket:
                     failure = (seq, code)
         if failure is not None:
             seq, code = failure
-            op = batch.commands.get(seq)
+            op = batch.refused(seq)
             what = f"{op.verb} {op.kind} {op.family} {TABLE} {op.name or ''}".rstrip() if op else f"message {seq}"
-            raise NetlinkError(f"the kernel refused {what}: {os.strerror(code)}", code)
+            if op is not None and op.kind == "rules":
+                what += " " + ", ".join(chain.name for chain in op.chains)
+            raise NetlinkError(f"the kernel refused {what}: {os.strerror(code)}", code, op)
         if batch.commands and not answered:
             raise NetlinkError("no answer from the kernel for the batch", errno.EIO)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from kproxy.cluster.model import ServiceKey
 from kproxy.nft.objects import Chain, Element, Family, ServiceRules, Table
@@ -56,7 +57,9 @@ class Assembly:
         self._chain_users: dict[str, int] = {}
         """chain -> how many contributions have it (the pick chains are shared)."""
         self._frontends: dict[str, dict[tuple[int, ServiceKey], tuple[tuple[str, Element], ...]]] = {}
-        """frontend -> the endpoint slots each Service gives it (see ``_set_slots``)."""
+        """frontend -> the elements (endpoint slots, firewall) each Service gives it (see ``_set_slots``)."""
+        self._slot_owner: dict[tuple[str, str], ServiceKey] = {}
+        """(set, key) of a frontend's elements -> the Service that owns the frontend now."""
         self.set_base(base)
 
     def set_base(self, base: Table) -> Touched:
@@ -132,11 +135,14 @@ class Assembly:
             elements = self.table.elements
             for set_name, element in shown:
                 elements.get(set_name, {}).pop(element.key, None)
+                self._slot_owner.pop((set_name, element.key), None)
+            owner = min(contenders)[1] if contenders else BASE
             for set_name, element in now:
                 members = elements.get(set_name)
                 if members is None:
                     members = elements[set_name] = {}
                 members[element.key] = element
+                self._slot_owner[(set_name, element.key)] = owner
             if track:
                 touched.elements.update([(set_name, element.key) for set_name, element in (*shown, *now)])
 
@@ -179,6 +185,46 @@ class Assembly:
 
     def services(self) -> set[ServiceKey]:
         return {k for k in self._parts if k != BASE}
+
+    def element_owner(self, set_name: str, key: str) -> ServiceKey | None:
+        """The Service whose element the table holds for (set, key), if any."""
+        contested = self._contested.get((set_name, key))
+        if contested:
+            return contested[0][0]
+        owner = self._owner.get(set_name, {}).get(key)
+        return owner if owner is not None else self._slot_owner.get((set_name, key))
+
+    def owners(self, chains: Iterable[str] = (), elements: Iterable[tuple[str, str]] = (),
+               counters: Iterable[str] = ()) -> set[ServiceKey]:
+        """The Services that decide these objects (for blaming a refused command). Shared chains have no owner."""
+        found = {owner for set_name, key in elements if (owner := self.element_owner(set_name, key)) is not None}
+        chains, counters = set(chains), set(counters)
+        if chains or counters:
+            for key, rules in self._parts.items():
+                if any(c.name in chains and self._chain_users.get(c.name) == 1 for c in rules.chains) or any(
+                        name in counters for name, _ in rules.counters):
+                    found.add(key)
+        found.discard(BASE)
+        return found
+
+    def owned(self, key: ServiceKey) -> Touched:
+        """What ``key`` alone decides now: its own chains and counters, the elements it wins, its frontends' elements.
+
+        Shared chains (the pick chains) and elements another Service wins are left out:
+        they are someone else's to send.
+        """
+        rules = self._parts.get(key)
+        owned = Touched()
+        if rules is None:
+            return owned
+        owned.chains = {chain.name for chain in rules.chains if self._chain_users.get(chain.name) == 1}
+        owned.counters = {name for name, _ in rules.counters}
+        owned.elements = {(s, e.key) for s, e in rules.elements if self.element_owner(s, e.key) == key}
+        for frontend, rank, items in rules.slots:
+            contenders = self._frontends.get(frontend)
+            if contenders and min(contenders) == (rank, key):
+                owned.elements.update((s, e.key) for s, e in items)
+        return owned
 
     def part(self, key: ServiceKey) -> ServiceRules | None:
         """What ``key`` contributes now (None if nothing)."""

@@ -30,9 +30,10 @@ import functools
 import hashlib
 import ipaddress
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from kproxy.cluster.model import Cluster, EndpointSlice, IPFamily, Node, Service, ServiceKey, ServicePort
+from kproxy.cluster.validate import collapse, spell, spell_network
 from kproxy.memory import gc_paused
 from kproxy.nft.objects import Chain, Element, Family, Ruleset, ServiceRules, Table, fit_comment
 from kproxy.rules.assembly import Assembly
@@ -123,7 +124,7 @@ def chain_name(kind: str, service: Service, port: ServicePort) -> str:
 def _interval(cidr: str) -> str:
     """A CIDR as an interval-set element: a full-length prefix is written (and read back) as the address."""
     network = ipaddress.ip_network(cidr)
-    return str(network.network_address) if network.prefixlen == network.max_prefixlen else cidr
+    return spell(network.network_address) if network.prefixlen == network.max_prefixlen else spell_network(network)
 
 
 def _addr(address: str) -> str:
@@ -259,34 +260,44 @@ load-balancer IPs) before ``service-nodeports``, so for one address . port an
 address frontend wins over a NodePort; among equals the first Service in key order."""
 
 
-def _add_slots(
-    slots: dict[str, tuple[int, int, list[tuple[str, Element]]]],
+def _claim(
+    owned: dict[str, tuple[int, int, list[tuple[str, Element]]]],
     frontends: Sequence[tuple[str, int]],
     port_index: int,
-    endpoints: Sequence[PortEndpoint],
-    local: bool,
-    label: str,
+    items: Callable[[str], list[tuple[str, Element]]],
 ) -> None:
-    """Add one port's endpoint slots to ``slots`` (frontend -> (rank, port index, [(map, element)])).
+    """Add one port's per-frontend elements to ``owned`` (frontend -> (rank, port index, [(set, element)])).
 
-    A frontend that one Service reaches through two ports (an external IP
-    equal to a node address, on a port equal to another port's NodePort)
-    gets the slots of the port that dispatch reaches: the better rank, then
-    the first port.
+    A frontend's elements (its endpoint slots, its firewall) come into a table
+    from one Service port only, the one dispatch reaches (see
+    ``ServiceRules.slots``). A frontend that one Service reaches through two
+    ports (an external IP equal to a node address, on a port equal to another
+    port's NodePort) gets the elements of the port that dispatch reaches: the
+    better rank, then the first port.
     """
-    numbers = _SLOTS[local]
-    targets = [(_ENDPOINTS_MAPS[k], numbers[k], f"{pe.address} . {pe.port}") for k, pe in enumerate(endpoints, 1)]
     for frontend, rank in frontends:
-        held = slots.get(frontend)
+        held = owned.get(frontend)
         if held is not None and (held[0], held[1]) != (rank, port_index):
             if held[0] <= rank:
                 continue
             held = None
         if held is None:
-            held = slots[frontend] = (rank, port_index, [])
-        held[2].extend([
-            (map_name, Element(f"{frontend} . {number}", target, label)) for map_name, number, target in targets
-        ])
+            held = owned[frontend] = (rank, port_index, [])
+        held[2].extend(items(frontend))
+
+
+def _slot_items(endpoints: Sequence[PortEndpoint], local: bool, label: str) -> Callable[[str], list[tuple[str, Element]]]:
+    numbers = _SLOTS[local]
+    targets = [(_ENDPOINTS_MAPS[k], numbers[k], f"{pe.address} . {pe.port}") for k, pe in enumerate(endpoints, 1)]
+    return lambda frontend: [
+        (map_name, Element(f"{frontend} . {number}", target, label)) for map_name, number, target in targets
+    ]
+
+
+def _firewall_items(sources: Sequence[str], label: str) -> Callable[[str], list[tuple[str, Element]]]:
+    return lambda frontend: [("firewall-ips", Element(frontend, comment=label))] + [
+        ("firewall-allow", Element(f"{frontend} . {_interval(source)}", comment=label)) for source in sources
+    ]
 
 
 def compile_service(
@@ -316,6 +327,8 @@ def compile_service(
         # upstream does, since a connection from the node to its own load balancer often
         # comes back with the load-balancer IP as its source (MetalLB, kube-vip, clouds).
         allowed_sources = ranges + [f"{ip}/{32 if fam == 4 else 128}" for ip in lb_ips]
+    # An interval set refuses overlapping elements: 10.0.0.0/8 and 10.1.0.0/16 are one range.
+    allowed_sources = collapse(allowed_sources)
     cidrs = [c for c in config.cluster_cidrs if _family_of(c.split("/")[0]) == fam]
 
     for port_index, port in enumerate(service.ports):
@@ -341,12 +354,12 @@ def compile_service(
             chains.append(_endpoint_chain(svc_chain, family, service, port, label, cluster_ip, selection.cluster, suffix, False))
             if uses_pick_chains(service, selection.cluster):
                 chains += pick_chains_for(family, pick_class(len(selection.cluster)) or 0, False)
-                _add_slots(slots, port_frontends, port_index, selection.cluster, False, label)
+                _claim(slots, port_frontends, port_index, _slot_items(selection.cluster, False, label))
         if has_local_chain:
             chains.append(_endpoint_chain(local_chain, family, service, port, label, cluster_ip, selection.local, suffix, True))
             if uses_pick_chains(service, selection.local):
                 chains += pick_chains_for(family, pick_class(len(selection.local)) or 0, True)
-                _add_slots(slots, port_frontends, port_index, selection.local, True, label)
+                _claim(slots, port_frontends, port_index, _slot_items(selection.local, True, label))
         # Every endpoint, wherever it runs: nodeName may be unset or stale (as upstream, whose
         # endpoint chains all start with "ip saddr <endpoint> jump mark-for-masquerade").
         for address in sorted({pe.address for pe in selection.cluster + selection.local}):
@@ -365,12 +378,11 @@ def compile_service(
         else:
             elements.append(("service-ips", Element(key, internal, label)))
 
-        # loadBalancerSourceRanges of this family guard the load-balancer IPs, endpoints or not.
-        for ip in lb_ips if ranges else ():
-            frontend = f"{ip} . {proto} . {port.port}"
-            elements.append(("firewall-ips", Element(frontend, comment=label)))
-            for source in allowed_sources:
-                elements.append(("firewall-allow", Element(f"{frontend} . {_interval(source)}", comment=label)))
+        # loadBalancerSourceRanges of this family guard the load-balancer IPs, endpoints or not:
+        # the firewall of a frontend is its owner's (a Service that loses it adds nothing).
+        if ranges:
+            lb_frontends = [(f"{ip} . {proto} . {port.port}", ADDRESS_FRONTEND) for ip in lb_ips]
+            _claim(slots, lb_frontends, port_index, _firewall_items(allowed_sources, label))
 
         # NodePort, externalIPs and load-balancer IPs follow externalTrafficPolicy.
         if not (external_ips or port.node_port):
@@ -450,14 +462,12 @@ def base_table(node: NodeInfo, config: ProxyConfig, family: Family, service_cidr
     """The skeleton plus the elements that come from the node, the config and the ServiceCIDRs."""
     table = skeleton_table(family, table_options(config, family))
     fam = FAMILIES[family]
-    for cidr in config.cluster_cidrs:
-        if _family_of(cidr.split("/")[0]) == fam:
-            table.add_element("cluster-cidrs", Element(_interval(cidr), comment="--cluster-cidr"))
+    for cidr in collapse(c for c in config.cluster_cidrs if _family_of(c.split("/")[0]) == fam):
+        table.add_element("cluster-cidrs", Element(_interval(cidr), comment="--cluster-cidr"))
     for address in nodeport_addresses(node, config, family):
         table.add_element("nodeport-ips", Element(address, comment=fit_comment(f"node {node.name}")))
-    for cidr in service_cidrs:
-        if _family_of(cidr.split("/")[0]) == fam:
-            table.add_element("service-cidrs", Element(_interval(cidr), comment="ServiceCIDR"))
+    for cidr in collapse(c for c in service_cidrs if _family_of(c.split("/")[0]) == fam):
+        table.add_element("service-cidrs", Element(_interval(cidr), comment="ServiceCIDR"))
     return table
 
 
