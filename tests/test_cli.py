@@ -124,3 +124,14 @@ def test_console_script_and_module_agree() -> None:
     via_script = subprocess.run([str(script), "--dry-run", "--from-file", str(EXAMPLE), "--node-name", "node-a"],
                                 capture_output=True, text=True, cwd=ROOT)
     assert via_script.stdout == kproxy("--dry-run", "--from-file", str(EXAMPLE), "--node-name", "node-a").stdout
+
+
+@pytest.mark.root
+def test_once_with_an_odd_kind_is_a_warning_not_a_traceback(tmp_path: Path, empty_netns) -> None:
+    """--once reads an object whose kind is not a string like --dry-run does: it is ignored."""
+    path = tmp_path / "odd.yaml"
+    path.write_text("kind: [Service]\nmetadata: {name: x}\n---\n" + yaml.safe_dump(service("good", cluster_ip="10.96.7.1")))
+    result = empty_netns.run(sys.executable, "-m", "kproxy", "--once", "--from-file", str(path), "--node-name", "node-a",
+                             check=False)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-800:]
+    assert "10.96.7.1 . tcp . 80" in empty_netns.nft("list", "table", "ip", "kproxy").stdout

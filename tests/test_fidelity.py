@@ -154,3 +154,15 @@ def test_source_ranges_guard_a_load_balancer_without_endpoints(bed: NetBed, tmp_
     ])
     assert bed.client.connect("203.0.113.35", 80, timeout=2).error == "refused", "an allowed source learns: no endpoints"
     assert bed.client2.connect("203.0.113.35", 80, timeout=0.5).error == "timeout", "a blocked source learns nothing"
+
+
+def test_ipv6_spelled_as_nft_spells_it_converges(bed: NetBed, tmp_path: Path) -> None:
+    """An IPv4-compatible IPv6 external IP ('::1:2', which nft prints '::0.1.0.2'): a second --once sends nothing."""
+    objects = [service("v6", cluster_ip="fd00:96::36", ipFamilies=["IPv6"], externalIPs=["::1:2"]),
+               pod_slice("v6", bed.pods[:1], 6)]
+    path = tmp_path / "v6.yaml"
+    path.write_text(yaml.safe_dump_all([node(bed.node_name, [bed.node_ip4, bed.node_ip6], zone=bed.zone), *objects]))
+    args = (sys.executable, "-m", "kproxy", "--once", "--from-file", str(path), "--node-name", bed.node_name)
+    assert "applied 0 operations" not in bed.node.run(*args).stdout
+    again = bed.node.run(*args).stdout
+    assert "applied 0 operations" in again, again

@@ -211,6 +211,11 @@ CORPUS: list[tuple[str, Callable[[], str | bytes], int]] = [
     ("scalar-document", _text("just a string\n"), 2),
     ("list-items-not-a-list", _text("kind: List\nitems: 5\n"), 2),
     ("unhashable-key", _text("? [a, b]\n: c\n"), 2),
+    ("json-integer-of-5000-digits", _text('{"kind": "Service", "spec": {"ports": [{"port": 1' + "0" * 5000 + "}]}}"), 2),
+    ("yaml-binary-tag", _text("kind: Service\nmetadata: {name: x}\nspec: !!binary aGVsbG8=\n"), 2),
+    ("flow-style-yaml", _text("{apiVersion: v1, kind: Service, metadata: {name: flow, namespace: ns}, "
+                              "spec: {clusterIP: 10.96.100.20, clusterIPs: [10.96.100.20], ports: [{port: 80}]}}\n"), 0),
+    ("json-documents-in-a-yaml-stream", _text(json.dumps(SVC) + "\n---\n" + json.dumps(SLICE) + "\n"), 0),
 ]
 
 
@@ -245,6 +250,17 @@ def test_hostile_manifest_beside_a_good_service(tmp_path: Path, nft_check, conte
 def test_corpus_is_large_enough() -> None:
     """The issue asks for at least 60 hostile or odd manifests."""
     assert len(CORPUS) >= 60 and len({case[0] for case in CORPUS}) == len(CORPUS)
+
+
+def test_a_small_yaml_flood_stays_within_bounded_memory(tmp_path: Path) -> None:
+    """A 3 MB YAML file of a million empty lists costs the values it holds, not a node graph (it was 700 MB)."""
+    flood = tmp_path / "flood.yaml"
+    flood.write_text("kind: Foo\nx: [" + ",".join(["[]"] * 1_000_000) + "]\n")
+    code = ("import resource, kproxy.cluster.manifests as m; m.load_manifest_files([%r]); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)" % str(flood))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert int(out.stdout) < 250_000, f"peak RSS {int(out.stdout) // 1024} MB"
 
 
 def test_json_goes_through_json(monkeypatch: pytest.MonkeyPatch) -> None:
