@@ -68,6 +68,10 @@ def ip(value: Any, special_ok: bool = True) -> str:
     if _CANONICAL_V4.fullmatch(value):
         if special_ok:
             return value  # the common case: nothing to build
+        first, second, _ = value.split(".", 2)
+        a = int(first)
+        if a != 0 and a != 127 and not 224 <= a <= 239 and not (a == 169 and second == "254"):
+            return value  # an endpoint's address (100k at 10k Services): no IPv4Address built
         address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv4Address(value)
         text = value
     else:

@@ -220,18 +220,21 @@ class Proxier:
 
     def _convert(self, kind: str, obj: Mapping[str, Any], convert: Callable[[Mapping[str, Any], Notes], Any]) -> Any:
         """Convert one object; report what was skipped (all of it, or parts). None if it is skipped or not proxied."""
-        key = object_key(obj)
         notes: Notes = []
         value = None
-        problems = []
+        failed: tuple[str, str] | None = None
         try:
             value = convert(obj, notes)
         except NotProxied:
             pass
         except InvalidObject as exc:
-            problems.append(Problem(kind, key, exc.reason, str(exc)))
+            failed = (exc.reason, str(exc))
         except Exception as exc:  # conversion promises InvalidObject only; one object must never stop a relist
-            problems.append(Problem(kind, key, "malformed", f"{type(exc).__name__}: {exc}"))
+            failed = ("malformed", f"{type(exc).__name__}: {exc}")
+        if failed is None and not notes and not self._problems:
+            return value  # the common case: nothing to report, nothing reported before
+        key = object_key(obj)
+        problems = [Problem(kind, key, *failed)] if failed is not None else []
         problems += [Problem(kind, key, reason, message, part=True) for reason, message in notes]
         self._report(kind, key, problems)
         return value
@@ -266,11 +269,11 @@ class Proxier:
         elif service is not None:
             self._tombstones.pop(key, None)
         if service is not old:
-            sharing = self._frontends.neighbours({key})
+            sharing = self._frontends.neighbours({key}) if self.quarantined else set()
             for conflict in self._frontends.update(key, service):
                 log.warning("%s", conflict)
-            # A quarantined Service sharing a frontend with this one may be freed by the change.
-            self._retry |= {k for k in sharing | self._frontends.neighbours({key}) if k in self.quarantined}
+            if self.quarantined:  # a quarantined Service sharing a frontend with this one may be freed by the change
+                self._retry |= {k for k in sharing | self._frontends.neighbours({key}) if k in self.quarantined}
         self.tracker.set_service(key, service)
 
     def on_slice(self, event: str, obj: Mapping[str, Any]) -> None:
