@@ -106,17 +106,19 @@ def test_hairpin_whatever_the_endpoint_node_name(bed: NetBed, tmp_path: Path, no
 def test_local_external_policy_short_circuits_to_the_cluster_endpoints(bed: NetBed, tmp_path: Path) -> None:
     """eTP=Local with iTP=Local: pods and the node reach the LB IP and NodePort through all endpoints, as upstream."""
     once(bed, tmp_path, [
-        service("both-local", cluster_ip="10.96.0.33", type="LoadBalancer", externalTrafficPolicy="Local",
-                internalTrafficPolicy="Local", ports=[{"name": "http", "port": 80, "nodePort": 30133}],
-                status={"loadBalancer": {"ingress": [{"ip": "203.0.113.33"}]}}),
-        pod_slice("both-local", bed.remote_pods),
+        service("both-local", cluster_ip=["10.96.0.33", "fd00:96::33"], ipFamilies=["IPv4", "IPv6"],
+                type="LoadBalancer", externalTrafficPolicy="Local", internalTrafficPolicy="Local",
+                ports=[{"name": "http", "port": 80, "nodePort": 30133}],
+                status={"loadBalancer": {"ingress": [{"ip": "203.0.113.33"}, {"ip": "2001:db8::33"}]}}),
+        pod_slice("both-local", bed.remote_pods, 4), pod_slice("both-local", bed.remote_pods, 6),
     ])
     remote = {p.name for p in bed.remote_pods}
     client_pod = bed.local_pods[0].netns
-    for dst, port in (("203.0.113.33", 80), (bed.node_ip4, 30133)):
+    for dst, port in (("203.0.113.33", 80), (bed.node_ip4, 30133), ("2001:db8::33", 80), (bed.node_ip6, 30133)):
         from_pod = client_pod.connect_many(dst, port, 40)
         assert from_pod.all_ok and from_pod.servers == remote, f"pod -> {dst}:{port}: {from_pod.summary()}"
-        assert from_pod.peers == {bed.local_pods[0].ip4}, "a pod's traffic keeps its source"
+        pod_ip = bed.local_pods[0].ip6 if ":" in dst else bed.local_pods[0].ip4
+        assert from_pod.peers == {pod_ip}, "a pod's traffic keeps its source"
         from_node = bed.node.connect_many(dst, port, 20)
         assert from_node.all_ok and from_node.servers == remote, f"node -> {dst}:{port}: {from_node.summary()}"
     assert bed.client.connect(bed.node_ip4, 30133, timeout=0.5).error == "timeout", \
