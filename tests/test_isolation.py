@@ -134,8 +134,8 @@ def test_kernel_refusing_one_service_quarantines_it_alone(bed: NetBed, api_in_no
     try:
         _programmed_within(bed, "10.96.0.61", bed.pods[:1], 15, "the steady Service, beside a refused one at startup")
         assert set(daemon.proxier.quarantined) == {"default/refused-early"}
+        # No slice: its arrival, in a sync of its own, would change the refused Service, rightly counted again.
         api.create(service("refused-late", cluster_ip="10.96.0.62"))
-        api.create(pod_slice("refused-late", bed.pods[:1]))
         api.create(service("other", cluster_ip="10.96.0.63"))
         api.create(pod_slice("other", bed.pods[1:2]))
         _programmed_within(bed, "10.96.0.63", bed.pods[1:2], 5, "a Service created beside a refused one")
@@ -154,6 +154,7 @@ def test_kernel_refusing_one_service_quarantines_it_alone(bed: NetBed, api_in_no
         assert RefusingBackend.refusals == refusals, "a quarantined Service is not retried until it changes"
 
         RefusingBackend.refuse = None  # the kernel takes it now; the Service changes, so it is retried
+        api.create(pod_slice("refused-late", bed.pods[:1]))
         api.update(service("refused-late", cluster_ip="10.96.0.62", labels={"v": "2"},
                            ports=[{"name": "http", "port": 80}, {"name": "alt", "port": 81}]))
         _programmed_within(bed, "10.96.0.62", bed.pods[:1], 3, "the fixed Service")
