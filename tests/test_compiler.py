@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from kproxy.cluster.convert import build_cluster
 from kproxy.nft.objects import UnsafeText, comment
+from kproxy.nft.statements import DnatFromMap, DnatTo, Numgen, NumgenIs, Verdict
 from kproxy.rules.compiler import PICK_CLASSES, NodeInfo, ProxyConfig, compile_ruleset, pick_class, slot
 from kproxy.rules.plan import render_ruleset
 from kproxy.rules.skeleton import skeleton_table
@@ -82,12 +83,12 @@ def test_cascade_is_uniform() -> None:
     count = PICK_CLASSES[-1] + 1
     table = _compile(_cluster(1, count)).table("ip")
     chain = next(c for n, c in table.chains.items() if n.startswith("svc-"))
-    dnat_rules = [r for r in chain.rules if "dnat to" in r]
+    dnat_rules = [rule for rule in chain.rules if any(isinstance(s, DnatTo) for s in rule)]
     remaining = Fraction(1)
     probabilities = []
     for rule in dnat_rules:
-        match = re.search(r"numgen random mod (\d+) 0", rule)
-        p = Fraction(1, int(match.group(1))) if match else Fraction(1)
+        moduli = [s.modulus for s in rule if isinstance(s, NumgenIs)]
+        p = Fraction(1, moduli[0]) if moduli else Fraction(1)
         probabilities.append(remaining * p)
         remaining -= remaining * p
     assert probabilities == [Fraction(1, count)] * count
@@ -101,21 +102,21 @@ def _pick_probabilities(table: Any, chain_name: str, frontend: str) -> dict[str,
     while name is not None:
         chain, name = table.chains[name], None
         for rule in chain.rules:
-            goto = re.fullmatch(r"goto (\S+)", rule)
-            if goto:
-                name = goto.group(1)
+            if len(rule) == 1 and isinstance(rule[0], Verdict) and rule[0].kind == "goto":
+                name = rule[0].chain
                 break
-            if rule == "drop":
+            if rule == (Verdict("drop"),):
                 if remaining:
                     result["drop"] = remaining
                 break
-            match = re.fullmatch(
-                r"dnat ip to ip daddr \. meta l4proto \. th dport \. numgen random mod (\d+) offset (\d+) map @(endpoints-\d+)", rule
-            )
-            assert match, rule
-            element = table.elements.get(match.group(3), {}).get(f"{frontend} . {match.group(2)}")
+            (pick,) = rule
+            assert isinstance(pick, DnatFromMap), rule
+            assert pick.key[:3] == ("daddr", "l4proto", "dport"), rule
+            numgen = pick.key[3]
+            assert isinstance(numgen, Numgen), rule
+            element = table.elements.get(pick.map, {}).get(f"{frontend} . {numgen.offset}")
             if element is not None:
-                hit = remaining / int(match.group(1))
+                hit = remaining / numgen.modulus
                 result[element.value] = result.get(element.value, Fraction(0)) + hit
                 remaining -= hit
     return result
@@ -126,10 +127,10 @@ def test_pick_chains_are_uniform_for_every_frontend(count: int) -> None:
     """Each endpoint is picked with probability exactly 1/N, from the ClusterIP and the NodePort; never the drop."""
     table = _compile(_cluster(1, count)).table("ip")
     svc = next(c for n, c in table.chains.items() if n.startswith("svc-"))
-    assert svc.rules[-1].endswith(f" goto pick-{pick_class(count)}")
-    assert not any("dnat" in rule for rule in svc.rules)
+    assert svc.rules[-1][-1] == Verdict("goto", f"pick-{pick_class(count)}")
+    assert not any(isinstance(s, (DnatTo, DnatFromMap)) for rule in svc.rules for s in rule)
     for frontend in ("10.96.0.1 . tcp . 80", "192.168.50.1 . tcp . 30000"):
-        probabilities = _pick_probabilities(table, svc.rules[-1].split()[-1], frontend)
+        probabilities = _pick_probabilities(table, svc.rules[-1][-1].chain, frontend)
         assert "drop" not in probabilities
         assert len(probabilities) == count
         assert set(probabilities.values()) == {Fraction(1, count)}

@@ -10,9 +10,30 @@ from typing import Any, Iterator
 import pytest
 
 from kproxy.cluster.convert import build_cluster
-from kproxy.nft.backend import NftablesBackend, NftError, maps_first
-from kproxy.nft.netlink import BatchSocket, encodable, encodable_rule, encode, layouts
-from kproxy.nft.objects import Chain, Element, Op, Ruleset, Transaction, UnsafeText
+from kproxy.nft.backend import NftablesBackend, NftError, split
+from kproxy.nft.expressions import NotEncodable, encode_rule
+from kproxy.nft.netlink import BatchSocket, encodable, encode, layout_of
+from kproxy.nft.objects import Chain, Element, Family, Op, Ruleset, Transaction, UnsafeText
+from kproxy.nft.statements import (
+    Const,
+    Counter,
+    DnatFromMap,
+    DnatTo,
+    Lookup,
+    Masquerade,
+    MatchPrefix,
+    MatchProtocol,
+    NewConnection,
+    Numgen,
+    NumgenIs,
+    Reject,
+    Rule,
+    SetUpdate,
+    Limit,
+    Verdict,
+    VerdictMap,
+    render_rule,
+)
 from kproxy.rules.compiler import ProxyConfig, compile_ruleset
 from kproxy.rules.plan import create, plan, render_ruleset
 from kproxy.rules.skeleton import skeleton_table
@@ -43,6 +64,19 @@ EXTRA_SHAPES: tuple[list[dict[str, Any]], ProxyConfig] = (
 )
 
 pytestmark = pytest.mark.root
+
+
+def _elements(verb: str, family: Family, name: str, elements: tuple[Element, ...]) -> Op:
+    """An element command on one of the skeleton's sets, with its declaration (which says how to encode it)."""
+    return Op(verb, "element", family, name, set_decl=skeleton_table(family).sets[name], elements=elements)  # type: ignore[arg-type]
+
+
+def _encodes(rule: Rule, family: Family) -> bool:
+    try:
+        encode_rule(rule, family)
+    except NotEncodable:
+        return False
+    return True
 
 
 def _ruleset(name: str) -> Ruleset:
@@ -149,12 +183,13 @@ def test_everything_over_netlink_lists_exactly_as_through_libnftables(two_netns:
         for family, table in ruleset.tables.items()
     }
     for family, rules in service_rules.items():
-        assert rules and all(encodable_rule(rule, family) for rule in rules), [r for r in rules if not encodable_rule(r, family)]
+        assert rules and all(_encodes(rule, family) for rule in rules), [r for r in rules if not _encodes(r, family)]
+        texts = [render_rule(rule, family) for rule in rules]
         for needle in ("goto pick-", "map @endpoints-4", "update @affinity", "limit rate over", "numgen random mod 299 0",
                        "fib saddr type local", f"{family} saddr ", "dnat to "):
             if family == "ip6" and needle == "numgen random mod 299 0":
                 continue
-            assert any(needle in rule for rule in rules), (family, needle)
+            assert any(needle in text for text in texts), (family, needle)
     through_nft = _build(two_netns[0], ruleset, netlink=False)
     through_netlink = _build(two_netns[1], ruleset, netlink=True)
     assert through_netlink[0] == through_nft[0]
@@ -185,7 +220,7 @@ EDGE_SHAPES: tuple[list[dict[str, Any]], ProxyConfig] = (
 def test_edge_shapes_over_netlink_list_exactly_as_through_libnftables(two_netns: tuple[Netns, Netns]) -> None:
     """Zero-length and "::" CIDRs, a per-minute limit with a burst, an IPv6 SCTP cascade: as nft writes them."""
     ruleset = _compiled(*EDGE_SHAPES)
-    rules = [rule for table in ruleset.tables.values() for name, chain in table.chains.items()
+    rules = [render_rule(rule, table.family) for table in ruleset.tables.values() for name, chain in table.chains.items()
              if name not in skeleton_table(table.family).chains for rule in chain.rules]
     for needle in ("ip saddr 0.0.0.0/0 ", "ip6 saddr ::/0 ", "limit rate over 30/minute burst 7 packets",
                    "meta l4proto sctp numgen random mod 260 0 dnat to [fd00:244:1::1]:5060"):
@@ -228,13 +263,13 @@ def test_deletes_and_refusals(empty_netns: Netns) -> None:
         for piece in create(table):
             backend.apply(piece)
         endpoints = list(table.elements["endpoints-4"].values())
-        backend.apply(Transaction([Op("delete", "element", "ip", "endpoints-4", elements=tuple(endpoints[:1]))]))
+        backend.apply(Transaction([_elements("delete", "ip", "endpoints-4", tuple(endpoints[:1]))]))
         left = backend.read().tables["ip"].elements["endpoints-4"]
         assert set(left) == {e.key for e in endpoints[1:]}
         missing = Element("10.1.2.3 . tcp . 80 . 65536")
         bad = Transaction([
-            Op("delete", "element", "ip", "endpoints-4", elements=tuple(endpoints[1:2])),
-            Op("delete", "element", "ip", "endpoints-4", elements=(missing,)),
+            _elements("delete", "ip", "endpoints-4", tuple(endpoints[1:2])),
+            _elements("delete", "ip", "endpoints-4", (missing,)),
         ])
         assert encodable(bad)
         with pytest.raises(NftError) as info:
@@ -244,31 +279,51 @@ def test_deletes_and_refusals(empty_netns: Netns) -> None:
         # Many refused messages at once, then a good batch on the same socket: nothing left over confuses it.
         missing_many = tuple(Element(f"10.{i // 250}.{i % 250}.1 . tcp . 80 . 65536") for i in range(20000))
         with pytest.raises(NftError):
-            backend.apply(Transaction([Op("delete", "element", "ip", "endpoints-4", elements=missing_many)]))
-        backend.apply(Transaction([Op("delete", "element", "ip", "endpoints-4", elements=tuple(endpoints[1:2]))]))
+            backend.apply(Transaction([_elements("delete", "ip", "endpoints-4", missing_many)]))
+        backend.apply(Transaction([_elements("delete", "ip", "endpoints-4", tuple(endpoints[1:2]))]))
         assert set(backend.read().tables["ip"].elements["endpoints-4"]) == set(left) - {endpoints[1].key}
 
 
 def test_what_netlink_can_send() -> None:
-    """Rule shapes it does not know, base chains, sets, and interval or dynamic sets go through libnftables."""
+    """The skeleton's statements, base chains, set declarations and interval sets go through libnftables; values out of range nowhere."""
     for family in ("ip", "ip6"):
         sets = skeleton_table(family).sets
-        assert set(layouts(family)) == {n for n, d in sets.items() if not d.dynamic and not d.interval}
+        assert {n for n, d in sets.items() if layout_of(d)} == {n for n, d in sets.items() if not d.dynamic and not d.interval}
     element = Element("10.0.0.0/8")
-    assert not encodable(Transaction([Op("add", "element", "ip", "cluster-cidrs", elements=(element,))]))
-    assert not encodable(Transaction([Op("add", "map", "ip", "endpoints-4")]))
-    assert not encodable(Transaction([Op("add", "rules", "ip", chains=(Chain("x", ("tcp dport 80 drop",)),))]))
+    assert not encodable(Transaction([_elements("add", "ip", "cluster-cidrs", (element,))]))
+    assert not encodable(Transaction([Op("add", "map", "ip", "endpoints-4", set_decl=skeleton_table("ip").sets["endpoints-4"])]))
     assert not encodable(Transaction())
-    for odd in (" ", 'counter name "x"goto y', "goto  y", 'counter name "x" goto y ', "goto y drop", "counter drop",
-                "ip6 saddr fd00::/8 drop", "dnat to [fd00::1]:80", "meta l4proto tcp dnat to 10.0.0.1:65536",
-                "ip saddr 10.0.0.1/8 drop", "dnat to 10.0.0.1:80", "numgen random mod 4294967296 0 drop",
-                "dnat ip to ip daddr . meta l4proto . th dport map @service-ips",
-                "meta mark set meta mark ^ 0x1 drop", "update @nope { ip saddr timeout 1s } drop",
-                "update @affinity { ip saddr . 10.0.0.1 . meta l4proto . th dport timeout 1s }"):
+    skeletons: list[Rule] = [
+        (Lookup(("daddr",), "cluster-ips", negate=True), Verdict("drop")),
+        (VerdictMap(("daddr", "l4proto", "dport"), "service-ips"),),
+        (Masquerade(),),
+        (Reject(),),
+    ]
+    out_of_range: list[Rule] = [
+        (MatchProtocol("tcp"), DnatTo("10.0.0.1", 65536)),
+        (MatchProtocol("tcp"), DnatTo("fd00::1", 80)),
+        (MatchPrefix("saddr", "10.0.0.1/8"), Verdict("drop")),
+        (MatchPrefix("saddr", "fd00::/8"), Verdict("drop")),
+        (NumgenIs(1 << 32), Verdict("drop")),
+        (SetUpdate("affinity", ("saddr", Const("10.0.0.1", "addr"), "l4proto", "dport"), timeout=None),),
+        (SetUpdate("meter", ("saddr", Const("fd00::1", "addr")), limit=Limit(5, "second")),),
+        (DnatFromMap(("daddr", "l4proto", "dport", Numgen(0)), "endpoints-4"),),
+        (Verdict("goto", "y"), Verdict("drop")),
+        (MatchProtocol("tcp"), Verdict("accept"), Counter("x")),
+        (DnatTo("10.0.0.1", 80),),
+    ]
+    for odd in skeletons + out_of_range:
         assert not encodable(Transaction([Op("add", "rules", "ip", chains=(Chain("x", (odd,)),))])), odd
-    for fine in ("meta l4proto tcp drop", "ip saddr 10.0.0.0/9 drop", "meta l4proto udp dnat to 10.0.0.1:80", "numgen random mod 2 0 drop",
-                 "ct state new update @rate-limit-meter { ip saddr . 10.96.0.1 . 6 . 80 limit rate over 5/second } drop"):
-        assert encodable(Transaction([Op("add", "rules", "ip", chains=(Chain("x", (fine,)),))])), fine
+    fine: list[Rule] = [
+        (MatchProtocol("tcp"), Verdict("drop")),
+        (MatchPrefix("saddr", "10.0.0.0/9"), Verdict("drop")),
+        (MatchProtocol("udp"), DnatTo("10.0.0.1", 80)),
+        (NumgenIs(2), Verdict("drop")),
+        (NewConnection(), SetUpdate("rate-limit-meter", ("saddr", Const("10.96.0.1", "addr"), Const("6", "proto"), Const("80", "port")),
+                                    limit=Limit(5, "second")), Verdict("drop")),
+    ]
+    for rule in fine:
+        assert encodable(Transaction([Op("add", "rules", "ip", chains=(Chain("x", (rule,)),))])), rule
     assert encodable(Transaction([Op("flush", "chain", "ip", "svc-x"), Op("delete", "counter", "ip", "conns-x")]))
 
 
@@ -276,15 +331,16 @@ def test_unsafe_comments_are_refused_as_in_nft_text() -> None:
     """The netlink path checks comments exactly as the nft text path does."""
     hostile = Element("10.0.0.1", comment='x" ; flush ruleset ; "')
     with pytest.raises(UnsafeText):
-        encode(Transaction([Op("add", "element", "ip", "cluster-ips", elements=(hostile,))]))
+        encode(Transaction([_elements("add", "ip", "cluster-ips", (hostile,))]))
 
 
-def test_a_libnftables_transaction_fills_pick_chains_over_netlink_first(empty_netns: Netns) -> None:
-    """A transaction that needs libnftables (an interval set changes) and adds a pick chain reading a map in the kernel.
+def test_a_transaction_changing_the_skeleton_and_adding_a_pick_chain(empty_netns: Netns) -> None:
+    """The skeleton's part (an interval set changes) goes through libnftables, the pick chain over netlink after it.
 
-    nft 1.0.6 refuses such a rule ("conflicting protocols"), so the pick
-    chain goes first over netlink and the rest through libnftables: the
-    kernel ends up with the whole desired table.
+    nft 1.0.6 refuses the whole as one script ("conflicting protocols": a
+    rule reading an existing map whose data is ``ip daddr . th dport``), so
+    the pick chain is never sent as text: the kernel ends up with the whole
+    desired table.
     """
     before = _compiled([], ProxyConfig(cluster_cidrs=("10.244.0.0/16",)))
     after = _compiled(*SCENARIOS["udp-sctp-external-ip"][:1], ProxyConfig(cluster_cidrs=("10.240.0.0/12",)))
@@ -293,9 +349,9 @@ def test_a_libnftables_transaction_fills_pick_chains_over_netlink_first(empty_ne
         for piece in create(before.tables["ip"]):
             backend.apply(piece)
         tx = plan(backend.read(), Ruleset({"ip": after.tables["ip"]}))
-        assert not encodable(tx) and any(c.name == "pick-4" for op in tx.ops for c in op.chains)
-        first, rest = maps_first(tx)
-        assert [c.name for op in first.ops for c in op.chains] == ["pick-4"] and encodable(first)
+        skeleton, rest = split(tx)
+        assert [op.name for op in skeleton.ops if op.kind == "element"] == ["cluster-cidrs", "cluster-cidrs"]
+        assert "pick-4" in [c.name for op in rest.ops for c in op.chains] and encodable(rest)
         assert backend._run(str(tx))[0] != 0, "nft 1.0.6 alone refuses it"
         backend.apply(tx)
         assert plan(backend.read(), Ruleset({"ip": after.tables["ip"]})).operations == 0
@@ -308,8 +364,8 @@ def test_apply_in_order_stops_at_the_first_refused_piece(empty_netns: Netns) -> 
     pieces = create(table)
     assert not encodable(pieces[0]) and all(encodable(p) for p in pieces[1:] if p)
     endpoints = list(table.elements["endpoints-4"].values())
-    refused = Transaction([Op("delete", "element", "ip", "endpoints-4", elements=(Element("10.1.2.3 . tcp . 80 . 65536"),))])
-    after = Transaction([Op("delete", "element", "ip", "endpoints-4", elements=tuple(endpoints[:1]))])
+    refused = Transaction([_elements("delete", "ip", "endpoints-4", (Element("10.1.2.3 . tcp . 80 . 65536"),))])
+    after = Transaction([_elements("delete", "ip", "endpoints-4", tuple(endpoints[:1]))])
     with empty_netns.entered():
         backend = NftablesBackend()
         with pytest.raises(NftError) as info:
@@ -318,17 +374,15 @@ def test_apply_in_order_stops_at_the_first_refused_piece(empty_netns: Netns) -> 
         assert plan(backend.read(), Ruleset({"ip": table})).operations == 0, "every piece before landed, the one after did not"
 
 
-def test_maps_first_tells_the_families_apart() -> None:
-    """A map declared in one family does not keep the other family's pick chain from going first."""
-    pick = Chain("pick-4", ("dnat ip to ip daddr . meta l4proto . th dport . numgen random mod 1 offset 65536 map @endpoints-4",))
+def test_split_keeps_the_order_of_each_part() -> None:
+    """Declarations go to libnftables, first; a rule reading a map declared in the same transaction follows it over netlink."""
+    pick = Chain("pick-4", ((DnatFromMap(("daddr", "l4proto", "dport", Numgen(1, 65536)), "endpoints-4"),),))
     tx = Transaction([
         Op("add", "map", "ip6", "endpoints-4", set_decl=skeleton_table("ip6").sets["endpoints-4"]),
         Op("flush", "chain", "ip", "pick-4"),
         Op("add", "rules", "ip", chains=(pick,)),
     ])
-    first, rest = maps_first(tx)
-    assert [(op.verb, op.kind, op.family) for op in first.ops] == [("flush", "chain", "ip"), ("add", "rules", "ip")]
-    assert [(op.kind, op.family) for op in rest.ops] == [("map", "ip6")]
-    declared_here = Transaction([Op("add", "map", "ip", "endpoints-4", set_decl=skeleton_table("ip").sets["endpoints-4"]),
-                                 Op("add", "rules", "ip", chains=(pick,))])
-    assert not maps_first(declared_here)[0], "a map declared in the same batch: nft adds the rule itself"
+    skeleton, rest = split(tx)
+    assert [(op.kind, op.family) for op in skeleton.ops] == [("map", "ip6")]
+    assert [(op.verb, op.kind, op.family) for op in rest.ops] == [("flush", "chain", "ip"), ("add", "rules", "ip")]
+    assert encodable(rest)

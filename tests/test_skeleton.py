@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kproxy.nft.objects import comment
+from kproxy.nft.statements import render_rule, sets_it_reads
 from kproxy.rules.compiler import ProxyConfig, table_options
 from kproxy.rules.skeleton import option_names, skeleton_table
 
@@ -21,7 +22,7 @@ def test_options_are_the_ones_the_compiler_sets() -> None:
 def test_skeleton_renders_for_both_families(family: str) -> None:
     """The family placeholders are all replaced, and every comment passes the safe-text check."""
     table = skeleton_table(family, frozenset({"cluster-cidr"}))  # type: ignore[arg-type]
-    text = "\n".join(r for c in table.chains.values() for r in c.rules) + "\n".join(
+    text = "\n".join(render_rule(r, family) for c in table.chains.values() for r in c.rules) + "\n".join(
         line for s in table.sets.values() for line in s.body
     )
     assert "@FAMILY@" not in text and "@ADDR@" not in text
@@ -37,4 +38,4 @@ def test_options_switch_rules() -> None:
     plain = skeleton_table("ip").chains["masquerading"].rules
     cidr = skeleton_table("ip", frozenset({"cluster-cidr"})).chains["masquerading"].rules
     assert len(cidr) == len(plain) + 1
-    assert any("@cluster-cidrs" in r for r in cidr) and not any("@cluster-cidrs" in r for r in plain)
+    assert any("cluster-cidrs" in sets_it_reads(r) for r in cidr) and not any("cluster-cidrs" in sets_it_reads(r) for r in plain)

@@ -904,10 +904,11 @@ PROBE_ADDRESS = {"ip": "0.0.0.0", "ip6": "::"}
 def _probe(tables: Mapping[Family, Table]) -> Transaction:
     """A transaction that changes nothing, yet is sent to the kernel: it adds and deletes one element."""
     tx = Transaction()
-    for family in tables:
+    for family, table in tables.items():
         element = Element(PROBE_ADDRESS[family], comment="kproxy probe")
-        tx.add(Op("add", "element", family, "cluster-ips", elements=(element,)))
-        tx.add(Op("delete", "element", family, "cluster-ips", elements=(element,)))
+        decl = table.sets.get("cluster-ips")
+        tx.add(Op("add", "element", family, "cluster-ips", set_decl=decl, elements=(element,)))
+        tx.add(Op("delete", "element", family, "cluster-ips", set_decl=decl, elements=(element,)))
     return tx
 
 

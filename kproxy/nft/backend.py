@@ -1,9 +1,11 @@
 """The kernel edge: kproxy's tables, over netlink (``nfnetlink``) or through libnftables (the ``nftables`` binding).
 
-* ``apply`` sends a transaction as one batch, which the kernel applies all
-  of it or none of it; the one exception is a libnftables transaction that
-  also fills chains reading a map already in the kernel (see ``maps_first``),
-  sent as two. On failure the error names the command the kernel refused.
+* ``apply`` sends a transaction's commands over netlink as one batch, which
+  the kernel applies all of it or none of it; commands on the skeleton (the
+  table, set declarations, base chains, skeleton rules) go through
+  libnftables, first, as their own transaction (``split``). Nothing falls
+  back from one to the other: a command is one kind or the other. On failure
+  the error names the command the kernel refused.
 * ``read`` lists only ``ip kproxy`` and ``ip6 kproxy``, never anything else.
 * ``delete_tables`` removes those two tables and nothing else. Nothing here
   ever flushes the ruleset.
@@ -23,11 +25,13 @@ import struct
 import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Protocol
 
-from kproxy.nft.netlink import Batch, BatchSocket, NetlinkError, NotEncodable, encodable, encodable_rule
+from kproxy.nft.expressions import handles
+from kproxy.nft.netlink import Batch, BatchSocket, NetlinkError, NotEncodable, sent_here
 from kproxy.nft.objects import TABLE, Family, Op, Ruleset, Transaction
+from kproxy.nft.statements import chains_it_reaches, counters_it_uses
 from kproxy.nft.readback import parse_table
 
 log = logging.getLogger(__name__)
@@ -162,41 +166,48 @@ def open_libnftables(error: type[Exception]) -> Any:
         ) from None
 
 
-_MAP_READ = re.compile(r" map @([a-z0-9-]+)")
+def split(tx: Transaction) -> tuple[Transaction, Transaction]:
+    """(the skeleton's commands, for libnftables; the rest, for netlink), each in its order.
 
-
-def maps_first(tx: Transaction) -> tuple[Transaction, Transaction]:
-    """(the chains whose rules read a map this transaction does not declare, the rest of ``tx``).
-
-    For a transaction that goes through libnftables: the first part (adding,
-    flushing and filling those chains, the pick chains) is sent over netlink
-    before the rest, as its own batch. That is safe because a pick chain's
-    rules are the same for every Service that uses it, and nothing refers to
-    a new one until the rest lands. Only chains whose every rule
-    ``nfnetlink`` encodes are taken out.
+    The skeleton's commands are the ones netlink is not used for: the table,
+    set and map declarations, base chains, the skeleton chains' rules (and
+    every other command on those chains, so that a flush and a refill stay in
+    order), and elements of the interval sets the skeleton fills
+    (``cluster-cidrs``, ``service-cidrs``). They go first: nothing of the
+    skeleton refers to what the rest creates, and the rest may refer to what
+    the skeleton declares.
     """
-    declared = {(op.family, op.name) for op in tx.ops if op.verb == "add" and op.kind in ("set", "map")}
-    names = {
-        (op.family, chain.name)
-        for op in tx.ops if op.kind == "rules" and op.verb == "add"
-        for chain in op.chains
-        if any((op.family, name) not in declared for rule in chain.rules for name in _MAP_READ.findall(rule))
-        and all(encodable_rule(rule, op.family) for rule in chain.rules)
-    }
-    if not names:
-        return Transaction(), tx
-    first, rest = Transaction(), Transaction(deferred_chain_deletes=tx.deferred_chain_deletes)
+    libnftables = {(op.family, c.name) for op in tx.ops if op.kind == "rules" for c in op.chains
+                   if not all(map(handles, c.rules))}
+    libnftables |= {(op.family, op.name) for op in tx.ops if op.kind == "chain" and op.chain is not None and op.chain.base}
+    # What those rules jump to or count with is declared with them, before them.
+    referenced = {(op.family, name) for op in tx.ops if op.kind == "rules" for c in op.chains
+                  if (op.family, c.name) in libnftables for rule in c.rules
+                  for name in chains_it_reaches(rule) + counters_it_uses(rule)}
+    skeleton, rest = Transaction(), Transaction(deferred_chain_deletes=list(tx.deferred_chain_deletes))
+    tables: list[Op] = []
     for op in tx.ops:
-        if op.kind == "chain" and op.verb in ("add", "flush") and (op.family, op.name) in names:
-            first.add(op)
-        elif op.kind == "rules" and op.verb == "add" and any((op.family, c.name) in names for c in op.chains):
-            first.add(Op("add", "rules", op.family, chains=tuple(c for c in op.chains if (op.family, c.name) in names)))
-            others = tuple(c for c in op.chains if (op.family, c.name) not in names)
+        if op.kind == "table" and op.verb == "add":
+            tables.append(op)  # goes with the skeleton's part, if there is one: it declares into the table
+        elif op.kind == "rules":
+            mine = tuple(c for c in op.chains if (op.family, c.name) in libnftables)
+            others = tuple(c for c in op.chains if (op.family, c.name) not in libnftables)
+            if mine:
+                skeleton.add(replace(op, chains=mine))
             if others:
-                rest.add(Op("add", "rules", op.family, chains=others))
-        else:
+                rest.add(replace(op, chains=others))
+        elif op.kind == "chain" and (op.family, op.name) in libnftables:
+            skeleton.add(op)
+        elif op.kind in ("chain", "counter") and op.verb == "add" and (op.family, op.name) in referenced:
+            skeleton.add(op)
+        elif sent_here(op):
             rest.add(op)
-    return (first, rest) if encodable(first) else (Transaction(), tx)
+        else:
+            skeleton.add(op)
+    if tables:
+        into = skeleton if skeleton else rest
+        into.ops[:0] = tables
+    return skeleton, rest
 
 
 class NftablesBackend:
@@ -217,35 +228,31 @@ class NftablesBackend:
         return rc, out, err
 
     def apply(self, tx: Transaction) -> None:
-        """Send the transaction as one atomic batch. Raises NftError naming the refused command."""
+        """Apply a transaction; raises NftError naming the refused command.
+
+        Every command of kproxy's Services (elements, chains, counters, the
+        rules of generated chains) goes over netlink, as one atomic batch,
+        skipping libnftables' read of the whole table and its parser. The
+        skeleton's commands, if the transaction has any (creating the table,
+        an upgrade that changes the skeleton, a repair), go through
+        libnftables first, as their own atomic transaction (see ``split``).
+        """
         if not tx:
             return
-        try:
-            # Elements, plain chains, counters and the rules of generated chains (every
-            # partial sync, most of a cold start): straight to the kernel, skipping
-            # libnftables' read of the whole table and its parser.
-            batch = self._prepare(tx)
-        except NotEncodable:
-            self._apply_with_libnftables(tx)
-        else:
-            self._send(tx, batch)
+        skeleton, rest = split(tx)
+        if skeleton:
+            self._apply_with_libnftables(skeleton)
+        if rest:
+            self._send(rest, self._prepare(rest))
 
     def _prepare(self, tx: Transaction) -> Batch:
         """Encode ``tx``; a value that cannot be encoded is an NftError, as a refusal by the kernel would be."""
         try:
             return self._netlink.prepare(tx)
-        except NotEncodable:
-            raise
-        except (ValueError, TypeError, KeyError, OverflowError, struct.error) as exc:
+        except (NotEncodable, ValueError, TypeError, KeyError, OverflowError, struct.error) as exc:
             raise NftError(f"cannot encode the transaction: {type(exc).__name__}: {exc}") from None
 
     def _apply_with_libnftables(self, tx: Transaction) -> None:
-        first, tx = maps_first(tx)
-        if first:
-            # Chains whose rules read a map already in the kernel (the pick chains): nft
-            # 1.0.6 cannot add those (see nfrules). They are filled first, over netlink;
-            # nothing refers to a new one before the rest of the transaction lands.
-            self.apply(first)
         try:
             script = str(tx)
         except ValueError as exc:  # UnsafeText: refused before anything is sent
@@ -258,18 +265,18 @@ class NftablesBackend:
         try:
             self._netlink.send(tx, batch)
         except NetlinkError as exc:
-            raise NftError(str(exc), op=exc.op) from None
+            raise NftError(exc.reason, command=exc.command, op=exc.op) from None
 
     def apply_in_order(self, transactions: Iterable[Transaction]) -> None:
-        """Apply transactions one after the other, each atomically, and stop at the first refused.
+        """Apply transactions one after the other, and stop at the first refused.
 
         For building a table in pieces. A sender thread hands the encoded
         batches to the kernel, whose work happens inside that thread's system
         call (outside the GIL), while this thread encodes the next ones: on
         two cores the kernel's share of a cold start costs little wall time.
-        Once a batch is refused, the ones queued after it are dropped. A
-        transaction that needs libnftables waits until everything before it
-        has landed.
+        Once a batch is refused, the ones queued after it are dropped. The
+        skeleton's part of a transaction waits until everything before it has
+        landed.
         """
         refused = threading.Event()
 
@@ -297,15 +304,16 @@ class NftablesBackend:
                         break
                     if not tx:
                         continue
-                    try:
-                        batch = self._prepare(tx)
-                    except NotEncodable:
+                    skeleton, rest = split(tx)
+                    if skeleton:
                         land()
-                        self._apply_with_libnftables(tx)
+                        self._apply_with_libnftables(skeleton)
+                    if not rest:
                         continue
+                    batch = self._prepare(rest)
                     if len(queued) >= MAX_WAITING_BATCHES:
                         queued[-MAX_WAITING_BATCHES].result()  # encoded batches hold megabytes each
-                    queued.append(sender.submit(send, tx, batch))
+                    queued.append(sender.submit(send, rest, batch))
                 land()
             except BaseException as error:
                 refused.set()  # nothing still queued is sent

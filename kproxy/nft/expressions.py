@@ -1,20 +1,22 @@
-"""The rules of kproxy's Service and pick chains as nf_tables expressions, without libnftables.
+"""kproxy's typed rules as nf_tables expressions, without libnftables. Pure.
 
-``nfnetlink`` sends rules as netlink messages; this module turns one rule,
-written exactly as the compiler writes it, into the list of expressions
-(``NFTA_RULE_EXPRESSIONS``) that nft itself would send for it. Only the
-statements the compiler uses are understood, each by one pattern below; a
-rule with anything else, or with a statement after its verdict, is refused
-(``encode_rule`` returns None) and goes through libnftables instead.
+``kproxy.nft.netlink`` sends rules as netlink messages; this module turns one
+typed rule (``kproxy.nft.statements``) into the list of expressions
+(``NFTA_RULE_EXPRESSIONS``) that nft itself sends for the same rule written
+as text. Each statement has one encoding here. The statements only the
+skeleton uses (verdict maps, negated lookups, masquerade, reject, ...) are
+not encoded: the skeleton is loaded through libnftables. ``encode_rule``
+raises ``NotEncodable`` for those, for values out of range, and for rules of
+a shape nft would not write; the backend never falls back silently.
 
-Why not always libnftables: besides its cost (see ``nfnetlink``), nft 1.0.6
-cannot add a rule that reads an existing map whose data is typed ``ip daddr
-. th dport`` ("conflicting protocols specified"), and with the data typed
-``tcp dport`` it silently adds ``meta l4proto tcp`` to the first such rule of
-every batch, so UDP never reached the last slot of a pick chain. The
-endpoints maps are typed ``th dport``, and their rules are always sent from
-here (``tests/test_nfnetlink.py`` compares what the kernel holds with what
-nft writes for the same text, expression by expression).
+Why not always libnftables: besides its cost (see ``kproxy.nft.netlink``),
+nft 1.0.6 cannot add a rule that reads an existing map whose data is typed
+``ip daddr . th dport`` ("conflicting protocols specified"), and with the
+data typed ``tcp dport`` it silently adds ``meta l4proto tcp`` to the first
+such rule of every batch, so UDP never reached the last slot of a pick chain.
+The endpoints maps are typed ``th dport``, and their rules are always sent
+from here (``tests/test_nfnetlink.py`` compares what the kernel holds with
+what nft writes for the same text, expression by expression).
 
 Registers follow nft: a statement's first value goes to register 1 (16
 bytes); the fields of a concatenation fill 32-bit registers one after the
@@ -25,12 +27,32 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import re
 import struct
 from typing import Callable
 
-from kproxy.nft.objects import Family
-from kproxy.rules.skeleton import skeleton_table
+from kproxy.nft.statements import (
+    Const,
+    Counter,
+    DnatFromMap,
+    DnatTo,
+    Family,
+    FromLocal,
+    Key,
+    KeyPart,
+    Limit,
+    Lookup,
+    MarkXor,
+    MatchPrefix,
+    MatchProtocol,
+    NewConnection,
+    Numgen,
+    NumgenIs,
+    Rule,
+    SetUpdate,
+    TERMINAL,
+    Statement,
+    Verdict,
+)
 
 NFTA_LIST_ELEM = 1
 NLA_F_NESTED = 0x8000
@@ -168,72 +190,60 @@ def host_u32(value: int) -> bytes:
 Load = Callable[[int], bytes]
 """Loads a field into a register."""
 
-_HEADER_FIELDS: dict[str, tuple[int, int, int]] = {
-    # selector: (base, offset, length)
-    "ip saddr": (NFT_PAYLOAD_NETWORK_HEADER, 12, 4),
-    "ip daddr": (NFT_PAYLOAD_NETWORK_HEADER, 16, 4),
-    "ip6 saddr": (NFT_PAYLOAD_NETWORK_HEADER, 8, 16),
-    "ip6 daddr": (NFT_PAYLOAD_NETWORK_HEADER, 24, 16),
-    "th dport": (NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2),
+_PAYLOAD_FIELDS: dict[tuple[str, str], tuple[int, int, int]] = {
+    # (field, family): (base, offset, length)
+    ("saddr", "ip"): (NFT_PAYLOAD_NETWORK_HEADER, 12, 4),
+    ("daddr", "ip"): (NFT_PAYLOAD_NETWORK_HEADER, 16, 4),
+    ("saddr", "ip6"): (NFT_PAYLOAD_NETWORK_HEADER, 8, 16),
+    ("daddr", "ip6"): (NFT_PAYLOAD_NETWORK_HEADER, 24, 16),
+    ("dport", "ip"): (NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2),
+    ("dport", "ip6"): (NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2),
 }
-_META_FIELDS: dict[str, tuple[int, int]] = {"meta l4proto": (NFT_META_L4PROTO, 1), "meta mark": (NFT_META_MARK, 4)}
-_NUMGEN = re.compile(r"numgen random mod ([1-9][0-9]*) offset ([0-9]+)")
+_META_FIELDS: dict[str, tuple[int, int]] = {"l4proto": (NFT_META_L4PROTO, 1), "mark": (NFT_META_MARK, 4)}
 
 
-def _field(text: str, family: Family, constant_type: str | None) -> tuple[Load, int] | None:
-    """(how to load the field into a register, its length) for one part of a concatenation."""
-    head = text.split(" ", 1)[0]
-    if head in ("ip", "ip6") and head != family:
-        return None
-    if text in _HEADER_FIELDS:
-        base, offset, length = _HEADER_FIELDS[text]
+def _field(part: KeyPart, family: Family) -> tuple[Load, int]:
+    """(how to load one part of a key into a register, its length)."""
+    if isinstance(part, Numgen):
+        if not 0 < part.modulus < 1 << 32 or not 0 <= part.offset < 1 << 32:
+            raise NotEncodable(f"numgen out of range: {part!r}")
+        return (lambda reg: numgen(reg, part.modulus, part.offset)), 4
+    if isinstance(part, Const):
+        value = _constant(part, family)
+        return (lambda reg: immediate(reg, value)), len(value)
+    if (part, family) in _PAYLOAD_FIELDS:
+        base, offset, length = _PAYLOAD_FIELDS[(part, family)]
         return (lambda reg: payload_load(base, offset, length, reg)), length
-    if text in _META_FIELDS:
-        key, length = _META_FIELDS[text]
+    if part in _META_FIELDS:
+        key, length = _META_FIELDS[part]
         return (lambda reg: meta_load(key, reg)), length
-    match = _NUMGEN.fullmatch(text)
-    if match:
-        modulus, offset = int(match[1]), int(match[2])
-        if modulus >= 1 << 32 or offset >= 1 << 32:
-            return None
-        return (lambda reg: numgen(reg, modulus, offset)), 4
-    if constant_type is None:
-        return None
-    value = _constant(text, constant_type, family)
-    if value is None:
-        return None
-    return (lambda reg: immediate(reg, value)), len(value)
+    raise NotEncodable(f"the field {part!r} is not encoded here")
 
 
-def _constant(text: str, kind: str, family: Family) -> bytes | None:
-    """A literal in a dynamic set's key (the rate-limit meter's frontend), encoded as its set type says."""
+def _constant(part: Const, family: Family) -> bytes:
+    """A literal in a dynamic set's key (the rate-limit meter's frontend)."""
     try:
-        if kind in ("ipv4_addr", "ipv6_addr"):
-            if (kind == "ipv4_addr") != (family == "ip"):
-                return None
-            address = ipaddress.ip_address(text)
-            return address.packed if str(address) == text else None
-        if kind == "inet_proto" and text.isdigit() and int(text) < 256 and str(int(text)) == text:
-            return bytes([int(text)])
-        if kind == "inet_service" and text.isdigit() and int(text) < 65536 and str(int(text)) == text:
-            return struct.pack("!H", int(text))
+        if part.kind == "addr":
+            address = ipaddress.ip_address(part.value)
+            if address.version != (4 if family == "ip" else 6):
+                raise NotEncodable(f"{part.value} is not an address of {family}")
+            return address.packed
+        number = int(part.value)
+        if part.kind == "proto" and 0 <= number < 256:
+            return bytes([number])
+        if part.kind == "port" and 0 <= number < 65536:
+            return struct.pack("!H", number)
     except ValueError:
-        return None
-    return None
+        pass
+    raise NotEncodable(f"{part!r} cannot be encoded")
 
 
-def _concat(text: str, family: Family, types: tuple[str, ...] | None = None) -> bytes | None:
-    """Load every field of ``a . b . c`` into consecutive registers from register 1."""
-    parts = text.split(" . ")
-    if types is not None and len(types) != len(parts):
-        return None
+def _key(key: Key, family: Family) -> bytes:
+    """Load every part of ``a . b . c`` into consecutive registers from register 1."""
     out = b""
     word = 0
-    for index, part in enumerate(parts):
-        field = _field(part, family, types[index] if types else None)
-        if field is None:
-            return None
-        load, length = field
+    for part in key:
+        load, length = _field(part, family)
         out += load(register(word))
         word += (length + 3) // 4
     return out
@@ -241,119 +251,68 @@ def _concat(text: str, family: Family, types: tuple[str, ...] | None = None) -> 
 
 # -- statements --------------------------------------------------------------
 
-_NAME = r"[A-Za-z0-9][A-Za-z0-9./:_-]*"
-_STATEMENT = re.compile(
-    r"(?:"
-    rf'counter name "(?P<counter>{_NAME})"'
-    r"|meta mark set meta mark \^ 0x(?P<xor>[0-9a-f]{8})"
-    r"|meta l4proto (?P<l4proto>tcp|udp|sctp)"
-    r"|numgen random mod (?P<modulus>[1-9][0-9]*) 0"
-    r"|fib saddr type local(?P<fib>)"
-    r"|ct state new(?P<ctnew>)"
-    r"|(?P<lookup_key>(?:ip6? [sd]addr|meta l4proto|th dport|meta mark)(?: \. (?:ip6? [sd]addr|meta l4proto|th dport|meta mark))*) @(?P<lookup_set>[a-z0-9-]+)"
-    r"|(?P<pfamily>ip6?) saddr (?P<prefix>[0-9a-f:][0-9a-f.:]*(?:/[0-9]+)?)"
-    r"|update @(?P<update_set>[a-z0-9-]+) \{ (?P<update_key>[^{}]+?) (?:timeout (?P<timeout>[0-9]+)s"
-    r"|limit rate over (?P<rate>[0-9]+)/(?P<unit>second|minute|hour|day)(?: burst (?P<burst>[0-9]+) packets)?) \}"
-    r"|dnat to (?:\[(?P<dnat6>[0-9a-f:.]+)\]|(?P<dnat4>[0-9.]+)):(?P<dnat_port>[0-9]+)"
-    r"|dnat (?P<map_family>ip6?) to (?P<map_key>[^@]+) map @(?P<map_set>endpoints-[0-9]+)"
-    r"|(?P<verdict>drop|accept|return)"
-    rf"|(?P<verb>goto|jump) (?P<chain>{_NAME})"
-    r")(?: |$)"
-)
+
+def _statement(statement: Statement, family: Family) -> bytes:
+    """The expressions of one statement."""
+    match statement:
+        case Counter(name):
+            return counter_ref(name)
+        case Verdict(kind, chain):
+            return verdict(kind, chain)
+        case MarkXor(value):
+            return _MARK_XOR.fill(host_u32(value))
+        case MatchProtocol(protocol):
+            return meta_load(NFT_META_L4PROTO, NFT_REG_1) + cmp(NFT_REG_1, NFT_CMP_EQ, bytes([PROTOCOLS[protocol]]))
+        case NumgenIs(modulus):
+            if not 0 < modulus < 1 << 32:
+                raise NotEncodable(f"numgen modulus {modulus}")
+            return numgen(NFT_REG_1, modulus, 0) + cmp(NFT_REG_1, NFT_CMP_EQ, host_u32(0))
+        case FromLocal():
+            body = attr(NFTA_FIB_DREG, u32(NFT_REG_1)) + attr(NFTA_FIB_RESULT, u32(NFT_FIB_RESULT_ADDRTYPE))
+            return _expr("fib", body + attr(NFTA_FIB_FLAGS, u32(NFTA_FIB_F_SADDR))) + cmp(
+                NFT_REG_1, NFT_CMP_EQ, host_u32(RTN_LOCAL))
+        case NewConnection():
+            ct = _expr("ct", attr(NFTA_CT_KEY, u32(NFT_CT_STATE)) + attr(NFTA_CT_DREG, u32(NFT_REG_1)))
+            return ct + bitwise(NFT_REG_1, host_u32(IP_CT_NEW_BIT), host_u32(0)) + cmp(NFT_REG_1, NFT_CMP_NEQ, host_u32(0))
+        case MatchPrefix(field, cidr):
+            return _prefix_match(field, cidr, family)
+        case Lookup(key, name, negate) if not negate:
+            return _key(key, family) + _expr(
+                "lookup", attr(NFTA_LOOKUP_SET, string(name)) + attr(NFTA_LOOKUP_SREG, u32(NFT_REG_1)))
+        case SetUpdate(name, key, timeout, limit):
+            return _update(name, key, timeout, limit, family)
+        case DnatTo(address, port):
+            packed = _address(address, family)
+            if not 0 < port < 65536:
+                raise NotEncodable(f"port {port}")
+            return _DNAT_TO[family].fill(packed, struct.pack("!H", port))
+        case DnatFromMap(key, name):
+            lookup = _expr("lookup", attr(NFTA_LOOKUP_SET, string(name)) + attr(NFTA_LOOKUP_SREG, u32(NFT_REG_1))
+                           + attr(NFTA_LOOKUP_DREG, u32(NFT_REG_1)))
+            # The data is address . port: the port is the word after the address.
+            return _key(key, family) + lookup + dnat(family, NFT_REG_1, register(1 if family == "ip" else 4), 0)
+    raise NotEncodable(f"{type(statement).__name__} is the skeleton's, loaded through libnftables")
 
 
-@functools.cache
-def dynamic_set_types(family: Family) -> dict[str, tuple[str, ...]]:
-    """The key types of the skeleton's dynamic sets, which rules update (affinity, rate-limit meter)."""
-    result = {}
-    for name, decl in skeleton_table(family).sets.items():
-        spec = decl.type_line
-        if decl.dynamic and spec is not None and spec.startswith("type "):
-            result[name] = tuple(part.strip() for part in spec[len("type "):].split(" . "))
-    return result
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _statement(text: str, family: Family) -> bytes | None:
-    """The expressions of one statement (statements repeat across rules, so they are cached); None if not encoded."""
-    try:
-        return _encode_statement(text, family)
-    except (ValueError, OverflowError, struct.error):
-        return None  # a number out of its field's range: nft would refuse it too
-
-
-def _encode_statement(text: str, family: Family) -> bytes | None:
-    m = _STATEMENT.fullmatch(text)
-    if m is None:
-        return None
-    if m["counter"]:
-        return counter_ref(m["counter"])
-    if m["xor"]:
-        return _MARK_XOR.fill(host_u32(int(m["xor"], 16)))
-    if m["l4proto"]:
-        return meta_load(NFT_META_L4PROTO, NFT_REG_1) + cmp(NFT_REG_1, NFT_CMP_EQ, bytes([PROTOCOLS[m["l4proto"]]]))
-    if m["modulus"]:
-        return numgen(NFT_REG_1, int(m["modulus"]), 0) + cmp(NFT_REG_1, NFT_CMP_EQ, host_u32(0))
-    if m["fib"] is not None:
-        body = attr(NFTA_FIB_DREG, u32(NFT_REG_1)) + attr(NFTA_FIB_RESULT, u32(NFT_FIB_RESULT_ADDRTYPE))
-        return _expr("fib", body + attr(NFTA_FIB_FLAGS, u32(NFTA_FIB_F_SADDR))) + cmp(NFT_REG_1, NFT_CMP_EQ, host_u32(RTN_LOCAL))
-    if m["ctnew"] is not None:
-        ct = _expr("ct", attr(NFTA_CT_KEY, u32(NFT_CT_STATE)) + attr(NFTA_CT_DREG, u32(NFT_REG_1)))
-        return ct + bitwise(NFT_REG_1, host_u32(IP_CT_NEW_BIT), host_u32(0)) + cmp(NFT_REG_1, NFT_CMP_NEQ, host_u32(0))
-    if m["pfamily"]:
-        return _prefix_match(m["pfamily"], m["prefix"], family)
-    if m["lookup_set"]:
-        key = _concat(m["lookup_key"], family)
-        if key is None:
-            return None
-        return key + _expr("lookup", attr(NFTA_LOOKUP_SET, string(m["lookup_set"])) + attr(NFTA_LOOKUP_SREG, u32(NFT_REG_1)))
-    if m["update_set"]:
-        return _update(m, family, dynamic_set_types(family))
-    if m["dnat_port"]:
-        address = m["dnat6"] or m["dnat4"]
-        if (m["dnat6"] is not None) != (family == "ip6"):
-            return None
-        packed = _address(address, family)
-        port = int(m["dnat_port"])
-        if packed is None or port >= 65536:
-            return None
-        return _DNAT_TO[family].fill(packed, struct.pack("!H", port))
-    if m["map_set"]:
-        if m["map_family"] != family:
-            return None
-        key = _concat(m["map_key"], family)
-        if key is None:
-            return None
-        lookup = _expr("lookup", attr(NFTA_LOOKUP_SET, string(m["map_set"])) + attr(NFTA_LOOKUP_SREG, u32(NFT_REG_1))
-                       + attr(NFTA_LOOKUP_DREG, u32(NFT_REG_1)))
-        # The data is address . port: the port is the word after the address.
-        return key + lookup + dnat(family, NFT_REG_1, register(1 if family == "ip" else 4), 0)
-    if m["verdict"]:
-        return verdict(m["verdict"])
-    return verdict(m["verb"], m["chain"])
-
-
-def _address(text: str, family: Family) -> bytes | None:
+def _address(text: str, family: Family) -> bytes:
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
-        return None
+        raise NotEncodable(f"{text!r} is not an address") from None
     if address.version != (4 if family == "ip" else 6):
-        return None
+        raise NotEncodable(f"{text} is not an address of {family}")
     return address.packed
 
 
-def _prefix_match(selector_family: str, text: str, family: Family) -> bytes | None:
+def _prefix_match(field: str, text: str, family: Family) -> bytes:
     """``ip saddr 10.0.0.0/8`` as nft writes it: a shorter load when the prefix is whole bytes, else a mask."""
-    if selector_family != family:
-        return None
     try:
         network = ipaddress.ip_network(text, strict=True)
     except ValueError:
-        return None
-    if network.version != (4 if family == "ip" else 6):
-        return None
-    base, offset, length = _HEADER_FIELDS[f"{family} saddr"]
+        raise NotEncodable(f"{text!r} is not a CIDR") from None
+    if network.version != (4 if family == "ip" else 6) or (field, family) not in _PAYLOAD_FIELDS:
+        raise NotEncodable(f"{field} {text} in {family}")
+    base, offset, length = _PAYLOAD_FIELDS[(field, family)]
     prefix = network.prefixlen
     packed = network.network_address.packed
     if prefix == length * 8 or (prefix % 8 == 0 and prefix > 0):
@@ -364,25 +323,22 @@ def _prefix_match(selector_family: str, text: str, family: Family) -> bytes | No
             + cmp(NFT_REG_1, NFT_CMP_EQ, packed))
 
 
-def _update(m: re.Match[str], family: Family, set_types: dict[str, tuple[str, ...]]) -> bytes | None:
-    name = m["update_set"]
-    types = set_types.get(name)
-    if types is None:
-        return None
-    key = _concat(m["update_key"], family, types)
-    if key is None:
-        return None
+def _update(name: str, key: Key, timeout: int | None, limit: Limit | None, family: Family) -> bytes:
     body = (attr(NFTA_DYNSET_SET_NAME, string(name)) + attr(NFTA_DYNSET_OP, u32(NFT_DYNSET_OP_UPDATE))
             + attr(NFTA_DYNSET_SREG_KEY, u32(NFT_REG_1)))
-    if m["timeout"] is not None:
-        body += attr(NFTA_DYNSET_TIMEOUT, struct.pack("!Q", int(m["timeout"]) * 1000))
+    if limit is None:
+        if timeout is None or timeout < 0:
+            raise NotEncodable("a set update needs a timeout or a limit")
+        body += attr(NFTA_DYNSET_TIMEOUT, struct.pack("!Q", timeout * 1000))
     else:
-        burst = int(m["burst"]) if m["burst"] is not None else NFT_DEFAULT_BURST
-        limit = (attr(NFTA_LIMIT_RATE, struct.pack("!Q", int(m["rate"]))) + attr(NFTA_LIMIT_UNIT, struct.pack("!Q", LIMIT_UNITS[m["unit"]]))
-                 + attr(NFTA_LIMIT_BURST, u32(burst)) + attr(NFTA_LIMIT_TYPE, u32(NFT_LIMIT_PKTS))
-                 + attr(NFTA_LIMIT_FLAGS, u32(NFT_LIMIT_F_INV)))
-        body += attr(NFTA_DYNSET_EXPR | NLA_F_NESTED, attr(NFTA_EXPR_NAME, string("limit")) + nested(NFTA_EXPR_DATA, limit))
-    return key + _expr("dynset", body)
+        burst = limit.burst if limit.burst is not None else NFT_DEFAULT_BURST
+        if not (0 < limit.rate < 1 << 64 and 0 <= burst < 1 << 32):
+            raise NotEncodable(f"limit out of range: {limit!r}")
+        body += attr(NFTA_DYNSET_EXPR | NLA_F_NESTED, attr(NFTA_EXPR_NAME, string("limit")) + nested(NFTA_EXPR_DATA, (
+            attr(NFTA_LIMIT_RATE, struct.pack("!Q", limit.rate)) + attr(NFTA_LIMIT_UNIT, struct.pack("!Q", LIMIT_UNITS[limit.unit]))
+            + attr(NFTA_LIMIT_BURST, u32(burst)) + attr(NFTA_LIMIT_TYPE, u32(NFT_LIMIT_PKTS))
+            + attr(NFTA_LIMIT_FLAGS, u32(NFT_LIMIT_F_INV)))))
+    return _key(key, family) + _expr("dynset", body)
 
 
 class _Template:
@@ -424,39 +380,51 @@ _DNAT_TO = {
 }
 
 
-def encode_rule(rule: str, family: Family) -> bytes | None:
-    """The NFTA_RULE_EXPRESSIONS payload of ``rule``, or None if this module does not encode it."""
-    counter = _COUNTER_GOTO.fullmatch(rule)
-    if counter is not None:  # most rules: a Service chain's counter and goto
-        return counter_ref(counter[1]) + _verdict_statement(counter[2], counter[3])
+_ENCODED_HERE = frozenset({Counter, Verdict, MarkXor, MatchProtocol, NumgenIs, FromLocal, NewConnection, MatchPrefix,
+                           Lookup, SetUpdate, DnatTo, DnatFromMap})
+
+
+def handles(rule: Rule) -> bool:
+    """Whether this module encodes this kind of rule: every statement is one the Service and pick chains use.
+
+    A cheap check of the statements' types only; values are checked when the
+    rule is encoded (``NotEncodable``), which the backend reports as an error.
+    """
+    for statement in rule:
+        if type(statement) not in _ENCODED_HERE or (type(statement) is Lookup and statement.negate):  # noqa: E721
+            return False
+    return True
+
+
+def encode_rule(rule: Rule, family: Family) -> bytes:
+    """The NFTA_RULE_EXPRESSIONS payload of ``rule``.
+
+    NotEncodable for a statement only the skeleton uses, a value out of its
+    range, a statement after the one that ends the rule, or a ``dnat to``
+    without the protocol match nft requires before it.
+    """
+    last = len(rule) - 1
+    cache = _ENCODED[family]
     out = []
-    position = 0
-    end = len(rule)
-    ended = protocol = False
-    while position < end:
-        if ended:
-            return None  # nothing may follow a verdict
-        match = _STATEMENT.match(rule, position)
-        if match is None:
-            return None
-        if match["dnat_port"] and not protocol:
-            return None  # nft maps a port only after a transport protocol match
-        protocol = protocol or bool(match["l4proto"])
-        text = match.group(0)
-        encoded = _statement(text.rstrip(" "), family)
+    for index, statement in enumerate(rule):
+        if index != last and isinstance(statement, TERMINAL):
+            raise NotEncodable(f"{type(statement).__name__} must end its rule")
+        if type(statement) is DnatTo and not any(isinstance(s, MatchProtocol) for s in rule[:index]):
+            raise NotEncodable("dnat to a port needs a protocol match before it")
+        encoded = cache.get(statement)
         if encoded is None:
-            return None
+            encoded = _statement(statement, family)
+            if len(cache) >= _CACHE_SIZE:
+                cache.clear()
+            cache[statement] = encoded
         out.append(encoded)
-        ended = bool(match["verdict"] or match["verb"])
-        position = match.end()
-        if text.endswith(" ") and position == end:
-            return None  # a trailing space: not written by the compiler
-    return b"".join(out) if out else None
+    return b"".join(out)
 
 
-_COUNTER_GOTO = re.compile(rf'counter name "({_NAME})" (goto|jump) ({_NAME})')
+_CACHE_SIZE = 1 << 16
+_ENCODED: dict[Family, dict[Statement, bytes]] = {"ip": {}, "ip6": {}}
+"""Encoded statements (pick chains', verdicts, protocol matches repeat across rules and syncs)."""
 
 
-@functools.lru_cache(maxsize=1024)
-def _verdict_statement(verb: str, chain: str) -> bytes:
-    return verdict(verb, chain)
+class NotEncodable(Exception):
+    """A rule or command this module does not encode (the skeleton's: loaded through libnftables)."""

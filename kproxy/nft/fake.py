@@ -11,17 +11,20 @@ the same transactions against the real kernel, which keeps this honest.
 from __future__ import annotations
 
 import copy
-import re
+from dataclasses import dataclass, field
 from typing import Iterable
 
 from kproxy.nft.backend import NftError
-from kproxy.nft.objects import Chain, Element, Family, Op, Ruleset, Table, Transaction, with_digest
-from kproxy.nft.readback import _DIGEST
+from kproxy.nft.objects import Chain, Element, Family, Op, Ruleset, Table, Transaction, chain_fingerprint
+from kproxy.nft.statements import Rule, chains_it_reaches, counters_it_uses, render_rule, sets_it_reads
 
-_TARGET = re.compile(r"\b(?:goto|jump) (\S+)")
-_SET_REF = re.compile(r"@([a-z0-9-]+)")
-_COUNTER_REF = re.compile(r'counter name "([^"]+)"')
-_TRAILING_COMMENT = re.compile(r' comment "([^"]*)"$')
+
+@dataclass(slots=True)
+class ChainRules:
+    """What the kernel holds in one chain: its rules, and the digest the last of them carries."""
+
+    rules: list[Rule] = field(default_factory=list)
+    digest: str = ""
 
 
 class FakeBackend:
@@ -29,7 +32,7 @@ class FakeBackend:
 
     def __init__(self) -> None:
         self.tables: dict[Family, Table] = {}
-        self.rules: dict[tuple[Family, str], list[str]] = {}
+        self.rules: dict[tuple[Family, str], ChainRules] = {}
         self.transactions: list[Transaction] = []
         """Every transaction that was committed, in order."""
         self.fail_next: NftError | None = None
@@ -61,7 +64,7 @@ class FakeBackend:
         for tx in transactions:
             self.apply(tx)
 
-    def _apply(self, tables: dict[Family, Table], rules: dict[tuple[Family, str], list[str]], op: Op) -> None:
+    def _apply(self, tables: dict[Family, Table], rules: dict[tuple[Family, str], ChainRules], op: Op) -> None:
         table = tables.get(op.family)
         if op.kind == "table":
             if op.verb == "add":
@@ -93,13 +96,13 @@ class FakeBackend:
             if op.verb == "add":
                 assert op.chain is not None
                 table.chains.setdefault(op.name, Chain(op.name, (), op.chain.comment, op.chain.base))
-                rules.setdefault(key, [])
+                rules.setdefault(key, ChainRules())
             elif op.verb == "flush":
                 self._need_chain(table, op.name)
-                rules[key] = []
+                rules[key] = ChainRules()
             elif op.verb == "delete":
                 self._need_chain(table, op.name)
-                if rules.get(key):
+                if rules.get(key, ChainRules()).rules:
                     raise NftError("Device or resource busy (chain is not empty)")
                 if self._referenced(table, rules, op.family, op.name):
                     raise NftError("Device or resource busy (chain is still referenced)")
@@ -111,16 +114,17 @@ class FakeBackend:
             elif op.verb == "delete":
                 if op.name not in table.counters:
                     raise NftError("No such file or directory (counter)")
-                if any(op.name in _COUNTER_REF.findall(r) for (fam, _), rs in rules.items() if fam == op.family for r in rs):
+                if any(op.name in counters_it_uses(r) for (fam, _), held in rules.items() if fam == op.family
+                       for r in held.rules):
                     raise NftError("Device or resource busy (counter is still referenced)")
                 del table.counters[op.name]
-        elif op.kind == "rule":
-            self._need_chain(table, op.name)
-            rules[(op.family, op.name)].append(op.rule)
         elif op.kind == "rules":
             for chain in op.chains:
                 self._need_chain(table, chain.name)
-                rules[(op.family, chain.name)].extend(with_digest(chain))
+                held = rules[(op.family, chain.name)]
+                held.rules.extend(chain.rules)
+                if chain.rules:
+                    held.digest = chain_fingerprint(chain, op.family)[0]
         elif op.kind == "element":
             self._need_set(table, op.name)
             members = table.elements.setdefault(op.name, {})
@@ -146,9 +150,9 @@ class FakeBackend:
             raise NftError("No such file or directory (set)")
 
     @staticmethod
-    def _referenced(table: Table, rules: dict[tuple[Family, str], list[str]], family: Family, name: str) -> bool:
-        for (fam, _), chain_rules in rules.items():
-            if fam == family and any(name in _TARGET.findall(r) for r in chain_rules):
+    def _referenced(table: Table, rules: dict[tuple[Family, str], ChainRules], family: Family, name: str) -> bool:
+        for (fam, _), held in rules.items():
+            if fam == family and any(name in chains_it_reaches(r) for r in held.rules):
                 return True
         return any(
             element.value.split(" ", 1)[-1] == name and element.value.startswith(("goto ", "jump "))
@@ -157,19 +161,17 @@ class FakeBackend:
         )
 
     @staticmethod
-    def _check_references(tables: dict[Family, Table], rules: dict[tuple[Family, str], list[str]]) -> None:
-        for (family, chain), chain_rules in rules.items():
+    def _check_references(tables: dict[Family, Table], rules: dict[tuple[Family, str], ChainRules]) -> None:
+        for (family, chain), held in rules.items():
             table = tables[family]
-            for rule in chain_rules:
-                for target in _TARGET.findall(rule):
-                    if target not in table.chains:
-                        raise NftError("No such file or directory (jump target)", f"add rule {family} kproxy {chain} {rule}")
-                for ref in _SET_REF.findall(rule):
-                    if ref not in table.sets:
-                        raise NftError("No such file or directory (set)", f"add rule {family} kproxy {chain} {rule}")
-                for ref in _COUNTER_REF.findall(rule):
-                    if ref not in table.counters:
-                        raise NftError("No such file or directory (counter)", f"add rule {family} kproxy {chain} {rule}")
+            for rule in held.rules:
+                where = f"add rule {family} kproxy {chain} {render_rule(rule, family)}"
+                if any(target not in table.chains for target in chains_it_reaches(rule)):
+                    raise NftError("No such file or directory (jump target)", where)
+                if any(ref not in table.sets for ref in sets_it_reads(rule)):
+                    raise NftError("No such file or directory (set)", where)
+                if any(ref not in table.counters for ref in counters_it_uses(rule)):
+                    raise NftError("No such file or directory (counter)", where)
         for family, table in tables.items():
             for name, members in table.elements.items():
                 for element in members.values():
@@ -183,13 +185,8 @@ class FakeBackend:
             copy_ = Table(family=family, comment=table.comment, sets=dict(table.sets), counters=dict(table.counters))
             copy_.elements = {name: dict(members) for name, members in table.elements.items() if not table.sets[name].dynamic}
             for name, chain in table.chains.items():
-                chain_rules = self.rules.get((family, name), [])
-                digest = ""
-                if chain_rules:
-                    match = _TRAILING_COMMENT.search(chain_rules[-1])
-                    found = _DIGEST.fullmatch(match.group(1)) if match else None
-                    digest = found.group(1) if found else ""
-                copy_.chains[name] = Chain(name, (), fingerprint=(digest, len(chain_rules)))
+                held = self.rules.get((family, name), ChainRules())
+                copy_.chains[name] = Chain(name, (), fingerprint=(held.digest, len(held.rules)))
             ruleset.tables[family] = copy_
         return ruleset
 
@@ -198,9 +195,9 @@ class FakeBackend:
         self.apply(Transaction([Op("delete", "table", family) for family in deleted]))  # type: ignore[arg-type]
         return deleted  # type: ignore[return-value]
 
-    def chain_rules(self, family: Family, name: str) -> list[str]:
-        """The rule text of one chain, as sent (digest comment included)."""
-        return list(self.rules[(family, name)])
+    def chain_rules(self, family: Family, name: str) -> list[Rule]:
+        """The rules of one chain, as the kernel holds them."""
+        return list(self.rules[(family, name)].rules)
 
     def elements(self, family: Family, set_name: str) -> dict[str, Element]:
         return dict(self.tables[family].elements.get(set_name, {}))

@@ -37,11 +37,21 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator
 
 from kproxy.memory import gc_paused
+from kproxy.nft.expressions import NotEncodable, encode_rule, handles, host_u32, nested, verdict_data
+from kproxy.nft.statements import render_rule
 from kproxy.nft.expressions import attr as _attr
-from kproxy.nft.expressions import encode_rule, host_u32, nested, verdict_data
 from kproxy.nft.expressions import string as _string
-from kproxy.nft.objects import DIGEST_PREFIX, TABLE, Element, Family, Op, Transaction, comment, rules_digest
-from kproxy.rules.skeleton import skeleton_table
+from kproxy.nft.objects import (
+    DIGEST_PREFIX,
+    TABLE,
+    Element,
+    Family,
+    Op,
+    SetDecl,
+    Transaction,
+    chain_fingerprint,
+    comment,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +59,7 @@ NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
+NFT_MSG_NEWTABLE = 0
 NFT_MSG_NEWCHAIN = 3
 NFT_MSG_DELCHAIN = 5
 NFT_MSG_NEWRULE = 6
@@ -75,6 +86,7 @@ NFTA_SET_ELEM_USERDATA = 6
 NFTA_DATA_VALUE = 1
 NFTNL_UDATA_COMMENT = 0
 """The comment's type in the user data of elements, chains, rules and objects alike."""
+NFTA_TABLE_NAME, NFTA_TABLE_USERDATA = 1, 6
 NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME, NFTA_CHAIN_USERDATA = 1, 3, 12
 NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_USERDATA = 1, 2, 4, 7
 NFTA_OBJ_TABLE, NFTA_OBJ_NAME, NFTA_OBJ_TYPE, NFTA_OBJ_DATA, NFTA_OBJ_USERDATA = 1, 2, 3, 4, 8
@@ -91,10 +103,13 @@ Field = Callable[[str], bytes]
 class NetlinkError(Exception):
     """The kernel refused a batch (nothing of it was applied); ``op`` is the command it refused, if known."""
 
-    def __init__(self, message: str, code: int, op: Op | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, code: int, op: Op | None = None, command: str | None = None) -> None:
+        super().__init__(f"{message}: {command}" if command else message)
+        self.reason = message
         self.code = code
         self.op = op
+        self.command = command
+        """The refused command, as nft would write its first line."""
 
 
 def _ipv4(text: str) -> bytes:
@@ -208,53 +223,60 @@ def _fields(spec: str, typeof: bool) -> tuple[Field, ...] | None:
 
 
 @functools.cache
-def layouts(family: Family) -> dict[str, SetLayout]:
-    """The layouts of the skeleton's sets that this module can encode (static, non-interval)."""
-    result: dict[str, SetLayout] = {}
-    for name, decl in skeleton_table(family).sets.items():
-        spec = decl.type_line
-        if decl.dynamic or decl.interval or spec is None:
-            continue
-        typeof = spec.startswith("typeof ")
-        key_text, _, data_text = spec.split(" ", 1)[1].partition(" : ")
-        key = _fields(key_text, typeof)
-        if key is None:
-            continue
-        if not data_text:
-            result[name] = SetLayout(key, None)
-        elif data_text.strip() == "verdict":
-            result[name] = SetLayout(key, ())
-        else:
-            data = _fields(data_text, typeof)
-            if data is not None:
-                result[name] = SetLayout(key, data)
-    return result
+def layout_of(decl: SetDecl) -> SetLayout | None:
+    """How a set's keys (and map data) are encoded, from its declaration; None if this module does not encode them.
 
-
-def encodable_rule(rule: str, family: Family) -> bool:
-    """Whether this module can send the rule (see ``nfrules``)."""
-    return encode_rule(rule, family) is not None
-
-
-class NotEncodable(Exception):
-    """The transaction has a command this module does not send (libnftables does)."""
+    Static, non-interval sets and maps only: the dynamic ones are the
+    datapath's, and interval sets are loaded with the skeleton.
+    """
+    spec = decl.type_line
+    if decl.dynamic or decl.interval or spec is None:
+        return None
+    typeof = spec.startswith("typeof ")
+    key_text, _, data_text = spec.split(" ", 1)[1].partition(" : ")
+    key = _fields(key_text, typeof)
+    if key is None:
+        return None
+    if not data_text:
+        return SetLayout(key, None)
+    if data_text.strip() == "verdict":
+        return SetLayout(key, ())
+    data = _fields(data_text, typeof)
+    return SetLayout(key, data) if data is not None else None
 
 
 def _sendable_kind(op: Op) -> bool:
     """Whether this module sends this kind of command (for rules, if it encodes every one of them)."""
     if op.kind == "element":
-        return op.verb in ("add", "delete") and op.name in layouts(op.family)
+        return op.verb in ("add", "delete") and op.set_decl is not None and layout_of(op.set_decl) is not None
     if op.kind == "chain":
         return op.verb in ("flush", "delete") or (op.verb == "add" and op.chain is not None and not op.chain.base)
     if op.kind == "counter":
         return op.verb in ("add", "delete")
-    return op.kind == "rules" and op.verb == "add"
+    return op.kind in ("rules", "table") and op.verb == "add"
+
+
+def sent_here(op: Op) -> bool:
+    """Whether this module sends this command: by its kind and, for rules, by their statements' kinds.
+
+    Values are not checked here: one that cannot be encoded raises
+    ``NotEncodable`` when the batch is built, an error rather than a reason
+    to send the command some other way.
+    """
+    return _sendable_kind(op) and all(handles(rule) for chain in op.chains for rule in chain.rules)
 
 
 def encodable_op(op: Op) -> bool:
-    """Whether this module can send the command."""
-    return _sendable_kind(op) and (op.kind != "rules" or all(
-        encodable_rule(rule, op.family) for chain in op.chains for rule in chain.rules))
+    """Whether this module can send the command: it is sent here, and every value in it can be encoded."""
+    if not sent_here(op):
+        return False
+    try:
+        for chain in op.chains:
+            for rule in chain.rules:
+                encode_rule(rule, op.family)
+    except NotEncodable:
+        return False
+    return True
 
 
 def encodable(tx: Transaction) -> bool:
@@ -353,7 +375,9 @@ def _message(kind: int, flags: int, seq: int, family: int, payload: bytes, res_i
 def _element_messages(op: Op, first_seq: int) -> Iterator[tuple[bytes, int, int]]:
     """The messages of an element command, one at a time (a message holds up to 60 KB of elements),
     each with the range of ``op.elements`` it carries."""
-    layout = layouts(op.family)[op.name]
+    assert op.set_decl is not None
+    layout = layout_of(op.set_decl)
+    assert layout is not None
     adding = op.verb == "add"
     kind = (NFNL_SUBSYS_NFTABLES << 8) | (NFT_MSG_NEWSETELEM if adding else NFT_MSG_DELSETELEM)
     flags = NLM_F_REQUEST | (NLM_F_CREATE if adding else 0)
@@ -400,6 +424,24 @@ class Batch:
             return replace(op, chains=op.chains[lo:hi])
         return op
 
+    def describe(self, seq: int) -> str:
+        """The refused message's command as nft would write it (for a rule, the rule itself)."""
+        op = self.commands.get(seq)
+        if op is None:
+            return f"message {seq} of the batch"
+        where = f"{op.family} {TABLE}"
+        if op.kind == "rules":
+            first = min(s for s, o in self.commands.items() if o is op)  # rules: one message each, in order
+            rules = [(chain.name, rule) for chain in op.chains for rule in chain.rules]
+            chain_name, rule = rules[seq - first]
+            return f"add rule {where} {chain_name} {render_rule(rule, op.family)}"
+        if op.kind == "element":
+            narrowed = self.refused(seq) or op
+            keys = [element.key for element in narrowed.elements[:3]]
+            more = ", ..." if len(narrowed.elements) > 3 else ""
+            return f"{op.verb} element {where} {op.name} {{ {', '.join(keys)}{more} }}"
+        return f"{op.verb} {op.kind} {where} {op.name}".rstrip()
+
 
 def encode(tx: Transaction, first_seq: int = 1) -> Batch:
     """The netlink batch for a transaction; raises NotEncodable unless ``encodable(tx)``.
@@ -410,8 +452,9 @@ def encode(tx: Transaction, first_seq: int = 1) -> Batch:
         try:
             return _encode(tx, first_seq)
         finally:
-            for family in {op.family for op in tx.ops}:
-                for layout in layouts(family).values():
+            for decl in {op.set_decl for op in tx.ops if op.set_decl is not None}:
+                layout = layout_of(decl)
+                if layout is not None:
                     layout.clear()
 
 
@@ -450,13 +493,16 @@ def _udata_comment(kind: int, text: str) -> bytes:
 
 
 def _object_messages(op: Op, first_seq: int) -> list[tuple[bytes, int, int]]:
-    """Messages for chain, counter and rule commands (rules: with the index of the chain each is for)."""
+    """Messages for table, chain, counter and rule commands (rules: with the index of the chain each is for)."""
     family = NFPROTO[op.family]
     kind = op.kind
     if kind == "rules":
         return _rule_messages(op, first_seq, family)
     name = _attr(NFTA_CHAIN_NAME if kind == "chain" else NFTA_OBJ_NAME, _string(op.name))
-    if kind == "chain" and op.verb == "flush":
+    if kind == "table":
+        note = _udata_comment(NFTA_TABLE_USERDATA, op.comment) if op.comment else b""
+        msg_type, flags, payload = NFT_MSG_NEWTABLE, NLM_F_CREATE, _attr(NFTA_TABLE_NAME, _string(TABLE)) + note
+    elif kind == "chain" and op.verb == "flush":
         msg_type, flags, payload = NFT_MSG_DELRULE, 0, _TABLE_ATTR + _attr(NFTA_RULE_CHAIN, _string(op.name))
     elif kind == "chain" and op.verb == "delete":
         msg_type, flags, payload = NFT_MSG_DELCHAIN, 0, _TABLE_ATTR + name
@@ -480,12 +526,9 @@ def _rule_messages(op: Op, first_seq: int, family: int) -> list[tuple[bytes, int
         where = _TABLE_ATTR + _attr(NFTA_RULE_CHAIN, _string(chain.name))
         last = len(chain.rules) - 1
         for index, rule in enumerate(chain.rules):
-            expressions = encode_rule(rule, op.family)
-            if expressions is None:
-                raise NotEncodable(f"rule {rule!r}")
-            payload = where + _attr(NFTA_RULE_EXPRESSIONS | NLA_F_NESTED, expressions)
+            payload = where + _attr(NFTA_RULE_EXPRESSIONS | NLA_F_NESTED, encode_rule(rule, op.family))
             if index == last:
-                payload += _udata_comment(NFTA_RULE_USERDATA, DIGEST_PREFIX + rules_digest(chain.rules))
+                payload += _udata_comment(NFTA_RULE_USERDATA, DIGEST_PREFIX + chain_fingerprint(chain, op.family)[0])
             messages.append((_message(kind, flags, first_seq + len(messages), family, payload), position, position + 1))
     return messages
 
@@ -562,11 +605,7 @@ class BatchSocket:
                     failure = (seq, code)
         if failure is not None:
             seq, code = failure
-            op = batch.refused(seq)
-            what = f"{op.verb} {op.kind} {op.family} {TABLE} {op.name or ''}".rstrip() if op else f"message {seq}"
-            if op is not None and op.kind == "rules":
-                what += " " + ", ".join(chain.name for chain in op.chains)
-            raise NetlinkError(f"the kernel refused {what}: {os.strerror(code)}", code, op)
+            raise NetlinkError(f"the kernel refused it: {os.strerror(code)}", code, batch.refused(seq), batch.describe(seq))
         if batch.commands and not answered:
             raise NetlinkError("no answer from the kernel for the batch", errno.EIO)
 

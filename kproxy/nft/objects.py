@@ -1,7 +1,8 @@
 """Plain values for an nftables ruleset: tables, sets, maps, chains, elements.
 
-A ``Ruleset`` is what the compiler returns and what the planner compares. Rule
-bodies are nft text. ``comment()`` is the one way a comment string enters that
+A ``Ruleset`` is what the compiler returns and what the planner compares. Rules
+are typed statements (``kproxy.nft.statements``), rendered to text for scripts
+and digests and to netlink for the kernel. ``comment()`` is the one way a comment string enters that
 text, and it refuses any character outside a small safe alphabet, so no value
 can ever close the string and inject syntax. Comments are built from validated
 names and addresses, and ``fit_comment`` shortens the long ones (a 63-character
@@ -11,12 +12,14 @@ name compiles.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
 
-Family = Literal["ip", "ip6"]
+from kproxy.nft.statements import Family, Rule, render_rule
+
 TABLE = "kproxy"
 
 COMMENT_MAX = 128
@@ -74,7 +77,8 @@ class SetDecl:
 @dataclass(frozen=True, slots=True)
 class Chain:
     name: str
-    rules: tuple[str, ...]
+    rules: tuple[Rule, ...]
+    """Typed rules (``kproxy.nft.statements``): rendered as text or netlink, never parsed back."""
     comment: str = ""
     base: str = ""
     """For a base chain: ``type nat hook prerouting priority dstnat; policy accept;``."""
@@ -167,23 +171,34 @@ an older kproxy wrote are rewritten once ("pick rules v2": the pick rules are se
 for every protocol; nft 1.0.6 had made the first one of each batch TCP-only)."""
 
 
-def rules_digest(rules: Iterable[str]) -> str:
+def rules_digest(texts: Iterable[str]) -> str:
     """A short digest of a chain's rule text (and of the ``RULE_FORMATS`` its rules use)."""
-    rules = tuple(rules)
-    versions = [version for marker, version in RULE_FORMATS if any(marker in rule for rule in rules)]
-    data = "\n".join((*versions, *rules)).encode()
+    texts = tuple(texts)
+    versions = [version for marker, version in RULE_FORMATS if any(marker in text for text in texts)]
+    data = "\n".join((*versions, *texts)).encode()
     return hashlib.sha256(data).hexdigest()[:12].upper()
 
 
-def chain_fingerprint(chain: Chain) -> tuple[str, int]:
+def rule_texts(chain: Chain, family: Family) -> list[str]:
+    """A chain's rules as nft text."""
+    return [render_rule(rule, family) for rule in chain.rules]
+
+
+def chain_fingerprint(chain: Chain, family: Family) -> tuple[str, int]:
     """(digest, number of rules); read-back chains carry it precomputed."""
     if chain.fingerprint is not None:
         return chain.fingerprint
-    return rules_digest(chain.rules), len(chain.rules)
+    return _digest(chain.rules, family), len(chain.rules)
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def _digest(rules: tuple[Rule, ...], family: Family) -> str:
+    """Shared chains (the pick chains) and unchanged ones come back often: each is rendered once."""
+    return rules_digest(render_rule(rule, family) for rule in rules)
 
 
 Verb = Literal["add", "flush", "delete"]
-Kind = Literal["table", "set", "map", "chain", "rule", "element", "counter", "rules"]
+Kind = Literal["table", "set", "map", "chain", "element", "counter", "rules"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,9 +215,7 @@ class Op:
     set_decl: SetDecl | None = None
     """add set / add map: the declaration."""
     chain: Chain | None = None
-    """add chain: the declaration (its rules are separate ``add rule`` ops)."""
-    rule: str = ""
-    """add rule: the rule text, digest comment included."""
+    """add chain: the declaration (its rules come in an ``add rules`` op)."""
     chains: tuple[Chain, ...] = ()
     """add rules: chains whose rules are appended, written as one table block (fast to parse)."""
     elements: tuple[Element, ...] = ()
@@ -229,13 +242,11 @@ class Op:
         if self.kind == "chain" and self.verb == "add":
             assert self.chain is not None
             return render_chain(where, self.chain)
-        if self.kind == "rule":
-            return f"add rule {where} {self.name} {self.rule}"
         if self.kind == "rules":
             lines = [f"table {where} {{"]
             for chain in self.chains:
                 lines.append(f"\tchain {chain.name} {{")
-                lines.extend(f"\t\t{rule}" for rule in with_digest(chain))
+                lines.extend(f"\t\t{rule}" for rule in with_digest(chain, self.family))
                 lines.append("\t}")
             lines.append("}")
             return "\n".join(lines)
@@ -284,13 +295,13 @@ def render_chain(where: str, chain: Chain) -> str:
     return f"add chain {where} {chain.name} {{ {body} }}" if body else f"add chain {where} {chain.name}"
 
 
-def digest_comment(rules: tuple[str, ...]) -> str:
-    return comment(DIGEST_PREFIX + rules_digest(rules))
+def digest_comment(chain: Chain, family: Family) -> str:
+    return comment(DIGEST_PREFIX + chain_fingerprint(chain, family)[0])
 
 
-def with_digest(chain: Chain) -> list[str]:
-    """The chain's rules, the last one carrying the digest comment."""
-    rules = list(chain.rules)
-    if rules:
-        rules[-1] = f"{rules[-1]} {digest_comment(chain.rules)}"
-    return rules
+def with_digest(chain: Chain, family: Family) -> list[str]:
+    """The chain's rules as text, the last one carrying the digest comment."""
+    texts = rule_texts(chain, family)
+    if texts:
+        texts[-1] = f"{texts[-1]} {digest_comment(chain, family)}"
+    return texts

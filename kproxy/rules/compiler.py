@@ -36,6 +36,25 @@ from kproxy.cluster.model import Cluster, EndpointSlice, IPFamily, Node, Service
 from kproxy.cluster.validate import collapse, spell, spell_network
 from kproxy.memory import gc_paused
 from kproxy.nft.objects import Chain, Element, Family, Ruleset, ServiceRules, Table, fit_comment
+from kproxy.nft.statements import (
+    Const,
+    Counter,
+    DnatFromMap,
+    DnatTo,
+    FromLocal,
+    Key,
+    Limit,
+    Lookup,
+    MarkXor,
+    MatchPrefix,
+    MatchProtocol,
+    NewConnection,
+    Numgen,
+    NumgenIs,
+    Rule,
+    SetUpdate,
+    Verdict,
+)
 from kproxy.rules.assembly import Assembly
 from kproxy.rules.endpoints import PortEndpoint, Selection, port_endpoints, select
 from kproxy.rules.skeleton import skeleton_table
@@ -44,6 +63,11 @@ FAMILIES: dict[Family, IPFamily] = {"ip": 4, "ip6": 6}
 _PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
 REJECT = "goto reject-chain"
 DROP = "drop"
+"""Verdicts as map data (``no-endpoint-services``): text, as nft writes them."""
+DROP_RULE: Rule = (Verdict("drop"),)
+DISPATCH_KEY: Key = ("daddr", "l4proto", "dport")
+"""Where a packet is going: what dispatch and the endpoint maps are keyed by."""
+AFFINITY_KEY: Key = ("saddr", "daddr", "l4proto", "dport", "mark")
 PICK_CLASSES = (4, 8, 16, 32, 64, 128, 256)
 """Sizes of the shared pick chains; a port with more endpoints gets a per-Service cascade."""
 _LOCAL_SLOT = 0x8000
@@ -127,11 +151,6 @@ def _interval(cidr: str) -> str:
     return spell(network.network_address) if network.prefixlen == network.max_prefixlen else spell_network(network)
 
 
-def _addr(address: str) -> str:
-    """An address as nft writes it after ``dnat to``."""
-    return f"[{address}]" if ":" in address else address
-
-
 def endpoint_id(pe: PortEndpoint) -> int:
     """A stable, non-zero 32-bit id of an endpoint, for the affinity set."""
     digest = hashlib.sha256(f"{pe.address}:{pe.port}".encode()).digest()
@@ -171,25 +190,23 @@ def pick_chains_for(family: Family, size: int, local: bool) -> tuple[Chain, ...]
     through the maps contributes these chains (identical for all), so they
     exist exactly while some Service needs them.
     """
-    key = f"{family} daddr . meta l4proto . th dport"
     kind = "local" if local else "cluster"
     chains = []
     for class_size in PICK_CLASSES:
         if class_size > size:
             break
         low = class_size // 2 if class_size > PICK_CLASSES[0] else 0
-        rules = [
-            f"dnat {family} to {key} . numgen random mod {k} offset {slot(k, local)} map @endpoints-{class_size}"
+        rules: list[Rule] = [
+            (DnatFromMap((*DISPATCH_KEY, Numgen(k, slot(k, local))), f"endpoints-{class_size}"),)
             for k in range(class_size, low, -1)
         ]
-        rules.append(f"goto {pick_chain_name(low, local)}" if low else DROP)
+        rules.append((Verdict("goto", pick_chain_name(low, local)),) if low else DROP_RULE)
         chains.append(Chain(pick_chain_name(class_size, local), tuple(rules), f"pick one of up to {class_size} {kind} endpoints"))
     return tuple(chains)
 
 
 def _endpoint_chain(
     name: str,
-    family: Family,
     service: Service,
     port: ServicePort,
     label: str,
@@ -200,26 +217,25 @@ def _endpoint_chain(
 ) -> Chain:
     """A chain that counts, rate-limits, applies affinity and picks an endpoint."""
     proto = port.protocol
-    rules = [f'counter name "conns-{suffix}"']
+    counter = Counter(f"conns-{suffix}")
+    rules: list[Rule] = [(counter,)]
     limit = service.rate_limit
     if limit is not None:
-        burst = f" burst {limit.burst} packets" if limit.burst else ""
-        rules.append(
-            f"ct state new update @rate-limit-meter {{ {family} saddr . {cluster_ip} . "
-            f"{_PROTO_NUMBERS[proto]} . {port.port} limit rate over {limit.rate}/{limit.unit}{burst} }} "
-            f'counter name "drops-{suffix}" drop'
-        )
+        meter_key = ("saddr", Const(cluster_ip, "addr"), Const(str(_PROTO_NUMBERS[proto]), "proto"),
+                     Const(str(port.port), "port"))
+        rules.append((NewConnection(), SetUpdate("rate-limit-meter", meter_key, limit=Limit(limit.rate, limit.unit, limit.burst)),
+                      Counter(f"drops-{suffix}"), Verdict("drop")))
     count = len(endpoints)
     affinity = service.affinity_timeout
     if uses_pick_chains(service, endpoints):
-        goto = f"goto {pick_chain_name(pick_class(count) or 0, local)}"
+        goto = Verdict("goto", pick_chain_name(pick_class(count) or 0, local))
         if len(rules) == 1:  # just the counter: one rule per Service port loads faster than two
-            return Chain(name, (f"{rules[0]} {goto}",), label)
-        return Chain(name, (*rules, goto), label)
+            return Chain(name, ((counter, goto),), label)
+        return Chain(name, (*rules, (goto,)), label)
     if affinity is None:
         for i, pe in enumerate(endpoints):
-            pick = f" numgen random mod {count - i} 0" if i < count - 1 else ""
-            rules.append(f"meta l4proto {proto}{pick} dnat to {_addr(pe.address)}:{pe.port}")
+            pick: Rule = (NumgenIs(count - i),) if i < count - 1 else ()
+            rules.append((MatchProtocol(proto), *pick, DnatTo(pe.address, pe.port)))
         return Chain(name, tuple(rules), label)
 
     # ClientIP affinity. The affinity set remembers (client, frontend, endpoint
@@ -227,25 +243,19 @@ def _endpoint_chain(
     # is XORed into the packet mark around the lookup and XORed out again. The
     # mark leaves this chain as it came in. An endpoint that goes away takes its
     # rules with it, so its entries simply stop matching.
-    key = f"{family} saddr . {family} daddr . meta l4proto . th dport . meta mark"
-    remember = f"update @affinity {{ {key} timeout {affinity}s }}"
+    remember = SetUpdate("affinity", AFFINITY_KEY, timeout=affinity)
     ids = [endpoint_id(pe) for pe in endpoints]
     previous = 0
-    for pe, ident in zip(endpoints, ids):
+    for pe, ident in zip(endpoints, ids, strict=True):
         # The XOR comes first in the rule and takes effect even when the lookup
         # after it misses: the next rule builds on it.
-        rules.append(
-            f"meta mark set meta mark ^ 0x{previous ^ ident:08x} meta l4proto {proto} {key} @affinity {remember} "
-            f"meta mark set meta mark ^ 0x{ident:08x} dnat to {_addr(pe.address)}:{pe.port}"
-        )
+        rules.append((MarkXor(previous ^ ident), MatchProtocol(proto), Lookup(AFFINITY_KEY, "affinity"), remember,
+                      MarkXor(ident), DnatTo(pe.address, pe.port)))
         previous = ident
-    rules.append(f"meta mark set meta mark ^ 0x{previous:08x}")
-    for i, (pe, ident) in enumerate(zip(endpoints, ids)):
-        pick = f" numgen random mod {count - i} 0" if i < count - 1 else ""
-        rules.append(
-            f"meta l4proto {proto}{pick} meta mark set meta mark ^ 0x{ident:08x} {remember} "
-            f"meta mark set meta mark ^ 0x{ident:08x} dnat to {_addr(pe.address)}:{pe.port}"
-        )
+    rules.append((MarkXor(previous),))
+    for i, (pe, ident) in enumerate(zip(endpoints, ids, strict=True)):
+        pick = (NumgenIs(count - i),) if i < count - 1 else ()
+        rules.append((MatchProtocol(proto), *pick, MarkXor(ident), remember, MarkXor(ident), DnatTo(pe.address, pe.port)))
     return Chain(name, tuple(rules), label)
 
 
@@ -351,12 +361,12 @@ def compile_service(
                 frontends.setdefault(f"{ip} . {proto} . {port.node_port}", NODEPORT_FRONTEND)
         port_frontends = list(frontends.items())
         if has_cluster_chain:
-            chains.append(_endpoint_chain(svc_chain, family, service, port, label, cluster_ip, selection.cluster, suffix, False))
+            chains.append(_endpoint_chain(svc_chain, service, port, label, cluster_ip, selection.cluster, suffix, False))
             if uses_pick_chains(service, selection.cluster):
                 chains += pick_chains_for(family, pick_class(len(selection.cluster)) or 0, False)
                 _claim(slots, port_frontends, port_index, _slot_items(selection.cluster, False, label))
         if has_local_chain:
-            chains.append(_endpoint_chain(local_chain, family, service, port, label, cluster_ip, selection.local, suffix, True))
+            chains.append(_endpoint_chain(local_chain, service, port, label, cluster_ip, selection.local, suffix, True))
             if uses_pick_chains(service, selection.local):
                 chains += pick_chains_for(family, pick_class(len(selection.local)) or 0, True)
                 _claim(slots, port_frontends, port_index, _slot_items(selection.local, True, label))
@@ -396,15 +406,15 @@ def compile_service(
         if service.external_policy_local:
             # Traffic from pods and from the node itself is short-circuited to the cluster
             # endpoints (upstream's clusterPolicyChain), whatever internalTrafficPolicy says.
-            cluster = f"goto {svc_chain}" if has_cluster_chain else DROP
-            ext_rules = [f"{family} saddr {cidr} {cluster}" for cidr in cidrs]
+            cluster = Verdict("goto", svc_chain) if has_cluster_chain else Verdict("drop")
+            ext_rules: list[Rule] = [(MatchPrefix("saddr", cidr), cluster) for cidr in cidrs]
             ext_rules += [
-                "fib saddr type local jump mark-for-masquerade",
-                f"fib saddr type local {cluster}",
-                f"goto {local_chain}" if has_local_chain else DROP,
+                (FromLocal(), Verdict("jump", "mark-for-masquerade")),
+                (FromLocal(), cluster),
+                (Verdict("goto", local_chain),) if has_local_chain else DROP_RULE,
             ]
         else:
-            ext_rules = ["jump mark-for-masquerade", f"goto {svc_chain}"]
+            ext_rules = [(Verdict("jump", "mark-for-masquerade"),), (Verdict("goto", svc_chain),)]
         chains.append(Chain(ext_chain, tuple(ext_rules), label))
         for ip in external_ips:
             elements.append(("service-ips", Element(f"{ip} . {proto} . {port.port}", f"goto {ext_chain}", label)))

@@ -50,7 +50,8 @@ def _fill_chains(tx: Transaction, table: Table, chains: list[Chain], max_rules: 
 
 def _elements(tx: Transaction, verb: Verb, table: Table, set_name: str, elements: list[Element]) -> None:
     for i in range(0, len(elements), ELEMENT_BATCH):
-        tx.add(Op(verb, "element", table.family, set_name, elements=tuple(elements[i : i + ELEMENT_BATCH])))
+        tx.add(Op(verb, "element", table.family, set_name, set_decl=table.sets.get(set_name),
+                  elements=tuple(elements[i : i + ELEMENT_BATCH])))
 
 
 def _declare(table: Table, counters: bool = True, chains: Iterable[Chain] | None = None, sets: bool = True) -> Transaction:
@@ -162,7 +163,7 @@ def diff(
                 removed_chains.append(name)
         elif have is None:
             new_chains.append(want)
-        elif chain_fingerprint(have) != chain_fingerprint(want):
+        elif chain_fingerprint(have, family) != chain_fingerprint(want, family):
             changed_chains.append(want)
     for chain in new_chains:
         tx.add(Op("add", "chain", family, chain.name, chain=chain))
