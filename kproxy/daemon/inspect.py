@@ -41,8 +41,10 @@ class KernelTables:
         table = self._tables().tables.get(family)
         return [] if table is None else list(table.elements.get(set_name, {}))
 
-    def chain_rules(self, family: Family, chain: str) -> list[str] | None:
-        return self.backend.chain_rules(family, chain)
+    def chain_fingerprint(self, family: Family, chain: str) -> tuple[str, int] | None:
+        table = self._tables().tables.get(family)
+        found = None if table is None else table.chains.get(chain)
+        return None if found is None else found.fingerprint
 
 
 def cluster_from_api(kubeconfig: str | None, node_name: str) -> tuple[Cluster, list[Problem]]:

@@ -41,7 +41,6 @@ LIBNFTABLES = "libnftables.so.1"
 PROBE_TABLE = "kproxy-probe"
 MAX_WAITING_BATCHES = 4
 """How many encoded batches ``apply_in_order`` lets wait for the sender thread (a few MB each)."""
-_DIGEST_COMMENT = re.compile(r' comment "kproxy-rules=[0-9A-Z]+"$')
 _LOCATION = re.compile(r"^(?:\S+):(\d+):\d+(?:-\d+)?: Error: (.*)$")
 
 
@@ -386,18 +385,6 @@ class NftablesBackend:
                 if body is not None:
                     counters[(family, body["name"])] = (int(body.get("packets", 0)), int(body.get("bytes", 0)))
         return counters
-
-    def chain_rules(self, family: Family, chain: str) -> list[str] | None:
-        """The rules of one of kproxy's chains as nft prints them, or None if it does not exist."""
-        rc, out, _ = self._run(f"list chain {family} {TABLE} {chain}")
-        if rc != 0:
-            return None
-        lines = [line.strip() for line in out.splitlines()]
-        start = next((i for i, line in enumerate(lines) if line.startswith("chain ")), None)
-        if start is None:
-            return []
-        body = [line for line in lines[start + 1 :] if line and line != "}" and not line.startswith(("comment ", "type "))]
-        return [_DIGEST_COMMENT.sub("", line) for line in body]
 
     def list_text(self, family: Family) -> str | None:
         """The table as ``nft list table`` prints it (for inspection)."""

@@ -310,6 +310,66 @@ def _firewall_items(sources: Sequence[str], label: str) -> Callable[[str], list[
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class PortDecision:
+    """Where one Service port's traffic goes on this node, in one family: the compiler's choices, which explain reads.
+
+    A chain name is None where that chain does not exist; a target of None
+    means the packet is dropped there (or, for ``internal`` of a port with
+    no usable endpoint anywhere, rejected).
+    """
+
+    label: str
+    suffix: str
+    selection: Selection
+    cluster_chain: str | None
+    """``svc-``: the cluster endpoints (topology applied), if the port uses them and has some."""
+    local_chain: str | None
+    """``local-``: this node's endpoints, if a Local policy uses them and there are some."""
+    internal: str | None
+    """The ClusterIP's target: a chain, ``DROP`` (Local policy, no endpoint here) or None (rejected)."""
+    external_chain: str | None
+    """``ext-``: the NodePort, externalIP and load-balancer IP frontends' chain (None without any, or without endpoints)."""
+    external_cluster: str | None
+    """externalTrafficPolicy Cluster: the chain external traffic goes to (after masquerading)."""
+    short_circuit: str | None
+    """externalTrafficPolicy Local: the chain for traffic from pods and from this node (upstream's clusterPolicyChain)."""
+    external_local: str | None
+    """externalTrafficPolicy Local: the chain for other sources (None: dropped, no endpoint on this node)."""
+
+
+def decide_port(service: Service, port: ServicePort, slices: Sequence[EndpointSlice], family: Family,
+                node: NodeInfo) -> PortDecision:
+    """The traffic policy decisions for one port: made here once, for the compiler and for explain."""
+    selection = select(service, port_endpoints(port, slices, FAMILIES[family]), node.name, node.zone)
+    suffix = chain_suffix(service, port)
+    cluster_chain = f"svc-{suffix}" if service.uses_cluster_endpoints and selection.cluster else None
+    local_chain = f"local-{suffix}" if service.uses_local_endpoints and selection.local else None
+    if not selection.has_any:
+        internal: str | None = None
+    elif service.internal_policy_local:
+        internal = local_chain or DROP
+    else:
+        internal = cluster_chain or DROP
+    fam = FAMILIES[family]
+    has_external = port.node_port is not None or any(
+        _family_of(ip) == fam for ip in service.external_ips + service.load_balancer_ips)
+    external_chain = f"ext-{suffix}" if has_external and selection.has_any else None
+    local_policy = service.external_policy_local
+    return PortDecision(
+        label=port_label(service, port),
+        suffix=suffix,
+        selection=selection,
+        cluster_chain=cluster_chain,
+        local_chain=local_chain,
+        internal=internal,
+        external_chain=external_chain,
+        external_cluster=cluster_chain if external_chain and not local_policy else None,
+        short_circuit=cluster_chain if external_chain and local_policy else None,
+        external_local=local_chain if external_chain and local_policy else None,
+    )
+
+
 def compile_service(
     service: Service,
     slices: Iterable[EndpointSlice],
@@ -342,13 +402,10 @@ def compile_service(
     cidrs = [c for c in config.cluster_cidrs if _family_of(c.split("/")[0]) == fam]
 
     for port_index, port in enumerate(service.ports):
-        label = port_label(service, port)
-        proto = port.protocol
-        selection: Selection = select(service, port_endpoints(port, slices, fam), node.name, node.zone)
-        suffix = chain_suffix(service, port)
-        svc_chain, local_chain, ext_chain = f"svc-{suffix}", f"local-{suffix}", f"ext-{suffix}"
-        has_cluster_chain = service.uses_cluster_endpoints and bool(selection.cluster)
-        has_local_chain = service.uses_local_endpoints and bool(selection.local)
+        decision = decide_port(service, port, slices, family, node)
+        label, proto, suffix, selection = decision.label, port.protocol, decision.suffix, decision.selection
+        svc_chain, local_chain, ext_chain = decision.cluster_chain, decision.local_chain, decision.external_chain
+        has_cluster_chain, has_local_chain = bool(svc_chain), bool(local_chain)
         if has_cluster_chain or has_local_chain:
             counters.append((f"conns-{suffix}", label))
             if service.rate_limit is not None:
@@ -360,12 +417,12 @@ def compile_service(
             for ip in _nodeport_ips(node, config, family):
                 frontends.setdefault(f"{ip} . {proto} . {port.node_port}", NODEPORT_FRONTEND)
         port_frontends = list(frontends.items())
-        if has_cluster_chain:
+        if svc_chain:
             chains.append(_endpoint_chain(svc_chain, service, port, label, cluster_ip, selection.cluster, suffix, False))
             if uses_pick_chains(service, selection.cluster):
                 chains += pick_chains_for(family, pick_class(len(selection.cluster)) or 0, False)
                 _claim(slots, port_frontends, port_index, _slot_items(selection.cluster, False, label))
-        if has_local_chain:
+        if local_chain:
             chains.append(_endpoint_chain(local_chain, service, port, label, cluster_ip, selection.local, suffix, True))
             if uses_pick_chains(service, selection.local):
                 chains += pick_chains_for(family, pick_class(len(selection.local)) or 0, True)
@@ -376,17 +433,14 @@ def compile_service(
             elements.append(("hairpin", Element(f"{address} . {address}", comment=label)))
 
         # Traffic to the ClusterIP follows internalTrafficPolicy.
-        if service.internal_policy_local:
-            internal = f"goto {local_chain}" if has_local_chain else DROP
-        else:
-            internal = f"goto {svc_chain}" if has_cluster_chain else DROP
+        internal = decision.internal
         key = f"{cluster_ip} . {proto} . {port.port}"
-        if not selection.has_any:
+        if internal is None:
             elements.append(("no-endpoint-services", Element(key, REJECT, label)))
         elif internal == DROP:
             elements.append(("no-endpoint-services", Element(key, DROP, label)))
         else:
-            elements.append(("service-ips", Element(key, internal, label)))
+            elements.append(("service-ips", Element(key, f"goto {internal}", label)))
 
         # loadBalancerSourceRanges of this family guard the load-balancer IPs, endpoints or not:
         # the firewall of a frontend is its owner's (a Service that loses it adds nothing).
@@ -403,18 +457,19 @@ def compile_service(
             if port.node_port:
                 elements.append(("no-endpoint-nodeports", Element(f"{proto} . {port.node_port}", REJECT, label)))
             continue
+        assert ext_chain is not None
         if service.external_policy_local:
-            # Traffic from pods and from the node itself is short-circuited to the cluster
-            # endpoints (upstream's clusterPolicyChain), whatever internalTrafficPolicy says.
-            cluster = Verdict("goto", svc_chain) if has_cluster_chain else Verdict("drop")
+            # Traffic from pods and from the node itself is short-circuited (decision.short_circuit).
+            cluster = Verdict("goto", decision.short_circuit) if decision.short_circuit else Verdict("drop")
             ext_rules: list[Rule] = [(MatchPrefix("saddr", cidr), cluster) for cidr in cidrs]
             ext_rules += [
                 (FromLocal(), Verdict("jump", "mark-for-masquerade")),
                 (FromLocal(), cluster),
-                (Verdict("goto", local_chain),) if has_local_chain else DROP_RULE,
+                (Verdict("goto", decision.external_local),) if decision.external_local else DROP_RULE,
             ]
         else:
-            ext_rules = [(Verdict("jump", "mark-for-masquerade"),), (Verdict("goto", svc_chain),)]
+            ext_rules = [(Verdict("jump", "mark-for-masquerade"),),
+                         (Verdict("goto", decision.external_cluster),) if decision.external_cluster else DROP_RULE]
         chains.append(Chain(ext_chain, tuple(ext_rules), label))
         for ip in external_ips:
             elements.append(("service-ips", Element(f"{ip} . {proto} . {port.port}", f"goto {ext_chain}", label)))

@@ -12,18 +12,26 @@ This module is pure: the kernel is reached through a ``LiveTables`` protocol.
 from __future__ import annotations
 
 import ipaddress
-import re
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from kproxy.cluster.convert import Problem
-from kproxy.cluster.model import Cluster, Service, ServicePort
-from kproxy.nft.objects import Element, Family
-from kproxy.rules.compiler import PICK_CLASSES, NodeInfo, ProxyConfig, endpoints_map, port_label, slot
-from kproxy.rules.endpoints import PREFER_SAME_NODE, PREFER_SAME_ZONE, port_endpoints, select
+from kproxy.cluster.model import Cluster, EndpointSlice, Service, ServicePort
+from kproxy.nft.objects import Chain, Element, Family, chain_fingerprint
+from kproxy.nft.statements import DnatTo, chains_it_reaches
+from kproxy.rules.compiler import (
+    DROP,
+    PICK_CLASSES,
+    NodeInfo,
+    ProxyConfig,
+    compile_service,
+    decide_port,
+    endpoints_map,
+    port_label,
+    slot,
+)
+from kproxy.rules.endpoints import PREFER_SAME_NODE, PREFER_SAME_ZONE, port_endpoints
 
-_PICK = re.compile(r"goto (pick-[a-z0-9-]+)")
-_DNAT = re.compile(r"dnat (?:ip6? )?to \[?([0-9a-f.:]+?)\]?:(\d+)")
 
 
 class LiveTables(Protocol):
@@ -33,7 +41,9 @@ class LiveTables(Protocol):
 
     def set_keys(self, family: Family, set_name: str) -> list[str]: ...
 
-    def chain_rules(self, family: Family, chain: str) -> list[str] | None: ...
+    def chain_fingerprint(self, family: Family, chain: str) -> tuple[str, int] | None:
+        """The digest of a chain's rules and their number, as kproxy wrote them; None if it does not exist."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +148,7 @@ def _explain(packet: Packet, cluster: Cluster, node: NodeInfo, config: ProxyConf
             if found is not None:
                 verdict = "rejected (TCP reset / ICMP unreachable)" if "reject" in found.value else "dropped"
                 out.append(f"kernel: {name} has {found.key} ({found.comment}): {verdict}")
-                out += _why_no_endpoints(cluster, found.comment, node, fam)
+                out += _why_no_endpoints(cluster, found.comment, node, family)
                 return out
         if packet.destination in live.set_keys(family, "cluster-ips"):
             out.append("kernel: the destination is a ClusterIP but no Service defines this port: rejected")
@@ -166,27 +176,30 @@ def _explain(packet: Packet, cluster: Cluster, node: NodeInfo, config: ProxyConf
         if not allowed:
             return out
 
-    chain = element.value.split(" ", 1)[1] if element.value.startswith(("goto ", "jump ")) else ""
+    slices = [s for s in cluster.slices.values() if s.service_key == service.key]
+    decision = decide_port(service, port, slices, family, node)
     cidrs = [c for c in config.cluster_cidrs if (":" in c) == (fam == 6)]
     from_pod = _in(packet.source, cidrs)
     from_node = packet.source in node.addresses
-    external = chain.startswith("ext-")
+    external = set_name == "service-nodeports" or packet.destination not in service.cluster_ips
+    chain: str | None
     if external:
+        expected = f"goto {decision.external_chain}"
         frontend = "NodePort" if set_name == "service-nodeports" else (
             "load-balancer IP" if packet.destination in service.load_balancer_ips else "externalIP")
         if service.external_policy_local and (from_pod or from_node):
-            target = "local" if service.internal_policy_local else "cluster"
             why = f"source is in --cluster-cidr {from_pod}" if from_pod else "source is this node"
-            out.append(f"policy: {frontend}, externalTrafficPolicy Local, but {why}: short-circuited to the {target} endpoints"
+            out.append(f"policy: {frontend}, externalTrafficPolicy Local, but {why}: short-circuited to the cluster endpoints"
                        + (", masqueraded" if from_node else ", client IP kept"))
-            chain = chain.replace("ext-", "local-" if service.internal_policy_local else "svc-", 1)
+            chain = decision.short_circuit
         elif service.external_policy_local:
             out.append(f"policy: {frontend}, externalTrafficPolicy Local: this node's endpoints only, client IP kept")
-            chain = chain.replace("ext-", "local-", 1)
+            chain = decision.external_local
         else:
             out.append(f"policy: {frontend}, externalTrafficPolicy Cluster: any endpoint, source masqueraded")
-            chain = chain.replace("ext-", "svc-", 1)
+            chain = decision.external_cluster
     else:
+        expected = f"goto {decision.internal}"
         if service.internal_policy_local:
             out.append("policy: ClusterIP, internalTrafficPolicy Local: this node's endpoints only")
         else:
@@ -198,10 +211,12 @@ def _explain(packet: Packet, cluster: Cluster, node: NodeInfo, config: ProxyConf
                        f"--cluster-cidr {', '.join(cidrs)})")
         else:
             out.append("masquerade: no (--cluster-cidr is not set)")
+        chain = decision.internal if decision.internal != DROP else None
+    if element.value != expected:
+        out.append(f"note: the model sends this frontend to {expected.split()[-1]}; the kernel is behind (a sync is pending)")
 
-    slices = [s for s in cluster.slices.values() if s.service_key == service.key]
-    selection = select(service, port_endpoints(port, slices, fam), node.name, node.zone)
-    use_local = chain.startswith("local-")
+    selection = decision.selection
+    use_local = chain is not None and chain == decision.local_chain
     chosen = selection.local if use_local else selection.cluster
     if not use_local:
         if selection.topology == PREFER_SAME_ZONE:
@@ -212,19 +227,24 @@ def _explain(packet: Packet, cluster: Cluster, node: NodeInfo, config: ProxyConf
             out.append("topology: none (no hints, or not every ready endpoint is hinted): all endpoints")
     if chosen and not any(pe.endpoint.ready for pe in chosen):
         out.append("endpoints: none ready; using serving-and-terminating endpoints (fallback)")
+    if chain is None:
+        out.append("verdict: dropped (Local policy without a local endpoint)")
+        return out
 
-    rules = live.chain_rules(family, chain) if chain else None
-    live_targets = sorted({(m.group(1), int(m.group(2))) for r in (rules or []) for m in _DNAT.finditer(r)})
-    pick = next((m.group(1) for r in (rules or []) for m in _PICK.finditer(r)), None)
-    if pick is not None:
+    compiled = _compiled_chain(service, slices, family, node, config, chain)
+    live_fingerprint = live.chain_fingerprint(family, chain)
+    if live_fingerprint is None or compiled is None:
+        out.append(f"kernel: chain {chain} is missing: a sync is pending")
+        return out
+    if live_fingerprint != chain_fingerprint(compiled, family):
+        out.append(f"kernel: chain {chain} differs from what the model compiles: the kernel is behind (a sync is pending)")
+    pick = next((name for rule in compiled.rules for name in chains_it_reaches(rule) if name.startswith("pick-")), None)
+    if pick is not None:  # the endpoints are elements: read them from the kernel
         live_targets = _slot_targets(live, family, f"{packet.destination} . {packet.protocol} . {packet.port}",
                                      pick.startswith("pick-local-"))
+    else:
+        live_targets = sorted({(s.address, s.port) for rule in compiled.rules for s in rule if isinstance(s, DnatTo)})
     model_targets = sorted({(pe.address, pe.port) for pe in chosen})
-    if rules is None:
-        out.append(f"kernel: chain {chain} is missing" if chain else f"kernel: {element.value}")
-        if element.value == "drop":
-            out.append("verdict: dropped (Local policy without a local endpoint)")
-        return out
     out.append(f"kernel: chain {chain}: {len(live_targets)} endpoint(s), each with probability 1/{max(1, len(live_targets))}")
     for address, number in live_targets:
         pe = next((p for p in chosen if (p.address, p.port) == (address, number)), None)
@@ -234,8 +254,6 @@ def _explain(packet: Packet, cluster: Cluster, node: NodeInfo, config: ProxyConf
         ep = pe.endpoint
         state = "ready" if ep.ready else "serving, terminating" if ep.serving else "not ready"
         out.append(f"  {address}:{number}  node {ep.node_name or '?'} zone {ep.zone or '?'} {state}")
-    if not rules or (len(rules) == 1 and rules[0].startswith("drop")):
-        out.append("verdict: dropped (Local policy without a local endpoint)")
     if live_targets != model_targets:
         out.append(f"note: the model selects {len(model_targets)} endpoint(s); the kernel is behind (a sync is pending)")
     if service.affinity_timeout:
@@ -252,6 +270,13 @@ def _explain(packet: Packet, cluster: Cluster, node: NodeInfo, config: ProxyConf
     return out
 
 
+def _compiled_chain(service: Service, slices: list[EndpointSlice], family: Family, node: NodeInfo, config: ProxyConfig,
+                    name: str) -> Chain | None:
+    """The chain ``name`` as the compiler builds it for this Service now."""
+    rules = compile_service(service, slices, family, node, config)
+    return next((c for c in rules.chains if c.name == name), None) if rules is not None else None
+
+
 def _slot_targets(live: LiveTables, family: Family, frontend: str, local: bool) -> list[tuple[str, int]]:
     """The endpoints in the ``endpoints-C`` maps for one frontend: slots 1, 2, ... until the first empty one."""
     targets = []
@@ -265,14 +290,14 @@ def _slot_targets(live: LiveTables, family: Family, frontend: str, local: bool) 
     return sorted(set(targets))
 
 
-def _why_no_endpoints(cluster: Cluster, label: str, node: NodeInfo, fam: int) -> list[str]:
+def _why_no_endpoints(cluster: Cluster, label: str, node: NodeInfo, family: Family) -> list[str]:
     found = _find_service_port(cluster, label)
     if found is None:
         return []
     service, port = found
     slices = [s for s in cluster.slices.values() if s.service_key == service.key]
-    endpoints = port_endpoints(port, slices, fam)  # type: ignore[arg-type]
-    selection = select(service, endpoints, node.name, node.zone)
-    if not selection.has_any:
-        return [f"why: {service.key} has {len(endpoints)} endpoint(s), none ready or serving"]
+    decision = decide_port(service, port, slices, family, node)
+    if not decision.selection.has_any:
+        count = len(port_endpoints(port, slices, 6 if family == "ip6" else 4))
+        return [f"why: {service.key} has {count} endpoint(s), none ready or serving"]
     return [f"why: {service.key} uses a Local policy and this node ({node.name}) has no endpoint of it"]
