@@ -3,7 +3,7 @@
     sudo .venv/bin/python benchmarks/datapath.py [--quick]
 
 For each size (100 and 10,000 Services x 10 endpoints; --quick: 100 and 1,000)
-a fresh network-namespace test bed (tests/netbed.py) gets the synthetic cluster
+a fresh network-namespace test bed (tests/harness/netbed.py) gets the synthetic cluster
 (benchmarks/synthetic.py; its endpoints, 10.128.x.y, never see a packet) plus
 one real Service, ``ns-54/echo`` at 10.250.0.1:80 (outside the synthetic
 ClusterIPs 10.96-10.97.x.y), whose only endpoint is a local pod serving TCP
@@ -90,7 +90,7 @@ class Series:
     target: str
     dst: str
     port: int
-    client: Any  # tests.netbed.Netns
+    client: Any  # tests.harness.netbed.Netns
     server: str
     elapsed: list[float] = field(default_factory=list)
     failed: int = 0
@@ -108,7 +108,7 @@ class Series:
 @dataclass
 class Bed:
     services: int
-    bed: Any  # tests.netbed.NetBed
+    bed: Any  # tests.harness.netbed.NetBed
     program_s: float = 0.0
     dispatch_elements: int = 0
     rank: int = 0
@@ -116,7 +116,7 @@ class Bed:
 
 
 def open_bed(stack: contextlib.ExitStack, services: int) -> Bed:
-    from tests.netbed import build_netbed
+    from tests.harness.netbed import build_netbed
 
     bed = stack.enter_context(build_netbed(local_pods=2, remote_pods=1))
     bed.node.ip("route", "add", "default", "via", bed.router_ip4)

@@ -58,7 +58,7 @@ def measure(services: int, changes: int, interval: float) -> dict[str, float]:
     from kproxy.daemon.config import DaemonConfig
     from kproxy.daemon.proxier import NullObserver
     from kproxy.daemon.run import Daemon
-    from tests.fakeapi import FakeKubeAPI, client_config
+    from tests.harness.fakeapi import FakeKubeAPI, client_config
 
     latencies: list[float] = []
     done = threading.Condition()

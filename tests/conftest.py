@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import pytest
 
 if TYPE_CHECKING:
-    from tests.netbed import Netns
+    from tests.harness.netbed import Netns
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -51,14 +51,14 @@ def nft_check() -> Iterator[NftCheck]:
         yield check
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
-pytest_plugins = ["tests.fakeapi", "tests.netbed", "tests.daemonbed"]
+pytest_plugins = ["tests.harness.fakeapi", "tests.harness.netbed", "tests.harness.daemonbed"]
 """Fixtures shared by many modules: ``netbed`` (network namespaces), ``api_in_node`` and ``fake_api`` (the test API server)."""
 
 
 @pytest.fixture
 def empty_netns() -> Iterator["Netns"]:
     """A fresh, empty network namespace, deleted afterwards (also on failure)."""
-    from tests.netbed import Netns
+    from tests.harness.netbed import Netns
 
     name = f"kpt-ns-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.builders import endpoint, endpoint_slice, node, service
+from tests.harness.builders import endpoint, endpoint_slice, node, service
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "cluster.yaml"

@@ -16,7 +16,7 @@ from kproxy.nft.statements import DnatFromMap, DnatTo, Numgen, NumgenIs, Verdict
 from kproxy.rules.compiler import PICK_CLASSES, NodeInfo, ProxyConfig, compile_ruleset, pick_class, slot
 from kproxy.rules.plan import render_ruleset
 from kproxy.rules.skeleton import skeleton_table
-from tests.builders import endpoint, endpoint_slice, node, service
+from tests.harness.builders import endpoint, endpoint_slice, node, service
 
 NODE = NodeInfo("node-a", "zone-a", ("192.168.50.1",), ("192.168.50.1",))
 CONFIG = ProxyConfig(cluster_cidrs=("10.244.0.0/16",))

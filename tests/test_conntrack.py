@@ -23,8 +23,8 @@ from kproxy.node.conntrack import (
 )
 from kproxy.rules.compiler import NodeInfo, ProxyConfig, compile_ruleset
 from kproxy.rules.plan import plan
-from tests.builders import endpoint, endpoint_slice, service
-from tests.netbed import NetBed, Netns, Pod, Results, UdpFlow
+from tests.harness.builders import endpoint, endpoint_slice, service
+from tests.harness.netbed import NetBed, Netns, Pod, Results, UdpFlow
 
 UDP, TCP = socket.IPPROTO_UDP, socket.IPPROTO_TCP
 NODE = NodeInfo(name="node-a", zone="zone-a", primary_ips=("192.168.50.1", "fd00:50::1"))

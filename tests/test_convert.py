@@ -18,7 +18,7 @@ from kproxy.cluster.convert import (
 )
 from kproxy.cluster.manifests import ManifestError, parse_manifests
 from kproxy.cluster.model import RateLimit
-from tests.builders import endpoint, endpoint_slice, node, service
+from tests.harness.builders import endpoint, endpoint_slice, node, service
 
 
 def test_service_fields() -> None:

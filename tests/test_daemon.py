@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from tests.builders import endpoint, endpoint_slice, service
-from tests.daemonbed import ApiInNode, KproxyProcess, wait_until
-from tests.netbed import NetBed, Pod
+from tests.harness.builders import endpoint, endpoint_slice, service
+from tests.harness.daemonbed import ApiInNode, KproxyProcess, wait_until
+from tests.harness.netbed import NetBed, Pod
 
 pytestmark = pytest.mark.root
 
@@ -20,7 +20,7 @@ def pod_slice(name: str, pods: list[Pod], **kw: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def bed(daemon_bed: NetBed) -> NetBed:
-    """The daemon test bed (tests/daemonbed.py)."""
+    """The daemon test bed (tests/harness/daemonbed.py)."""
     return daemon_bed
 
 

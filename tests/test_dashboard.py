@@ -18,9 +18,9 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from tests.builders import endpoint, endpoint_slice, service
-from tests.daemonbed import ApiInNode, KproxyProcess, wait_until
-from tests.netbed import NetBed, Netns, Pod
+from tests.harness.builders import endpoint, endpoint_slice, service
+from tests.harness.daemonbed import ApiInNode, KproxyProcess, wait_until
+from tests.harness.netbed import NetBed, Netns, Pod
 
 pytestmark = pytest.mark.root
 
@@ -163,7 +163,7 @@ def problem(prometheus: Prometheus, expr: str) -> str | None:
 
 @pytest.fixture
 def bed(daemon_bed: NetBed) -> NetBed:
-    """The daemon test bed (tests/daemonbed.py)."""
+    """The daemon test bed (tests/harness/daemonbed.py)."""
     return daemon_bed
 
 

@@ -17,49 +17,15 @@ from typing import Any
 import pytest
 import yaml
 
-from kproxy.cluster.convert import build_cluster
-from kproxy.nft.backend import NftablesBackend
-from kproxy.rules.compiler import NodeInfo, ProxyConfig, compile_ruleset
-from kproxy.rules.plan import plan
-from tests.builders import endpoint, endpoint_slice, node, service
-from tests.netbed import NetBed, Pod
+from tests.harness.builders import endpoint_slice, service
+from tests.harness.netbed import NetBed, Pod
+from tests.harness.program import node_manifest, pod_endpoint, pod_slice, program
 
 pytestmark = pytest.mark.root
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ProxyConfig(cluster_cidrs=("10.244.0.0/16", "fd00:244::/48"))
 # Chi-square critical values at p = 0.001, by degrees of freedom.
 CHI2_CRITICAL = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}
-
-
-def node_manifest(bed: NetBed) -> dict[str, Any]:
-    return node(bed.node_name, [bed.node_ip4, bed.node_ip6], zone=bed.zone)
-
-
-def pod_endpoint(pod: Pod, family: int = 4, **kw: Any) -> dict[str, Any]:
-    return endpoint(pod.ip4 if family == 4 else pod.ip6, node=pod.node_name, zone=pod.zone, **kw)
-
-
-def pod_slice(name: str, pods: list[Pod], family: int = 4, port: int = 8080, protocol: str = "TCP",
-              port_name: str = "http", **kw: Any) -> dict[str, Any]:
-    return endpoint_slice(
-        f"{name}-{family}", name, [pod_endpoint(p, family, **kw) for p in pods],
-        ports=[{"name": port_name, "port": port, "protocol": protocol}],
-        address_type="IPv4" if family == 4 else "IPv6",
-    )
-
-
-def program(bed: NetBed, objects: list[dict[str, Any]], config: ProxyConfig = CONFIG) -> int:
-    """Bring the node's kernel to the ruleset for ``objects``; return the operation count."""
-    cluster, problems = build_cluster(objects + [node_manifest(bed)], bed.node_name)
-    assert problems == []
-    info = NodeInfo(bed.node_name, bed.zone, (bed.node_ip4, bed.node_ip6), (bed.node_ip4, bed.node_ip6))
-    desired = compile_ruleset(cluster, info, config)
-    with bed.node.entered():
-        backend = NftablesBackend()
-        tx = plan(backend.read(), desired)
-        backend.apply(tx)
-    return tx.operations
 
 
 def chi_square(counts: dict[str, int], expected_keys: list[str]) -> float:

@@ -8,7 +8,7 @@ import pytest
 
 from kproxy.cluster.convert import service_from_manifest, slice_from_manifest
 from kproxy.rules.endpoints import PREFER_SAME_NODE, PREFER_SAME_ZONE, port_endpoints, select
-from tests.builders import endpoint, endpoint_slice, service
+from tests.harness.builders import endpoint, endpoint_slice, service
 
 NODE = "node-a"
 ZONE = "zone-a"

@@ -11,7 +11,7 @@ from kproxy.nft.objects import Chain, Op, Transaction
 from kproxy.rules.compiler import NodeInfo, ProxyConfig, compile_ruleset
 from kproxy.rules.explain import Packet, explain
 from kproxy.rules.plan import plan
-from tests.builders import endpoint, endpoint_slice, service
+from tests.harness.builders import endpoint, endpoint_slice, service
 
 NODE = NodeInfo("node-a", "zone-a", ("192.168.50.1",), ("192.168.50.1",))
 CONFIG = ProxyConfig(cluster_cidrs=("10.244.0.0/16",))

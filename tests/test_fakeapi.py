@@ -1,4 +1,4 @@
-"""Tests for the fake Kubernetes API server in tests/fakeapi.py.
+"""Tests for the fake Kubernetes API server in tests/harness/fakeapi.py.
 
 Everything goes through the unchanged official ``kubernetes`` client, so these
 tests also pin down how that client reacts to the protocol (410, bookmarks,
@@ -17,7 +17,7 @@ import urllib3
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
-from tests.fakeapi import FakeApiError, FakeKubeAPI, LabelSelector, client_config
+from tests.harness.fakeapi import FakeApiError, FakeKubeAPI, LabelSelector, client_config
 
 NS = "default"
 NOT_PROXIED = "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name"

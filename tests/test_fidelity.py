@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.builders import endpoint, endpoint_slice, node, service
-from tests.netbed import NetBed, Pod
+from tests.harness.builders import endpoint, endpoint_slice, node, service
+from tests.harness.netbed import NetBed, Pod
 
 pytestmark = pytest.mark.root
 

@@ -25,7 +25,7 @@ from kproxy.nft import netlink as nfnetlink
 from kproxy.nft.objects import Transaction
 from kproxy.rules.compiler import NodeInfo, ProxyConfig, compile_ruleset
 from kproxy.rules.plan import plan
-from tests.builders import endpoint, endpoint_slice, node, service
+from tests.harness.builders import endpoint, endpoint_slice, node, service
 
 NODE = NodeInfo("node-a", "zone-a", ("192.168.50.1", "fd00:50::1"), ("192.168.50.1", "fd00:50::1"))
 CONFIG = ProxyConfig(cluster_cidrs=("10.244.0.0/16", "fd00:244::/48"))

@@ -26,7 +26,7 @@ from kproxy.observe.http import HTTPService
 from kproxy.observe.metrics import ProxyMetrics
 from kproxy.rules.compiler import ProxyConfig
 from kproxy.rules.endpoints import LocalPolicyStatus
-from tests.builders import endpoint, endpoint_slice, node, service
+from tests.harness.builders import endpoint, endpoint_slice, node, service
 
 SYNC_PERIOD = 30.0
 NOW = 1_767_225_600.0  # 2026-01-01T00:00:00Z

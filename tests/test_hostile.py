@@ -19,7 +19,7 @@ from typing import Any, Callable
 import pytest
 import yaml
 
-from tests.builders import endpoint, endpoint_slice, node, service
+from tests.harness.builders import endpoint, endpoint_slice, node, service
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "HOSTILE"

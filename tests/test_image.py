@@ -43,9 +43,9 @@ import pytest
 import yaml
 
 import kproxy
-from tests.builders import endpoint, endpoint_slice, node, service
-from tests.daemonbed import ApiInNode, wait_until
-from tests.netbed import NetBed, Netns
+from tests.harness.builders import endpoint, endpoint_slice, node, service
+from tests.harness.daemonbed import ApiInNode, wait_until
+from tests.harness.netbed import NetBed, Netns
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_CIDRS = "10.244.0.0/16,fd00:244::/48"

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.builders import endpoint, endpoint_slice, node, service
-from tests.netbed import NetBed
+from tests.harness.builders import endpoint, endpoint_slice, node, service
+from tests.harness.netbed import NetBed
 
 pytestmark = pytest.mark.root
 

@@ -19,9 +19,9 @@ from kproxy.daemon.run import Daemon, kube_api_client
 from kproxy.nft.backend import NftablesBackend, NftError
 from kproxy.nft.objects import Transaction
 from kproxy.observe.metrics import ProxyMetrics
-from tests.builders import endpoint, endpoint_slice, service
-from tests.daemonbed import ApiInNode, KproxyProcess, wait_until
-from tests.netbed import NetBed, Pod
+from tests.harness.builders import endpoint, endpoint_slice, service
+from tests.harness.daemonbed import ApiInNode, KproxyProcess, wait_until
+from tests.harness.netbed import NetBed, Pod
 
 pytestmark = pytest.mark.root
 

@@ -25,7 +25,7 @@ from kproxy.observe.metrics import (
 )
 from kproxy.rules.compiler import ProxyConfig
 from kproxy.rules.endpoints import LocalPolicyStatus
-from tests.builders import endpoint, endpoint_slice, node, service
+from tests.harness.builders import endpoint, endpoint_slice, node, service
 
 
 class WallClock:

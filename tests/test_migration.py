@@ -22,9 +22,9 @@ from kproxy.nft.backend import NftablesBackend
 from kproxy.node.kubeproxy_cleanup import KproxyNotReady, cleanup_kube_proxy
 from kproxy.rules.compiler import NodeInfo, compile_ruleset
 from kproxy.rules.plan import create
-from tests.builders import endpoint, endpoint_slice, service
-from tests.netbed import NetBed, Netns, Pod
-from tests.test_datapath import CONFIG, pod_slice, program
+from tests.harness.builders import endpoint, endpoint_slice, service
+from tests.harness.netbed import NetBed, Netns, Pod
+from tests.harness.program import CONFIG, pod_slice, program
 
 pytestmark = pytest.mark.root
 

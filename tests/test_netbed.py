@@ -6,7 +6,7 @@ from ipaddress import ip_address, ip_network
 
 import pytest
 
-from tests.netbed import NS_PREFIX, NetBed, build_netbed, require_root
+from tests.harness.netbed import NS_PREFIX, NetBed, build_netbed, require_root
 
 pytestmark = pytest.mark.root
 
@@ -155,7 +155,7 @@ def test_build_netbed_tears_down():
 def test_build_netbed_cleans_up_failed_setup(monkeypatch):
     """If building fails half-way, the namespaces created so far are deleted."""
     require_root()
-    import tests.netbed as nb
+    import tests.harness.netbed as nb
 
     seen: list[str] = []
 

@@ -37,9 +37,9 @@ from kproxy.nft.statements import (
 from kproxy.rules.compiler import ProxyConfig, compile_ruleset
 from kproxy.rules.plan import create, plan, render_ruleset
 from kproxy.rules.skeleton import skeleton_table
-from tests.builders import endpoint, endpoint_slice, service
-from tests.netbed import Netns
-from tests.test_golden import NODE, SCENARIOS
+from tests.harness.builders import endpoint, endpoint_slice, service
+from tests.harness.netbed import Netns
+from tests.harness.scenarios import NODE, SCENARIOS
 
 # Rule shapes the golden scenarios do not have: a cascade for more endpoints than
 # the largest pick chain, affinity and rate limits in IPv6, and cluster CIDRs

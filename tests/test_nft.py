@@ -7,7 +7,7 @@ import pytest
 from kproxy.nft import backend as nft
 from kproxy.nft.backend import Capability, CapabilityError, NftablesBackend, NftError
 from kproxy.nft.objects import Op, Transaction
-from tests.netbed import Netns
+from tests.harness.netbed import Netns
 
 pytestmark = pytest.mark.root
 
@@ -68,7 +68,7 @@ def test_partial_syncs_across_pick_chain_sizes(netns: Netns) -> None:
     from kproxy.daemon.proxier import Proxier
     from kproxy.rules.compiler import ProxyConfig, compile_ruleset, node_info
     from kproxy.rules.plan import plan
-    from tests.builders import endpoint, endpoint_slice, node, service
+    from tests.harness.builders import endpoint, endpoint_slice, node, service
 
     config = ProxyConfig(cluster_cidrs=("10.244.0.0/16", "fd00:244::/48"))
 

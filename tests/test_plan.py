@@ -15,7 +15,7 @@ from kproxy.nft.objects import Chain, Op, Ruleset, Transaction
 from kproxy.nft.statements import Verdict
 from kproxy.rules.compiler import NodeInfo, ProxyConfig, compile_ruleset
 from kproxy.rules.plan import LAST_SETS, create, plan
-from tests.builders import endpoint, endpoint_slice, service
+from tests.harness.builders import endpoint, endpoint_slice, service
 
 NODE = NodeInfo("node-a", "zone-a", ("192.168.50.1",), ("192.168.50.1",))
 CONFIG = ProxyConfig(cluster_cidrs=("10.244.0.0/16",))
@@ -119,7 +119,7 @@ def test_fake_agrees_with_the_kernel() -> None:
     name = f"kpt-plan-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
-        from tests.netbed import Netns
+        from tests.harness.netbed import Netns
 
         fake = FakeBackend()
         with Netns(name).entered():

@@ -17,7 +17,7 @@ from kproxy.nft.statements import chains_it_reaches
 from kproxy.node.conntrack import FakeConntrack, FlowEntry
 from kproxy.rules.compiler import ProxyConfig, compile_ruleset, node_info
 from kproxy.rules.plan import plan
-from tests.builders import endpoint, endpoint_slice, node, service
+from tests.harness.builders import endpoint, endpoint_slice, node, service
 
 CONFIG = ProxyConfig(cluster_cidrs=("10.244.0.0/16",))
 

@@ -22,8 +22,8 @@ from typing import Any, Callable, Iterator
 import pytest
 import yaml
 
-from tests.fakeapi import FakeKubeAPI
-from tests.netbed import NetBed
+from tests.harness.fakeapi import FakeKubeAPI
+from tests.harness.netbed import NetBed
 
 DAEMON_FLAGS = ("--cluster-cidr", "10.244.0.0/16,fd00:244::/48", "--min-sync-period", "20ms",
                 "--metrics-bind-address", "127.0.0.1:0", "--healthz-bind-address", "127.0.0.1:0")
@@ -123,7 +123,7 @@ class KproxyProcess:
 @pytest.fixture
 def daemon_bed(netbed: NetBed, api_in_node: ApiInNode) -> NetBed:
     """The bed with servers in every pod (TCP 8080, UDP 5353), a default route, and the Node in the API server."""
-    from tests.builders import node
+    from tests.harness.builders import node
 
     netbed.node.ip("route", "add", "default", "via", netbed.router_ip4)
     netbed.start_servers(tcp_ports=[8080], udp_ports=[5353])

@@ -1,7 +1,7 @@
 """Network-namespace test bed for kproxy end-to-end datapath tests.
 
 Use the ``netbed`` fixture (import it into the test module or a conftest:
-``from tests.netbed import netbed``) or the ``build_netbed()`` context manager.
+``from tests.harness.netbed import netbed``) or the ``build_netbed()`` context manager.
 Both need root; the fixture fails otherwise (as tests/conftest.py does for tests
 marked ``root``).  Mark tests with ``pytest.mark.root``.
 

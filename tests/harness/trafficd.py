@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Tiny traffic tool for the kproxy network-namespace test bed.
 
-Run inside a namespace with ``ip netns exec NS python tests/trafficd.py MODE ...``.
+Run inside a namespace with ``ip netns exec NS python tests/harness/trafficd.py MODE ...``.
 Only the standard library is used, so it also runs under ``python -S``.
 
 Modes
@@ -27,7 +27,7 @@ Modes
     within the interval).  The first line is ``{"event": "ready", ...}`` with the
     local address.  Runs until stdin is closed or SIGTERM.
 
-The connection engine (``run_attempts``) is importable; ``tests/netbed.py`` runs it
+The connection engine (``run_attempts``) is importable; ``tests/harness/netbed.py`` runs it
 in-process inside a network namespace (via setns) to avoid a process per call.
 """
 from __future__ import annotations
