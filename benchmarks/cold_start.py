@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
         return []
     rows = [measure(*size, repeats=1 if args.quick else REPEATS) for size in (QUICK_SIZES if args.quick else FULL_SIZES)]
     if not args.quick:
-        print(f"Each row is the median of {REPEATS} cold starts (by total) and of {REPEATS} floors; the upstream layout runs once.\n")
+        print(f"Each row is the median of {REPEATS} cold starts (by total) and of {REPEATS} floors; "
+              "the upstream layout runs once.\n")
     print("| Services x endpoints | convert s | compile s | apply s | total s | CPU s | steal % | peak RSS MB | "
           "floor (nft -f) s | total / floor | upstream layout s | upstream / total |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -16,10 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.synthetic import NODE_NAME, cluster_objects  # noqa: E402
-from kproxy.cluster.convert import build_cluster  # noqa: E402
-from kproxy.rules.compiler import ProxyConfig, compile_ruleset, node_info  # noqa: E402
-from kproxy.rules.plan import render_ruleset  # noqa: E402
+from benchmarks.synthetic import NODE_NAME, cluster_objects
+from kproxy.cluster.convert import build_cluster
+from kproxy.rules.compiler import ProxyConfig, compile_ruleset, node_info
+from kproxy.rules.plan import render_ruleset
 
 FULL_SIZES = [(1_000, 10), (10_000, 10), (30_000, 10), (5_000, 50)]
 QUICK_SIZES = [(100, 10), (300, 10)]

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +86,7 @@ def measure(services: int, changes: int, interval: float) -> dict[str, float]:
         for n in range(changes):
             i = rng.randrange(services)
             eps = slice_manifest(i, 10, generation=n + 1)
-            stamp = datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+            stamp = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
             eps["metadata"]["annotations"] = {"endpoints.kubernetes.io/last-change-trigger-time": stamp}
             api.update(eps)
             time.sleep(interval)  # the churn's pace, not synchronisation

@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import cold_start, datapath, partial_sync, programming_latency  # noqa: E402
-from benchmarks import compile as compile_bench  # noqa: E402
-from benchmarks.netns import versions  # noqa: E402
+from benchmarks import cold_start, datapath, partial_sync, programming_latency
+from benchmarks import compile as compile_bench
+from benchmarks.netns import versions
 
 BENCHMARKS = {
     "compile": ("Compile (pure core)", compile_bench.main),

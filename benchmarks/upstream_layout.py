@@ -67,7 +67,8 @@ def render_upstream(cluster: Cluster, node: NodeInfo, config: ProxyConfig) -> st
         "\tmap service-nodeports { type inet_proto . inet_service : verdict; }",
         "\tset nodeport-ips { type ipv4_addr; }",
         "\tchain mark-for-masquerade {\n\t\tmeta mark set meta mark | 0x4000\n\t}",
-        "\tchain masquerading {\n\t\tmeta mark & 0x4000 == 0 return\n\t\tmeta mark set meta mark ^ 0x4000\n\t\tmasquerade fully-random\n\t}",
+        "\tchain masquerading {\n\t\tmeta mark & 0x4000 == 0 return\n\t\tmeta mark set meta mark ^ 0x4000\n"
+        "\t\tmasquerade fully-random\n\t}",
         "\tchain services {\n\t\tip daddr . meta l4proto . th dport vmap @service-ips\n"
         "\t\tip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports\n\t}",
         "\tchain nat-prerouting {\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tjump services\n\t}",

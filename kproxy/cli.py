@@ -22,7 +22,8 @@ import argparse
 import ipaddress
 import logging
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from kproxy import __version__
 from kproxy.cluster.convert import Problem, build_cluster, object_key, summarize
@@ -33,7 +34,8 @@ from kproxy.daemon.errors import StartupError
 from kproxy.daemon.inspect import KernelTables, daemon_skipped
 from kproxy.daemon.logs import setup_logging
 from kproxy.daemon.proxier import NullObserver, Proxier
-from kproxy.nft.backend import CapabilityError, NftablesBackend, NftError
+from kproxy.nft.backend import NftablesBackend
+from kproxy.nft.kernel import CapabilityError, NftError
 from kproxy.nft.objects import Ruleset
 from kproxy.node.addresses import interface_addresses
 from kproxy.node.conntrack import PyrouteConntrack

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
-from typing import TYPE_CHECKING, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -56,7 +57,7 @@ pytest_plugins = ["tests.harness.fakeapi", "tests.harness.netbed", "tests.harnes
 
 
 @pytest.fixture
-def empty_netns() -> Iterator["Netns"]:
+def empty_netns() -> Iterator[Netns]:
     """A fresh, empty network namespace, deleted afterwards (also on failure)."""
     from tests.harness.netbed import Netns
 

@@ -40,7 +40,7 @@ def test_example_cluster_dry_run_passes_nft_check(nft_check) -> None:
 
 def test_dry_run_is_deterministic() -> None:
     """The same input gives the same bytes, whatever the order of the documents."""
-    docs = list(yaml.safe_load_all(EXAMPLE.read_text()))[0]["items"]
+    docs = next(iter(yaml.safe_load_all(EXAMPLE.read_text())))["items"]
     first = kproxy("--dry-run", "--from-file", str(EXAMPLE), "--node-name", "node-a")
     shuffled = kproxy("--dry-run", "--from-file", "-", "--node-name", "node-a",
                       stdin=yaml.safe_dump_all(list(reversed(docs))))

@@ -6,7 +6,8 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -289,7 +290,7 @@ def _in_thread(out: list[object], fn: Callable[[], object]) -> None:
     def run() -> None:
         try:
             out.append(fn())
-        except Exception as exc:  # noqa: BLE001 - handed back to the test thread
+        except Exception as exc:
             out.append(exc)
 
     worker = threading.Thread(target=run)

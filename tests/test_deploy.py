@@ -243,7 +243,7 @@ class _Response:
     data = json.dumps({"items": [], "metadata": {"resourceVersion": "1"}}).encode()
 
     @property
-    def response(self) -> "_Response":
+    def response(self) -> _Response:
         return self
 
     def stream(self, *_args: Any, **_kwargs: Any) -> Any:

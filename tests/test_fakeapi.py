@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import queue
 import threading
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import urllib3
@@ -102,7 +103,7 @@ class WatchThread:
         try:
             for event in self.watch.stream(func, *args, **kwargs):
                 self.events.put(event)
-        except BaseException as exc:  # noqa: BLE001 - recorded for the test to inspect
+        except BaseException as exc:
             self.error = exc
 
     def next(self, timeout: float = 5.0) -> dict[str, Any]:

@@ -13,8 +13,9 @@ import copy
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
@@ -257,8 +258,8 @@ def test_a_small_yaml_flood_stays_within_bounded_memory(tmp_path: Path) -> None:
     flood = tmp_path / "flood.yaml"
     flood.write_text("kind: Foo\nx: [" + ",".join(["[]"] * 1_000_000) + "]\n")
     # VmHWM, the peak of this process's own memory: ru_maxrss would carry over pytest's, the parent's, at fork.
-    code = ("import re, kproxy.cluster.manifests as m; m.load_manifest_files([%r]); "
-            "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))" % str(flood))
+    code = (f"import re, kproxy.cluster.manifests as m; m.load_manifest_files([{str(flood)!r}]); "
+            "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr[-500:]
     assert int(out.stdout) < 250_000, f"peak RSS {int(out.stdout) // 1024} MB"

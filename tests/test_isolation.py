@@ -16,7 +16,8 @@ from prometheus_client import CollectorRegistry
 
 from kproxy.daemon.config import DaemonConfig
 from kproxy.daemon.run import Daemon, kube_api_client
-from kproxy.nft.backend import NftablesBackend, NftError
+from kproxy.nft.backend import NftablesBackend
+from kproxy.nft.kernel import NftError
 from kproxy.nft.objects import Transaction
 from kproxy.observe.metrics import ProxyMetrics
 from tests.harness.builders import endpoint, endpoint_slice, service
@@ -67,7 +68,7 @@ def test_hostile_and_limit_sized_objects_never_delay_other_changes(bed: NetBed, 
          endpoint_slice("evil-abc", "steady", [endpoint("10.244.1.99", node='a" } ; flush ruleset')])),
     ]
     rotation = [bed.pods[1:2], bed.pods[2:3], bed.pods[:2], bed.pods[:1], bed.pods[1:3]]
-    for (svc, eps), pods in zip(hostile, rotation):
+    for (svc, eps), pods in zip(hostile, rotation, strict=False):
         api.create(svc)
         if eps is not None:
             api.create(eps)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import re
 import subprocess
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from kproxy.cluster.convert import build_cluster
-from kproxy.nft.backend import NftablesBackend, NftError, split
+from kproxy.nft.backend import NftablesBackend, split
 from kproxy.nft.expressions import NotEncodable, encode_rule
+from kproxy.nft.kernel import NftError
 from kproxy.nft.netlink import BatchSocket, encodable, encode, layout_of
 from kproxy.nft.objects import Chain, Element, Family, Op, Ruleset, Transaction, UnsafeText
 from kproxy.nft.statements import (
@@ -19,6 +21,7 @@ from kproxy.nft.statements import (
     Counter,
     DnatFromMap,
     DnatTo,
+    Limit,
     Lookup,
     Masquerade,
     MatchPrefix,
@@ -29,7 +32,6 @@ from kproxy.nft.statements import (
     Reject,
     Rule,
     SetUpdate,
-    Limit,
     Verdict,
     VerdictMap,
     render_rule,
@@ -236,11 +238,11 @@ def test_service_added_and_removed_over_netlink(two_netns: tuple[Netns, Netns]) 
     """The transactions of a partial sync that adds, then removes a Service: same kernel state either way."""
     before, after = _ruleset("clusterip"), _ruleset("nodeport-cluster-policy")
     listings = []
-    for netns, netlink in zip(two_netns, (False, True)):
+    for netns, netlink in zip(two_netns, (False, True), strict=False):
         _build(netns, before, netlink=False)
         with netns.entered():
             backend = NftablesBackend()
-            for current, desired in ((before, after), (after, before)):
+            for _current, desired in ((before, after), (after, before)):
                 tx = plan(backend.read(), desired)
                 kinds = {(op.verb, op.kind) for op in tx.ops}
                 assert kinds & {("add", "rules"), ("flush", "chain"), ("delete", "chain")}, kinds

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kproxy.nft import backend as nft
-from kproxy.nft.backend import Capability, CapabilityError, NftablesBackend, NftError
+from kproxy.nft.backend import Capability, NftablesBackend
+from kproxy.nft.kernel import CapabilityError, NftError
 from kproxy.nft.objects import Op, Transaction
 from tests.harness.netbed import Netns
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 from kproxy.daemon.proxier import CHAIN_DELETE_DELAY, DELETED_SERVICE_REJECT, NullObserver, Proxier
 from kproxy.daemon.runner import SyncRunner
-from kproxy.nft.backend import NftError
 from kproxy.nft.fake import FakeBackend
+from kproxy.nft.kernel import NftError
 from kproxy.nft.objects import Transaction
 from kproxy.nft.statements import chains_it_reaches
 from kproxy.node.conntrack import FakeConntrack, FlowEntry

@@ -12,8 +12,8 @@ only finds collisions, so that each is named in one warning saying who wins.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 from kproxy.cluster.model import Service, ServiceKey
 

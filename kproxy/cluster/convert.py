@@ -24,8 +24,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from kproxy.cluster import validate
 from kproxy.cluster.conflicts import find_conflicts
@@ -331,7 +332,7 @@ def _cluster_ips(spec: Mapping[str, Any]) -> tuple[str, ...]:
     if families:
         if len(families) != len(cluster_ips) or any(not isinstance(f, str) or f not in _FAMILIES for f in families):
             raise InvalidObject("family_mismatch", f"spec.ipFamilies: {show(families)} does not match spec.clusterIPs")
-        for fam, ip in zip(families, cluster_ips):
+        for fam, ip in zip(families, cluster_ips, strict=False):
             if _FAMILIES[fam] != ip_family(ip):
                 raise InvalidObject("family_mismatch", f"spec.ipFamilies: {fam} does not match spec.clusterIPs {ip}")
     if len({ip_family(ip) for ip in cluster_ips}) != len(cluster_ips):

@@ -9,8 +9,9 @@ compiler put them into nft text without escaping.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Literal, Mapping, NewType
+from typing import Literal, NewType
 
 Protocol = Literal["tcp", "udp", "sctp"]
 """Transport protocol, spelled as nft spells it."""

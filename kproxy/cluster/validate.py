@@ -22,7 +22,8 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")

@@ -23,8 +23,9 @@ import json
 import logging
 import random
 import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 from kproxy.cluster.rbac import LIST_WATCH, access_for_kind
 
@@ -240,5 +241,5 @@ class Watcher(threading.Thread):
         if response is not None:
             try:
                 response.shutdown() if hasattr(response, "shutdown") else response.close()
-            except Exception:  # pragma: no cover - best effort at shutdown
-                pass
+            except Exception as exc:  # pragma: no cover - best effort at shutdown
+                log.debug("closing the watch connection: %s", exc)

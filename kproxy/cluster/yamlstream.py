@@ -19,8 +19,9 @@ with a position.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 from yaml.nodes import ScalarNode

@@ -27,10 +27,11 @@ import logging
 import os
 import re
 import socket
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Callable, Iterator, Mapping, Union
+from typing import Any
 
 from kproxy.cluster.manifests import ManifestError, load_yaml_file
 from kproxy.rules.compiler import ProxyConfig
@@ -440,10 +441,10 @@ class _Leaf:
 class _ListOf:
     """A list of structs."""
 
-    schema: Mapping[str, "_Schema"]
+    schema: Mapping[str, _Schema]
 
 
-_Schema = Union[_Leaf, _ListOf, Mapping[str, Any]]
+_Schema = _Leaf | _ListOf | Mapping[str, Any]
 
 _OUTPUT_ROUTING = {"splitStream": _Leaf(_boolean), "infoBufferSize": _Leaf(_quantity)}
 

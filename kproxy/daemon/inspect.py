@@ -15,7 +15,7 @@ from typing import Any
 from kproxy.cluster.convert import Problem, build_cluster
 from kproxy.cluster.model import Cluster
 from kproxy.daemon.config import format_bind_address, parse_bind_address
-from kproxy.nft.backend import NftablesBackend
+from kproxy.nft.kernel import Backend
 from kproxy.nft.objects import Element, Family, Ruleset
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class KernelTables:
     """LiveTables over kproxy's tables in this network namespace (read on first use)."""
 
-    def __init__(self, backend: NftablesBackend) -> None:
+    def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self._ruleset: Ruleset | None = None
 
@@ -83,7 +83,7 @@ def daemon_skipped(metrics_address: str, timeout: float = 2.0) -> list[Problem] 
         host = "127.0.0.1"
     url = f"http://{format_bind_address(host, port)}/skipped"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (a fixed http URL)
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             entries = json.loads(response.read())
         return [Problem(**{k: e[k] for k in ("kind", "key", "reason", "message", "part")}) for e in entries]
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -31,8 +31,9 @@ import gc
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from kproxy.cluster.conflicts import FrontendIndex
 from kproxy.cluster.convert import (
@@ -50,7 +51,7 @@ from kproxy.cluster.convert import (
 from kproxy.cluster.model import Cluster, EndpointSlice, Service, ServiceKey, SliceKey
 from kproxy.cluster.tracker import ChangeTracker
 from kproxy.memory import gc_paused
-from kproxy.nft.backend import Backend, NftError
+from kproxy.nft.kernel import Backend, NftError
 from kproxy.nft.objects import Chain, Element, Family, Op, Ruleset, Table, Transaction, fit_comment
 from kproxy.node.conntrack import Conntrack, cleanup_stale_udp, udp_cleanup_targets
 from kproxy.rules.assembly import Assembly, Touched
@@ -190,7 +191,7 @@ class Proxier:
         self.oldest_pending_wall: float | None = None
         """Wall time of the oldest change not yet programmed (None when all are)."""
         self.sync_count = 0
-        self.listeners: list[Callable[["Proxier"], None]] = []
+        self.listeners: list[Callable[[Proxier], None]] = []
         """Called (under the lock) after every successful sync."""
 
     # -- input from the watchers --------------------------------------------
@@ -705,7 +706,7 @@ class Proxier:
             fresh = set(self.quarantined) - known
             if fresh:
                 raise _FullSyncNeeded(f"the kernel refused {', '.join(sorted(fresh))}, which were not quarantined "
-                                      "before; reading the kernel back to rule out drift")
+                                      "before; reading the kernel back to rule out drift") from None
             return SyncResult(False, operations, 0.0, len(keys))
         self._record(touched)
         for family, count in self._rules_in(touched).items():

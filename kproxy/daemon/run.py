@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from kproxy.cluster.watch import Backoff, Watcher, api_resources
 from kproxy.daemon.config import DaemonConfig
@@ -22,6 +23,7 @@ from kproxy.daemon.errors import StartupError
 from kproxy.daemon.proxier import Proxier, SyncObserver
 from kproxy.daemon.runner import SyncRunner
 from kproxy.nft.backend import NftablesBackend
+from kproxy.nft.kernel import Backend, Counters
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,8 @@ class Daemon:
     watch_timeout: int = 300
     on_restart: Callable[[str, str], None] | None = None
     stop_event: threading.Event = field(default_factory=threading.Event)
-    backend_factory: Callable[[], NftablesBackend] = NftablesBackend
-    """Makes the kernel edge (tests pass one that refuses chosen transactions)."""
+    backend_factory: Callable[[], Backend] = NftablesBackend
+    """Makes the kernel edge, one per thread that uses it (tests pass one that refuses chosen transactions)."""
 
     def __post_init__(self) -> None:
         from kproxy.node.addresses import interface_addresses
@@ -106,19 +108,19 @@ class Daemon:
 
 
 class LockedReader:
-    """kproxy's tables read for HTTP inspection, through a libnftables context of its own.
+    """kproxy's tables read for HTTP inspection, through a backend of its own.
 
-    The sync loop owns its own context; a libnftables context must not be
-    shared between threads, so scrapes and /rules use this one, one at a time.
+    The sync loop owns its backend; a libnftables context must not be shared
+    between threads, so scrapes and /rules use this one, one at a time.
     """
 
-    def __init__(self) -> None:
-        self._backend = NftablesBackend()
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
         self._lock = threading.Lock()
 
-    def counters(self) -> dict[tuple[str, str], tuple[int, int]]:
+    def counters(self) -> Counters:
         with self._lock:
-            return self._backend.read_counters()  # type: ignore[return-value]
+            return self._backend.read_counters()
 
     def rules_text(self) -> str:
         with self._lock:
@@ -134,7 +136,7 @@ def start_observability(daemon: Daemon, registry: Any, metrics: Any) -> list[Cal
     from kproxy.observe.http import start_metrics_server
     from kproxy.observe.metrics import ProxierCollector
 
-    reader = LockedReader()
+    reader = LockedReader(daemon.backend_factory())
     registry.register(ProxierCollector(daemon.proxier, reader.counters))
     try:
         metrics_server = start_metrics_server(parse_bind_address(daemon.config.metrics_bind_address), registry,

@@ -24,15 +24,17 @@ import re
 import struct
 import tempfile
 import threading
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Protocol
+from typing import Any
 
 from kproxy.nft.expressions import handles
+from kproxy.nft.kernel import CapabilityError, Counters, NftError
 from kproxy.nft.netlink import Batch, BatchSocket, NetlinkError, NotEncodable, sent_here
 from kproxy.nft.objects import TABLE, Family, Op, Ruleset, Transaction
-from kproxy.nft.statements import chains_it_reaches, counters_it_uses
 from kproxy.nft.readback import parse_table
+from kproxy.nft.statements import chains_it_reaches, counters_it_uses
 
 log = logging.getLogger(__name__)
 
@@ -42,40 +44,6 @@ PROBE_TABLE = "kproxy-probe"
 MAX_WAITING_BATCHES = 4
 """How many encoded batches ``apply_in_order`` lets wait for the sender thread (a few MB each)."""
 _LOCATION = re.compile(r"^(?:\S+):(\d+):\d+(?:-\d+)?: Error: (.*)$")
-
-
-class NftError(Exception):
-    """The kernel or libnftables refused a transaction; the refused batch changed nothing.
-
-    ``op`` is the refused command when it is known (netlink says which message
-    it refused), so the sync engine can tell whose objects it touched.
-    """
-
-    def __init__(self, message: str, command: str | None = None, op: Op | None = None) -> None:
-        super().__init__(f"{message}: {command}" if command else message)
-        self.reason = message
-        self.command = command
-        self.op = op
-
-
-class CapabilityError(Exception):
-    """Something the ruleset needs is missing; the message says exactly what."""
-
-
-class Backend(Protocol):
-    """What the rest of kproxy needs from the kernel."""
-
-    def apply(self, tx: Transaction) -> None: ...
-
-    def apply_in_order(self, transactions: Iterable[Transaction]) -> None:
-        """Apply each transaction atomically, in order; stop at the first refused."""
-        ...
-
-    def read(self) -> Ruleset: ...
-
-    def delete_tables(self) -> list[Family]: ...
-
-    def list_json(self, family: Family) -> dict[str, Any] | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,15 +339,16 @@ class NftablesBackend:
                 ruleset.tables[family] = parse_table(document, family)
         return ruleset
 
-    def read_counters(self) -> dict[tuple[Family, str], tuple[int, int]]:
+    def read_counters(self) -> Counters:
         """Every named counter of kproxy's tables: (family, name) -> (packets, bytes)."""
-        counters: dict[tuple[Family, str], tuple[int, int]] = {}
+        counters: Counters = {}
         for family in FAMILIES:
             rc, out, err = self._run(f"list counters table {family} {TABLE}", json_output=True)
             if rc != 0:
                 if "No such file or directory" in err:
                     continue
-                raise NftError(err.strip().splitlines()[0] if err.strip() else "list failed", f"list counters table {family} {TABLE}")
+                reason = err.strip().splitlines()[0] if err.strip() else "list failed"
+                raise NftError(reason, f"list counters table {family} {TABLE}")
             for item in json.loads(out).get("nftables", []):
                 body = item.get("counter")
                 if body is not None:
@@ -388,7 +357,7 @@ class NftablesBackend:
 
     def list_text(self, family: Family) -> str | None:
         """The table as ``nft list table`` prints it (for inspection)."""
-        rc, out, err = self._run(f"list table {family} {TABLE}")
+        rc, out, _ = self._run(f"list table {family} {TABLE}")
         if rc != 0:
             return None
         return out

@@ -25,12 +25,12 @@ other, named as nft names them (a 16-byte boundary by its 128-bit name).
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 from kproxy.nft.statements import (
+    TERMINAL,
     Const,
     Counter,
     DnatFromMap,
@@ -49,7 +49,6 @@ from kproxy.nft.statements import (
     NumgenIs,
     Rule,
     SetUpdate,
-    TERMINAL,
     Statement,
     Verdict,
 )
@@ -335,7 +334,8 @@ def _update(name: str, key: Key, timeout: int | None, limit: Limit | None, famil
         if not (0 < limit.rate < 1 << 64 and 0 <= burst < 1 << 32):
             raise NotEncodable(f"limit out of range: {limit!r}")
         body += attr(NFTA_DYNSET_EXPR | NLA_F_NESTED, attr(NFTA_EXPR_NAME, string("limit")) + nested(NFTA_EXPR_DATA, (
-            attr(NFTA_LIMIT_RATE, struct.pack("!Q", limit.rate)) + attr(NFTA_LIMIT_UNIT, struct.pack("!Q", LIMIT_UNITS[limit.unit]))
+            attr(NFTA_LIMIT_RATE, struct.pack("!Q", limit.rate))
+            + attr(NFTA_LIMIT_UNIT, struct.pack("!Q", LIMIT_UNITS[limit.unit]))
             + attr(NFTA_LIMIT_BURST, u32(burst)) + attr(NFTA_LIMIT_TYPE, u32(NFT_LIMIT_PKTS))
             + attr(NFTA_LIMIT_FLAGS, u32(NFT_LIMIT_F_INV)))))
     return _key(key, family) + _expr("dynset", body)
@@ -358,7 +358,7 @@ class _Template:
 
     def fill(self, *values: bytes) -> bytes:
         out = self.parts[0]
-        for value, size, part in zip(values, self.sizes, self.parts[1:]):
+        for value, size, part in zip(values, self.sizes, self.parts[1:], strict=True):
             if len(value) != size:
                 raise ValueError(f"a value of {len(value)} bytes for a hole of {size}")
             out += value + part
@@ -391,7 +391,7 @@ def handles(rule: Rule) -> bool:
     rule is encoded (``NotEncodable``), which the backend reports as an error.
     """
     for statement in rule:
-        if type(statement) not in _ENCODED_HERE or (type(statement) is Lookup and statement.negate):  # noqa: E721
+        if type(statement) not in _ENCODED_HERE or (type(statement) is Lookup and statement.negate):
             return False
     return True
 

@@ -1,21 +1,38 @@
-"""An in-memory backend that applies transactions all-or-nothing, like the kernel.
+"""An in-memory backend that applies transactions all-or-nothing, like the kernel. Pure.
 
-For fast unit tests of anything that talks to ``Backend``. It keeps the tables
-in memory, applies a transaction to a copy, checks what the kernel would check
-(objects exist before they are used, a chain still referenced cannot be
-deleted, a map key cannot silently change its value, every ``goto``/``jump``
-target and ``@set`` exists), and only then swaps the copy in. Root tests run
-the same transactions against the real kernel, which keeps this honest.
+For fast unit tests of anything that talks to a ``Backend``: it implements the
+whole protocol (``kproxy.nft.kernel``). It keeps the tables in memory,
+applies a transaction to a copy, checks what the kernel would check (objects
+exist before they are used, a chain still referenced cannot be deleted, a map
+key cannot silently change its value, every ``goto``/``jump`` target and
+``@set`` exists), and only then swaps the copy in. Root tests run the same
+transactions against the real kernel, which keeps this honest.
+
+It can be seeded with a ruleset (``FakeBackend(seed)``: a node as some
+earlier run left it) and dumped (``dump()``: the tables with every rule, for
+``kproxy.nft.trace`` or a golden comparison).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
-from kproxy.nft.backend import NftError
-from kproxy.nft.objects import Chain, Element, Family, Op, Ruleset, Table, Transaction, chain_fingerprint
+from kproxy.nft.kernel import Counters, NftError
+from kproxy.nft.objects import (
+    TABLE,
+    Chain,
+    Element,
+    Family,
+    Op,
+    Ruleset,
+    Table,
+    Transaction,
+    chain_fingerprint,
+    comment,
+    with_digest,
+)
 from kproxy.nft.statements import Rule, chains_it_reaches, counters_it_uses, render_rule, sets_it_reads
 
 
@@ -30,9 +47,19 @@ class ChainRules:
 class FakeBackend:
     """kproxy's tables, in memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, seed: Ruleset | None = None) -> None:
         self.tables: dict[Family, Table] = {}
         self.rules: dict[tuple[Family, str], ChainRules] = {}
+        for family, table in (seed.tables.items() if seed is not None else ()):
+            self.tables[family] = Table(family=family, comment=table.comment, sets=dict(table.sets),
+                                        counters=dict(table.counters))
+            self.tables[family].elements = {name: dict(members) for name, members in table.elements.items()}
+            for name, chain in table.chains.items():
+                self.tables[family].chains[name] = Chain(name, (), chain.comment, chain.base)
+                digest = chain_fingerprint(chain, family)[0] if chain.rules else ""
+                self.rules[(family, name)] = ChainRules(list(chain.rules), digest)
+        if seed is not None:
+            self._check_references(self.tables, self.rules)
         self.transactions: list[Transaction] = []
         """Every transaction that was committed, in order."""
         self.fail_next: NftError | None = None
@@ -184,11 +211,58 @@ class FakeBackend:
         for family, table in self.tables.items():
             copy_ = Table(family=family, comment=table.comment, sets=dict(table.sets), counters=dict(table.counters))
             copy_.elements = {name: dict(members) for name, members in table.elements.items() if not table.sets[name].dynamic}
-            for name, chain in table.chains.items():
+            for name in table.chains:
                 held = self.rules.get((family, name), ChainRules())
                 copy_.chains[name] = Chain(name, (), fingerprint=(held.digest, len(held.rules)))
             ruleset.tables[family] = copy_
         return ruleset
+
+    def dump(self) -> Ruleset:
+        """The tables with every rule, as a compiled ruleset holds them (what ``FakeBackend(seed)`` takes)."""
+        ruleset = Ruleset()
+        for family, table in self.tables.items():
+            copy_ = Table(family=family, comment=table.comment, sets=dict(table.sets), counters=dict(table.counters))
+            copy_.elements = {name: dict(members) for name, members in table.elements.items()}
+            for name, chain in table.chains.items():
+                copy_.chains[name] = Chain(name, tuple(self.rules[(family, name)].rules), chain.comment, chain.base)
+            ruleset.tables[family] = copy_
+        return ruleset
+
+    def read_counters(self) -> Counters:
+        """Every named counter: no packet crosses a fake, so all are zero."""
+        return {(family, name): (0, 0) for family, table in self.tables.items() for name in table.counters}
+
+    def list_text(self, family: Family) -> str | None:
+        """The table in nft's syntax, close to what ``nft list table`` prints."""
+        table = self.tables.get(family)
+        if table is None:
+            return None
+        lines = [f"table {family} {TABLE} {{"]
+        if table.comment:
+            lines.append(f"\t{comment(table.comment)}")
+        for name, decl in table.sets.items():
+            lines.append(f"\t{decl.kind} {name} {{")
+            lines.extend(f"\t\t{line}" for line in decl.body)
+            members = table.elements.get(name, {})
+            if members:
+                lines.append("\t\telements = { " + ",\n\t\t\t     ".join(e.render() for e in members.values()) + " }")
+            lines.append("\t}")
+        for name, note in table.counters.items():
+            lines.append(f"\tcounter {name} {{" + (f" {comment(note)}" if note else "") + " }")
+        for name, chain in table.chains.items():
+            lines.append(f"\tchain {name} {{")
+            if chain.comment:
+                lines.append(f"\t\t{comment(chain.comment)}")
+            if chain.base:
+                lines.append(f"\t\t{chain.base}")
+            held = Chain(name, tuple(self.rules[(family, name)].rules))
+            lines.extend(f"\t\t{rule}" for rule in with_digest(held, family))
+            lines.append("\t}")
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def check_capabilities(self) -> None:
+        """A fake can do everything."""
 
     def delete_tables(self) -> list[Family]:
         deleted = [family for family in ("ip", "ip6") if family in self.tables]

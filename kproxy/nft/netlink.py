@@ -33,12 +33,11 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Iterator
 
 from kproxy.memory import gc_paused
 from kproxy.nft.expressions import NotEncodable, encode_rule, handles, host_u32, nested, verdict_data
-from kproxy.nft.statements import render_rule
 from kproxy.nft.expressions import attr as _attr
 from kproxy.nft.expressions import string as _string
 from kproxy.nft.objects import (
@@ -52,6 +51,7 @@ from kproxy.nft.objects import (
     chain_fingerprint,
     comment,
 )
+from kproxy.nft.statements import render_rule
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class SetLayout:
     endpoint's data once per frontend), so the parts are encoded once.
     """
 
-    __slots__ = ("key", "data", "_prefixes", "_lasts", "_values", "_encode_value")
+    __slots__ = ("_encode_value", "_lasts", "_prefixes", "_values", "data", "key")
 
     def __init__(self, key: tuple[Field, ...], data: tuple[Field, ...] | None) -> None:
         self.key = key
@@ -199,7 +199,7 @@ def _concat(fields: tuple[Field, ...], text: str, part_of_concatenation: bool = 
     if len(fields) == 1 and not part_of_concatenation:
         return fields[0](parts[0])
     # each field of a concatenation fills whole 32-bit registers
-    return b"".join([_PADDED.get(encode, encode)(part) for encode, part in zip(fields, parts)])
+    return b"".join([_PADDED.get(encode, encode)(part) for encode, part in zip(fields, parts, strict=True)])
 
 
 def _padded(value: bytes) -> bytes:
@@ -327,7 +327,8 @@ def _encoded_elements(layout: SetLayout, elements: Iterable[Element], adding: bo
             if not value:
                 value = values[element.value] = encode_value(element.value)
         size = len(key)
-        yield element_head(12 + size + len(value) + len(note), _LIST_ELEM, 8 + size, _KEY, 4 + size, NFTA_DATA_VALUE) + key + value + note
+        head = element_head(12 + size + len(value) + len(note), _LIST_ELEM, 8 + size, _KEY, 4 + size, NFTA_DATA_VALUE)
+        yield head + key + value + note
 
 
 _ELEM_HEAD = struct.Struct("=HHHHHH").pack
@@ -587,7 +588,8 @@ class BatchSocket:
             self._set_buffer(socket.SO_SNDBUF, len(batch.data) + 65536, 32)  # SO_SNDBUFFORCE
             self._sock.sendall(batch.data)
         except OSError as exc:  # for example EMSGSIZE without CAP_NET_ADMIN to raise the buffer
-            raise NetlinkError(f"could not send a batch of {len(batch.data)} bytes: {exc.strerror}", exc.errno or errno.EIO) from None
+            message = f"could not send a batch of {len(batch.data)} bytes: {exc.strerror}"
+            raise NetlinkError(message, exc.errno or errno.EIO) from None
         answered = False
         failure: tuple[int, int] | None = None
         while True:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Literal
+from typing import Literal
 
 from kproxy.nft.statements import Family, Rule, render_rule
 
@@ -254,7 +255,9 @@ class Op:
             items = (e.render() for e in self.elements) if self.verb == "add" else (e.key for e in self.elements)
             return f"{self.verb} element {where} {self.name} {{ {', '.join(items)} }}"
         if self.kind == "counter" and self.verb == "add":
-            return f"add counter {where} {self.name} {{ {comment(self.comment)}; }}" if self.comment else f"add counter {where} {self.name}"
+            if self.comment:
+                return f"add counter {where} {self.name} {{ {comment(self.comment)}; }}"
+            return f"add counter {where} {self.name}"
         return f"{self.verb} {self.kind} {where} {self.name}"
 
 
@@ -274,7 +277,7 @@ class Transaction:
     def add(self, op: Op) -> None:
         self.ops.append(op)
 
-    def extend(self, other: "Transaction") -> None:
+    def extend(self, other: Transaction) -> None:
         self.ops.extend(other.ops)
         self.deferred_chain_deletes.extend(other.deferred_chain_deletes)
 

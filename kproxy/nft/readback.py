@@ -8,12 +8,10 @@ exact text the compiler uses for keys and values.
 
 from __future__ import annotations
 
-import functools
 import re
 from typing import Any
 
 from kproxy.nft.objects import DIGEST_PREFIX, Chain, Element, Family, SetDecl, Table
-from kproxy.rules.skeleton import skeleton_table
 
 _DIGEST = re.compile(re.escape(DIGEST_PREFIX) + r"([0-9A-Z]+)")
 
@@ -61,11 +59,6 @@ def _element(raw: Any, is_map: bool) -> Element:
     return Element(_atom(raw), value, comment)
 
 
-@functools.cache
-def _dynamic_sets(family: Family) -> frozenset[str]:
-    return frozenset(name for name, decl in skeleton_table(family).sets.items() if decl.dynamic)
-
-
 def parse_table(document: dict[str, Any], family: Family) -> Table:
     """A Table from one ``nft -j list table FAMILY kproxy`` document."""
     table = Table(family=family)
@@ -79,8 +72,9 @@ def parse_table(document: dict[str, Any], family: Family) -> Table:
         elif kind in ("set", "map"):
             name = body["name"]
             flags = body.get("flags", [])
-            if name in _dynamic_sets(family) and "dynamic" not in flags:
-                flags = [*flags, "dynamic"]  # nft 1.0.6 leaves this flag out of its JSON
+            if "timeout" in flags and "dynamic" not in flags:
+                # nft 1.0.6 leaves this flag out of its JSON; kproxy's sets with timeouts are the datapath's.
+                flags = [*flags, "dynamic"]
             decl = SetDecl(kind, name, (f"flags {','.join(flags)}",) if flags else ())  # type: ignore[arg-type]
             table.sets[name] = decl
             if not decl.dynamic:

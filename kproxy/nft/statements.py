@@ -17,8 +17,9 @@ addresses, ports, names that are DNS labels), so rendering never escapes.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Union
+from typing import Any, Literal
 
 Family = Literal["ip", "ip6"]
 Protocol = Literal["tcp", "udp", "sctp"]
@@ -47,7 +48,7 @@ class Const:
     kind: Literal["addr", "proto", "port"]
 
 
-KeyPart = Union[PacketField, Numgen, Const]
+KeyPart = PacketField | Numgen | Const
 Key = tuple[KeyPart, ...]
 
 
@@ -214,8 +215,8 @@ class Reject:
     """``reject``: ICMP port unreachable."""
 
 
-Statement = Union[Counter, Verdict, MatchProtocol, NumgenIs, FromLocal, NewConnection, Translated, MatchPrefix,
-                  Lookup, VerdictMap, MarkXor, MarkOr, MarkClear, SetUpdate, DnatTo, DnatFromMap, Masquerade, Reject]
+Statement = (Counter | Verdict | MatchProtocol | NumgenIs | FromLocal | NewConnection | Translated | MatchPrefix
+             | Lookup | VerdictMap | MarkXor | MarkOr | MarkClear | SetUpdate | DnatTo | DnatFromMap | Masquerade | Reject)
 Rule = tuple[Statement, ...]
 
 TERMINAL = (Verdict, VerdictMap, DnatTo, DnatFromMap, Masquerade, Reject)

@@ -39,9 +39,10 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kproxy.cluster.model import Cluster, IPFamily
 from kproxy.rules.compiler import FAMILIES, NodeInfo, ProxyConfig, nodeport_addresses

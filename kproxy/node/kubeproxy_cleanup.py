@@ -38,8 +38,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from kproxy.nft.backend import FAMILIES, open_libnftables
 from kproxy.nft.objects import TABLE as KPROXY_TABLE

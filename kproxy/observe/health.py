@@ -31,8 +31,9 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Protocol
 
 from kproxy.observe.http import HTTPService, Request, Response
 from kproxy.observe.metrics import IP_FAMILIES
@@ -96,7 +97,7 @@ def go_time(timestamp: float | None) -> str:
     """A UNIX time as Go marshals a UTC ``time.Time`` to JSON (RFC 3339, trailing zeros trimmed)."""
     if timestamp is None:
         return "0001-01-01T00:00:00Z"
-    moment = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
     fraction = f"{moment.microsecond:06d}".rstrip("0")
     return moment.strftime("%Y-%m-%dT%H:%M:%S") + (f".{fraction}" if fraction else "") + "Z"
 
@@ -232,7 +233,7 @@ class ServiceHealthServers:
             stale = [i for n, i in self._services.items() if n not in wanted or wanted[n][0] != i.port]
             for instance in stale:
                 del self._services[instance.name]
-            for name, (port, endpoints) in wanted.items():
+            for name, (_port, endpoints) in wanted.items():
                 instance = self._services.get(name)
                 if instance is not None:
                     instance.endpoints = endpoints

@@ -10,8 +10,8 @@ element keys that may have changed, so the planner only looks at those. Pure.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from kproxy.cluster.model import ServiceKey
 from kproxy.nft.objects import Chain, Element, Family, ServiceRules, Table
@@ -28,12 +28,12 @@ class Touched:
     elements: set[tuple[str, str]] = field(default_factory=set)
     counters: set[str] = field(default_factory=set)
 
-    def update(self, other: "Touched") -> None:
+    def update(self, other: Touched) -> None:
         self.chains |= other.chains
         self.elements |= other.elements
         self.counters |= other.counters
 
-    def discard(self, other: "Touched") -> None:
+    def discard(self, other: Touched) -> None:
         """Leave out what ``other`` holds."""
         self.chains -= other.chains
         self.elements -= other.elements

@@ -29,8 +29,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 from kproxy.cluster.model import Cluster, EndpointSlice, IPFamily, Node, Service, ServiceKey, ServicePort
 from kproxy.cluster.validate import collapse, spell, spell_network

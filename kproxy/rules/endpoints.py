@@ -14,8 +14,8 @@ This follows upstream kube-proxy's ``pkg/proxy/topology.go`` and
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from kproxy.cluster.model import Endpoint, EndpointSlice, IPFamily, Service, ServicePort
 

@@ -12,8 +12,9 @@ This module is pure: the kernel is reached through a ``LiveTables`` protocol.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from kproxy.cluster.convert import Problem
 from kproxy.cluster.model import Cluster, EndpointSlice, Service, ServicePort
@@ -31,7 +32,6 @@ from kproxy.rules.compiler import (
     slot,
 )
 from kproxy.rules.endpoints import PREFER_SAME_NODE, PREFER_SAME_ZONE, port_endpoints
-
 
 
 class LiveTables(Protocol):

@@ -18,7 +18,7 @@ without re-parsing nft's own formatting of each rule.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from kproxy.nft.objects import Chain, Element, Op, Ruleset, Table, Transaction, Verb, chain_fingerprint
 

@@ -15,9 +15,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -114,7 +115,7 @@ class KproxyProcess:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            raise AssertionError(f"kproxy did not stop on {signal.Signals(signum).name}:\n{self.tail()}")
+            raise AssertionError(f"kproxy did not stop on {signal.Signals(signum).name}:\n{self.tail()}") from None
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(json.dumps(e) for e in self.lines()[-n:])

@@ -50,11 +50,12 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import TCPServer
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import kubernetes.client
@@ -135,7 +136,7 @@ def resource_type(name: str | ResourceType) -> ResourceType:
 class FakeApiError(Exception):
     """A failed API operation; ``status`` is the ``kind: Status`` body sent over HTTP."""
 
-    def __init__(self, code: int, reason: str, message: str, details: Optional[JSON] = None) -> None:
+    def __init__(self, code: int, reason: str, message: str, details: JSON | None = None) -> None:
         super().__init__(f"{code} {reason}: {message}")
         self.code = code
         self.reason = reason
@@ -238,7 +239,7 @@ class LabelSelector:
             return _Requirement(m.group(1), "exists")
         raise ValueError(f"unable to parse requirement: {part!r}")
 
-    def matches(self, labels: Optional[dict[str, str]]) -> bool:
+    def matches(self, labels: dict[str, str] | None) -> bool:
         return all(r.matches(labels or {}) for r in self.requirements)
 
 
@@ -269,11 +270,11 @@ class _Filter:
     """What one list/watch request selects."""
 
     res: ResourceType
-    namespace: Optional[str] = None
+    namespace: str | None = None
     labels: LabelSelector = field(default_factory=LabelSelector)
     fields: FieldSelector = field(default_factory=FieldSelector)
 
-    def matches(self, obj: Optional[JSON]) -> bool:
+    def matches(self, obj: JSON | None) -> bool:
         if obj is None:
             return False
         meta = obj.get("metadata", {})
@@ -291,9 +292,9 @@ class _Event:
     res: ResourceType
     type: str  # ADDED, MODIFIED, DELETED
     obj: JSON  # state after the change (for DELETED: last state, stamped with the deletion rv)
-    prev: Optional[JSON]  # state before the change (None for ADDED)
+    prev: JSON | None  # state before the change (None for ADDED)
 
-    def translate(self, flt: _Filter) -> Optional[JSON]:
+    def translate(self, flt: _Filter) -> JSON | None:
         """The watch event ``flt`` sees, if any (selector transitions become ADDED/DELETED)."""
         if self.res is not flt.res:
             return None
@@ -379,7 +380,7 @@ def json_patch(doc: JSON, ops: list[JSON]) -> JSON:
         elif kind == "remove":
             del parent[last]
         elif kind == "replace":
-            parent[last]  # noqa: B018 - must exist
+            parent[last]
             parent[last] = copy.deepcopy(value)
         elif kind == "add" and isinstance(parent, list):
             parent.insert(len(parent) if last == "-" else last, copy.deepcopy(value))
@@ -394,7 +395,7 @@ def json_patch(doc: JSON, ops: list[JSON]) -> JSON:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _key(obj: JSON) -> Key:
@@ -416,7 +417,7 @@ class FakeKubeAPI:
     """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, bookmark_interval: float = 1.0,
-                 history_limit: Optional[int] = None, initial_resource_version: int = 1,
+                 history_limit: int | None = None, initial_resource_version: int = 1,
                  unserved: frozenset[str] = frozenset()) -> None:
         self.host = host
         self.unserved = unserved
@@ -436,9 +437,9 @@ class FakeKubeAPI:
         self._watch_count: Counter[str] = Counter()
         self._list_count: Counter[str] = Counter()
         self._failing = False
-        self._force_410: list[Optional[ResourceType]] = []
-        self._httpd: Optional[_HTTPServer] = None
-        self._thread: Optional[threading.Thread] = None
+        self._force_410: list[ResourceType | None] = []
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -455,7 +456,7 @@ class FakeKubeAPI:
         with self._cond:
             return self._httpd is not None
 
-    def start(self) -> "FakeKubeAPI":
+    def start(self) -> FakeKubeAPI:
         """Start serving (again) on the same port; state survives stop()/start()."""
         with self._cond:
             if self._httpd is not None:
@@ -489,7 +490,7 @@ class FakeKubeAPI:
                 logger.warning("fake API server: %d connections still open after stop()", len(self._conns))
         logger.info("fake API server on port %d stopped", self._port)
 
-    def __enter__(self) -> "FakeKubeAPI":
+    def __enter__(self) -> FakeKubeAPI:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -511,7 +512,7 @@ class FakeKubeAPI:
             if failing:
                 self._drop_streams_locked()
 
-    def force_410_on_next_watch(self, resource: Optional[str | ResourceType] = None, count: int = 1) -> None:
+    def force_410_on_next_watch(self, resource: str | ResourceType | None = None, count: int = 1) -> None:
         """Answer the next ``count`` watch requests (for ``resource``, or any) with a 410 ERROR event."""
         res = resource_type(resource) if resource is not None else None
         with self._cond:
@@ -588,27 +589,27 @@ class FakeKubeAPI:
         with self._cond:
             return copy.deepcopy(self._update_locked(res, obj, None, None, keep_status=False))
 
-    def patch(self, kind: str, namespace: Optional[str], name: str, patch: JSON) -> JSON:
+    def patch(self, kind: str, namespace: str | None, name: str, patch: JSON) -> JSON:
         """Apply a JSON merge patch to an object."""
         res = resource_type(kind)
         with self._cond:
             return copy.deepcopy(self._patch_locked(res, namespace, name, patch, "application/merge-patch+json",
                                                     None, keep_status=False))
 
-    def delete(self, kind: str, namespace: Optional[str], name: str) -> JSON:
+    def delete(self, kind: str, namespace: str | None, name: str) -> JSON:
         """Delete an object; returns its last state (stamped with the deletion resourceVersion)."""
         res = resource_type(kind)
         with self._cond:
             return copy.deepcopy(self._delete_locked(res, namespace, name, None))
 
-    def get(self, kind: str, namespace: Optional[str], name: str) -> Optional[JSON]:
+    def get(self, kind: str, namespace: str | None, name: str) -> JSON | None:
         """The stored object, or None."""
         res = resource_type(kind)
         with self._cond:
             obj = self._objects[res.plural].get(self._obj_key(res, namespace, name))
             return copy.deepcopy(obj)
 
-    def list_objects(self, kind: str, namespace: Optional[str] = None) -> list[JSON]:
+    def list_objects(self, kind: str, namespace: str | None = None) -> list[JSON]:
         """All stored objects of a kind (optionally one namespace), sorted by namespace/name."""
         res = resource_type(kind)
         with self._cond:
@@ -644,10 +645,10 @@ class FakeKubeAPI:
         return sum(1 for s in self._streams if s.filter.res is res and s.ready)
 
     @staticmethod
-    def _obj_key(res: ResourceType, namespace: Optional[str], name: str) -> Key:
+    def _obj_key(res: ResourceType, namespace: str | None, name: str) -> Key:
         return ((namespace or "default") if res.namespaced else ""), name
 
-    def _record_locked(self, res: ResourceType, type_: str, obj: JSON, prev: Optional[JSON]) -> None:
+    def _record_locked(self, res: ResourceType, type_: str, obj: JSON, prev: JSON | None) -> None:
         event = _Event(self._rv, res, type_, obj, prev)
         self._history.append(event)
         if self.history_limit is not None:
@@ -658,7 +659,7 @@ class FakeKubeAPI:
                 stream.queue.append(event)
         self._cond.notify_all()
 
-    def _normalize_locked(self, res: ResourceType, obj: Any, namespace: Optional[str]) -> JSON:
+    def _normalize_locked(self, res: ResourceType, obj: Any, namespace: str | None) -> JSON:
         """Deep-copied ``obj`` with kind/apiVersion/namespace checked and filled in."""
         if not isinstance(obj, dict) or not isinstance(obj.get("metadata", {}), dict):
             raise _bad_request("the request body must be a JSON object with an object 'metadata'")
@@ -678,7 +679,7 @@ class FakeKubeAPI:
             meta.pop("namespace", None)
         return obj
 
-    def _create_locked(self, res: ResourceType, body: Any, namespace: Optional[str]) -> JSON:
+    def _create_locked(self, res: ResourceType, body: Any, namespace: str | None) -> JSON:
         obj = self._normalize_locked(res, body, namespace)
         meta = obj["metadata"]
         if not meta.get("name"):
@@ -696,8 +697,8 @@ class FakeKubeAPI:
         self._record_locked(res, "ADDED", obj, None)
         return obj
 
-    def _update_locked(self, res: ResourceType, body: Any, namespace: Optional[str], name: Optional[str],
-                       subresource: Optional[str] = None, keep_status: bool = True) -> JSON:
+    def _update_locked(self, res: ResourceType, body: Any, namespace: str | None, name: str | None,
+                       subresource: str | None = None, keep_status: bool = True) -> JSON:
         new = self._normalize_locked(res, body, namespace)
         meta = new["metadata"]
         if name is not None and meta.get("name") != name:
@@ -733,8 +734,8 @@ class FakeKubeAPI:
         self._record_locked(res, "MODIFIED", new, old)
         return new
 
-    def _patch_locked(self, res: ResourceType, namespace: Optional[str], name: str, patch: Any,
-                      content_type: str, subresource: Optional[str], keep_status: bool = True) -> JSON:
+    def _patch_locked(self, res: ResourceType, namespace: str | None, name: str, patch: Any,
+                      content_type: str, subresource: str | None, keep_status: bool = True) -> JSON:
         key = self._obj_key(res, namespace, name)
         old = self._objects[res.plural].get(key)
         if old is None:
@@ -761,8 +762,8 @@ class FakeKubeAPI:
             raise _bad_request("a patch cannot change the name or namespace of an object")
         return self._update_locked(res, patched, key[0] or None, name, subresource, keep_status)
 
-    def _delete_locked(self, res: ResourceType, namespace: Optional[str], name: str,
-                       preconditions: Optional[JSON]) -> JSON:
+    def _delete_locked(self, res: ResourceType, namespace: str | None, name: str,
+                       preconditions: JSON | None) -> JSON:
         key = self._obj_key(res, namespace, name)
         old = self._objects[res.plural].get(key)
         if old is None:
@@ -817,7 +818,7 @@ class FakeKubeAPI:
         return {"kind": res.list_kind, "apiVersion": res.api_version, "metadata": metadata,
                 "items": [_strip_type(o) for _, o in matching]}
 
-    def _open_watch_locked(self, stream: _WatchStream, rv_param: Optional[str]) -> list[JSON]:
+    def _open_watch_locked(self, stream: _WatchStream, rv_param: str | None) -> list[JSON]:
         """Initial events for a new watch; registers ``stream`` for live events unless it must end."""
         res = stream.filter.res
         self._watch_count[res.plural] += 1
@@ -846,7 +847,7 @@ class FakeKubeAPI:
         message = f"too old resource version: {rv} ({self._floor + 1})"
         return {"type": "ERROR", "object": _expired(message).status}
 
-    def _discovery(self, path: str) -> Optional[JSON]:
+    def _discovery(self, path: str) -> JSON | None:
         """Discovery documents (``/api``, ``/apis``, ``/api/v1``, ...), or None."""
         groups = sorted({r.group for r in RESOURCES if r.group})
         if path == "/api":
@@ -883,12 +884,12 @@ class FakeKubeAPI:
 @dataclass(frozen=True)
 class _Route:
     res: ResourceType
-    namespace: Optional[str]
-    name: Optional[str]
-    subresource: Optional[str]
+    namespace: str | None
+    name: str | None
+    subresource: str | None
 
 
-def _route(path: str) -> Optional[_Route]:
+def _route(path: str) -> _Route | None:
     parts = [p for p in path.split("/") if p]
     for res in RESOURCES:
         prefix = res.prefix.strip("/").split("/")
@@ -962,7 +963,7 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body are separate writes: avoid 40 ms delayed-ACK stalls
     server: _HTTPServer
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s %s", self.address_string(), format % args)
 
     def do_GET(self) -> None:
@@ -1149,7 +1150,7 @@ class _Handler(BaseHTTPRequestHandler):
                 api._streams.discard(stream)
                 api._cond.notify_all()
 
-    def _stream(self, stream: _WatchStream, timeout: Optional[float], bookmarks: bool) -> bool:
+    def _stream(self, stream: _WatchStream, timeout: float | None, bookmarks: bool) -> bool:
         """Send live events until the timeout (True) or until the stream is dropped (False)."""
         api, res = self.server.api, stream.filter.res
         deadline = time.monotonic() + timeout if timeout is not None else None

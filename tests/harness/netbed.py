@@ -64,9 +64,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import pytest
 
@@ -159,7 +159,7 @@ class LoopSummary:
     last_t: float | None = None
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LoopSummary":
+    def from_dict(cls, d: dict) -> LoopSummary:
         names = cls.__dataclass_fields__.keys()
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -253,7 +253,7 @@ def _stop_proc(proc: subprocess.Popen, timeout: float = 3.0) -> None:
 class Server:
     """A ``trafficd.py serve`` process."""
 
-    netns: "Netns"
+    netns: Netns
     name: str
     tcp_ports: tuple[int, ...]
     udp_ports: tuple[int, ...]
@@ -271,7 +271,7 @@ class Server:
 class TrafficLoop:
     """A ``trafficd.py loop`` process: one attempt per interval until stopped."""
 
-    def __init__(self, netns: "Netns", proc: subprocess.Popen, desc: str) -> None:
+    def __init__(self, netns: Netns, proc: subprocess.Popen, desc: str) -> None:
         self.netns = netns
         self.proc = proc
         self.reader = _ProcReader(proc, desc)
@@ -309,7 +309,7 @@ class TrafficLoop:
         self.summary = LoopSummary.from_dict(final)
         return self.summary
 
-    def __enter__(self) -> "TrafficLoop":
+    def __enter__(self) -> TrafficLoop:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -321,7 +321,7 @@ class TrafficLoop:
 class UdpFlow:
     """A ``trafficd.py udp-flow`` process: one UDP 5-tuple, one result per interval."""
 
-    def __init__(self, netns: "Netns", proc: subprocess.Popen, desc: str, timeout: float) -> None:
+    def __init__(self, netns: Netns, proc: subprocess.Popen, desc: str, timeout: float) -> None:
         self.netns = netns
         self.proc = proc
         self.reader = _ProcReader(proc, desc)
@@ -364,7 +364,7 @@ class UdpFlow:
         self.reader.thread.join(3)
         return self.results
 
-    def __enter__(self) -> "UdpFlow":
+    def __enter__(self) -> UdpFlow:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -775,7 +775,7 @@ def _parallel_batches(batches: dict[str, list[str]]) -> None:
         procs[ns] = (p, lines)
     errors = []
     for ns, (p, lines) in procs.items():
-        out, err = p.communicate("".join(line + "\n" for line in lines), timeout=30)
+        _out, err = p.communicate("".join(line + "\n" for line in lines), timeout=30)
         if p.returncode != 0:
             errors.append(f"ip -n {ns} -batch failed ({p.returncode}): {err.strip()}\n" + "\n".join(lines))
     if errors:

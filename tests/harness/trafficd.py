@@ -44,8 +44,8 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator
 
 # Linux constants missing from Python 3.11's socket module.
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
@@ -117,7 +117,7 @@ class Result:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Result":
+    def from_dict(cls, d: dict) -> Result:
         names = cls.__dataclass_fields__.keys()
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -142,7 +142,7 @@ def _default_factory(family: int, type_: int) -> socket.socket:
 
 
 class _Attempt:
-    __slots__ = ("i", "sock", "t_wall", "t0", "deadline", "state", "buf", "local", "shared")
+    __slots__ = ("buf", "deadline", "i", "local", "shared", "sock", "state", "t0", "t_wall")
 
     def __init__(self, i: int, sock: socket.socket, timeout: float, shared: bool) -> None:
         self.i = i
@@ -391,7 +391,7 @@ def _make_listener(bind: str, port: int, stype: int) -> socket.socket:
 
 def _udp_reply(s: socket.socket, name: str) -> None:
     try:
-        data, anc, _flags, addr = s.recvmsg(65535, socket.CMSG_SPACE(64))
+        _data, anc, _flags, addr = s.recvmsg(65535, socket.CMSG_SPACE(64))
     except (BlockingIOError, InterruptedError):
         return
     except OSError:
@@ -527,7 +527,7 @@ def cmd_udp_flow(args) -> int:
             s.settimeout(left)
             try:
                 data = s.recv(65535)
-            except socket.timeout:
+            except TimeoutError:
                 break
             except OSError as e:
                 _emit({"event": "result", **base, "ok": False, "error": classify_errno(e.errno or 0),
