@@ -45,8 +45,8 @@ import tarfile
 import time
 import tomllib
 import venv
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = ROOT / "image"

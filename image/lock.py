@@ -19,7 +19,6 @@ without it, pip-compile keeps the existing pins where they still fit.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import venv

@@ -313,7 +313,7 @@ def test_servers_follow_a_real_proxier() -> None:
     proxier = Proxier(FakeBackend(), "node-a", ProxyConfig())
     health = ProxyHealth(proxier_health_inputs(proxier, SYNC_PERIOD))
     hc = ServiceHealthServers(health.healthy, host=LOCALHOST)
-    proxier.listeners.append(lambda p: hc.sync(p.local_policy_report()))
+    proxier.listeners.append(lambda p: hc.sync(p.local_policy_report() or []))
     try:
         proxier.on_relist("Node", [node("node-a")])
         proxier.on_relist("Service", [service(

@@ -182,16 +182,21 @@ def test_network_programming_buckets_match_upstream() -> None:
 
 @dataclass
 class Stub:
-    """Stands for the Proxier: a Local-policy report and, optionally, a lock and a pending time."""
+    """Stands for the Proxier: a Local-policy report behind a lock, and a pending time."""
 
     report: list[LocalPolicyStatus]
     oldest_pending_wall: float | None = None
-    lock: Any = None
+    lock: Any = field(default_factory=threading.Lock)
     calls: int = field(default=0)
 
-    def local_policy_report(self) -> list[LocalPolicyStatus]:
-        self.calls += 1
-        return list(self.report)
+    def local_policy_report(self, timeout: float | None = None) -> list[LocalPolicyStatus] | None:
+        if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
+            return None
+        try:
+            self.calls += 1
+            return list(self.report)
+        finally:
+            self.lock.release()
 
 
 COUNTERS = {

@@ -26,7 +26,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from kproxy.cluster import validate
 from kproxy.cluster.conflicts import find_conflicts
@@ -67,6 +67,7 @@ TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
 Notes = list[tuple[str, str]]
 """(reason, message) for every part of an object that was skipped while the rest was kept."""
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 class InvalidObject(ValueError):
@@ -196,10 +197,10 @@ def _bool(value: Any, default: bool, what: str) -> bool:
     return value
 
 
-def _part(notes: Notes | None, convert: Callable[[], T]) -> T | None:
-    """Convert one part of an object; if it is invalid, note why and return None (the part is skipped)."""
+def _part(notes: Notes | None, convert: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T | None:
+    """``convert(*args, **kwargs)``: one part of an object; if it is invalid, note why and return None (the part is skipped)."""
     try:
-        return convert()
+        return convert(*args, **kwargs)
     except InvalidObject as exc:
         if notes is not None:
             notes.append((exc.reason, str(exc)))
@@ -281,7 +282,7 @@ def _service(obj: Mapping[str, Any], notes: Notes | None) -> Service:
     ports = _service_ports(spec, svc_type, notes)
     external_ips = tuple(
         ip for i, raw in enumerate(_list(spec.get("externalIPs"), "spec.externalIPs"))
-        if (ip := _part(notes, lambda raw=raw, i=i: _ip(raw, f"spec.externalIPs[{i}]", special_ok=False)))
+        if (ip := _part(notes, _ip, raw, f"spec.externalIPs[{i}]", special_ok=False))
     )
     lb_ips: tuple[str, ...] = ()
     if svc_type == "LoadBalancer":
@@ -345,7 +346,7 @@ def _service_ports(spec: Mapping[str, Any], svc_type: str, notes: Notes | None) 
     seen: set[tuple[object, ...]] = set()
     raw_ports = _list(spec.get("ports"), "spec.ports")
     for i, raw in enumerate(raw_ports):
-        port = _part(notes, lambda raw=raw, i=i: _service_port(raw, i, svc_type, len(raw_ports) > 1))
+        port = _part(notes, _service_port, raw, i, svc_type, len(raw_ports) > 1)
         if port is None:
             continue
         # The API server refuses a repeated name, a repeated port and protocol, and a repeated
@@ -386,12 +387,12 @@ def _load_balancer_ips(obj: Mapping[str, Any], notes: Notes | None) -> tuple[str
     status = _mapping(_mapping(obj.get("status"), "status").get("loadBalancer"), "status.loadBalancer")
     ips = []
     for i, raw in enumerate(_list(status.get("ingress"), "status.loadBalancer.ingress")):
-        entry = _part(notes, lambda raw=raw, i=i: _mapping(raw, f"status.loadBalancer.ingress[{i}]"))
+        entry = _part(notes, _mapping, raw, f"status.loadBalancer.ingress[{i}]")
         # ipMode Proxy: the load balancer proxies to the nodes itself, so the
         # LB IP must not be short-circuited on the node (as upstream, KEP-1860).
         if not entry or not entry.get("ip") or entry.get("ipMode", "VIP") == "Proxy":
             continue
-        ip = _part(notes, lambda entry=entry, i=i: _ip(entry["ip"], f"status.loadBalancer.ingress[{i}].ip", special_ok=False))
+        ip = _part(notes, _ip, entry["ip"], f"status.loadBalancer.ingress[{i}].ip", special_ok=False)
         if ip is not None:
             ips.append(ip)
     return tuple(ips)
@@ -490,7 +491,7 @@ def _slice(obj: Mapping[str, Any], notes: Notes | None) -> EndpointSlice:
 
     ports: list[EndpointPort] = []
     for i, raw in enumerate(_list(obj.get("ports"), "ports")):
-        port = _part(notes, lambda raw=raw, i=i: _slice_port(raw, i))
+        port = _part(notes, _slice_port, raw, i)
         if port is not None:
             ports.append(port)
     endpoints = []
@@ -547,7 +548,7 @@ def _hint_names(hints: Mapping[str, Any], key: str, where: str, notes: Notes | N
     for j, hint in enumerate(_list(raw, f"{where}.{key}")):
         value = _mapping(hint, f"{where}.{key}[{j}]").get("name")
         if value:
-            name = _part(notes, lambda value=value, j=j: _name(value, f"{where}.{key}[{j}].name", pattern, limit))
+            name = _part(notes, _name, value, f"{where}.{key}[{j}].name", pattern, limit)
             if name is not None:
                 names.add(name)
     return frozenset(names)
@@ -615,11 +616,11 @@ def _node(obj: Mapping[str, Any], notes: Notes | None) -> Node:
     internal: list[str] = []
     external: list[str] = []
     for i, raw in enumerate(_list(_mapping(obj.get("status"), "status").get("addresses"), "status.addresses")):
-        entry = _part(notes, lambda raw=raw, i=i: _mapping(raw, f"status.addresses[{i}]"))
+        entry = _part(notes, _mapping, raw, f"status.addresses[{i}]")
         if not entry or entry.get("type") not in ("InternalIP", "ExternalIP"):
             continue
         # The API server does not validate node addresses; upstream skips the ones it cannot parse.
-        address = _part(notes, lambda entry=entry, i=i: _ip(entry.get("address"), f"status.addresses[{i}].address"))
+        address = _part(notes, _ip, entry.get("address"), f"status.addresses[{i}].address")
         if address is not None:
             (internal if entry["type"] == "InternalIP" else external).append(address)
     taints = _list(_mapping(obj.get("spec"), "spec").get("taints"), "spec.taints")
@@ -647,7 +648,7 @@ def service_cidr_from_manifest(obj: Mapping[str, Any], notes: Notes | None = Non
         name = _name(meta.get("name"), "metadata.name", DNS_SUBDOMAIN, 253)
         cidrs = [
             cidr for i, raw in enumerate(_list(_mapping(obj.get("spec"), "spec").get("cidrs"), "spec.cidrs"))
-            if (cidr := _part(notes, lambda raw=raw, i=i: _cidr(raw, f"spec.cidrs[{i}]"))) is not None
+            if (cidr := _part(notes, _cidr, raw, f"spec.cidrs[{i}]")) is not None
         ]
         return ServiceCIDR(name, tuple(cidrs))
 

@@ -97,10 +97,10 @@ def spell_network(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str
 def collapse(cidrs: Iterable[str]) -> list[str]:
     """Canonical CIDRs with overlaps merged (an interval set refuses overlapping elements), per family, sorted."""
     networks = [ipaddress.ip_network(c, strict=False) for c in cidrs]
-    merged: list[str] = []
-    for version in (4, 6):
-        merged += [spell_network(n) for n in ipaddress.collapse_addresses(n for n in networks if n.version == version)]
-    return merged
+    v4 = [n for n in networks if isinstance(n, ipaddress.IPv4Network)]
+    v6 = [n for n in networks if isinstance(n, ipaddress.IPv6Network)]
+    return [spell_network(n) for n in ipaddress.collapse_addresses(v4)] + [
+        spell_network(n) for n in ipaddress.collapse_addresses(v6)]
 
 
 def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -64,9 +64,7 @@ def cluster_from_api(kubeconfig: str | None, node_name: str) -> tuple[Cluster, l
                 raise
             log.warning("cannot list %s (%s %s); going on without them", resource.kind, exc.status, exc.reason)
             continue
-        for item in items:
-            item.setdefault("kind", resource.kind)
-        objects.extend(items)
+        objects.extend(item if "kind" in item else {**item, "kind": resource.kind} for item in items)
     return build_cluster(objects, node_name)
 
 

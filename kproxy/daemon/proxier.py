@@ -52,10 +52,10 @@ from kproxy.cluster.model import Cluster, EndpointSlice, Service, ServiceKey, Sl
 from kproxy.cluster.tracker import ChangeTracker
 from kproxy.memory import gc_paused
 from kproxy.nft.kernel import Backend, NftError
-from kproxy.nft.objects import Chain, Element, Family, Op, Ruleset, Table, Transaction, fit_comment
+from kproxy.nft.objects import Chain, Element, Family, Op, Ruleset, ServiceRules, Table, Transaction, fit_comment
 from kproxy.node.conntrack import Conntrack, cleanup_stale_udp, udp_cleanup_targets
 from kproxy.rules.assembly import Assembly, Touched
-from kproxy.rules.compiler import FAMILIES, NodeInfo, ProxyConfig, ServiceRules, base_table, compile_service, node_info
+from kproxy.rules.compiler import FAMILIES, NodeInfo, ProxyConfig, base_table, compile_service, node_info
 from kproxy.rules.endpoints import LocalPolicyStatus, local_policy_status
 from kproxy.rules.plan import create, diff
 
@@ -309,7 +309,7 @@ class Proxier:
                 log.warning("%s", conflict)
             self._notify()
 
-    def on_relist(self, kind: str, objects: list[Mapping[str, Any]]) -> None:
+    def on_relist(self, kind: str, objects: Sequence[Mapping[str, Any]]) -> None:
         """A full list replaces everything of one kind: objects not in it are deleted.
 
         Objects are converted before the lock is taken, so a relist of 10k
@@ -321,7 +321,7 @@ class Proxier:
         with gc_paused():
             self._relist(kind, objects)
 
-    def _relist(self, kind: str, objects: list[Mapping[str, Any]]) -> None:
+    def _relist(self, kind: str, objects: Sequence[Mapping[str, Any]]) -> None:
         if kind == "Service":
             converted: list[tuple[Any, Any]] = [self._service(obj) for obj in objects]
             services = dict(converted)
@@ -868,15 +868,28 @@ class Proxier:
 
     # -- inspection -----------------------------------------------------------
 
-    def local_policy_report(self) -> list[LocalPolicyStatus]:
-        """Every Service with a Local traffic policy, and its local endpoints (IPv4 and IPv6 together)."""
-        with self.lock:
+    def local_policy_report(self, timeout: float | None = None) -> list[LocalPolicyStatus] | None:
+        """Every Service with a Local traffic policy, and its local endpoints (IPv4 and IPv6 together).
+
+        None if a sync holds the state for longer than ``timeout`` seconds (a
+        scrape answers with what it had rather than wait).
+        """
+        if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
+            return None
+        try:
             zone = self.tracker.node.zone if self.tracker.node else ""
             return [
                 local_policy_status(self.tracker.services[key], self.tracker.slices_of(key), self.node_name, zone)
                 for key in sorted(self.tracker.services)
                 if self.tracker.services[key].internal_policy_local or self.tracker.services[key].external_policy_local
             ]
+        finally:
+            self.lock.release()
+
+    def node_eligible(self) -> bool:
+        """Whether this node's Node object is known and not being deleted (load balancers should send here)."""
+        node = self.tracker.node
+        return node is not None and not node.being_deleted
 
     def committed(self) -> dict[Family, Table]:
         with self.lock:

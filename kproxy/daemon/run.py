@@ -153,7 +153,7 @@ def start_observability(daemon: Daemon, registry: Any, metrics: Any) -> list[Cal
         raise StartupError(f"cannot serve health checks on {daemon.config.healthz_bind_address}: "
                            f"{exc.strerror or exc} (is kube-proxy or another kproxy running on this node?)") from None
     service_health = ServiceHealthServers(health.healthy)
-    daemon.proxier.listeners.append(lambda proxier: service_health.sync(proxier.local_policy_report()))
+    daemon.proxier.listeners.append(lambda proxier: service_health.sync(proxier.local_policy_report() or []))
     log.info("metrics on %s:%d, health on %s:%d", metrics_server.host or "*", metrics_server.port,
              health_server.host or "*", health_server.port)
     return [metrics_server.stop, health.stop, service_health.stop]

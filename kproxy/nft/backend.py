@@ -290,7 +290,7 @@ class NftablesBackend:
                 raise
 
     def _set_dry_run(self, on: bool) -> None:
-        self._lib.nft_ctx_set_dry_run(self._nft._Nftables__ctx, on)  # type: ignore[attr-defined]
+        self._lib.nft_ctx_set_dry_run(self._nft._Nftables__ctx, on)
 
     def _explain(self, script: str, err: str) -> NftError:
         """Find which command failed: libnftables only reports lines for files.

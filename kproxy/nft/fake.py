@@ -265,9 +265,9 @@ class FakeBackend:
         """A fake can do everything."""
 
     def delete_tables(self) -> list[Family]:
-        deleted = [family for family in ("ip", "ip6") if family in self.tables]
-        self.apply(Transaction([Op("delete", "table", family) for family in deleted]))  # type: ignore[arg-type]
-        return deleted  # type: ignore[return-value]
+        deleted: list[Family] = [family for family in ("ip", "ip6") if family in self.tables]
+        self.apply(Transaction([Op("delete", "table", family) for family in deleted]))
+        return deleted
 
     def chain_rules(self, family: Family, name: str) -> list[Rule]:
         """The rules of one chain, as the kernel holds them."""

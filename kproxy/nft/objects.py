@@ -19,7 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from kproxy.nft.statements import Family, Rule, render_rule
+from kproxy.nft.statements import Family as Family  # re-exported: the family of a table
+from kproxy.nft.statements import Rule, render_rule
 
 TABLE = "kproxy"
 

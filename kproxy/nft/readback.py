@@ -43,7 +43,7 @@ def _verdict(value: Any) -> str:
         if verb in ("goto", "jump"):
             return f"{verb} {arg['target']}"
         if arg is None:
-            return verb
+            return str(verb)
     return _atom(value)
 
 
@@ -75,7 +75,7 @@ def parse_table(document: dict[str, Any], family: Family) -> Table:
             if "timeout" in flags and "dynamic" not in flags:
                 # nft 1.0.6 leaves this flag out of its JSON; kproxy's sets with timeouts are the datapath's.
                 flags = [*flags, "dynamic"]
-            decl = SetDecl(kind, name, (f"flags {','.join(flags)}",) if flags else ())  # type: ignore[arg-type]
+            decl = SetDecl(kind, name, (f"flags {','.join(flags)}",) if flags else ())
             table.sets[name] = decl
             if not decl.dynamic:
                 table.elements[name] = {}

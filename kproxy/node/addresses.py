@@ -28,7 +28,7 @@ def interface_addresses() -> tuple[tuple[str, ...], tuple[str, ...]]:
             address = msg.get_attr("IFA_ADDRESS")
             if address:
                 addresses.append((msg["family"], msg["index"], address))
-        default_oif = {}
+        default_oif: dict[int, int] = {}
         for route in ipr.get_default_routes():
             default_oif.setdefault(route["family"], route.get_attr("RTA_OIF"))
     primary: list[str] = []

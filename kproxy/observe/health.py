@@ -78,15 +78,27 @@ class HealthCounter(Protocol):
     def livez(self, code: int) -> None: ...
 
 
-def proxier_health_inputs(proxier: Any, sync_period: float) -> Callable[[], HealthInputs]:
-    """HealthInputs from a Proxier: ``last_success_wall``, ``oldest_pending_wall``, ``tracker.node``."""
+class HealthSource(Protocol):
+    """What health reads from the sync engine (a Proxier)."""
+
+    last_success_wall: float | None
+    """Wall time of the last successful sync."""
+    oldest_pending_wall: float | None
+    """Wall time of the oldest change not yet programmed."""
+
+    def node_eligible(self) -> bool:
+        """Whether this node's Node object is known and not being deleted."""
+        ...
+
+
+def proxier_health_inputs(proxier: HealthSource, sync_period: float) -> Callable[[], HealthInputs]:
+    """HealthInputs from the sync engine, read at each probe."""
 
     def read() -> HealthInputs:
-        node = proxier.tracker.node
         return HealthInputs(
             last_updated=proxier.last_success_wall,
             oldest_pending=proxier.oldest_pending_wall,
-            node_eligible=node is not None and not node.being_deleted,
+            node_eligible=proxier.node_eligible(),
             sync_period=sync_period,
         )
 
@@ -208,7 +220,7 @@ class ServiceHealthServers:
     """An HTTP server on the healthCheckNodePort of every ``externalTrafficPolicy: Local`` Service.
 
     Register after each successful sync:
-    ``proxier.listeners.append(lambda p: servers.sync(p.local_policy_report()))``.
+    ``proxier.listeners.append(lambda p: servers.sync(p.local_policy_report() or []))``.
     """
 
     def __init__(self, proxy_healthy: Callable[[], bool], host: str = "") -> None:
@@ -234,9 +246,9 @@ class ServiceHealthServers:
             for instance in stale:
                 del self._services[instance.name]
             for name, (_port, endpoints) in wanted.items():
-                instance = self._services.get(name)
-                if instance is not None:
-                    instance.endpoints = endpoints
+                kept = self._services.get(name)
+                if kept is not None:
+                    kept.endpoints = endpoints
             new = [_Instance(n, p, e) for n, (p, e) in wanted.items() if n not in self._services]
         for instance in stale:
             log.info("closing health check for %s/%s on port %d", *instance.name, instance.port)

@@ -174,7 +174,7 @@ class HTTPService(ThreadingHTTPServer):
                 for key, _ in selector.select():
                     if key.fileobj is self._wake_r or self._stopped:
                         return
-                    self._handle_request_noblock()
+                    self._handle_request_noblock()  # type: ignore[attr-defined]  # socketserver's, undocumented
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop accepting, close the socket and join the serving thread. Idempotent."""

@@ -24,9 +24,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -196,16 +196,17 @@ class ProxyMetrics:
 
 
 class PolicySource(Protocol):
-    """What ProxierCollector reads (a Proxier; tests pass a stub).
+    """What ProxierCollector reads at scrape time (a Proxier; tests pass a stub)."""
 
-    Optional attributes, read if present: ``lock`` (held while a sync runs) and
-    ``oldest_pending_wall`` (wall time of the oldest change not yet programmed).
-    """
+    oldest_pending_wall: float | None
+    """Wall time of the oldest change not yet programmed (None when every change is)."""
 
-    def local_policy_report(self) -> list[LocalPolicyStatus]: ...
+    def local_policy_report(self, timeout: float | None = None) -> list[LocalPolicyStatus] | None:
+        """Every Service with a Local policy; None if a sync held the state longer than ``timeout`` seconds."""
+        ...
 
 
-CounterReader = Callable[[], Mapping[tuple[str, str], tuple[int, int]]]
+CounterReader = Callable[[], Mapping[tuple[Any, str], tuple[int, int]]]
 """Returns {(nft family "ip"/"ip6", counter object name): (packets, bytes)}."""
 
 
@@ -273,10 +274,10 @@ class ProxierCollector(Collector):
 
     def describe(self) -> Iterable[Metric]:
         """Names only, so registering never reads the proxier or nft."""
-        return list(self._families())
+        return list(self._metric_families())
 
     def collect(self) -> Iterable[Metric]:
-        no_local, queued, conns, drops = self._families()
+        no_local, queued, conns, drops = self._metric_families()
         counts = self._no_local_counts()
         if counts is not None:
             for family in self.families:
@@ -289,32 +290,27 @@ class ProxierCollector(Collector):
             targets[kind].add_metric([namespace, service, port, family], packets)
         return [no_local, queued, conns, drops]
 
-    def _families(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily(
-            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
-            "Number of services with a Local traffic policy and no endpoints",
-            labels=["traffic_policy", "ip_family"])
-        yield GaugeMetricFamily(
-            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
-            "The last time a sync of proxy rules was queued",
-            labels=["ip_family"])
+    def _metric_families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, CounterMetricFamily, CounterMetricFamily]:
         labels = ["namespace", "service", "port", "ip_family"]
-        yield CounterMetricFamily(
-            COUNTER_KINDS["conns"], "New connections to a Service port (nft counter)", labels=labels)
-        yield CounterMetricFamily(
-            COUNTER_KINDS["drops"], "Packets to a Service port dropped by its rate limit (nft counter)", labels=labels)
+        return (
+            GaugeMetricFamily(
+                "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+                "Number of services with a Local traffic policy and no endpoints",
+                labels=["traffic_policy", "ip_family"]),
+            GaugeMetricFamily(
+                "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+                "The last time a sync of proxy rules was queued",
+                labels=["ip_family"]),
+            CounterMetricFamily(
+                COUNTER_KINDS["conns"], "New connections to a Service port (nft counter)", labels=labels),
+            CounterMetricFamily(
+                COUNTER_KINDS["drops"], "Packets to a Service port dropped by its rate limit (nft counter)", labels=labels),
+        )
 
     def _no_local_counts(self) -> NoLocalCounts | None:
-        lock = getattr(self.proxier, "lock", None)
         try:
-            if lock is None:
-                report = self.proxier.local_policy_report()
-            elif lock.acquire(timeout=self.lock_timeout):
-                try:
-                    report = self.proxier.local_policy_report()
-                finally:
-                    lock.release()
-            else:
+            report = self.proxier.local_policy_report(self.lock_timeout)
+            if report is None:
                 log.debug("a sync holds the proxier; serving the last no-local-endpoints counts")
                 return self._last_counts
         except Exception as exc:  # a scrape must not fail
@@ -326,7 +322,7 @@ class ProxierCollector(Collector):
         return counts
 
     def _queued_timestamp(self) -> float:
-        pending = getattr(self.proxier, "oldest_pending_wall", None)
+        pending = self.proxier.oldest_pending_wall
         with self._state_lock:
             if pending is not None and pending > self._last_queued:
                 self._last_queued = pending

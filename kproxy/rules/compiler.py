@@ -106,16 +106,15 @@ def node_info(name: str, node: Node | None, interface_addresses: tuple[str, ...]
     when compiling for a node elsewhere, as ``--dry-run`` does). Without a Node
     object (or one without addresses), NodePorts answer on every one of them.
     """
-    node_ips = (node.internal_ips + node.external_ips) if node is not None else ()
-    if not node_ips:
+    if node is None or not (node.internal_ips + node.external_ips):
         local = interface_addresses or ()
         return NodeInfo(name, node.zone if node else "", local, local)
+    node_ips = node.internal_ips + node.external_ips
     primary: list[str] = []
     for separator in (".", ":"):
         candidates = [a for a in node.internal_ips if separator in a] or [a for a in node.external_ips if separator in a]
         if candidates:
             primary.append(candidates[0])
-    assert node is not None
     addresses = interface_addresses if interface_addresses is not None else node_ips
     return NodeInfo(node.name, node.zone, tuple(primary), addresses)
 
@@ -221,7 +220,7 @@ def _endpoint_chain(
     rules: list[Rule] = [(counter,)]
     limit = service.rate_limit
     if limit is not None:
-        meter_key = ("saddr", Const(cluster_ip, "addr"), Const(str(_PROTO_NUMBERS[proto]), "proto"),
+        meter_key: Key = ("saddr", Const(cluster_ip, "addr"), Const(str(_PROTO_NUMBERS[proto]), "proto"),
                      Const(str(port.port), "port"))
         rules.append((NewConnection(), SetUpdate("rate-limit-meter", meter_key, limit=Limit(limit.rate, limit.unit, limit.burst)),
                       Counter(f"drops-{suffix}"), Verdict("drop")))

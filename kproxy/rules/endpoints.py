@@ -174,7 +174,7 @@ def local_policy_status(service: Service, slices: Iterable[EndpointSlice], node_
     has_any = False
     for port in service.ports:
         for family in (4, 6):
-            selection = select(service, port_endpoints(port, slices, family), node_name, zone)  # type: ignore[arg-type]
+            selection = select(service, port_endpoints(port, slices, family), node_name, zone)
             local |= {(pe.address, pe.port) for pe in selection.local}
             ready |= {pe.address for pe in selection.local if pe.endpoint.ready}
             has_any = has_any or selection.has_any

@@ -183,8 +183,8 @@ def diff(
             fresh[name] = [e for key, e in want_members.items() if have_members.get(key) != e]
     else:
         for name, key in sorted(elements):
-            decl = desired.sets.get(name)
-            if decl is None or decl.dynamic:
+            declared = desired.sets.get(name)
+            if declared is None or declared.dynamic:
                 continue
             have_element = current.elements.get(name, {}).get(key)
             want_element = desired.elements.get(name, {}).get(key)
