@@ -484,6 +484,7 @@ class PacketTracer:
         self.node = node
         self._members: dict[tuple[Family, str], _Members] = {}
         self._bases: dict[Family, dict[Hook, list[_BaseChain]]] = {}
+        self._checked: set[Family] = set()
 
     def trace(self, packet: Packet) -> Trace:
         """Every way ``packet`` can go, with its probability."""
@@ -493,6 +494,12 @@ class PacketTracer:
         table = self.ruleset.tables.get(family)
         if table is None:
             raise TraceError(f"the ruleset has no {family} table")
+        if family not in self._checked:
+            hollow = sorted(c.name for c in table.chains.values() if c.fingerprint and c.fingerprint[1] and not c.rules)
+            if hollow:
+                raise TraceError(f"chain {hollow[0]} (and {len(hollow) - 1} more) read back without its rules: "
+                                 "trace a compiled ruleset, or one that holds the rules")
+            self._checked.add(family)
         return table
 
     def base_chains(self, family: Family, hook: Hook) -> list[_BaseChain]:
@@ -600,8 +607,6 @@ class _Walk:
         chain = self.table.chains.get(name)
         if chain is None:
             raise TraceError(f"no chain {name} in the {self.family} table")
-        if chain.fingerprint is not None and not chain.rules:
-            raise TraceError(f"chain {name} was read back without its rules: trace the compiled ruleset")
         pending: Weighted = {replace(flight, chains=(*flight.chains, name)): Fraction(1)}
         ended: dict[tuple[_Flight, ChainEnd], Fraction] = {}
         for rule in chain.rules:
