@@ -1,9 +1,10 @@
 """A packet tracer over kproxy's typed ruleset: where the first packet of a new connection goes. Pure.
 
-What it is for: flow tests without root. Given a compiled ``Ruleset`` (or the
-tables the fake backend holds), a packet and the node's own addresses, it walks
-the base chains the packet crosses, hook by hook and in priority order, as the
-kernel does, and interprets every statement of kproxy's rules. It returns the
+What it is for: flow tests without root. Given a ``Ruleset`` that holds its
+rules (a compiled one, or the fake backend's tables with their rules), a packet
+and the node's own addresses, it walks the base chains the packet crosses, hook
+by hook and in priority order, as the kernel does, and interprets every
+statement of kproxy's rules. It returns the
 exact distribution of outcomes, as ``Fraction`` probabilities that sum to 1:
 whether the packet is accepted, dropped or rejected, where it was DNATed to,
 and whether it was masqueraded, with the chains each outcome went through.
@@ -17,6 +18,10 @@ The walk, per origin (``rules/README.md`` has the packet path):
   this node then comes back through loopback: prerouting and input, where
   the nat chains do not run again (the kernel sets up a connection's NAT once
   per direction: destination at prerouting/output, source at postrouting/input).
+
+So a forwarded packet DNATed to an address of this node (a host-network
+endpoint) never crosses postrouting and is not masqueraded, whatever its mark
+says: the kernel's behaviour, and upstream's.
 
 Hooks and priorities are read from the base chains' declarations, never from
 their names. Only the first packet of a connection is traced, so ``ct state
@@ -497,7 +502,7 @@ class PacketTracer:
         if family not in self._checked:
             hollow = sorted(c.name for c in table.chains.values() if c.fingerprint and c.fingerprint[1] and not c.rules)
             if hollow:
-                raise TraceError(f"chain {hollow[0]} (and {len(hollow) - 1} more) read back without its rules: "
+                raise TraceError(f"{len(hollow)} chain(s) read back without their rules ({hollow[0]}, ...): "
                                  "trace a compiled ruleset, or one that holds the rules")
             self._checked.add(family)
         return table
