@@ -537,7 +537,7 @@ def test_what_the_fake_backend_holds_traces_as_what_was_compiled() -> None:
     for source, destination, port in [(POD, SVC1, 80), (CLIENT, NODE_IP, 3001), (NODE_IP, LB1, 80)]:
         packet = Packet(source, destination, port, origin="local" if source == NODE_IP else "forwarded")
         assert trace_packet(_held_by(fake), packet, facts).outcomes == trace_packet(compiled, packet, facts).outcomes
-    with pytest.raises(TraceError, match="read back without its rules"):
+    with pytest.raises(TraceError, match="read back without their rules"):
         trace_packet(fake.read(), Packet(POD, SVC1, 80), facts)
 
 
