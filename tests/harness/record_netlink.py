@@ -8,14 +8,18 @@ kproxy sends over its own encoder (``kproxy.nft.netlink``):
 
 * ``rules.json``: one ``add rule`` per rule shape. The shapes come from what
   kproxy compiles: ``compile_ruleset`` on the golden scenarios
-  (``tests.harness.scenarios``), on ``EXTRA_SHAPES`` and ``EDGE_SHAPES``, and
-  on a few hand-written rules (``SUPPLEMENT``) for the statements the
-  compiler does not write today (``accept``, ``return``, whole-address
-  prefixes, plain lookups). Each rule carries the digest comment kproxy puts
-  on the last rule of a chain (here every recorded rule is alone in its chain).
-* ``elements.json``: one ``add element`` per element shape of every static,
-  non-interval set and map kproxy fills over netlink, and one
-  ``delete element`` per set and family.
+  (``tests.harness.scenarios``), on ``EXTRA_SHAPES`` and ``EDGE_SHAPES`` (as
+  in ``tests/test_nfnetlink.py``) and on ``MORE_SHAPES`` (every endpoints-C
+  map, IPv6 firewall and no-endpoint elements, a burst of 0), kept
+  ``RULES_PER_SHAPE`` per shape (``shape_of``); and a few hand-written rules
+  (``SUPPLEMENT``) for what the compiler does not write today (``accept``,
+  ``return``, whole-address and destination prefixes, plain lookups). Each
+  rule carries the digest comment kproxy puts on the last rule of a chain
+  (here every recorded rule is alone in its chain).
+* ``elements.json``: ``add element`` for ``ELEMENTS_PER_SHAPE`` elements of
+  each shape of every static, non-interval set and map kproxy fills over
+  netlink (and ``SUPPLEMENT_ELEMENTS``), and one ``delete element`` per set
+  and family.
 * ``objects.json``: the table, chain and counter declarations (with comments
   and without), ``flush chain``, ``delete chain``, ``delete counter``.
 
@@ -120,6 +124,16 @@ MORE_SHAPES: dict[str, tuple[list[dict[str, Any]], ProxyConfig]] = {
         ],
         CIDRS,
     ),
+    # A dual-stack load balancer with source ranges and no endpoints: firewall and no-endpoint elements in IPv6 too.
+    "lb6-no-endpoints": (
+        [
+            service("lb6", "shop", ["10.96.0.120", "fd00:96::120"], ipFamilies=["IPv4", "IPv6"], type="LoadBalancer",
+                    loadBalancerSourceRanges=["203.0.113.0/24", "2001:db8:1::/48"],
+                    ports=[{"name": "https", "port": 443, "nodePort": 30120}],
+                    status={"loadBalancer": {"ingress": [{"ip": "192.0.2.120"}, {"ip": "2001:db8::120"}]}}),
+        ],
+        CIDRS,
+    ),
     # kproxy.io/rate-limit-burst: "0" is accepted; the rule is written without a burst (nft's default, 5).
     "burst-zero": (
         [
@@ -136,10 +150,11 @@ SPARE = "kpt-spare"
 
 SUPPLEMENT: dict[Family, tuple[Rule, ...]] = {
     family: (
-        (st.MatchProtocol("udp"), st.Verdict("accept")),
+        (st.MatchProtocol("tcp"), st.Verdict("accept")),
         (st.Verdict("return"),),
         (st.Verdict("jump", "mark-for-masquerade"),),
         (st.MatchPrefix("saddr", "10.1.2.3/32" if family == "ip" else "fd00::1:2:3/128"), st.Verdict("drop")),
+        (st.MatchPrefix("daddr", "10.96.0.0/16" if family == "ip" else "fd00:96::/64"), st.Verdict("accept")),
         (st.MatchPrefix("daddr", "10.96.0.0/12" if family == "ip" else "fd00:96::/108"), st.Verdict("accept")),
         (st.MatchPrefix("saddr", "10.128.0.0/9" if family == "ip" else "fd00:8000::/17"), st.Verdict("accept")),
         (st.Lookup(("daddr",), "cluster-ips"), st.Verdict("return")),
@@ -335,7 +350,7 @@ class Message:
         return attributes(self.payload[4:])
 
 
-def messages(data: bytes) -> list[Message]:
+def messages(data: bytes | bytearray) -> list[Message]:
     """The messages of a batch (kproxy's ``Batch.data``), begin and end left out."""
     out = []
     offset = 0
@@ -472,49 +487,58 @@ def _merged(sources: list[tuple[str, Ruleset]]) -> dict[Family, Table]:
     return tables
 
 
+Source = tuple[str, Ruleset | None]
+"""A compiled source by name, or ``("supplement", None)`` for the hand-written shapes."""
+
+
 def plan_recording() -> Plan:
     """Choose the shapes to record and write the nft commands for them."""
     sources = compiled_sources()
     merged = _merged(sources)
-    setup: list[str] = []
-    declared_chains: dict[Family, dict[str, Chain]] = {family: {} for family in FAMILIES}
-    declared_counters: dict[Family, dict[str, str]] = {family: {} for family in FAMILIES}
-    for family in FAMILIES:
-        setup.append(str(create(merged[family])[0]))  # the skeleton: table, sets, base chains and their rules
-        for _, ruleset in sources:
-            table = ruleset.tables[family]
-            skeleton = skeleton_table(family).chains
-            for chain in table.chains.values():
-                if chain.name not in skeleton:
-                    declared_chains[family].setdefault(chain.name, chain)
-            for counter, comment_text in table.counters.items():
-                declared_counters[family].setdefault(counter, comment_text)
+    setup = [str(create(merged[family])[0]) for family in FAMILIES]  # the skeleton: table, sets, base chains, their rules
+    objects, declarations = _object_entries(sources, merged)
+    everything: list[Source] = [*sources, ("supplement", None)]
+    elements, deletes = _element_entries(everything)
+    return Plan([*setup, *declarations], _rule_entries(everything), objects, elements, deletes)
 
+
+def _object_entries(sources: list[tuple[str, Ruleset]], merged: dict[Family, Table]) -> tuple[list[Entry], list[str]]:
+    """(the recorded table, chain and counter declarations; the other declarations, for the setup)."""
     objects: list[Entry] = []
+    declarations: list[str] = []
     for family in FAMILIES:
         table_op = Op("add", "table", family, comment=merged[family].comment)
         objects.append(Entry(table_op.render(), table_op, "skeleton"))
-    declarations: list[str] = []
     for family in FAMILIES:
-        for index, chain in enumerate(declared_chains[family].values()):
-            op = Op("add", "chain", family, chain.name, chain=Chain(chain.name, (), chain.comment))
-            if index < OBJECTS_PER_FAMILY:
-                objects.append(Entry(op.render(), op, "compiled"))
-            else:
-                declarations.append(op.render())
-        for index, (counter, comment_text) in enumerate(declared_counters[family].items()):
-            op = Op("add", "counter", family, counter, comment=comment_text)
-            if index < OBJECTS_PER_FAMILY:
+        skeleton = skeleton_table(family).chains
+        chains: dict[str, Chain] = {}
+        counters: dict[str, str] = {}
+        for _, ruleset in sources:
+            table = ruleset.tables[family]
+            for chain in table.chains.values():
+                if chain.name not in skeleton:
+                    chains.setdefault(chain.name, Chain(chain.name, (), chain.comment))
+            for counter, comment_text in table.counters.items():
+                counters.setdefault(counter, comment_text)
+        ops = [Op("add", "chain", family, c.name, chain=c) for c in chains.values()]
+        ops += [Op("add", "counter", family, name, comment=comment_text) for name, comment_text in counters.items()]
+        for op in ops:
+            recorded = sum(e.op.kind == op.kind and e.op.family == family for e in objects) < OBJECTS_PER_FAMILY
+            if recorded:
                 objects.append(Entry(op.render(), op, "compiled"))
             else:
                 declarations.append(op.render())
         for op in (Op("add", "chain", family, SPARE, chain=Chain(SPARE, ())), Op("add", "counter", family, SPARE),
                    Op("add", "table", family)):
             objects.append(Entry(op.render(), op, "supplement"))
+    return objects, declarations
 
+
+def _rule_entries(sources: list[Source]) -> list[Entry]:
+    """``RULES_PER_SHAPE`` rules of each shape of the compiled chains (not the skeleton's), and ``SUPPLEMENT``."""
     rules: list[Entry] = []
     seen: dict[Any, int] = {}
-    for source, ruleset in [*sources, ("supplement", None)]:
+    for source, ruleset in sources:
         for family in FAMILIES:
             if ruleset is None:
                 chains = [Chain(SPARE, SUPPLEMENT[family])]
@@ -523,20 +547,25 @@ def plan_recording() -> Plan:
                 chains = [c for c in ruleset.tables[family].chains.values() if c.name not in skeleton]
             for chain in chains:
                 for rule in chain.rules:
-                    key = (family, shape_of(rule))
-                    if source != "supplement" and seen.get(key, 0) >= RULES_PER_SHAPE:
+                    shape = (family, shape_of(rule))
+                    if ruleset is not None and seen.get(shape, 0) >= RULES_PER_SHAPE:
                         continue
-                    seen[key] = seen.get(key, 0) + 1
+                    seen[shape] = seen.get(shape, 0) + 1
                     alone = Chain(chain.name, (rule,))
                     (text,) = with_digest(alone, family)
                     op = Op("add", "rules", family, chains=(alone,))
                     rules.append(Entry(f"add rule {family} kproxy {chain.name} {text}", op, source))
+    return rules
 
+
+def _element_entries(sources: list[Source]) -> tuple[list[Entry], list[Entry]]:
+    """(``ELEMENTS_PER_SHAPE`` elements of each shape of every static set and map, and ``SUPPLEMENT_ELEMENTS``;
+    the deletes: one element of each set and family, then the spare chain's and counter's)."""
     elements: list[Entry] = []
     deletes: list[Entry] = []
-    seen = {}
+    seen: dict[tuple[Family, str, str, bool], int] = {}
     added: set[tuple[Family, str, str]] = set()
-    for source, ruleset in [*sources, ("supplement", None)]:
+    for source, ruleset in sources:
         for family in FAMILIES:
             skeleton_sets = skeleton_table(family).sets
             if ruleset is None:
@@ -547,11 +576,11 @@ def plan_recording() -> Plan:
                 decl = skeleton_sets[set_name]
                 if decl.interval or decl.dynamic or (family, set_name, element.key) in added:
                     continue
-                verdict = element.value.split(" ")[0] if " . " not in element.value else "address . port"
-                key = (family, set_name, verdict, bool(element.comment))
-                if source != "supplement" and seen.get(key, 0) >= ELEMENTS_PER_SHAPE:
+                value = element.value.split(" ")[0] if " . " not in element.value else "address . port"
+                shape = (family, set_name, value, bool(element.comment))
+                if ruleset is not None and seen.get(shape, 0) >= ELEMENTS_PER_SHAPE:
                     continue
-                seen[key] = seen.get(key, 0) + 1
+                seen[shape] = seen.get(shape, 0) + 1
                 added.add((family, set_name, element.key))
                 op = Op("add", "element", family, set_name, set_decl=decl, elements=(element,))
                 elements.append(Entry(op.render(), op, source))
@@ -562,8 +591,7 @@ def plan_recording() -> Plan:
         for verb, kind in (("flush", "chain"), ("delete", "chain"), ("delete", "counter")):
             op = Op(verb, kind, family, SPARE)  # type: ignore[arg-type]
             deletes.append(Entry(op.render(), op, "supplement"))
-    setup.extend(declarations)
-    return Plan(setup, rules, objects, elements, deletes)
+    return elements, deletes
 
 
 class Namespace:
@@ -636,8 +664,10 @@ def fixtures(plan: Plan) -> dict[str, str]:
     def dump(entries: list[Entry]) -> str:
         return pretty([e.to_json() for e in entries]) + "\n"
 
-    return {"rules.json": dump(plan.rules), "elements.json": dump(plan.elements + plan.deletes),
-            "objects.json": dump(plan.objects)}
+    element_deletes = [e for e in plan.deletes if e.op.kind == "element"]
+    object_deletes = [e for e in plan.deletes if e.op.kind != "element"]
+    return {"rules.json": dump(plan.rules), "elements.json": dump(plan.elements + element_deletes),
+            "objects.json": dump(plan.objects + object_deletes)}
 
 
 def pretty(value: Any, indent: str = "") -> str:
