@@ -36,26 +36,31 @@ The comparison is byte for byte, after one normalization of both sides,
   indexed by type (``nla_parse_nested``), so only the order of list members
   matters (expressions of a rule, elements of a message), and those all have
   one type (NFTA_LIST_ELEM): a stable sort by type at every level keeps them
-  in order. nft writes ``lookup`` with its register before the set name, a
-  counter's comment before its data, and ``fib`` and ``dynset`` in orders of
-  their own; kproxy writes each in one order of its own;
+  in order. The orders differ in four places: nft writes ``lookup`` as
+  SREG (DREG) SET and kproxy as SET SREG (DREG); ``dynset`` as SREG_KEY OP
+  (TIMEOUT) SET_NAME (EXPR) and kproxy as SET_NAME OP SREG_KEY (TIMEOUT or
+  EXPR); ``fib`` as FLAGS RESULT DREG and kproxy as DREG RESULT FLAGS; a
+  counter's declaration with its USERDATA before its DATA, kproxy after;
 * set ids: nft also names a set by its transaction id (NFTA_LOOKUP_SET_ID,
   NFTA_DYNSET_SET_ID, NFTA_SET_ELEM_LIST_SET_ID), which the kernel uses only
   when no set has the name (``nft_set_lookup_global``); kproxy only sends to
   sets that exist (declared through libnftables first);
-* defaults: nft sends a table's flags 0 and a numgen offset 0, kproxy a
-  bitwise operation BOOL (0); the kernel reads each as that value when it is
-  absent (``nf_tables_newtable``, ``nft_ng_init``, ``nft_bitwise_init``). A
-  table's flags are left alone on an existing table; kproxy never sets any;
+* defaults the kernel assumes when an attribute is absent: nft sends a
+  table's flags 0 (``nf_tables_newtable``; on an existing table absent flags
+  leave it alone, and kproxy never sets any) and a numgen offset 0
+  (``nft_ng_random_init``); kproxy sends the bitwise operation BOOL (0) of ``ct
+  state new`` and of a masked prefix, which nft leaves out
+  (``nft_bitwise_init``; nft does send it for ``meta mark set ... ^ ...``);
 * nft sends an empty NFTA_OBJ_DATA when it deletes a counter; the kernel
   reads only the table, name and type of a deleted object;
 * the counter name of a ``counter name "..."`` statement (NFTA_OBJREF_IMM_NAME):
   libnftnl writes it without its terminating NUL, kproxy with; the kernel
-  compares names with ``nla_strcmp``, which takes either.
+  copies the name with ``nla_strscpy`` before looking it up (``nft_obj_lookup``),
+  which takes either.
 
-Nothing else may differ: ``test_the_differences_are_exactly_the_documented_ones``
-fails when one of these no longer occurs (say, a newer nft) and the note above
-would go stale; any other difference fails the entry's test.
+Nothing else may differ: any other difference fails the entry's test, and
+``test_every_documented_equivalence_is_needed`` fails when one of these is no
+longer needed (say, with a newer nft), so that this note cannot go stale.
 
 Known encoding bug (xfail, strict): a rate limit with a burst of 0
 (``kproxy.io/rate-limit-burst: "0"`` is accepted) is written as nft's default
