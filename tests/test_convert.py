@@ -156,6 +156,8 @@ BAD_PARTS = [
                  "invalid_annotation", "kproxy.io/rate-limit", id="rate-injection"),
     pytest.param(["metadata", "annotations"], {"kproxy.io/rate-limit": "5/second", "kproxy.io/rate-limit-burst": "-1"},
                  "invalid_annotation", "kproxy.io/rate-limit-burst", id="bad-burst"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/rate-limit": "5/second", "kproxy.io/rate-limit-burst": "0"},
+                 "invalid_annotation", "kproxy.io/rate-limit-burst", id="zero-burst-nft-cannot-express"),
     pytest.param(["metadata", "annotations"], {"kproxy.io/rate-limit-burst": "3"}, "invalid_annotation",
                  "kproxy.io/rate-limit-burst", id="burst-alone"),
 ]

@@ -62,11 +62,6 @@ Nothing else may differ: any other difference fails the entry's test, and
 ``test_every_documented_equivalence_is_needed`` fails when one of these is no
 longer needed (say, with a newer nft), so that this note cannot go stale.
 
-Known encoding bug (xfail, strict): a rate limit with a burst of 0
-(``kproxy.io/rate-limit-burst: "0"`` is accepted) is written as nft's default
-burst (``limit rate over 10/second``, burst 5) but encoded with burst 0. The
-kernel used here stores a packet limit's burst 0 as 5, so the datapath is the
-same, but the encoder is not what nft sends for the same text.
 """
 
 from __future__ import annotations
@@ -208,19 +203,10 @@ def _statements(value: Any) -> list[Any]:
     return []
 
 
-def _burst_zero(entry: dict[str, Any]) -> bool:
-    rule = from_json(entry["op"]["rule"]) if entry["op"]["kind"] == "rules" else ()
-    return any(isinstance(s, statements.Limit) and s.burst == 0 for s in _statements(rule))
-
-
 def _params() -> list[Any]:
     params = []
     for index, entry in enumerate(ENTRIES):
-        marks = []
-        if _burst_zero(entry):
-            marks.append(pytest.mark.xfail(strict=True, reason=(
-                "encoding bug: Limit(burst=0) renders as nft's default burst (5) but is encoded with burst 0")))
-        params.append(pytest.param(entry, id=f"{index:03d}-{entry['message']}-{entry['op']['family']}", marks=marks))
+        params.append(pytest.param(entry, id=f"{index:03d}-{entry['message']}-{entry['op']['family']}"))
     return params
 
 
@@ -243,7 +229,7 @@ def test_every_documented_equivalence_is_needed() -> None:
     flushes and deletes, element deletes, and the rules made only of verdicts,
     protocol matches, ``dnat to``, mark xors and prefixes of whole bytes.
     """
-    entries = [e for e in ENTRIES if not _burst_zero(e)]
+    entries = ENTRIES
     pairs = [(recorded(e), ours(op_from_json(e["op"]))) for e in entries]
     for name in sorted({e.name for e in EQUIVALENCES} | {ATTRIBUTE_ORDER}):
         assert any(canonical(theirs, name) != canonical(mine, name) for theirs, mine in pairs), f"{name!r} is never needed"

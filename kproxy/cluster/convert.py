@@ -453,7 +453,8 @@ def _rate_limit(annotations: Mapping[str, str]) -> RateLimit | None:
             "invalid_annotation", f"{RATE_LIMIT_ANNOTATION}: {show(rate)} is not '<n>/second' or '<n>/minute'; ignored"
         )
     count = _count(number, RATE_LIMIT_ANNOTATION, 1)
-    burst_value = _count(burst.strip(), RATE_LIMIT_BURST_ANNOTATION, 0) if burst is not None else None
+    # nft has no burst of 0 (it stands for its default, 5): the smallest burst is 1.
+    burst_value = _count(burst.strip(), RATE_LIMIT_BURST_ANNOTATION, 1) if burst is not None else None
     # The kernel keeps (nanoseconds per unit / rate) x burst in 64 bits, and refuses the rule otherwise.
     if (_UNIT_NS[unit] // count) * (burst_value or 5) >= 2**64:
         raise InvalidObject("invalid_annotation", f"{RATE_LIMIT_BURST_ANNOTATION}: {burst_value} is too large for "

@@ -330,7 +330,7 @@ def _update(name: str, key: Key, timeout: int | None, limit: Limit | None, famil
             raise NotEncodable("a set update needs a timeout or a limit")
         body += attr(NFTA_DYNSET_TIMEOUT, struct.pack("!Q", timeout * 1000))
     else:
-        burst = limit.burst if limit.burst is not None else NFT_DEFAULT_BURST
+        burst = limit.burst or NFT_DEFAULT_BURST  # as the text renderer writes it: no burst (or 0) is nft's default
         if not (0 < limit.rate < 1 << 64 and 0 <= burst < 1 << 32):
             raise NotEncodable(f"limit out of range: {limit!r}")
         body += attr(NFTA_DYNSET_EXPR | NLA_F_NESTED, attr(NFTA_EXPR_NAME, string("limit")) + nested(NFTA_EXPR_DATA, (

@@ -134,11 +134,11 @@ MORE_SHAPES: dict[str, tuple[list[dict[str, Any]], ProxyConfig]] = {
         ],
         CIDRS,
     ),
-    # kproxy.io/rate-limit-burst: "0" is accepted; the rule is written without a burst (nft's default, 5).
-    "burst-zero": (
+    # The smallest burst kproxy accepts (nft has no burst of 0: it stands for the default, 5).
+    "burst-one": (
         [
             service("zero", "shop", "10.96.0.110",
-                    annotations={"kproxy.io/rate-limit": "10/second", "kproxy.io/rate-limit-burst": "0"}),
+                    annotations={"kproxy.io/rate-limit": "10/second", "kproxy.io/rate-limit-burst": "1"}),
             endpoint_slice("zero-1", "zero", [endpoint("10.244.1.110")], namespace="shop"),
         ],
         CIDRS,
