@@ -168,3 +168,16 @@ def test_ipv6_spelled_as_nft_spells_it_converges(bed: NetBed, tmp_path: Path) ->
     assert "applied 0 operations" not in bed.node.run(*args).stdout
     again = bed.node.run(*args).stdout
     assert "applied 0 operations" in again, again
+
+
+def test_internal_local_policy_without_local_endpoints_drops_the_node_as_a_pod(bed: NetBed, tmp_path: Path) -> None:
+    """iTP=Local with endpoints only elsewhere: the node's own connection is dropped, as a pod's (upstream), not rejected.
+
+    Found by the packet tracer: the node's no-endpoint check ran after the
+    ClusterIP check, which rejected the port as undefined.
+    """
+    once(bed, tmp_path, [service("far", cluster_ip="10.96.0.36", internalTrafficPolicy="Local"),
+                         pod_slice("far", bed.remote_pods[:1])])
+    assert bed.local_pods[0].netns.connect("10.96.0.36", 80, timeout=0.5).error == "timeout", "a pod is dropped"
+    assert bed.node.connect("10.96.0.36", 80, timeout=0.5).error == "timeout", "so is the node itself"
+    assert bed.node.connect("10.96.0.36", 81, timeout=2).error == "refused", "an undefined port is still refused"

@@ -99,3 +99,31 @@ def test_partial_syncs_across_pick_chain_sizes(netns: Netns) -> None:
             left = [op for op in plan(kernel, expected).ops if not (op.kind == "chain" and op.name in pending)]
             assert left == [], count
             assert len(kernel.tables["ip6"].elements["endpoints-4"]) == min(count, 4)
+
+
+def test_a_node_programmed_by_the_previous_skeleton_converges(netns: Netns) -> None:
+    """A base chain an earlier kproxy had (filter-output, since folded into filter-output-pre-dnat) is emptied, then deleted."""
+    from kproxy.daemon.proxier import CHAIN_DELETE_DELAY, Proxier
+    from kproxy.rules.compiler import ProxyConfig
+    from tests.harness.builders import endpoint, endpoint_slice, node, service
+
+    now = [1000.0]
+    with netns.entered():
+        backend = NftablesBackend()
+        proxier = Proxier(backend, "node-a", ProxyConfig(cluster_cidrs=("10.244.0.0/16",)), clock=lambda: now[0])
+        proxier.on_relist("Node", [node("node-a")])
+        proxier.on_relist("Service", [service("web", cluster_ip="10.96.0.10")])
+        proxier.on_relist("EndpointSlice", [endpoint_slice("web-1", "web", [endpoint("10.244.1.10")])])
+        proxier.sync()
+    for family in ("ip", "ip6"):  # what the previous skeleton held
+        netns.nft("add", "chain", family, "kproxy", "filter-output",
+                  "{ type filter hook output priority filter - 10; policy accept; }")
+        netns.nft("add", "rule", family, "kproxy", "filter-output", "ct", "state", "new", "jump", "endpoints-check")
+    with netns.entered():
+        proxier.request_full_sync()
+        proxier.sync()
+        assert all(not backend.read().tables[f].chains["filter-output"].fingerprint[1] for f in ("ip", "ip6"))
+        now[0] += 2 * CHAIN_DELETE_DELAY
+        proxier.request_full_sync()
+        proxier.sync()
+        assert all("filter-output" not in backend.read().tables[f].chains for f in ("ip", "ip6"))

@@ -425,7 +425,6 @@ def _local_policy_without_local_endpoints() -> list[dict[str, Any]]:
     return [svc, endpoint_slice("svc1-1", "svc1", [endpoint("10.0.1.1", node="node1")], namespace="ns1", ports=ports)]
 
 
-@pytest.mark.xfail(strict=True, reason="filter-output-post-dnat (-90) rejects before filter-output (-10) can drop")
 def test_internal_traffic_policy_local_without_local_endpoints_drops_the_node_too() -> None:
     """Upstream checks no-endpoint-services before cluster-ips in one output chain: the node is dropped like a pod."""
     assert _reach(_tracer(_local_policy_without_local_endpoints()), NODE_IP, "172.30.1.1", 80) == DROPPED
@@ -542,14 +541,14 @@ def test_what_the_fake_backend_holds_traces_as_what_was_compiled() -> None:
 
 
 def test_hook_order_comes_from_the_declared_priorities() -> None:
-    """Move filter-output-post-dnat after filter-output: the node's iTP=Local miss is then dropped, not rejected."""
+    """Move filter-output-post-dnat before filter-output-pre-dnat: the node's iTP=Local miss is then rejected, not dropped."""
     ruleset = _compile(_local_policy_without_local_endpoints())
     packet, facts = Packet(NODE_IP, "172.30.1.1", 80, origin="local"), NodeFacts(NODE.addresses)
-    assert trace_packet(ruleset, packet, facts).outcomes == REJECTED
+    assert trace_packet(ruleset, packet, facts).outcomes == DROPPED
     chains = ruleset.table("ip").chains
     post = chains["filter-output-post-dnat"]
-    chains[post.name] = dataclasses.replace(post, base=post.base.replace("priority -90", "priority filter - 5"))
-    assert trace_packet(ruleset, packet, facts).outcomes == DROPPED
+    chains[post.name] = dataclasses.replace(post, base=post.base.replace("priority -90", "priority -120"))
+    assert trace_packet(ruleset, packet, facts).outcomes == REJECTED
 
 
 def _hooks(trace: Trace) -> list[str]:
@@ -563,7 +562,7 @@ def test_the_walk_follows_the_kernel_path() -> None:
                                                      "nat-postrouting"]
     assert _hooks(_trace(tracer, CLIENT, NODE_IP_ALT, 22)) == ["filter-prerouting", "nat-prerouting", "filter-input"]
     assert _hooks(_trace(tracer, NODE_IP, SVC1, 80)) == ["filter-output-pre-dnat", "nat-output",
-                                                         "filter-output-post-dnat", "filter-output", "nat-postrouting"]
+                                                         "filter-output-post-dnat", "nat-postrouting"]
 
 
 def test_probabilities_sum_to_one_and_branches_merge() -> None:
