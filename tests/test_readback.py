@@ -14,7 +14,9 @@ entry of ``RECORDINGS``
    scenario of tests/harness/scenarios.py, plus a few of this file's), then the
    entry's hand-written nft commands, if any,
 3. dumps ``nft -j list table ip kproxy`` and ``... ip6 kproxy``, and compares the two
-   documents, ``metainfo`` aside, with the recorded file.
+   documents, ``metainfo`` aside, with the recorded file; then lists them again the way
+   kproxy does (``NftablesBackend.list_json``, libnftables, in the namespace entered as
+   ``Netns.entered()`` does) and compares those too.
 
 Regenerate the files after a change of the compiler or of nft, as root::
 
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from kproxy.cluster.convert import build_cluster
+from kproxy.nft.backend import NftablesBackend
 from kproxy.nft.objects import DIGEST_PREFIX, Element, Family, Ruleset, SetDecl, Table, chain_fingerprint
 from kproxy.nft.readback import ReadbackError, parse_table
 from kproxy.rules.compiler import FAMILIES, ProxyConfig, compile_ruleset, slot
@@ -357,8 +360,9 @@ def _without_metainfo(document: dict[str, Any]) -> list[Any]:
 @pytest.mark.root
 @pytest.mark.parametrize("name", sorted(RECORDINGS))
 def test_recorded_fixture_matches_this_kernel(name: str, empty_netns: Netns) -> None:
-    """Loading the fixture's ruleset into a fresh namespace and listing it gives the recorded JSON (nft's version
-    aside), so the fixtures cannot rot silently. UPDATE_READBACK=1 rewrites them instead."""
+    """Loading the fixture's ruleset into a fresh namespace and listing it, with nft and with the backend's
+    libnftables, gives the recorded JSON (nft's version aside), so the fixtures cannot rot silently.
+    UPDATE_READBACK=1 rewrites them instead."""
     recording = RECORDINGS[name]
     empty_netns.nft("-f", "-", input=recording.script())
     if recording.extra:
@@ -374,3 +378,9 @@ def test_recorded_fixture_matches_this_kernel(name: str, empty_netns: Netns) -> 
         assert _without_metainfo(recorded[family]) == _without_metainfo(stored[family]), (
             f"{path.name} ({family}) differs from what this kernel and nft print; if intended, regenerate it "
             "with UPDATE_READBACK=1 (see the module docstring)")
+    with empty_netns.entered():  # what kproxy itself reads (libnftables) is what nft printed
+        backend = NftablesBackend()
+        for family in NFT_FAMILIES:
+            document = backend.list_json(family)
+            assert document is not None
+            assert _without_metainfo(document) == _without_metainfo(stored[family]), family
