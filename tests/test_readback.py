@@ -101,6 +101,24 @@ MANY_ENDPOINTS = (
 )
 """Seven UDP endpoints under externalTrafficPolicy Local: slots in endpoints-4 and endpoints-8, cluster and local."""
 
+FIREWALL_NODE_IN_RANGE = (
+    service("lb", "shop", ["10.96.0.20", "fd00:96::20"], ipFamilies=["IPv4", "IPv6"], type="LoadBalancer",
+            loadBalancerSourceRanges=["192.168.50.0/24", "10.1.0.0/16", "fd00:50::/64"],
+            ports=[{"name": "https", "port": 443, "nodePort": 30443}],
+            status={"loadBalancer": {"ingress": [{"ip": "192.0.2.10"}, {"ip": "fd00:192::10"}]}}),
+    endpoint_slice("lb-1", "lb", [endpoint("10.244.1.20")], namespace="shop", ports=[{"name": "https", "port": 8443}]),
+)
+"""Source ranges that hold the node: the load-balancer IPs are allowed sources too, as full-length prefixes (written
+as addresses) inside the concatenations of an interval set."""
+
+IPV6_SPELLING = (
+    service("v6", "shop", "fd00:96:0:1:2:3:4:5", ipFamilies=["IPv6"]),
+    endpoint_slice("v6-1", "v6", [endpoint("fd00:244:0:1:0:0:0:10"), endpoint("fd00:0:0:a:0:0:0:b")], namespace="shop",
+                   address_type="IPv6"),
+)
+"""IPv6 addresses whose spelling matters: a single zero group (not shortened) and two runs of zeros (the longer one
+shortened), as the compiler writes them and as nft prints them."""
+
 CLUSTERIP_SVC_CHAIN = next(name for name in _compiled(tuple(SCENARIOS["clusterip"][0]), CIDRS).tables["ip"].chains
                            if name.startswith("svc-"))
 DRIFT = f"""\
@@ -121,6 +139,8 @@ RECORDINGS: dict[str, Recording] = {
     **{name: Recording(tuple(objects), config) for name, (objects, config) in SCENARIOS.items()},
     "service-cidrs": Recording(SERVICE_CIDRS),
     "many-endpoints": Recording(MANY_ENDPOINTS),
+    "firewall-node-in-range": Recording(FIREWALL_NODE_IN_RANGE),
+    "ipv6-spelling": Recording(IPV6_SPELLING),
     "empty": Recording((), bare=True),
     "drift": Recording(tuple(SCENARIOS["clusterip"][0]), extra=DRIFT),
 }
@@ -203,6 +223,15 @@ SHAPES: list[tuple[str, Family, str, Element]] = [
     ("service-cidrs", "ip6", "service-cidrs", Element("fd00:96::/112", "", "ServiceCIDR")),
     ("loadbalancer-local-policy", "ip", "firewall-allow",
      Element("192.0.2.10 . tcp . 443 . 203.0.113.0/24", "", "shop/lb:https")),
+    ("firewall-node-in-range", "ip", "firewall-allow",
+     Element("192.0.2.10 . tcp . 443 . 192.0.2.10", "", "shop/lb:https")),
+    ("firewall-node-in-range", "ip6", "firewall-allow",
+     Element("fd00:192::10 . tcp . 443 . fd00:192::10", "", "shop/lb:https")),
+    # IPv6 spelled as inet_ntop spells it, in keys and in endpoint values
+    ("ipv6-spelling", "ip6", "cluster-ips", Element("fd00:96:0:1:2:3:4:5", "", "shop/v6")),
+    ("ipv6-spelling", "ip6", "endpoints-4",
+     Element(f"fd00:96:0:1:2:3:4:5 . tcp . 80 . {slot(2, False)}", "fd00:244:0:1::10 . 8080", "shop/v6:http")),
+    ("ipv6-spelling", "ip6", "hairpin", Element("fd00:0:0:a::b . fd00:0:0:a::b", "", "shop/v6:http")),
     # drift: elements nft holds without a comment, and a range
     ("drift", "ip", "hairpin", Element("10.244.9.9 . 10.244.9.9")),
     ("drift", "ip", "service-cidrs", Element("10.100.0.1-10.100.0.9")),
