@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import replace
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kproxy.cluster.model import (
     Cluster,
@@ -394,3 +397,67 @@ def test_relist_that_drops_objects_deletes_them() -> None:
     changes = tracker.take()
     assert changes.services == {A, B}
     assert (changes.service_changes, changes.endpoint_changes) == (1, 1)
+
+
+# -- any sequence of events: exactly the Services that differ from what was programmed -------------
+
+_SLICE_NAMES = ["x-1", "x-2", "y-1"]
+_EVENT = st.one_of(
+    st.tuples(st.just("service"), st.sampled_from([A, B, C]), st.sampled_from([None, 80, 81])),
+    st.tuples(st.just("slice"), st.sampled_from(_SLICE_NAMES),
+              st.none() | st.tuples(st.sampled_from("abc"), st.sampled_from(["10.244.0.1", "10.244.0.2"]))),
+    st.tuples(st.just("sync"), st.sampled_from(["partial", "partial", "full", "failed"]), st.none()),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_EVENT, max_size=40))
+def test_a_sync_reports_exactly_the_services_that_differ_from_what_was_programmed(events: list[Any]) -> None:
+    """Whatever the events (Services and slices added, changed, deleted, slices moving between Services, syncs that
+    fail), a partial sync reports exactly the Services whose state differs from what is programmed, and a full sync
+    (which reads the kernel and programs everything) reports every Service that has a Service or slices, and every
+    one that changed since it was programmed (unless a failed sync forgot that), so that the partial syncs after it
+    are exact again."""
+    tracker = ChangeTracker()
+    services: dict[ServiceKey, Service] = {}
+    slices: dict[SliceKey, EndpointSlice] = {}
+    programmed: dict[ServiceKey, Any] = {}
+    empty: Any = (None, ())
+
+    def state(key: ServiceKey) -> Any:
+        return services.get(key), tuple(sorted((e for e in slices.values() if e.service_key == key),
+                                               key=lambda e: e.key))
+
+    for kind, what, value in events:
+        if kind == "service":
+            service = _svc(what.split("/")[1], port=value) if value is not None else None
+            if service is None:
+                services.pop(what, None)
+            else:
+                services[what] = service
+            tracker.set_service(what, service)
+        elif kind == "slice":
+            key = SliceKey(f"ns/{what}")
+            eps = _eps(what, value[0], value[1]) if value is not None else None
+            if eps is None:
+                slices.pop(key, None)
+            else:
+                slices[key] = eps
+            tracker.set_slice(key, eps)
+        else:
+            differ = {k for k in (A, B, C) if state(k) != programmed.get(k, empty)}
+            if what == "partial":
+                changes = tracker.take()
+                assert changes.services == differ
+            else:
+                if what == "failed":  # a partial sync the kernel refused (it changed nothing), then a full one
+                    assert tracker.take().services == differ
+                    tracker.forget_synced()
+                    differ = set()  # nothing is known to be programmed: the full sync reads the kernel
+                changes = tracker.all_services()
+                assert changes.services >= differ | {k for k in (A, B, C) if state(k) != empty}
+            tracker.synced(changes.services)
+            programmed = {k: state(k) for k in (A, B, C)} if what != "partial" else {
+                **programmed, **{k: state(k) for k in changes.services}}
+        for key in (A, B, C):
+            assert tracker.state(key) == state(key)
