@@ -321,6 +321,16 @@ def test_parts_names_and_owners_read_back() -> None:
     assert assembly.names_of(C) == Touched() and assembly.owned(C) == Touched()
 
 
+def _offered(assembly: Assembly, key: ServiceKey) -> dict[tuple[str, str], Element]:
+    """Every element ``key``'s part holds, the first one of each (set, key), its frontends' slots included."""
+    part = assembly.part(key)
+    assert part is not None
+    offered: dict[tuple[str, str], Element] = {}
+    for name, element in [*part.elements, *(item for _, _, items in part.slots for item in items)]:
+        offered.setdefault((name, element.key), element)
+    return offered
+
+
 # -- any sequence of changes equals a fresh compile ------------------------------------------------
 
 KEYS = [ServiceKey(f"ns/{n}") for n in "abcd"]
@@ -373,7 +383,7 @@ def test_any_sequence_of_changes_equals_a_fresh_compile(
         steps: list[tuple[ServiceKey, tuple[Service, tuple[EndpointSlice, ...]] | None]]) -> None:
     """Adding, changing and removing Services in any order leaves each family's table equal to a full compile of
     what is there at the end (and after every step), every change is named in what set_service returns, and every
-    element has exactly one owner."""
+    element has exactly one owner, whose part holds that very element."""
     assemblies = {family: _assembly(family) for family in ("ip", "ip6")}
     cluster: dict[ServiceKey, tuple[Service, tuple[EndpointSlice, ...]]] = {}
     for key, variant in steps:
@@ -388,5 +398,7 @@ def test_any_sequence_of_changes_equals_a_fresh_compile(
             owned = [assembly.owned(k).elements for k in cluster]
             assert sum(len(o) for o in owned) == len(set().union(*owned)), "two Services own one element"
             for name, members in assembly.table.elements.items():
-                for element_key in members:
-                    assert assembly.element_owner(name, element_key) is not None, (name, element_key)
+                for element_key, element in members.items():
+                    owner = assembly.element_owner(name, element_key)
+                    assert owner is not None, (name, element_key)
+                    assert _offered(assembly, owner).get((name, element_key)) == element, "the owner's element"
