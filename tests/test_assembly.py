@@ -12,7 +12,7 @@ as model values and compiled with ``compile_service``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -179,7 +179,7 @@ def test_touched_operations() -> None:
 
 
 def test_base_is_replaced_like_a_service() -> None:
-    """set_base swaps the node and config elements and the table comment; the Services' parts stay."""
+    """set_base swaps the node and config elements (touching the old and the new ones); the Services' parts stay."""
     assembly = _assembly()
     _set(assembly, A, _rules(_svc("a"), _eps("a", "10.244.0.1")))
     moved = NodeInfo("node-a", "zone-a", ("192.168.50.2",), ("192.168.50.2",))
@@ -334,6 +334,7 @@ def _offered(assembly: Assembly, key: ServiceKey) -> dict[tuple[str, str], Eleme
 # -- any sequence of changes equals a fresh compile ------------------------------------------------
 
 KEYS = [ServiceKey(f"ns/{n}") for n in "abcd"]
+FAMILIES: tuple[Family, ...] = ("ip", "ip6")
 V4_ENDPOINTS = [f"10.244.0.{i}" for i in range(1, 7)]
 V6_ENDPOINTS = [f"fd00:244::{i}" for i in range(1, 4)]
 
@@ -344,7 +345,8 @@ def _variant(draw: st.DrawFn, name: str) -> tuple[Service, tuple[EndpointSlice, 
     elements, address frontends of equal rank), on the node IP (an external IP on another's NodePort), on
     load-balancer IPs (firewalls) and on endpoints (hairpin elements). Repeated choices are the likelier ones."""
     proto: Protocol = draw(st.sampled_from(["tcp", "tcp", "tcp", "udp"]))
-    kind = draw(st.sampled_from(["ClusterIP", "NodePort", "LoadBalancer"]))
+    kinds: list[Literal["ClusterIP", "NodePort", "LoadBalancer"]] = ["ClusterIP", "NodePort", "LoadBalancer"]
+    kind = draw(st.sampled_from(kinds))
     ips = draw(st.sampled_from([("10.96.0.1",), ("10.96.0.1", "fd00:96::1"), ("10.96.0.2",), ("fd00:96::1",)]))
     node_port = draw(st.sampled_from([30080, 30080, 30080, 30081])) if kind != "ClusterIP" else None
     lb_ips = draw(st.sampled_from([("192.0.2.10",), ("192.0.2.10", "fd00:192::10")])) if kind == "LoadBalancer" else ()
@@ -384,7 +386,7 @@ def test_any_sequence_of_changes_equals_a_fresh_compile(
     """Adding, changing and removing Services in any order leaves each family's table equal to a full compile of
     what is there at the end (and after every step), every change is named in what set_service returns, and every
     element has exactly one owner, whose part holds that very element."""
-    assemblies = {family: _assembly(family) for family in ("ip", "ip6")}
+    assemblies = {family: _assembly(family) for family in FAMILIES}
     cluster: dict[ServiceKey, tuple[Service, tuple[EndpointSlice, ...]]] = {}
     for key, variant in steps:
         if variant is None:

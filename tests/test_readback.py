@@ -373,7 +373,7 @@ def test_what_does_not_look_like_nft_is_refused(document: dict[str, Any]) -> Non
 # -- the fixtures against this kernel and nft (root) -----------------------------------------------
 
 
-def _write(path: Path, recorded: dict[str, dict[str, Any]]) -> None:
+def _write(path: Path, recorded: dict[Family, dict[str, Any]]) -> None:
     """The two documents, one nft object a line (reviewable diffs), as valid JSON."""
     parts = []
     for family in NFT_FAMILIES:

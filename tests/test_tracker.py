@@ -437,13 +437,13 @@ def test_a_sync_reports_exactly_the_services_that_differ_from_what_was_programme
                 services[what] = service
             tracker.set_service(what, service)
         elif kind == "slice":
-            key = SliceKey(f"ns/{what}")
+            slice_key = SliceKey(f"ns/{what}")
             eps = _eps(what, value[0], value[1]) if value is not None else None
             if eps is None:
-                slices.pop(key, None)
+                slices.pop(slice_key, None)
             else:
-                slices[key] = eps
-            tracker.set_slice(key, eps)
+                slices[slice_key] = eps
+            tracker.set_slice(slice_key, eps)
         else:
             differ = {k for k in (A, B, C) if state(k) != programmed.get(k, empty)}
             if what == "partial":
@@ -459,5 +459,5 @@ def test_a_sync_reports_exactly_the_services_that_differ_from_what_was_programme
             tracker.synced(changes.services)
             programmed = {k: state(k) for k in (A, B, C)} if what != "partial" else {
                 **programmed, **{k: state(k) for k in changes.services}}
-        for key in (A, B, C):
-            assert tracker.state(key) == state(key)
+        for service_key in (A, B, C):
+            assert tracker.state(service_key) == state(service_key)
