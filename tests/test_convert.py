@@ -382,3 +382,11 @@ def test_yaml_merge_keys_and_aliases_as_pyyaml_reads_them() -> None:
     theirs = yaml.safe_load(text)
     theirs["f"] = "2026-01-01T00:00:00Z"  # timestamps stay strings here
     assert ours == theirs
+
+
+def test_source_ranges_are_trimmed_as_the_api_server_validates_them() -> None:
+    """A range with white space around it is legal (the API server trims it to validate it): it is kept, trimmed."""
+    cluster, problems = build_cluster([service("lb", cluster_ip="10.96.0.9", type="LoadBalancer",
+                                               loadBalancerSourceRanges=[" 203.0.113.0/25", "10.0.0.0/8\t", " "])], "node-a")
+    assert problems == []
+    assert cluster.services["default/lb"].load_balancer_source_ranges == ("203.0.113.0/25", "10.0.0.0/8")

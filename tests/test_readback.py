@@ -315,10 +315,10 @@ def test_table_comment_and_set_flags_are_kept() -> None:
 
 
 def test_dynamic_flag_is_restored_for_the_skeletons_dynamic_sets() -> None:
-    """The skeleton's dynamic sets are dynamic whether nft prints the flag (newer releases) or not (1.0.6), and their
-    elements (filled by the datapath) are never read; another set without the flag stays as printed."""
+    """Sets with timeouts (the datapath's) are dynamic whether nft prints the flag (newer releases) or not (1.0.6), and
+    their elements (filled by the datapath) are never read; a set without timeouts stays as printed."""
     entry = {"elem": {"val": {"concat": ["198.51.100.7", "10.96.0.10", "tcp", 80, 1]}}}
-    old = parse_table(_doc(_set("affinity", [entry], flags=["timeout"]), _set("other", [], flags=["timeout"])), "ip")
+    old = parse_table(_doc(_set("affinity", [entry], flags=["timeout"]), _set("other", [], flags=["interval"])), "ip")
     new = parse_table(_doc(_set("affinity", [entry], flags=["dynamic", "timeout"])), "ip")
     assert old.sets["affinity"].dynamic and new.sets["affinity"].dynamic
     assert old.sets["affinity"].body == ("flags timeout,dynamic",)

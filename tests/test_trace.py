@@ -276,7 +276,6 @@ def test_load_balancer_without_the_node_in_a_range_does_not_let_its_own_ips_in()
     assert _reach(tracer, CLIENT, LB1, 80) == _to("10.180.0.1:80", masq=True)
 
 
-@pytest.mark.xfail(strict=True, reason="kproxy refuses a Service with a space-padded source range; upstream trims it")
 def test_space_padded_source_range_is_trimmed_as_upstream() -> None:
     """Upstream's TestLoadBalancer writes " 203.0.113.0/25" and expects it trimmed (backward compatibility)."""
     tracer = _tracer(_load_balancer(["192.168.0.0/24", " 203.0.113.0/25"]))

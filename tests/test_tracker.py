@@ -14,7 +14,6 @@ import datetime
 from dataclasses import replace
 from typing import Any
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -275,10 +274,6 @@ def test_known_includes_deleted_services_until_their_removal_is_synced() -> None
     assert tracker.known() == {A}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "set_slice leaves an empty per-Service dict in ChangeTracker._by_service when a Service's last slice is "
-    "deleted or moves away, and known() returns every key of _by_service: a deleted Service whose removal was "
-    "synced stays in known() (and in every full sync's Changes.services) for the life of the process"))
 def test_known_forgets_a_deleted_service_once_its_removal_is_synced() -> None:
     """A Service deleted with its slices, once its removal is synced, is neither known nor reported by a full sync."""
     eps = _eps("b-1", "b", "10.244.0.2")

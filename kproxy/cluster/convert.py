@@ -403,7 +403,12 @@ def _source_ranges(spec: Mapping[str, Any]) -> tuple[str, ...]:
     the load balancer wider than asked. (As upstream, the beta annotation of the same name is
     left to the cloud's load balancer.)"""
     ranges = _list(spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")
-    return tuple(_cidr(r, f"spec.loadBalancerSourceRanges[{i}]") for i, r in enumerate(ranges) if r != "")
+    # The API server validates each range with surrounding white space trimmed, and so does upstream.
+    trimmed = [r.strip(_WHITE_SPACE) if isinstance(r, str) else r for r in ranges]
+    return tuple(_cidr(r, f"spec.loadBalancerSourceRanges[{i}]") for i, r in enumerate(trimmed) if r != "")
+
+
+_WHITE_SPACE = " \t\n\r\v\f"
 
 
 def _affinity(spec: Mapping[str, Any]) -> int | None:

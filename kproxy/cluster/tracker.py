@@ -83,7 +83,11 @@ class ChangeTracker:
         if old == eps:
             return
         if old is not None:
-            self._by_service.get(old.service_key, {}).pop(key, None)
+            held = self._by_service.get(old.service_key)
+            if held is not None:
+                held.pop(key, None)
+                if not held:  # a Service's last slice: forget the Service here too (known() reads these keys)
+                    del self._by_service[old.service_key]
             self._dirty_endpoints.add(old.service_key)
         if eps is None:
             self.slices.pop(key, None)
