@@ -97,6 +97,8 @@ def spell_network(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str
 def collapse(cidrs: Iterable[str]) -> list[str]:
     """Canonical CIDRs with overlaps merged (an interval set refuses overlapping elements), per family, sorted."""
     networks = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+    if not networks:
+        return []
     v4 = [n for n in networks if isinstance(n, ipaddress.IPv4Network)]
     v6 = [n for n in networks if isinstance(n, ipaddress.IPv6Network)]
     return [spell_network(n) for n in ipaddress.collapse_addresses(v4)] + [

@@ -1,4 +1,4 @@
-"""The kernel edge: kproxy's tables, over netlink (``nfnetlink``) or through libnftables (the ``nftables`` binding).
+"""The kernel edge: kproxy's tables, over netlink (``kproxy.nft.netlink``) or through libnftables (the ``nftables`` binding).
 
 * ``apply`` sends a transaction's commands over netlink as one batch, which
   the kernel applies all of it or none of it; commands on the skeleton (the

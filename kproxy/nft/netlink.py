@@ -13,7 +13,7 @@ Only what kproxy writes is supported: elements of the skeleton's static,
 non-interval sets and maps (keys of addresses, protocols, ports and
 pick-chain slot numbers; data of verdicts or ``address . port``); chains
 that are not base chains; named counters; and the rules of the chains the
-compiler generates (``nfrules`` encodes them), all with their comments.
+compiler generates (``kproxy.nft.expressions`` encodes them), all with their comments.
 ``encodable()`` says whether a transaction qualifies; everything else (the
 skeleton: the table, its sets, base chains and their rules) goes through
 libnftables.

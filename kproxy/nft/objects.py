@@ -33,8 +33,9 @@ class UnsafeText(ValueError):
     """A value that would not be safe inside nft text."""
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def comment(text: str) -> str:
-    """``comment "<text>"`` for a rule, chain, set or element."""
+    """``comment "<text>"`` for a rule, chain, set or element (the elements of one Service port share theirs)."""
     if not _SAFE_COMMENT.fullmatch(text):
         raise UnsafeText(f"refusing unsafe comment text {text!r}")
     return f'comment "{text}"'
@@ -97,12 +98,10 @@ class Element:
     comment: str = ""
 
     def render(self) -> str:
-        text = self.key
         if self.comment:
-            text += " " + comment(self.comment)
-        if self.value:
-            text += " : " + self.value
-        return text
+            text = f"{self.key} {comment(self.comment)}"
+            return f"{text} : {self.value}" if self.value else text
+        return f"{self.key} : {self.value}" if self.value else self.key
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,5 +306,6 @@ def with_digest(chain: Chain, family: Family) -> list[str]:
     """The chain's rules as text, the last one carrying the digest comment."""
     texts = rule_texts(chain, family)
     if texts:
-        texts[-1] = f"{texts[-1]} {digest_comment(chain, family)}"
+        digest = chain.fingerprint[0] if chain.fingerprint is not None else rules_digest(texts)  # rendered once
+        texts[-1] = f"{texts[-1]} {comment(DIGEST_PREFIX + digest)}"
     return texts

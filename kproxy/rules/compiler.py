@@ -391,13 +391,13 @@ def compile_service(
     lb_ips = [ip for ip in service.load_balancer_ips if _family_of(ip) == fam]
     ranges = [r for r in service.load_balancer_source_ranges if _family_of(r.split("/")[0]) == fam]
     allowed_sources = ranges
-    if any(_in_any(ip, ranges) for ip in node.primary_ips if _family_of(ip) == fam):
+    if ranges and any(_in_any(ip, ranges) for ip in node.primary_ips if _family_of(ip) == fam):
         # A range holds the node itself: the load-balancer IPs are allowed as sources too, as
         # upstream does, since a connection from the node to its own load balancer often
         # comes back with the load-balancer IP as its source (MetalLB, kube-vip, clouds).
         allowed_sources = ranges + [f"{ip}/{32 if fam == 4 else 128}" for ip in lb_ips]
     # An interval set refuses overlapping elements: 10.0.0.0/8 and 10.1.0.0/16 are one range.
-    allowed_sources = collapse(allowed_sources)
+    allowed_sources = collapse(allowed_sources) if allowed_sources else allowed_sources
     cidrs = [c for c in config.cluster_cidrs if _family_of(c.split("/")[0]) == fam]
 
     for port_index, port in enumerate(service.ports):

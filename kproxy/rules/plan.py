@@ -97,7 +97,7 @@ def create(table: Table, max_rules: int = 8000, max_elements: int = 30000) -> li
     4. the other elements, in pieces of about ``max_elements``, but
     5. last, the dispatch maps' and the ClusterIPs' elements (``LAST_SETS``).
 
-    Pieces 2 to 5 are what ``nfnetlink`` sends, so the backend can encode
+    Pieces 2 to 5 are what ``kproxy.nft.netlink`` sends, so the backend can encode
     one while the kernel takes in the previous. Until the last piece no
     packet reaches a generated chain and no ClusterIP is rejected: traffic
     switches over atomically, to a table whose endpoints and firewall are
