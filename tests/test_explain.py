@@ -68,13 +68,24 @@ def test_external_local_short_circuit_goes_to_the_cluster_endpoints_whatever_the
 def test_no_local_endpoint_is_a_drop_for_outside_sources() -> None:
     cluster, fake = _programmed(_objects())
     text = _explain(cluster, fake, CLIENT, "192.168.50.1", 30013)
-    assert "verdict: dropped (Local policy without a local endpoint)" in text
+    assert "no endpoint; the packet goes on untranslated" in text
+    assert "kernel: no-endpoint-nodeport-drop has tcp . 30013" in text and ": dropped" in text
+    assert "uses a Local policy and this node (node-a) has no endpoint of it" in text
 
 
 def test_affinity_chain_endpoints_come_from_the_compiled_rules() -> None:
     cluster, fake = _programmed(_objects())
     text = _explain(cluster, fake, POD, "10.96.0.12", 80)
     assert "2 endpoint(s)" in text and "affinity: ClientIP" in text and "behind" not in text
+
+
+def test_a_service_without_endpoints_is_explained_as_rejected() -> None:
+    """The dispatch still goes to the Service's chain; the no-endpoint set says the packet is rejected, and why."""
+    objects = _objects() + [service("idle", cluster_ip="10.96.0.14")]
+    cluster, fake = _programmed(objects)
+    text = _explain(cluster, fake, POD, "10.96.0.14", 80)
+    assert "kernel: no-endpoint-reject has 10.96.0.14 . tcp . 80" in text and "rejected" in text
+    assert "has 0 endpoint(s), none ready or serving" in text
 
 
 def test_a_kernel_behind_the_model_is_named() -> None:

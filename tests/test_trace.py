@@ -540,14 +540,14 @@ def test_what_the_fake_backend_holds_traces_as_what_was_compiled() -> None:
 
 
 def test_hook_order_comes_from_the_declared_priorities() -> None:
-    """Move filter-output-post-dnat before filter-output-pre-dnat: the node's iTP=Local miss is then rejected, not dropped."""
-    ruleset = _compile(_local_policy_without_local_endpoints())
-    packet, facts = Packet(NODE_IP, "172.30.1.1", 80, origin="local"), NodeFacts(NODE.addresses)
-    assert trace_packet(ruleset, packet, facts).outcomes == DROPPED
+    """Move filter-output-post-dnat before DNAT (-120): the node's connection to a served ClusterIP is then rejected."""
+    ruleset = _compile(_external_policy("Cluster"))
+    packet, facts = Packet(NODE_IP, SVC1, 80, origin="local"), NodeFacts(NODE.addresses)
+    assert all(o.verdict == "accepted" and o.target for o in trace_packet(ruleset, packet, facts).outcomes)
     chains = ruleset.table("ip").chains
     post = chains["filter-output-post-dnat"]
     chains[post.name] = dataclasses.replace(post, base=post.base.replace("priority -90", "priority -120"))
-    assert trace_packet(ruleset, packet, facts).outcomes == REJECTED
+    assert trace_packet(ruleset, packet, facts).outcomes == REJECTED, "cluster-ips-check sees the ClusterIP"
 
 
 def _hooks(trace: Trace) -> list[str]:

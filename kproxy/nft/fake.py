@@ -116,6 +116,13 @@ class FakeBackend:
             elif op.verb == "flush":
                 self._need_set(table, op.name)
                 table.elements[op.name] = {}
+            elif op.verb == "delete":
+                self._need_set(table, op.name)
+                if any(op.name in sets_it_reads(r) for (fam, _), held in rules.items() if fam == op.family
+                       for r in held.rules):
+                    raise NftError(f"Device or resource busy ({op.kind} is still referenced)")
+                del table.sets[op.name]
+                table.elements.pop(op.name, None)
             else:
                 raise NftError(f"unsupported: {op.verb} {op.kind}")
         elif op.kind == "chain":

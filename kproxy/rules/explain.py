@@ -21,7 +21,6 @@ from kproxy.cluster.model import Cluster, EndpointSlice, Service, ServicePort
 from kproxy.nft.objects import Chain, Element, Family, chain_fingerprint
 from kproxy.nft.statements import DnatTo, chains_it_reaches
 from kproxy.rules.compiler import (
-    DROP,
     PICK_CLASSES,
     NodeInfo,
     ProxyConfig,
@@ -141,15 +140,6 @@ def _explain(packet: Packet, cluster: Cluster, node: NodeInfo, config: ProxyConf
         element = live.element(family, "service-nodeports", f"{packet.protocol} . {packet.port}")
         set_name, frontend = "service-nodeports", "NodePort"
     if element is None:
-        for name, lookup in (("no-endpoint-services", key), ("no-endpoint-nodeports", f"{packet.protocol} . {packet.port}")):
-            if name == "no-endpoint-nodeports" and packet.destination not in live.set_keys(family, "nodeport-ips"):
-                continue
-            found = live.element(family, name, lookup)
-            if found is not None:
-                verdict = "rejected (TCP reset / ICMP unreachable)" if "reject" in found.value else "dropped"
-                out.append(f"kernel: {name} has {found.key} ({found.comment}): {verdict}")
-                out += _why_no_endpoints(cluster, found.comment, node, family)
-                return out
         if packet.destination in live.set_keys(family, "cluster-ips"):
             out.append("kernel: the destination is a ClusterIP but no Service defines this port: rejected")
         else:
@@ -211,7 +201,7 @@ def _explain(packet: Packet, cluster: Cluster, node: NodeInfo, config: ProxyConf
                        f"--cluster-cidr {', '.join(cidrs)})")
         else:
             out.append("masquerade: no (--cluster-cidr is not set)")
-        chain = decision.internal if decision.internal != DROP else None
+        chain = decision.internal
     if element.value != expected:
         out.append(f"note: the model sends this frontend to {expected.split()[-1]}; the kernel is behind (a sync is pending)")
 
@@ -228,7 +218,7 @@ def _explain(packet: Packet, cluster: Cluster, node: NodeInfo, config: ProxyConf
     if chosen and not any(pe.endpoint.ready for pe in chosen):
         out.append("endpoints: none ready; using serving-and-terminating endpoints (fallback)")
     if chain is None:
-        out.append("verdict: dropped (Local policy without a local endpoint)")
+        out.append(f"model: {service.key} has no chain for this traffic: a sync is pending")
         return out
 
     compiled = _compiled_chain(service, slices, family, node, config, chain)
@@ -245,6 +235,12 @@ def _explain(packet: Packet, cluster: Cluster, node: NodeInfo, config: ProxyConf
     else:
         live_targets = sorted({(s.address, s.port) for rule in compiled.rules for s in rule if isinstance(s, DnatTo)})
     model_targets = sorted({(pe.address, pe.port) for pe in chosen})
+    if not live_targets:
+        out.append(f"kernel: chain {chain}: no endpoint; the packet goes on untranslated")
+        out += _unserved(live, family, packet, set_name == "service-nodeports", cluster, element.comment, node)
+        if model_targets:
+            out.append(f"note: the model selects {len(model_targets)} endpoint(s); the kernel is behind (a sync is pending)")
+        return out
     out.append(f"kernel: chain {chain}: {len(live_targets)} endpoint(s), each with probability 1/{max(1, len(live_targets))}")
     for address, number in live_targets:
         pe = next((p for p in chosen if (p.address, p.port) == (address, number)), None)
@@ -268,6 +264,19 @@ def _explain(packet: Packet, cluster: Cluster, node: NodeInfo, config: ProxyConf
     else:
         out.append("rate limit: none")
     return out
+
+
+def _unserved(live: LiveTables, family: Family, packet: Packet, nodeport: bool, cluster: Cluster, label: str,
+              node: NodeInfo) -> list[str]:
+    """What endpoints-check does with a packet that got no endpoint (the ``no-endpoint-*`` sets), and why."""
+    key = f"{packet.protocol} . {packet.port}" if nodeport else f"{packet.destination} . {packet.protocol} . {packet.port}"
+    prefix = "no-endpoint-nodeport-" if nodeport else "no-endpoint-"
+    for verdict, what in (("drop", "dropped"), ("reject", "rejected (TCP reset / ICMP unreachable)")):
+        found = live.element(family, prefix + verdict, key)
+        if found is not None:
+            return [f"kernel: {prefix}{verdict} has {found.key} ({found.comment}): {what}",
+                    *_why_no_endpoints(cluster, label, node, family)]
+    return ["kernel: no no-endpoint element for this frontend: a sync is pending"]
 
 
 def _compiled_chain(service: Service, slices: list[EndpointSlice], family: Family, node: NodeInfo, config: ProxyConfig,

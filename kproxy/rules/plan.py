@@ -211,6 +211,10 @@ def diff(
     for name in counter_names:
         if name in current.counters and name not in desired.counters:
             tx.add(Op("delete", "counter", family, name))
+    if chains is None and elements is None:  # a whole comparison: sets an earlier skeleton had go, once nothing reads them
+        for name, decl in current.sets.items():
+            if name not in desired.sets:
+                tx.add(Op("delete", decl.kind, family, name))
     return tx
 
 
