@@ -309,9 +309,12 @@ class Proxier:
                 log.warning("%s", conflict)
             self._notify()
 
-    def on_relist(self, kind: str, objects: Sequence[Mapping[str, Any]]) -> None:
+    def on_relist(self, kind: str, objects: Iterable[Mapping[str, Any]]) -> None:
         """A full list replaces everything of one kind: objects not in it are deleted.
 
+        ``objects`` may be an iterator over a response still arriving: each
+        object is converted as it comes and dropped, and nothing is applied
+        until the list is complete (an error midway changes nothing).
         Objects are converted before the lock is taken, so a relist of 10k
         objects does not stall a running sync. The cyclic GC stays paused
         throughout: a full collection in the middle would walk every object
@@ -321,13 +324,22 @@ class Proxier:
         with gc_paused():
             self._relist(kind, objects)
 
-    def _relist(self, kind: str, objects: Sequence[Mapping[str, Any]]) -> None:
+    def _relist(self, kind: str, objects: Iterable[Mapping[str, Any]]) -> None:
+        listed: set[str] = set()
         if kind == "Service":
-            converted: list[tuple[Any, Any]] = [self._service(obj) for obj in objects]
+            converted: list[tuple[Any, Any]] = []
+            for obj in objects:
+                listed.add(object_key(obj))
+                converted.append(self._service(obj))
             services = dict(converted)
         elif kind == "EndpointSlice":
-            converted = [self._slice(obj) for obj in objects]
+            converted = []
+            for obj in objects:
+                listed.add(object_key(obj))
+                converted.append(self._slice(obj))
             slices = dict(converted)
+        else:
+            objects = list(objects)  # a Node, a few ServiceCIDRs
         if kind in ("Service", "EndpointSlice") and len(converted) != len(dict(converted)):
             counts: dict[str, int] = {}
             for key, _ in converted:
@@ -357,7 +369,6 @@ class Proxier:
                 for obj in objects:
                     self.on_service_cidr("ADDED", obj)
             if kind in ("Service", "EndpointSlice"):
-                listed = {object_key(obj) for obj in objects}
                 for problem_kind, key in [k for k in self._problems if k[0] == kind and k[1] not in listed]:
                     self._report(problem_kind, key, [])
             self._synced_sources.add(kind)
