@@ -257,12 +257,12 @@ def test_every_dashboard_query_returns_data(bed: NetBed, api_in_node: ApiInNode,
         wait_until(lambda: servers_seen(bed, "10.96.0.10", count=150) == {p.name for p in pods}, 5,
                    f"web on {[p.name for p in pods]}")
 
-    # A sync failure: the table deleted by hand makes the next partial sync fail; the full resync repairs it.
+    # The table deleted by hand: the drift watcher restores it at once (a full resync).
     # (Before the traffic below: the new table's nft counters start from 0.)
     bed.node.nft("delete", "table", "ip", "kproxy")
     api.update(pod_slice("web", bed.pods[:1]))
-    wait_until(lambda: servers_seen(bed, "10.96.0.10") == {bed.pods[0].name}, 10, "the full resync after a failure")
-    assert any("sync failed" in e.get("msg", "") for e in kproxy.lines()), kproxy.tail()
+    wait_until(lambda: servers_seen(bed, "10.96.0.10") == {bed.pods[0].name}, 10, "the table restored")
+    assert any("another program changed kproxy's tables" in e.get("msg", "") for e in kproxy.lines()), kproxy.tail()
 
     # Traffic: one client over the rate limit, and a UDP flow.
     client = bed.local_pods[-1].netns
@@ -281,7 +281,7 @@ def test_every_dashboard_query_returns_data(bed: NetBed, api_in_node: ApiInNode,
     api.drop_watches()
 
     counted = ["kproxy_rate_limit_drops_total", "kproxy_watch_restarts_total", "kproxy_conntrack_entries_deleted_total",
-               "kubeproxy_sync_proxy_rules_nftables_sync_failures_total"]
+               "kproxy_drift_repairs_total"]
     for metric in counted:
         wait_until(lambda: (prometheus.value(f"sum({metric})") or 0) > 0, 10,
                    f"Prometheus to scrape a non-zero {metric}")

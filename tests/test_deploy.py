@@ -237,17 +237,19 @@ def test_cluster_role_grants_exactly_the_rbac_list() -> None:
 
 
 class _Response:
-    """A raw response as ``_preload_content=False`` returns it: an empty list, an empty watch stream."""
+    """A raw response as ``_preload_content=False`` returns it: an empty list, or an empty watch stream."""
 
     status = 200
-    data = json.dumps({"items": [], "metadata": {"resourceVersion": "1"}}).encode()
+
+    def __init__(self, watching: bool) -> None:
+        self.data = b"" if watching else json.dumps({"items": [], "metadata": {"resourceVersion": "1"}}).encode()
 
     @property
     def response(self) -> _Response:
         return self
 
     def stream(self, *_args: Any, **_kwargs: Any) -> Any:
-        return iter(())
+        return iter([self.data] if self.data else [])
 
     def release_conn(self) -> None:
         pass
@@ -262,7 +264,7 @@ class RecordingApiClient(client.ApiClient):
 
     def call_api(self, method: str, url: str, *_args: Any, **_kwargs: Any) -> _Response:
         self.requests.append((method, url))
-        return _Response()
+        return _Response(watching="watch=true" in url)
 
 
 def _permission(method: str, url: str) -> tuple[str, str, str]:

@@ -87,6 +87,8 @@ class SyncObserver(Protocol):
 
     def no_local_endpoints(self, internal: int, external: int) -> None: ...
 
+    def drift_repaired(self, reason: str) -> None: ...
+
 
 class NullObserver:
     """Reports nowhere."""
@@ -110,6 +112,9 @@ class NullObserver:
         pass
 
     def no_local_endpoints(self, internal: int, external: int) -> None:
+        pass
+
+    def drift_repaired(self, reason: str) -> None:
         pass
 
 
@@ -406,6 +411,29 @@ class Proxier:
         with self.lock:
             self._needs_full = True
             self._notify()
+
+    def programmed_families(self) -> set[Family]:
+        """The families whose table a sync has programmed (the drift watcher expects them in the kernel)."""
+        with self.lock:
+            return set(self._committed) if self._assemblies is not None else set()
+
+    def committed_by(self, pid: int | None) -> bool:
+        """Whether a transaction the kernel says this process or thread committed was this engine's (its backend's)."""
+        return pid is not None and pid in self.backend.committers
+
+    def fence(self, generation: Callable[[], int], timeout: float) -> tuple[int, int] | None:
+        """(the backend's commits so far, the ruleset generation), read while no sync runs; None if one ran all along.
+
+        Every commit of this process happens under the lock, so between two
+        fences the generation grows by this process's commits plus everyone
+        else's.
+        """
+        if not self.lock.acquire(timeout=timeout):
+            return None
+        try:
+            return self.backend.commits, generation()
+        finally:
+            self.lock.release()
 
     def has_work(self, now: float) -> bool:
         """Whether a sync now would do anything."""

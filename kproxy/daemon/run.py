@@ -19,11 +19,13 @@ from typing import Any
 
 from kproxy.cluster.watch import Backoff, Watcher, api_resources
 from kproxy.daemon.config import DaemonConfig
+from kproxy.daemon.drift import DriftWatcher
 from kproxy.daemon.errors import StartupError
-from kproxy.daemon.proxier import Proxier, SyncObserver
+from kproxy.daemon.proxier import NullObserver, Proxier, SyncObserver
 from kproxy.daemon.runner import SyncRunner
 from kproxy.nft.backend import NftablesBackend
 from kproxy.nft.kernel import Backend, Counters
+from kproxy.nft.monitor import RulesetMonitor
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,9 @@ class Daemon:
         )
         self.runner = SyncRunner(self.proxier, self.config.min_sync_period, self.config.sync_period, self.stop_event,
                                  backoff=(min(0.5, self.config.sync_period), self.config.sync_period))
+        # Drift: notifications of this network namespace's ruleset (the daemon's, with hostNetwork: the node's).
+        self.drift = DriftWatcher(RulesetMonitor(), self.proxier, self.observer or NullObserver(),
+                                  self.config.sync_period, self.stop_event)
         handlers = {"Service": self.proxier.on_service, "EndpointSlice": self.proxier.on_slice,
                     "Node": self.proxier.on_node, "ServiceCIDR": self.proxier.on_service_cidr}
         self.proxier.required_sources = set(handlers)
@@ -90,6 +95,7 @@ class Daemon:
         for watcher in self.watchers:
             watcher.start()
         self.runner.start()
+        self.drift.start()
         log.info("kproxy started on node %s", self.config.node_name)
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -99,6 +105,8 @@ class Daemon:
         for watcher in self.watchers:
             watcher.interrupt()
         self.runner.join(timeout)
+        self.drift.join(timeout)
+        self.drift.monitor.close()
         for watcher in self.watchers:
             watcher.join(timeout)
         log.info("kproxy stopped; rules left in place")

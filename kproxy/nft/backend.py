@@ -183,6 +183,11 @@ class NftablesBackend:
     def __init__(self) -> None:
         self._nft = open_libnftables(CapabilityError)
         self._netlink = BatchSocket()
+        self.commits = 0
+        """Transactions this backend committed (the drift watcher tells its own from others' by them)."""
+        self.committers: set[int] = {os.getpid()}
+        """The thread ids that commit for it: the kernel names the committing thread in its notifications."""
+        self._commits_lock = threading.Lock()
         self._lib = ctypes.CDLL(LIBNFTABLES)
         self._lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
         self._nft.set_handle_output(False)
@@ -224,15 +229,23 @@ class NftablesBackend:
             script = str(tx)
         except ValueError as exc:  # UnsafeText: refused before anything is sent
             raise NftError(f"cannot write the transaction: {exc}") from None
+        self.committers.add(threading.get_native_id())  # before the commit: its notification may be read at once
         rc, _, err = self._run(script)
         if rc != 0:
             raise self._explain(script, err)
+        self._committed()
 
     def _send(self, tx: Transaction, batch: Batch) -> None:
+        self.committers.add(threading.get_native_id())
         try:
             self._netlink.send(tx, batch)
         except NetlinkError as exc:
             raise NftError(exc.reason, command=exc.command, op=exc.op) from None
+        self._committed()
+
+    def _committed(self) -> None:
+        with self._commits_lock:  # the sender thread of apply_in_order commits too
+            self.commits += 1
 
     def apply_in_order(self, transactions: Iterable[Transaction]) -> None:
         """Apply transactions one after the other, and stop at the first refused.

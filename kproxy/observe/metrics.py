@@ -122,6 +122,9 @@ class ProxyMetrics:
             "kproxy_invalid_objects_skipped_total", "API objects skipped as invalid", ["kind", "reason"], registry=r)
         self.watch_restarts_total = Counter(
             "kproxy_watch_restarts_total", "Watch restarts", ["resource", "reason"], registry=r)
+        self.drift_repairs_total = Counter(
+            "kproxy_drift_repairs_total",
+            "Full syncs run because another program changed kproxy's tables, by what it did", ["reason"], registry=r)
         for family in self.families:
             self.sync_failures.labels(family)
             self.cleanup_failures.labels(family)
@@ -180,6 +183,10 @@ class ProxyMetrics:
         """Ignored: ProxierCollector computes ``sync_proxy_rules_no_local_endpoints_total`` at scrape time."""
 
     # -- others -----------------------------------------------------------------------
+
+    def drift_repaired(self, reason: str) -> None:
+        """Another program changed kproxy's tables; a full sync restores them (``kproxy.daemon.drift``)."""
+        self.drift_repairs_total.labels(reason).inc()
 
     def watch_restarted(self, resource: str, reason: str) -> None:
         """A watch ended and restarts (the Watcher's ``on_restart``)."""
