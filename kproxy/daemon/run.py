@@ -132,14 +132,17 @@ class LockedReader:
 def start_observability(daemon: Daemon, registry: Any, metrics: Any) -> list[Callable[[], None]]:
     """Metrics (/metrics, /rules), health (/healthz, /livez) and healthCheckNodePort servers."""
     from kproxy.daemon.config import parse_bind_address
+    from kproxy.observe.exposition import SharedExposition
     from kproxy.observe.health import ProxyHealth, ServiceHealthServers, proxier_health_inputs
     from kproxy.observe.http import start_metrics_server
     from kproxy.observe.metrics import ProxierCollector
 
     reader = LockedReader(daemon.backend_factory())
-    registry.register(ProxierCollector(daemon.proxier, reader.counters))
+    collector = ProxierCollector(daemon.proxier, reader.counters, service_metrics=daemon.config.service_metrics)
+    registry.register(collector)
+    exposition = SharedExposition(registry, [collector])
     try:
-        metrics_server = start_metrics_server(parse_bind_address(daemon.config.metrics_bind_address), registry,
+        metrics_server = start_metrics_server(parse_bind_address(daemon.config.metrics_bind_address), exposition,
                                               reader.rules_text,
                                               lambda: [asdict(p) for p in daemon.proxier.skipped()])
     except OSError as exc:
