@@ -117,6 +117,8 @@ class HTTPService(ThreadingHTTPServer):
     """A listening HTTP server with exact-path routes, served from a daemon thread."""
 
     daemon_threads = True
+    request_queue_size = 128
+    """The listen backlog (socketserver's default, 5, drops the SYNs of a sixth client at once: it retries a second later)."""
 
     def __init__(
         self,
