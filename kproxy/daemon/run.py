@@ -111,15 +111,18 @@ class LockedReader:
     """kproxy's tables read for HTTP inspection, through a backend of its own.
 
     The sync loop owns its backend; a libnftables context must not be shared
-    between threads, so scrapes and /rules use this one, one at a time.
+    between threads, so /rules uses this one, one at a time. Counters are read
+    over a netlink socket of their own, not through libnftables: a scrape does
+    not wait for a /rules listing (seconds at 10k Services).
     """
 
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
         self._lock = threading.Lock()
+        self._counters_lock = threading.Lock()
 
     def counters(self) -> Counters:
-        with self._lock:
+        with self._counters_lock:
             return self._backend.read_counters()
 
     def rules_text(self) -> str:

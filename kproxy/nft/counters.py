@@ -60,6 +60,8 @@ NLA_TYPE_MASK = 0x3FFF
 """An attribute's type without its NLA_F_NESTED and NLA_F_NET_BYTEORDER bits."""
 DUMP_ATTEMPTS = 3
 RECV_BYTES = 1 << 16
+RECV_TIMEOUT = 10.0
+"""Seconds to wait for the kernel's next answer (it answers at once; this only bounds a bug)."""
 FAMILIES: dict[int, Family] = {number: family for family, number in NFPROTO.items()}
 """nfgenmsg family -> kproxy's family; objects of any other family are skipped."""
 
@@ -186,6 +188,7 @@ class CounterDump:
                 sock.bind((0, 0))
                 # Answers come in messages of up to a page or two each; room for a burst of them.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+                sock.settimeout(RECV_TIMEOUT)  # a dump never blocks a scrape forever
             except BaseException:
                 sock.close()
                 raise

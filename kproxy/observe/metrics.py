@@ -330,6 +330,8 @@ class ProxierCollector(Collector):
         self._render_lock = threading.Lock()
         self._last_counts: NoLocalCounts | None = None
         self._last_opted_in: frozenset[str] = frozenset()
+        self._busy_at = float("-inf")
+        """When the proxier's lock was last found held past ``lock_timeout``."""
         self._series: dict[tuple[Any, str], _Series | None] = {}
         """(nft family, counter name) -> its parsed series (None: not a per-Service counter), for the names seen last."""
         self._last_queued = wall_clock()
@@ -367,6 +369,7 @@ class ProxierCollector(Collector):
             report = self.proxier.local_policy_report(self.lock_timeout)
             if report is None:
                 log.debug("a sync holds the proxier; serving the last no-local-endpoints counts")
+                self._busy_at = time.monotonic()
                 return self._last_counts
         except Exception as exc:  # a scrape must not fail
             log.warning("cannot compute no-local-endpoints counts: %s", exc)
@@ -403,9 +406,14 @@ class ProxierCollector(Collector):
         return "".join(out)
 
     def _opted_in(self) -> frozenset[str]:
-        """The Services annotated for per-Service series; the last known set while a sync holds the proxier."""
+        """The Services annotated for per-Service series; the last known set while a sync holds the proxier.
+
+        If the proxier was found busy in this same scrape (its Local-policy
+        report timed out a moment ago), it is not waited for a second time.
+        """
+        busy = time.monotonic() - self._busy_at < self.lock_timeout
         try:
-            found = self.proxier.metrics_services(self.lock_timeout)
+            found = self.proxier.metrics_services(0 if busy else self.lock_timeout)
         except Exception as exc:  # a scrape must not fail
             log.warning("cannot read which Services export per-Service metrics: %s", exc)
             found = None
