@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from kproxy.nft import counters
 from kproxy.nft.counters import (
     DUMP_ATTEMPTS,
     NLM_F_DUMP_INTR,
@@ -69,6 +70,26 @@ def test_recorded_dump_in_one_buffer_and_split_anywhere_between_messages() -> No
     assert parse_dump(b"".join(MESSAGES)).counters == EXPECTED
     for cut in range(1, len(MESSAGES)):
         assert parse_messages([b"".join(MESSAGES[:cut]), b"".join(MESSAGES[cut:])]).counters == EXPECTED
+
+
+def test_the_kernels_layout_is_read_at_fixed_offsets_and_agrees_with_the_attribute_walk(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every counter the kernel sent takes the fast path (only the inet one is walked attribute by attribute,
+    to be skipped); the attribute walk reads each message the same."""
+    for message in MESSAGES[:-1]:
+        fast = parse_dump(message).counters
+        walked = counters._object(message, 0, len(message))
+        assert fast == ({(walked[0], walked[1]): (walked[2], walked[3])} if walked else {})
+    walks: list[int] = []
+    original = counters._object
+
+    def counted(data: bytes, offset: int, length: int) -> Any:
+        walks.append(offset)
+        return original(data, offset, length)
+
+    monkeypatch.setattr(counters, "_object", counted)
+    assert parse_messages(MESSAGES).counters == EXPECTED
+    assert len(walks) == 1  # table inet kproxy
 
 
 def test_request_is_the_recorded_one() -> None:

@@ -56,6 +56,8 @@ NLM_F_DUMP_INTR = 0x10
 NLM_F_DUMP = 0x300
 """NLM_F_ROOT | NLM_F_MATCH."""
 NLMSG_DONE = 0x3
+NFTA_OBJ_USE = 5
+NFTA_OBJ_HANDLE = 6
 NLA_TYPE_MASK = 0x3FFF
 """An attribute's type without its NLA_F_NESTED and NLA_F_NET_BYTEORDER bits."""
 DUMP_ATTEMPTS = 3
@@ -71,6 +73,15 @@ _U64 = struct.Struct("!Q")
 _U32 = struct.Struct("!I")
 _NEWOBJ = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWOBJ
 _TABLE_NAME = TABLE.encode()
+
+# _KERNEL_LAYOUT: how nf_tables_fill_obj_info writes a counter (Linux 4.10 to 6.18 at least, 64-bit values
+# unpadded): the table, the name, then at fixed offsets after the name: the type, the handle, the use count
+# and the data (bytes, then packets). The attribute headers below are checked before the values are read.
+_TABLE_ATTR = _ATTR.pack(4 + len(_TABLE_NAME) + 1, NFTA_OBJ_TABLE) + _TABLE_NAME + b"\0" * (1 + (-len(_TABLE_NAME) - 1) % 4)
+_TYPE_HANDLE = _ATTR.pack(8, NFTA_OBJ_TYPE) + _U32.pack(NFT_OBJECT_COUNTER) + _ATTR.pack(12, NFTA_OBJ_HANDLE)
+_USE = _ATTR.pack(8, NFTA_OBJ_USE)
+_DATA_BYTES = _ATTR.pack(28, NFTA_OBJ_DATA) + _ATTR.pack(12, NFTA_COUNTER_BYTES)
+_PACKETS = _ATTR.pack(12, NFTA_COUNTER_PACKETS)
 
 
 def dump_request(seq: int = 1) -> bytes:
@@ -107,14 +118,18 @@ def parse_dump(data: bytes | bytearray | memoryview, state: DumpState | None = N
     """Read one buffer of dump answers (whole netlink messages, as one recv returns them) into ``state``.
 
     Messages of another sequence number than ``seq`` (when given) are ignored.
+    An object message laid out as this kernel writes it (``_KERNEL_LAYOUT``) is
+    read at fixed offsets after its name; any other is read attribute by
+    attribute (``_object``).
     """
     state = state if state is not None else DumpState()
+    data = data if isinstance(data, bytes) else bytes(data)
     counters = state.counters
-    view = memoryview(data)
     header, attr, u64 = _HEADER.unpack_from, _ATTR.unpack_from, _U64.unpack_from
-    offset, end = 0, len(view)
+    starts = data.startswith
+    offset, end = 0, len(data)
     while offset + 16 <= end:
-        length, kind, flags, message_seq, _ = header(view, offset)
+        length, kind, flags, message_seq, _ = header(data, offset)
         if length < 16 or offset + length > end:
             raise NftError(f"a truncated netlink message in the counter dump ({length} bytes at {offset} of {end})")
         if seq is not None and message_seq != seq:
@@ -122,48 +137,70 @@ def parse_dump(data: bytes | bytearray | memoryview, state: DumpState | None = N
             continue
         if flags & NLM_F_DUMP_INTR:
             state.interrupted = True
-        if kind == NLMSG_DONE:
-            state.done = True
-        elif kind == NLMSG_ERROR:
-            (code,) = struct.unpack_from("=i", view, offset + 16)
-            if code:
-                state.error = -code
-        elif kind == _NEWOBJ:
-            family = FAMILIES.get(view[offset + 16])
-            table = name = None
-            object_type = packets = byte_count = -1
-            pos, stop = offset + 20, offset + length
-            while pos + 4 <= stop:
-                size, attr_type = attr(view, pos)
-                if size < 4:
-                    break
-                attr_type &= NLA_TYPE_MASK
-                if attr_type == NFTA_OBJ_NAME:
-                    name = bytes(view[pos + 4 : pos + size]).rstrip(b"\0")
-                elif attr_type == NFTA_OBJ_TABLE:
-                    table = bytes(view[pos + 4 : pos + size]).rstrip(b"\0")
-                elif attr_type == NFTA_OBJ_TYPE:
-                    (object_type,) = _U32.unpack_from(view, pos + 4)
-                elif attr_type == NFTA_OBJ_DATA:
-                    inner, inner_stop = pos + 4, pos + size
-                    while inner + 4 <= inner_stop:
-                        inner_size, inner_type = attr(view, inner)
-                        if inner_size < 4:
-                            break
-                        inner_type &= NLA_TYPE_MASK
-                        if inner_type == NFTA_COUNTER_PACKETS and inner_size >= 12:
-                            (packets,) = u64(view, inner + 4)
-                        elif inner_type == NFTA_COUNTER_BYTES and inner_size >= 12:
-                            (byte_count,) = u64(view, inner + 4)
-                        inner += (inner_size + 3) & ~3
-                pos += (size + 3) & ~3
-            if (family is None or table != _TABLE_NAME or name is None or object_type != NFT_OBJECT_COUNTER
-                    or packets < 0 or byte_count < 0):
+        if kind == _NEWOBJ:
+            family = FAMILIES.get(data[offset + 16]) if length > 20 else None
+            found = None
+            pos = offset + 20
+            if family is not None and starts(_TABLE_ATTR, pos):
+                name_size, name_type = attr(data, pos + 12)
+                after = pos + 12 + ((name_size + 3) & ~3)
+                if (name_type == NFTA_OBJ_NAME and name_size > 4 and after + 56 <= offset + length
+                        and starts(_TYPE_HANDLE, after) and starts(_USE, after + 20) and starts(_DATA_BYTES, after + 28)
+                        and starts(_PACKETS, after + 44)):
+                    name = data[pos + 16 : pos + 12 + name_size].rstrip(b"\0")
+                    found = (family, name.decode(errors="replace"), u64(data, after + 48)[0], u64(data, after + 36)[0])
+            if found is None:
+                found = _object(data, offset, length)
+            if found is None:
                 state.skipped += 1
             else:
-                counters[(family, name.decode(errors="replace"))] = (packets, byte_count)
+                counters[(found[0], found[1])] = (found[2], found[3])
+        elif kind == NLMSG_DONE:
+            state.done = True
+        elif kind == NLMSG_ERROR:
+            (code,) = struct.unpack_from("=i", data, offset + 16)
+            if code:
+                state.error = -code
         offset += (length + 3) & ~3
     return state
+
+
+def _object(data: bytes, offset: int, length: int) -> tuple[Family, str, int, int] | None:
+    """(family, name, packets, bytes) of an object message, attribute by attribute; None unless it is a counter of
+    ``ip kproxy`` or ``ip6 kproxy``."""
+    attr, u64 = _ATTR.unpack_from, _U64.unpack_from
+    family = FAMILIES.get(data[offset + 16]) if length > 20 else None
+    table = name = None
+    object_type = packets = byte_count = -1
+    pos, stop = offset + 20, offset + length
+    while pos + 4 <= stop:
+        size, attr_type = attr(data, pos)
+        if size < 4 or pos + size > stop:
+            break
+        attr_type &= NLA_TYPE_MASK
+        if attr_type == NFTA_OBJ_NAME:
+            name = data[pos + 4 : pos + size].rstrip(b"\0")
+        elif attr_type == NFTA_OBJ_TABLE:
+            table = data[pos + 4 : pos + size].rstrip(b"\0")
+        elif attr_type == NFTA_OBJ_TYPE and size >= 8:
+            (object_type,) = _U32.unpack_from(data, pos + 4)
+        elif attr_type == NFTA_OBJ_DATA:
+            inner, inner_stop = pos + 4, pos + size
+            while inner + 4 <= inner_stop:
+                inner_size, inner_type = attr(data, inner)
+                if inner_size < 4 or inner + inner_size > inner_stop:
+                    break
+                inner_type &= NLA_TYPE_MASK
+                if inner_type == NFTA_COUNTER_PACKETS and inner_size >= 12:
+                    (packets,) = u64(data, inner + 4)
+                elif inner_type == NFTA_COUNTER_BYTES and inner_size >= 12:
+                    (byte_count,) = u64(data, inner + 4)
+                inner += (inner_size + 3) & ~3
+        pos += (size + 3) & ~3
+    if (family is None or table != _TABLE_NAME or name is None or object_type != NFT_OBJECT_COUNTER
+            or packets < 0 or byte_count < 0):
+        return None
+    return family, name.decode(errors="replace"), packets, byte_count
 
 
 def parse_messages(buffers: Iterable[bytes], seq: int | None = None) -> DumpState:
@@ -216,10 +253,8 @@ class CounterDump:
         try:
             sock.sendall(dump_request(seq))
             state = DumpState()
-            buffer = bytearray(RECV_BYTES)
             while not state.done and not state.error:
-                size = sock.recv_into(buffer)
-                parse_dump(memoryview(buffer)[:size], state, seq)
+                parse_dump(sock.recv(RECV_BYTES), state, seq)
         except OSError as exc:
             # ENOBUFS: answers were lost; the socket may hold the rest of this dump, so start afresh.
             self.close()
