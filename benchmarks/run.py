@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import cold_start, datapath, partial_sync, programming_latency
+from benchmarks import cold_start, datapath, partial_sync, programming_latency, scrape
 from benchmarks import compile as compile_bench
 from benchmarks.netns import versions
 
@@ -29,6 +29,7 @@ BENCHMARKS = {
     "partial-sync": ("Partial syncs in a loaded table", partial_sync.main),
     "programming-latency": ("Network programming latency", programming_latency.main),
     "datapath": ("New-connection latency through a ClusterIP", datapath.main),
+    "scrape": ("/metrics scrapes of an idle daemon", scrape.main),
 }
 README = Path(__file__).resolve().parent / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"

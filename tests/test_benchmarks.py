@@ -47,6 +47,13 @@ def test_datapath_benchmark_quick() -> None:
 
 
 @pytest.mark.root
+def test_scrape_benchmark_quick() -> None:
+    """benchmarks/scrape.py --quick scrapes a daemon at 200 Services with each --service-metrics setting."""
+    rows = run_quick("scrape.py")
+    assert [row.split(" | ")[1] for row in rows] == ["none", "annotated", "all"], rows
+
+
+@pytest.mark.root
 @pytest.mark.parametrize("script", ["cold_start.py", "partial_sync.py"])
 def test_kernel_benchmarks_quick(script: str) -> None:
     """The cold-start and partial-sync benchmarks run in quick mode and print their tables."""

@@ -175,6 +175,7 @@ def test_defaults() -> None:
         kubeconfig=None,
         log_format="text",
         log_level="info",
+        service_metrics="annotated",
     )
 
 
@@ -209,6 +210,9 @@ def test_default_node_name_is_the_lowercased_hostname(monkeypatch: pytest.Monkey
                      id="healthz-bind-address-ipv6-port-0"),
         pytest.param(["--log-format", "json"], "log_format", "json", id="log-format"),
         pytest.param(["-v"], "log_level", "debug", id="verbose"),
+        pytest.param(["--service-metrics", "all"], "service_metrics", "all", id="service-metrics-all"),
+        pytest.param(["--service-metrics=none"], "service_metrics", "none", id="service-metrics-none"),
+        pytest.param(["--service-metrics", "annotated"], "service_metrics", "annotated", id="service-metrics-annotated"),
     ],
 )
 def test_flag(argv: list[str], field: str, expected: Any) -> None:
@@ -435,6 +439,9 @@ def test_file_without_permission(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                      "--healthz-bind-address: invalid address '0.0.0.0:99999': port '99999'", id="bad-port"),
         pytest.param(["--masquerade-all=maybe"], None, "--masquerade-all: 'maybe' is not a boolean", id="bad-bool"),
         pytest.param(["--log-format", "xml"], None, "--log-format: 'xml' is not a log format", id="bad-log-format"),
+        pytest.param(["--service-metrics", "some"], None,
+                     "--service-metrics: 'some' is not one of none, annotated, all", id="bad-service-metrics"),
+        pytest.param(["--service-metrics="], None, "--service-metrics: empty value", id="empty-service-metrics"),
         pytest.param(["--hostname-override", "Not A Name"], None, "--hostname-override: 'Not A Name' is not a valid",
                      id="bad-hostname-override"),
         pytest.param(["--kubeconfig="], None, "--kubeconfig: empty value", id="empty-kubeconfig"),

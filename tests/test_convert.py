@@ -160,6 +160,10 @@ BAD_PARTS = [
                  "invalid_annotation", "kproxy.io/rate-limit-burst", id="zero-burst-nft-cannot-express"),
     pytest.param(["metadata", "annotations"], {"kproxy.io/rate-limit-burst": "3"}, "invalid_annotation",
                  "kproxy.io/rate-limit-burst", id="burst-alone"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/metrics": "yes"}, "invalid_annotation",
+                 "kproxy.io/metrics", id="metrics-yes"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/metrics": "True"}, "invalid_annotation",
+                 "kproxy.io/metrics", id="metrics-capitalised"),
 ]
 
 
@@ -172,7 +176,27 @@ def test_bad_part_skipped_and_the_rest_kept(path: list[Any], value: Any, reason:
     assert [n[0] for n in notes] == [reason]
     assert field in notes[0][1]
     assert svc.ports[0].name == "a"
-    assert svc.external_ips == () and svc.rate_limit is None
+    assert svc.external_ips == () and svc.rate_limit is None and svc.metrics is False
+
+
+@pytest.mark.parametrize("annotations, expected", [
+    pytest.param({"kproxy.io/metrics": "true"}, True, id="true"),
+    pytest.param({"kproxy.io/metrics": "false"}, False, id="false"),
+    pytest.param({}, False, id="absent"),
+])
+def test_metrics_annotation_opts_a_service_in(annotations: dict[str, str], expected: bool) -> None:
+    """``kproxy.io/metrics: "true"`` opts a Service in to per-Service series; "false" or nothing does not, silently."""
+    notes: list[tuple[str, str]] = []
+    assert service_from_manifest(service("web", annotations=annotations), notes).metrics is expected
+    assert notes == []
+
+
+def test_metrics_annotation_warning_says_what_happens() -> None:
+    notes: list[tuple[str, str]] = []
+    svc = service_from_manifest(service("web", annotations={"kproxy.io/metrics": "1"}), notes)
+    assert svc.metrics is False
+    assert notes == [("invalid_annotation", "kproxy.io/metrics: '1' is not \"true\" or \"false\"; "
+                      "the Service exports no per-Service metrics")]
 
 
 BAD_SLICES = [

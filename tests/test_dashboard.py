@@ -34,6 +34,7 @@ INSTANCE = f"127.0.0.1:{METRICS_PORT}"
 RATE_INTERVAL = "1m"
 """What ``$__rate_interval`` stands for: longer than the whole test, so every change below is in the window."""
 TRIGGER_TIME = "endpoints.kubernetes.io/last-change-trigger-time"
+METRICS = "kproxy.io/metrics"
 SELECTOR = re.compile(r"\b((?:kubeproxy|kproxy)_[a-z0-9_]+)(\{[^}]*\})?")
 LABEL_VALUES = re.compile(r"^\s*label_values\((.*),\s*(\w+)\s*\)\s*$")
 RANGE = re.compile(r"\[([^\]]*)\]")
@@ -231,13 +232,14 @@ def test_every_dashboard_query_returns_data(bed: NetBed, api_in_node: ApiInNode,
     kproxy.wait_syncs(1, timeout=15)
 
     # After the startup full sync, so these are partial syncs.
-    api.create(service("web", cluster_ip="10.96.0.10"))
+    # The default --service-metrics=annotated: the new connections of the annotated Services only.
+    api.create(service("web", cluster_ip="10.96.0.10", annotations={METRICS: "true"}))
     api.create(pod_slice("web", bed.pods[:2]))
     api.create(service("limited", cluster_ip="10.96.0.11",
                        annotations={"kproxy.io/rate-limit": "5/second", "kproxy.io/rate-limit-burst": "5"}))
     api.create(pod_slice("limited", bed.pods[:1]))
     dns_ports = [{"name": "dns", "port": 53, "protocol": "UDP"}]
-    api.create(service("dns", cluster_ip="10.96.0.12", ports=dns_ports))
+    api.create(service("dns", cluster_ip="10.96.0.12", ports=dns_ports, annotations={METRICS: "true"}))
     api.create(pod_slice("dns", bed.local_pods[:2], protocol="UDP"))
     api.create(service("local-only", cluster_ip="10.96.0.13", internalTrafficPolicy="Local"))
     api.create(pod_slice("local-only", bed.remote_pods))
@@ -285,6 +287,10 @@ def test_every_dashboard_query_returns_data(bed: NetBed, api_in_node: ApiInNode,
     for metric in counted:
         wait_until(lambda: (prometheus.value(f"sum({metric})") or 0) > 0, 10,
                    f"Prometheus to scrape a non-zero {metric}")
+
+    # Only the annotated Services' new connections; the rate-limited one's drops (it is not annotated).
+    assert prometheus.label_values("service", "kproxy_service_new_connections_total") == ["dns", "web"]
+    assert prometheus.label_values("service", "kproxy_rate_limit_drops_total") == ["limited"]
 
     # The variables, as Grafana resolves them.
     node_values = prometheus.label_values("instance", LABEL_VALUES.match(variables["node"]).group(1))

@@ -33,6 +33,7 @@ from kproxy.cluster.conflicts import find_conflicts
 from kproxy.cluster.model import (
     DEFAULT_AFFINITY_TIMEOUT,
     HEADLESS_LABEL,
+    METRICS_ANNOTATION,
     RATE_LIMIT_ANNOTATION,
     RATE_LIMIT_BURST_ANNOTATION,
     SERVICE_NAME_LABEL,
@@ -318,6 +319,7 @@ def _service(obj: Mapping[str, Any], notes: Notes | None) -> Service:
         traffic_distribution=distribution,
         health_check_node_port=health_check_node_port,
         rate_limit=_part(notes, lambda: _rate_limit(annotations)),
+        metrics=bool(_part(notes, lambda: _metrics(annotations))),
     )
 
 
@@ -465,6 +467,17 @@ def _rate_limit(annotations: Mapping[str, str]) -> RateLimit | None:
         raise InvalidObject("invalid_annotation", f"{RATE_LIMIT_BURST_ANNOTATION}: {burst_value} is too large for "
                             f"{count}/{unit} (the kernel's bucket would overflow); ignored")
     return RateLimit(count, unit, burst_value)  # type: ignore[arg-type]
+
+
+def _metrics(annotations: Mapping[str, str]) -> bool:
+    """``kproxy.io/metrics``: "true" opts the Service in to per-Service series; "false" or no annotation does not."""
+    value = annotations.get(METRICS_ANNOTATION)
+    if value is None or value == "false":
+        return False
+    if value != "true":
+        raise InvalidObject("invalid_annotation", f"{METRICS_ANNOTATION}: {show(value)} is not \"true\" or \"false\"; "
+                            "the Service exports no per-Service metrics")
+    return True
 
 
 # --- EndpointSlices ---------------------------------------------------------

@@ -31,6 +31,8 @@ HEADLESS_LABEL = "service.kubernetes.io/headless"
 TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 RATE_LIMIT_ANNOTATION = "kproxy.io/rate-limit"
 RATE_LIMIT_BURST_ANNOTATION = "kproxy.io/rate-limit-burst"
+METRICS_ANNOTATION = "kproxy.io/metrics"
+"""``"true"``: the Service exports per-Service series (with ``--service-metrics=annotated``, the default)."""
 DEFAULT_AFFINITY_TIMEOUT = 10800
 
 
@@ -78,6 +80,8 @@ class Service:
     traffic_distribution: str | None = None
     health_check_node_port: int | None = None
     rate_limit: RateLimit | None = None
+    metrics: bool = False
+    """Annotated ``kproxy.io/metrics: "true"``: per-Service series are exported for it."""
 
     @property
     def key(self) -> ServiceKey:

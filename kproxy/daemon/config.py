@@ -34,6 +34,7 @@ from decimal import Decimal
 from typing import Any
 
 from kproxy.cluster.manifests import ManifestError, load_yaml_file
+from kproxy.observe.metrics import DEFAULT_SERVICE_METRICS, SERVICE_METRICS
 from kproxy.rules.compiler import ProxyConfig
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,9 @@ class DaemonConfig:
     """--log-format / logging.format: "text" or "json"."""
     log_level: str = "info"
     """"info", or "debug" with -v (or logging.verbosity >= 4 in the file)."""
+    service_metrics: str = DEFAULT_SERVICE_METRICS
+    """--service-metrics (kproxy's own, no file field): which Services export per-Service series:
+    "annotated" (``kproxy.io/metrics: "true"``), "all" or "none"."""
 
     def proxy_config(self) -> ProxyConfig:
         """The subset the compiler needs."""
@@ -262,6 +266,13 @@ def parse_log_format(text: str) -> str:
 
 _UNSET = object()
 """A checker's answer for a zero value: upstream would default it, so the field counts as not set."""
+
+
+def parse_service_metrics(text: str) -> str:
+    """``--service-metrics``: none, annotated or all."""
+    if text not in SERVICE_METRICS:
+        raise ConfigError(f"{_show(text)} is not one of {', '.join(SERVICE_METRICS)}")
+    return text
 
 
 def _type_error(expected: str, value: Any) -> ConfigError:
@@ -633,6 +644,13 @@ def add_daemon_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) 
         help=f"where to serve /healthz (default: {DEFAULT_HEALTHZ_BIND_ADDRESS}; port 0 = any free port)",
     )
     add("--log-format", metavar="text|json", help="log format (default: text)")
+    add(
+        "--service-metrics",
+        metavar="|".join(SERVICE_METRICS),
+        help="which Services export kproxy_service_new_connections_total: those annotated "
+        f'kproxy.io/metrics: "true" (the default: {DEFAULT_SERVICE_METRICS}), all, or none '
+        "(rate-limited Services always export kproxy_rate_limit_drops_total); kproxy's own, not in --config",
+    )
 
 
 _FLAGS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
@@ -647,6 +665,7 @@ _FLAGS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
     "healthz_bind_address": ("healthz_bind_address", "--healthz-bind-address", _normal_bind_address),
     "kubeconfig": ("kubeconfig", "--kubeconfig", str),
     "log_format": ("log_format", "--log-format", parse_log_format),
+    "service_metrics": ("service_metrics", "--service-metrics", parse_service_metrics),
 }
 
 _FILE_FIELDS = {

@@ -925,6 +925,16 @@ class Proxier:
         finally:
             self.lock.release()
 
+    def metrics_services(self, timeout: float | None = None) -> frozenset[str] | None:
+        """``namespace/name`` of the Services annotated ``kproxy.io/metrics: "true"``; None if a sync held the
+        state for longer than ``timeout`` seconds."""
+        if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
+            return None
+        try:
+            return frozenset(key for key, service in self.tracker.services.items() if service.metrics)
+        finally:
+            self.lock.release()
+
     def node_eligible(self) -> bool:
         """Whether this node's Node object is known and not being deleted (load balancers should send here)."""
         node = self.tracker.node

@@ -29,6 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
+from kproxy.nft.counters import CounterDump
 from kproxy.nft.expressions import handles
 from kproxy.nft.kernel import CapabilityError, Counters, NftError
 from kproxy.nft.netlink import Batch, BatchSocket, NetlinkError, NotEncodable, sent_here
@@ -191,6 +192,7 @@ class NftablesBackend:
         self._lib = ctypes.CDLL(LIBNFTABLES)
         self._lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
         self._nft.set_handle_output(False)
+        self._counters = CounterDump()
 
     # -- transactions ----------------------------------------------------
 
@@ -353,20 +355,9 @@ class NftablesBackend:
         return ruleset
 
     def read_counters(self) -> Counters:
-        """Every named counter of kproxy's tables: (family, name) -> (packets, bytes)."""
-        counters: Counters = {}
-        for family in FAMILIES:
-            rc, out, err = self._run(f"list counters table {family} {TABLE}", json_output=True)
-            if rc != 0:
-                if "No such file or directory" in err:
-                    continue
-                reason = err.strip().splitlines()[0] if err.strip() else "list failed"
-                raise NftError(reason, f"list counters table {family} {TABLE}")
-            for item in json.loads(out).get("nftables", []):
-                body = item.get("counter")
-                if body is not None:
-                    counters[(family, body["name"])] = (int(body.get("packets", 0)), int(body.get("bytes", 0)))
-        return counters
+        """Every named counter of kproxy's tables: (family, name) -> (packets, bytes), from one netlink dump
+        (``kproxy.nft.counters``: libnftables would read the whole ruleset first)."""
+        return self._counters.read()
 
     def list_text(self, family: Family) -> str | None:
         """The table as ``nft list table`` prints it (for inspection)."""

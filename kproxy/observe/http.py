@@ -14,6 +14,10 @@
   port (``HTTPService.port``).
 * Requests are logged at debug level only; a handler that raises answers 500
   and is logged with its traceback.
+* ``max_handlers`` bounds the requests handled at once (a thread each); the
+  accept loop waits for a free one, and further clients wait in the listen
+  backlog, in the kernel. The metrics server is bounded: its memory does not
+  grow with the number of scrapers.
 """
 
 from __future__ import annotations
@@ -27,15 +31,19 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
+
+from kproxy.observe.exposition import SharedExposition
 
 log = logging.getLogger(__name__)
 
 TEXT_PLAIN = "text/plain; charset=utf-8"
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+METRICS_HANDLERS = 16
+"""Requests the metrics server handles at once (each waits for the shared collection, or writes its result)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +117,8 @@ class HTTPService(ThreadingHTTPServer):
     """A listening HTTP server with exact-path routes, served from a daemon thread."""
 
     daemon_threads = True
+    request_queue_size = 128
+    """The listen backlog (socketserver's default, 5, drops the SYNs of a sixth client at once: it retries a second later)."""
 
     def __init__(
         self,
@@ -116,11 +126,13 @@ class HTTPService(ThreadingHTTPServer):
         routes: Mapping[str, Route],
         name: str = "http",
         default_route: Route = not_found,
+        max_handlers: int | None = None,
     ) -> None:
         host, port = address
         self.name = name
         self.routes = dict(routes)
         self.default_route = default_route
+        self._handlers = threading.BoundedSemaphore(max_handlers) if max_handlers else None
         self._dual_stack = False
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -149,6 +161,27 @@ class HTTPService(ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name = str(self.server_address[0])
         self.server_port = int(self.server_address[1])
+
+    def process_request(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
+        """Handle the request in a thread of its own, once one of the ``max_handlers`` is free."""
+        if self._handlers is not None:
+            while not self._handlers.acquire(timeout=0.5):
+                if self._stopped:
+                    self.shutdown_request(request)
+                    return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            if self._handlers is not None:
+                self._handlers.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            if self._handlers is not None:
+                self._handlers.release()
 
     @property
     def port(self) -> int:
@@ -193,13 +226,19 @@ class HTTPService(ThreadingHTTPServer):
 
 
 def metrics_routes(
-    registry: CollectorRegistry, rules_text: Callable[[], str], skipped: Callable[[], list[dict[str, object]]] = list
+    metrics_source: SharedExposition | CollectorRegistry,
+    rules_text: Callable[[], str],
+    skipped: Callable[[], list[dict[str, object]]] = list,
 ) -> dict[str, Route]:
-    """``/metrics`` (Prometheus text, or OpenMetrics when the scraper asks for it), ``/rules`` and ``/skipped``."""
+    """``/metrics`` (Prometheus text, or OpenMetrics when the scraper asks for it), ``/rules`` and ``/skipped``.
+
+    A bare registry is served through a SharedExposition of its own.
+    """
+    exposition = metrics_source if isinstance(metrics_source, SharedExposition) else SharedExposition(metrics_source)
 
     def metrics(request: Request) -> Response:
-        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
-        return Response(200, encoder(registry), content_type)
+        body, content_type = exposition.render(request.headers.get("accept", ""))
+        return Response(200, body, content_type)
 
     def rules(request: Request) -> Response:
         return Response(200, rules_text().encode(), TEXT_PLAIN)
@@ -212,11 +251,13 @@ def metrics_routes(
 
 def start_metrics_server(
     address: tuple[str, int],
-    registry: CollectorRegistry,
+    metrics_source: SharedExposition | CollectorRegistry,
     rules_text: Callable[[], str],
     skipped: Callable[[], list[dict[str, object]]] = list,
+    max_handlers: int = METRICS_HANDLERS,
 ) -> HTTPService:
     """Serve ``/metrics``, ``/rules`` and ``/skipped`` on ``address`` (from ``parse_bind_address``); 404 elsewhere."""
-    server = HTTPService(address, metrics_routes(registry, rules_text, skipped), name="metrics").start()
+    routes = metrics_routes(metrics_source, rules_text, skipped)
+    server = HTTPService(address, routes, name="metrics", max_handlers=max_handlers).start()
     log.info("serving /metrics, /rules and /skipped on %s port %d", server.host, server.port)
     return server

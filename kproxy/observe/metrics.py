@@ -13,7 +13,13 @@
   to track: Services with a Local policy and no local endpoint, the last
   queued-change time, and the per-Service nft counters (new connections,
   rate-limit drops). Counters are read at scrape time only, never in the sync
-  path; a scrape never fails because nft did.
+  path (one netlink dump, ``kproxy.nft.counters``); a scrape never fails
+  because nft did.
+* Per-Service series are opt-in (``--service-metrics``, ``SERVICE_METRICS``):
+  by default only Services annotated ``kproxy.io/metrics: "true"`` export
+  their new connections; every rate-limited Service exports its drops. Their
+  text is written directly (``ProxierCollector.exposition``), without a
+  prometheus_client object per sample, which costs tens of microseconds each.
 * The collector never waits long for the proxier's lock (a large full sync
   holds it for minutes): after ``lock_timeout`` it serves the last values it
   computed.
@@ -29,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kproxy.rules.endpoints import LocalPolicyStatus
@@ -212,9 +218,29 @@ class PolicySource(Protocol):
         """Every Service with a Local policy; None if a sync held the state longer than ``timeout`` seconds."""
         ...
 
+    def metrics_services(self, timeout: float | None = None) -> frozenset[str] | None:
+        """``namespace/name`` of every Service annotated ``kproxy.io/metrics: "true"``;
+        None if a sync held the state longer than ``timeout`` seconds."""
+        ...
+
 
 CounterReader = Callable[[], Mapping[tuple[Any, str], tuple[int, int]]]
 """Returns {(nft family "ip"/"ip6", counter object name): (packets, bytes)}."""
+
+SERVICE_METRICS: tuple[str, ...] = ("none", "annotated", "all")
+"""``--service-metrics``: which Services export ``kproxy_service_new_connections_total``.
+
+``annotated`` (the default): those annotated ``kproxy.io/metrics: "true"``;
+``all``: every Service; ``none``: no Service. ``kproxy_rate_limit_drops_total``
+is exported for every Service with a rate limit, whatever the setting (the
+rate-limit annotation opts it in).
+"""
+DEFAULT_SERVICE_METRICS = "annotated"
+
+SERVICE_COUNTER_HELP: Mapping[str, str] = {
+    "conns": "New connections to a Service port (nft counter)",
+    "drops": "Packets to a Service port dropped by its rate limit (nft counter)",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +255,10 @@ class ServiceCounter:
     port: str
     """The port's name, or its number when unnamed."""
 
+    @property
+    def service_key(self) -> str:
+        return f"{self.namespace}/{self.service}"
+
 
 def parse_counter_name(name: str) -> ServiceCounter | None:
     """``conns-HASH8-ns/name/tcp/http`` -> ServiceCounter; None for any other name."""
@@ -241,6 +271,23 @@ def parse_counter_name(name: str) -> ServiceCounter | None:
         return None
     namespace, service, protocol, port = parts
     return ServiceCounter(kind, namespace, service, protocol, port)
+
+
+def label_value(text: str) -> str:
+    """A label value escaped for the text formats (Prometheus 0.0.4 and OpenMetrics alike)."""
+    if "\\" in text or '"' in text or "\n" in text:
+        return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class _Series:
+    """What a counter object's name says, once parsed: which family and Service, and its sample's line head."""
+
+    kind: str
+    service_key: str
+    head: str
+    """``name{labels} ``: the sample line without its value."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +307,15 @@ def no_local_counts(report: Iterable[LocalPolicyStatus]) -> NoLocalCounts:
 
 
 class ProxierCollector(Collector):
-    """Scrape-time metrics read from the proxier and from nft counters."""
+    """Scrape-time metrics read from the proxier and from nft counters.
+
+    Its two gauges are ordinary prometheus_client metric families
+    (``collect``). The per-Service counters (``kproxy_service_new_connections_total``,
+    ``kproxy_rate_limit_drops_total``), which can be tens of thousands of
+    series, are not: ``exposition`` writes their text directly, one string
+    per sample and no Metric or Sample object, for the HTTP server to append
+    to the registry's (``kproxy.observe.exposition``).
+    """
 
     def __init__(
         self,
@@ -269,13 +324,23 @@ class ProxierCollector(Collector):
         families: Sequence[str] = IP_FAMILIES,
         wall_clock: Callable[[], float] = time.time,
         lock_timeout: float = 1.0,
+        service_metrics: str = DEFAULT_SERVICE_METRICS,
     ) -> None:
+        if service_metrics not in SERVICE_METRICS:
+            raise ValueError(f"service_metrics: {service_metrics!r} is not one of {', '.join(SERVICE_METRICS)}")
         self.proxier = proxier
         self.read_counters = read_counters
         self.families = tuple(families)
         self.lock_timeout = lock_timeout
+        self.service_metrics = service_metrics
         self._state_lock = threading.Lock()
+        self._render_lock = threading.Lock()
         self._last_counts: NoLocalCounts | None = None
+        self._last_opted_in: frozenset[str] = frozenset()
+        self._busy_at = float("-inf")
+        """When the proxier's lock was last found held past ``lock_timeout``."""
+        self._series: dict[tuple[Any, str], _Series | None] = {}
+        """(nft family, counter name) -> its parsed series (None: not a per-Service counter), for the names seen last."""
         self._last_queued = wall_clock()
         """Upstream sets the queued timestamp when its proxier starts; later, each time a change is queued."""
 
@@ -284,7 +349,7 @@ class ProxierCollector(Collector):
         return list(self._metric_families())
 
     def collect(self) -> Iterable[Metric]:
-        no_local, queued, conns, drops = self._metric_families()
+        no_local, queued = self._metric_families()
         counts = self._no_local_counts()
         if counts is not None:
             for family in self.families:
@@ -292,13 +357,9 @@ class ProxierCollector(Collector):
                 no_local.add_metric(["external", family], counts.external)
         for family in self.families:
             queued.add_metric([family], self._queued_timestamp())
-        targets = {"conns": conns, "drops": drops}
-        for (kind, namespace, service, port, family), packets in sorted(self._counter_values().items()):
-            targets[kind].add_metric([namespace, service, port, family], packets)
-        return [no_local, queued, conns, drops]
+        return [no_local, queued]
 
-    def _metric_families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, CounterMetricFamily, CounterMetricFamily]:
-        labels = ["namespace", "service", "port", "ip_family"]
+    def _metric_families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
         return (
             GaugeMetricFamily(
                 "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
@@ -308,10 +369,6 @@ class ProxierCollector(Collector):
                 "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
                 "The last time a sync of proxy rules was queued",
                 labels=["ip_family"]),
-            CounterMetricFamily(
-                COUNTER_KINDS["conns"], "New connections to a Service port (nft counter)", labels=labels),
-            CounterMetricFamily(
-                COUNTER_KINDS["drops"], "Packets to a Service port dropped by its rate limit (nft counter)", labels=labels),
         )
 
     def _no_local_counts(self) -> NoLocalCounts | None:
@@ -319,6 +376,7 @@ class ProxierCollector(Collector):
             report = self.proxier.local_policy_report(self.lock_timeout)
             if report is None:
                 log.debug("a sync holds the proxier; serving the last no-local-endpoints counts")
+                self._busy_at = time.monotonic()
                 return self._last_counts
         except Exception as exc:  # a scrape must not fail
             log.warning("cannot compute no-local-endpoints counts: %s", exc)
@@ -335,21 +393,80 @@ class ProxierCollector(Collector):
                 self._last_queued = pending
             return self._last_queued
 
-    def _counter_values(self) -> dict[tuple[str, str, str, str, str], int]:
-        """{(kind, namespace, service, port, ip_family): packets}, summed should two objects share labels."""
+    # -- the per-Service counters, as text ---------------------------------------------
+
+    def exposition(self, openmetrics: bool = False) -> str:
+        """The per-Service counter families as exposition text (Prometheus 0.0.4, or OpenMetrics without ``# EOF``).
+
+        Both families are always declared (HELP and TYPE), with or without samples.
+        Samples are sorted by their labels; two counter objects with the same
+        labels are summed.
+        """
+        with self._render_lock:
+            values = self._values()
+        out: list[str] = []
+        for kind, name in COUNTER_KINDS.items():
+            family = name if openmetrics else f"{name}_total"
+            out.append(f"# HELP {family} {SERVICE_COUNTER_HELP[kind]}\n# TYPE {family} counter\n")
+            samples = values[kind]
+            out.extend(f"{head}{samples[head]}\n" for head in sorted(samples))
+        return "".join(out)
+
+    def _opted_in(self) -> frozenset[str]:
+        """The Services annotated for per-Service series; the last known set while a sync holds the proxier.
+
+        If the proxier was found busy in this same scrape (its Local-policy
+        report timed out a moment ago), it is not waited for a second time.
+        """
+        busy = time.monotonic() - self._busy_at < self.lock_timeout
+        try:
+            found = self.proxier.metrics_services(0 if busy else self.lock_timeout)
+        except Exception as exc:  # a scrape must not fail
+            log.warning("cannot read which Services export per-Service metrics: %s", exc)
+            found = None
+        with self._state_lock:
+            if found is None:
+                return self._last_opted_in
+            self._last_opted_in = found
+            return found
+
+    def _values(self) -> dict[str, dict[str, int]]:
+        """{kind: {sample line head: packets}} of the counters this setting exports."""
+        values: dict[str, dict[str, int]] = {kind: {} for kind in COUNTER_KINDS}
         if self.read_counters is None:
-            return {}
+            return values
         try:
             raw = self.read_counters()
         except Exception as exc:  # nft missing, table absent, timeouts: the scrape goes on
             log.warning("cannot read nft counters: %s", exc)
-            return {}
-        values: dict[tuple[str, str, str, str, str], int] = {}
-        for (nft_family, name), (packets, _bytes) in raw.items():
-            parsed = parse_counter_name(name)
-            family = NFT_FAMILY_LABELS.get(nft_family)
-            if parsed is None or family is None:
+            return values
+        mode = self.service_metrics
+        opted_in = self._opted_in() if mode == "annotated" else frozenset()
+        known, seen = self._series, {}
+        conns, drops = values["conns"], values["drops"]
+        for key, (packets, _bytes) in raw.items():
+            series = known.get(key, _UNKNOWN)
+            if series is _UNKNOWN:
+                series = _series_of(*key)
+            seen[key] = series
+            if series is None:
                 continue
-            key = (parsed.kind, parsed.namespace, parsed.service, parsed.port, family)
-            values[key] = values.get(key, 0) + int(packets)
+            if series.kind == "drops":
+                drops[series.head] = drops.get(series.head, 0) + int(packets)
+            elif mode == "all" or (mode == "annotated" and series.service_key in opted_in):
+                conns[series.head] = conns.get(series.head, 0) + int(packets)
+        self._series = seen  # only the names of this read: a deleted Service's entry goes with it
         return values
+
+
+_UNKNOWN: Any = object()
+
+
+def _series_of(nft_family: Any, name: str) -> _Series | None:
+    parsed = parse_counter_name(name)
+    family = NFT_FAMILY_LABELS.get(nft_family)
+    if parsed is None or family is None:
+        return None
+    labels = (f'namespace="{label_value(parsed.namespace)}",service="{label_value(parsed.service)}",'
+              f'port="{label_value(parsed.port)}",ip_family="{family}"')
+    return _Series(parsed.kind, parsed.service_key, f"{COUNTER_KINDS[parsed.kind]}_total{{{labels}}} ")
