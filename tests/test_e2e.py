@@ -327,6 +327,31 @@ def test_scale_to_zero_and_back(c: Cluster) -> None:
         assert r.all_ok and r.servers == names(dep.pods), r.summary()
 
 
+def test_udp_flow_moves_when_its_pod_goes(c: Cluster) -> None:
+    """[sig-network] Conntrack should be able to preserve UDP traffic when server pod cycles for a ClusterIP and a
+    NodePort service: one long-lived UDP 5-tuple, its pod deleted; kproxy clears the stale
+    conntrack entry and the same flow is answered by another pod within seconds."""
+    dep = Deployment(c, "udp", 3)
+    c.create_service("udp", selector={"app": "udp"}, type="NodePort")
+    c.settle()
+    ip, port, node1 = c.cluster_ip("udp"), c.node_port("udp", "dns"), c.node("node-1")
+    for label, src, dst, dport in ((f"client-1@node-1 -> {ip}:53", c.clients["node-1"].netns, ip, 53),
+                                   (f"client -> node-1 {node1.ip4}:{port}", c.client, node1.ip4, port)):
+        with src.start_udp_flow(dst, dport, interval_ms=100) as flow:
+            first = flow.wait_for(lambda r: r.ok, 5)
+            victim = c.pod(first.server)
+            t0 = time.monotonic()
+            c.delete_pods([victim])
+            dep.pods.remove(victim)
+            moved = flow.wait_for(lambda r: r.ok and r.server != victim.name, 10)
+            took = time.monotonic() - t0
+        print(f"  {label}: one UDP flow (source port {flow.local_port}) answered by {c.where(first.server)}; "
+              f"that pod deleted; the same flow answered by {c.where(moved.server)} {took:.1f}s later")
+        assert took < 5, "stale conntrack entries of a removed UDP endpoint are cleared"
+        dep.scale(3)
+        c.settle()
+
+
 def test_rolling_update_no_failed_connection(c: Cluster) -> None:
     """[sig-apps] Deployment RollingUpdate under Service traffic: pods replaced one by one (a new pod ready first,
     the old one terminating while it drains, then gone); clients on every node and through every NodePort, one
