@@ -167,11 +167,6 @@ def test_external_traffic_policy_local(c: Cluster) -> None:
     assert sent6.results.peers == {CLIENT_IP6}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kproxy bug: the healthCheckNodePort of a dual-stack Service reports a pod's IPv4 and IPv6 addresses as two "
-    "local endpoints (localEndpoints 2 for 1 pod, also in X-Load-Balancing-Endpoint-Weight): local_policy_status "
-    "(kproxy/rules/endpoints.py) counts distinct addresses over both families. kube-proxy runs one proxier and one "
-    "health server per family, each counting its own family's endpoints: 1 per pod"))
 def test_external_traffic_policy_local_health_counts_pods_in_dual_stack(c: Cluster) -> None:
     """A dual-stack externalTrafficPolicy Local Service: each node's health check reports its local pods, as
     kube-proxy does per IP family (1 on node-1, 2 on node-2, 0 on node-3), over IPv4 and over IPv6."""
