@@ -239,7 +239,7 @@ TERMINAL = (Verdict, VerdictMap, DnatTo, DnatFromMap, Masquerade, Reject)
 _BYTE_UNITS = ((1024 * 1024, "mbytes"), (1024, "kbytes"), (1, "bytes"))
 
 
-def _bytes(amount: int) -> str:
+def render_bytes(amount: int) -> str:
     """An amount of bytes as nft prints it: in the largest unit that divides it."""
     for size, name in _BYTE_UNITS:
         if amount % size == 0:
@@ -249,8 +249,8 @@ def _bytes(amount: int) -> str:
 
 def render_limit(limit: Limit) -> str:
     if limit.bytes:
-        burst = f" burst {_bytes(limit.burst)}" if limit.burst else ""
-        return f"limit rate over {_bytes(limit.rate)}/{limit.unit}{burst}"
+        burst = f" burst {render_bytes(limit.burst)}" if limit.burst else ""
+        return f"limit rate over {render_bytes(limit.rate)}/{limit.unit}{burst}"
     burst = f" burst {limit.burst} packets" if limit.burst else ""
     return f"limit rate over {limit.rate}/{limit.unit}{burst}"
 
