@@ -279,9 +279,9 @@ def limit_lines(service: Service, source: str) -> list[str]:
         out.append(f"connection limit: {service.connection_limit} concurrent connections per client (while conntrack "
                    f"holds them); new ones over it are dropped{why}")
     if service.bandwidth_limit:
-        limit = service.bandwidth_limit
-        burst = f", burst {render_bytes(limit.burst)}" if limit.burst else ""
-        out.append(f"bandwidth limit: {render_bytes(limit.rate)}/second per client in each direction{burst}; "
+        bandwidth = service.bandwidth_limit
+        burst = f", burst {render_bytes(bandwidth.burst)}" if bandwidth.burst else ""
+        out.append(f"bandwidth limit: {render_bytes(bandwidth.rate)}/second per client in each direction{burst}; "
                    f"packets over it are dropped (policing, not queueing){why}")
     if service.limited and service.limit_allowlist:
         out.append(f"limit allowlist: {', '.join(service.limit_allowlist)}: "
