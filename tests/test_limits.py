@@ -272,3 +272,58 @@ def test_allowlisted_client_skips_every_limit_at_once(bed: NetBed) -> None:
     assert text.count("(not for this client: allowlisted") == 4
     text = explained(bed, objects, bed.client_ip4, "10.96.0.44", 80)
     assert "source not in it, limited" in text and "allowlisted by" not in text
+
+
+# -- the bandwidth hooks come and go with partial syncs -----------------------------------------------
+
+
+def test_bandwidth_hooks_exist_only_while_a_service_has_a_limit(bed: NetBed) -> None:
+    """The daemon's partial syncs add the bandwidth base chains with the first Service that has a bandwidth
+    limit, keep them while another has one, and delete them after the last one; the traffic is policed
+    meanwhile, and a full compile agrees with what the partial syncs left."""
+    from kproxy.daemon.proxier import CHAIN_DELETE_DELAY, Proxier
+    from kproxy.rules.compiler import compile_ruleset, node_info
+    from kproxy.rules.plan import plan
+
+    now = [1000.0]
+    with bed.node.entered():
+        proxier = Proxier(NftablesBackend(), bed.node_name, CONFIG, clock=lambda: now[0])
+    ports, targets = _ports(("down", 81, 9001, "TCP"))
+
+    def objects(name: str, ip: str, limited: bool) -> list[dict[str, Any]]:
+        annotations = {"kproxy.io/bandwidth-limit": "1 mbytes/second"} if limited else {}
+        return [service(name, cluster_ip=ip, annotations=annotations, ports=ports),
+                endpoint_slice(f"{name}-1", name, [pod_endpoint(p) for p in bed.remote_pods], ports=targets)]
+
+    def sync() -> tuple[bool, set[str]]:
+        with bed.node.entered():
+            result = proxier.sync()
+        chains = bed.node.nft("list", "chains", "ip").stdout
+        return result.full, {name for name in ("bandwidth-prerouting", "bandwidth-output") if f"chain {name} " in chains}
+
+    proxier.on_relist("Node", [node_manifest(bed)])
+    plain, first, second = objects("plain", "10.96.0.45", False), objects("bw1", "10.96.0.46", True), objects("bw2", "10.96.0.47", True)
+    proxier.on_relist("Service", [plain[0]])
+    proxier.on_relist("EndpointSlice", [plain[1]])
+    assert sync() == (True, set())
+    proxier.on_service("ADDED", first[0])
+    proxier.on_slice("ADDED", first[1])
+    assert sync() == (False, {"bandwidth-prerouting", "bandwidth-output"})
+    rate = _in(bed.client, lambda: bulk.download("10.96.0.46", 81, 4 * MB))
+    assert abs(rate - MB) <= 0.2 * MB, rate
+    proxier.on_service("ADDED", second[0])
+    proxier.on_slice("ADDED", second[1])
+    assert sync() == (False, {"bandwidth-prerouting", "bandwidth-output"})
+    proxier.on_service("DELETED", first[0])
+    assert sync() == (False, {"bandwidth-prerouting", "bandwidth-output"})
+    proxier.on_service("DELETED", second[0])
+    assert sync()[0] is False
+    assert "vmap" not in bed.node.nft("list", "chain", "ip", "kproxy", "bandwidth-prerouting").stdout, "flushed at once"
+    now[0] += CHAIN_DELETE_DELAY + 1
+    assert sync() == (False, set())
+    assert _in(bed.client, lambda: bulk.download("10.96.0.45", 81, 4 * MB)) > 5 * MB, "no limit is left"
+    cluster = proxier.cluster()
+    with bed.node.entered():
+        left = plan(NftablesBackend().read(), compile_ruleset(cluster, node_info(bed.node_name, cluster.node), CONFIG))
+    # All but the deleted Services' ClusterIPs, which stay rejected for 60 s (rules/README.md).
+    assert [(op.verb, op.name) for op in left.ops] == [("delete", "cluster-ips")]
