@@ -336,6 +336,31 @@ def test_per_service_series_are_opt_in(setting: str, expected_conns: list[dict[s
     assert f"# TYPE {CONNS} counter\n".encode() in body and f"# TYPE {DROPS} counter\n".encode() in body
 
 
+@pytest.mark.parametrize("setting", ["none", "annotated", "all"])
+@pytest.mark.parametrize("accept", ["", OPENMETRICS], ids=["text", "openmetrics"])
+def test_every_limit_exports_its_drops_with_a_reason(setting: str, accept: str) -> None:
+    """Issue 19: each limit's drop counter is a ``kproxy_limit_drops_total`` series with its ``reason``, whatever
+    ``--service-metrics`` says; the rate limit's is also ``kproxy_rate_limit_drops_total``, as before."""
+    counters = {
+        ("ip", "drops-ABCDEFGH-shop/web/tcp/http"): (5, 300),
+        ("ip", "totaldrops-ABCDEFGH-shop/web/tcp/http"): (6, 360),
+        ("ip", "conndrops-ABCDEFGH-shop/web/tcp/http"): (7, 420),
+        ("ip", "bwdrops-ABCDEFGH-shop/web/tcp/http"): (8, 12000),
+        ("ip6", "bwdrops-ABCDEFGH-shop/web/tcp/http"): (9, 13500),
+        ("ip", "conns-ABCDEFGH-shop/web/tcp/http"): (100, 6000),
+    }
+    registry, collector = _collector(Stub([]), lambda: counters, service_metrics=setting)
+    body, samples = scrape(registry, collector, accept)
+    limits = "kproxy_limit_drops_total"
+    for reason, value in (("rate_limit", 5), ("rate_limit_total", 6), ("connections", 7), ("bandwidth", 8)):
+        assert sample(samples, limits, **WEB, ip_family="IPv4", reason=reason) == value
+    assert sample(samples, limits, **WEB, ip_family="IPv6", reason="bandwidth") == 9
+    assert len(series(samples, limits)) == 5
+    assert series(samples, DROPS) == [{**WEB, "ip_family": "IPv4"}] and sample(samples, DROPS, **WEB, ip_family="IPv4") == 5
+    assert (sample(samples, CONNS, **WEB, ip_family="IPv4") is not None) == (setting == "all")
+    assert b"# TYPE kproxy_limit_drops" in body
+
+
 def test_default_setting_is_annotated() -> None:
     _, collector = _collector(Stub([]))
     assert collector.service_metrics == "annotated" == DEFAULT_SERVICE_METRICS
