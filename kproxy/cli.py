@@ -174,6 +174,8 @@ def explain_main(argv: Sequence[str]) -> int:
         print(f"kproxy: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     setup_logging(config.log_format, "debug" if args.verbose else "warning")
+    for warning in config.warnings:
+        log.warning("%s", warning)
     try:
         cluster, problems = _model(args, "explain", config)
         node = _node_info(config, cluster, here=True)
@@ -273,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     daemon_mode = not modes
     setup_logging(config.log_format, config.log_level if daemon_mode or args.verbose else "warning")
+    for warning in config.warnings:
+        log.warning("%s", warning)
     try:
         if args.dry_run:
             return dry_run(args, config)

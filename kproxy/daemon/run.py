@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from kproxy import __version__
 from kproxy.cluster.watch import Backoff, Watcher, api_resources
 from kproxy.daemon.config import DaemonConfig
 from kproxy.daemon.drift import DriftWatcher
@@ -96,7 +97,8 @@ class Daemon:
             watcher.start()
         self.runner.start()
         self.drift.start()
-        log.info("kproxy started on node %s", self.config.node_name)
+        log.info("kproxy %s started on node %s", __version__, self.config.node_name)
+        log.info("%s", self.config.nodeport_summary())
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop watching and syncing; the rules stay in the kernel."""
