@@ -883,6 +883,14 @@ def add_daemon_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) 
     )
     add("--log-format", metavar="text|json", help="log format (default: text)")
     add(
+        "--expose-rules",
+        action="store_true",
+        default=None,
+        help="serve /rules (the whole ruleset) and /skipped on the metrics address to any client; without it they "
+        "answer loopback clients only (kubectl exec, kproxy explain) and 403 others, while /metrics answers all; "
+        "kproxy's own, not in --config",
+    )
+    add(
         "--service-metrics",
         metavar="|".join(SERVICE_METRICS),
         help="which Services export kproxy_service_new_connections_total: those annotated "
