@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kproxy",
         description="A Kubernetes service proxy on nftables sets, verdict maps and meters. "
         "Without a mode flag it runs as the node's proxy daemon.",
+        epilog="Also: kproxy explain SRC DST PORT [--proto tcp|udp|sctp] shows which Service and endpoints a packet "
+        "would go to, from the live tables, and why (kproxy explain --help). Docs: README.md, docs/.",
     )
     mode = parser.add_argument_group("mode (default: run the daemon)")
     mode.add_argument("--dry-run", action="store_true", help="print the nft script for the input and exit")

@@ -867,19 +867,26 @@ def add_daemon_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) 
         nargs="?",
         const="true",
         metavar="true|false",
-        help="masquerade all traffic to ClusterIPs",
+        help="masquerade all traffic to ClusterIPs (alone: true; default: false)",
     )
-    add("--min-sync-period", metavar="DURATION", help="least time between syncs, e.g. 100ms (default: 100ms)")
-    add("--sync-period", metavar="DURATION", help="full resync at least this often, e.g. 30s (default: 30s)")
+    add("--min-sync-period", metavar="DURATION",
+        help="least time between syncs, e.g. 1s (default: 100ms; upstream's, and daemonset.yaml's, is 1s)")
+    add("--sync-period", metavar="DURATION",
+        help="a sync at least this often, and a check that kproxy's tables exist (default: 30s); a sync sends only "
+        "what changed: the full resync, which reads the tables back and repairs them, runs at startup, hourly (as "
+        "upstream's), after a failure, on SIGHUP and when another program changes the tables. /healthz, /livez and "
+        "/readyz fail once a change has waited 2 x this")
     add(
         "--metrics-bind-address",
         metavar="HOST:PORT",
-        help=f"where to serve /metrics (default: {DEFAULT_METRICS_BIND_ADDRESS}; port 0 = any free port)",
+        help=f"where to serve /metrics, /rules and /skipped (default: {DEFAULT_METRICS_BIND_ADDRESS}; "
+        "port 0 = any free port)",
     )
     add(
         "--healthz-bind-address",
         metavar="HOST:PORT",
-        help=f"where to serve /healthz (default: {DEFAULT_HEALTHZ_BIND_ADDRESS}; port 0 = any free port)",
+        help=f"where to serve /healthz, /livez and /readyz (default: {DEFAULT_HEALTHZ_BIND_ADDRESS}; "
+        "port 0 = any free port)",
     )
     add("--log-format", metavar="text|json", help="log format (default: text)")
     add(
