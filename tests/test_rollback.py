@@ -174,8 +174,8 @@ def test_map_elements_with_and_without_comments() -> None:
 
 
 def test_iptables_nft_rules() -> None:
-    """KUBE-SERVICES rules give destination, protocol and port; a rule without a destination is skipped there;
-    KUBE-NODEPORTS rules give protocol and port."""
+    """KUBE-SERVICES rules give destination, protocol and port (a rule without a full-length destination is
+    skipped); in the NodePort chains, rules without a destination give protocol and port."""
     def rule(*exprs: dict[str, Any]) -> dict[str, Any]:
         return {"rule": {"expr": [*exprs, {"jump": {"target": "KUBE-SVC-X"}}]}}
 
@@ -185,9 +185,10 @@ def test_iptables_nft_rules() -> None:
     dport = {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 80}}
     wide = {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
                       "right": {"prefix": {"addr": "10.96.0.0", "len": 12}}}}
-    document = {"nftables": [rule(daddr, proto, dport), rule(proto, dport), rule(wide, proto, dport)]}
+    udp = {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 30053}}
+    document = {"nftables": [rule(daddr, proto, dport), rule(wide, proto, dport), rule(udp)]}
     assert frontends_in_chain(document, "ip", nodeports=False) == {("ip", "10.96.0.30", "tcp", 80)}
-    assert frontends_in_chain(document, "ip", nodeports=True) == {("ip", "*", "tcp", 80)}
+    assert frontends_in_chain(document, "ip", nodeports=True) == {("ip", "*", "udp", 30053)}
 
 
 class _Attrs:
@@ -204,3 +205,38 @@ def test_ipvs_virtual_servers() -> None:
                                                      IPVS_SVC_ATTR_PROTOCOL=6)),
                 _Attrs(IPVS_CMD_ATTR_SERVICE=_Attrs(IPVS_SVC_ATTR_FWMARK=5)), _Attrs()]
     assert ipvs_services(messages) == {("ip", "10.96.0.30", "tcp", 80), ("ip", "*", "tcp", 80)}
+
+
+IPTABLES_NODEPORTS = """\
+*nat
+:KUBE-SERVICES - [0:0]
+:KUBE-NODEPORTS - [0:0]
+:KUBE-EXT-WEB - [0:0]
+-A KUBE-SERVICES -d 10.96.0.40/32 -p tcp -m comment --comment "default/web:http cluster IP" -m tcp --dport 80 -j KUBE-EXT-WEB
+-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+-A KUBE-NODEPORTS -p tcp -m comment --comment "default/web:http" -m tcp --dport 30080 -j KUBE-EXT-WEB
+COMMIT
+*filter
+:KUBE-SERVICES - [0:0]
+:KUBE-EXTERNAL-SERVICES - [0:0]
+-A KUBE-SERVICES -d 10.96.0.41/32 -p udp -m comment --comment "default/dns:dns has no endpoints" -m udp --dport 53 -j REJECT --reject-with icmp-port-unreachable
+-A KUBE-EXTERNAL-SERVICES -p tcp -m comment --comment "default/empty:x has no endpoints" -m addrtype --dst-type LOCAL -m tcp --dport 30132 -j REJECT --reject-with icmp-port-unreachable
+-A KUBE-EXTERNAL-SERVICES -p sctp -m comment --comment "default/sctp:x has no endpoints" -m addrtype --dst-type LOCAL -m sctp --dport 30133 -j REJECT --reject-with icmp-port-unreachable
+COMMIT
+"""
+
+
+@pytest.mark.root
+@needs_iptables_nft
+def test_iptables_nft_rules_as_the_kernel_lists_them(empty_netns: Netns) -> None:
+    """kube-proxy's iptables rules, loaded with iptables-nft-restore and read back over libnftables: ClusterIPs with
+    and without endpoints, a NodePort, and a NodePort without endpoints."""
+    from kproxy.node.rollback import _Nft, kube_proxy_frontends
+
+    empty_netns.run("iptables-nft-restore", "--noflush", input=IPTABLES_NODEPORTS)
+    with empty_netns.entered():
+        nft = _Nft()
+        found, sources = kube_proxy_frontends(nft, nft.tables(), ipvs=lambda: None)
+    assert found == {("ip", "10.96.0.40", "tcp", 80), ("ip", "10.96.0.41", "udp", 53), ("ip", "*", "tcp", 30080),
+                     ("ip", "*", "tcp", 30132)}, "iptables-nft writes an SCTP port as an opaque xt match: not read"
+    assert sources == ["iptables-nft ip KUBE-SERVICES"]

@@ -12,8 +12,9 @@ again (docs/migration.md):
    ``service-ips``, ``no-endpoint-services``, ``service-nodeports`` and
    ``no-endpoint-nodeports``); its iptables chains through iptables-nft
    (``KUBE-SERVICES`` and ``KUBE-EXTERNAL-SERVICES`` in ``nat`` and
-   ``filter``: destination, protocol and port; ``KUBE-NODEPORTS``: protocol
-   and port); IPVS virtual servers (address, protocol, port; a NodePort is
+   ``filter``: destination, protocol and port; ``KUBE-NODEPORTS``, and the
+   rules of ``KUBE-EXTERNAL-SERVICES`` without a destination: protocol and
+   port); IPVS virtual servers (address, protocol, port; a NodePort is
    any virtual server on its port).
 3. It waits (``--wait-for-kube-proxy``, polling every half second) until
    kube-proxy serves every frontend kproxy serves, in every family, then
@@ -28,8 +29,10 @@ again (docs/migration.md):
 If kube-proxy's rules do not cover kproxy's frontends by the deadline,
 nothing is deleted and ``KubeProxyNotReady`` names what is missing.
 ``force=True`` deletes anyway. Rules made with iptables-legacy are invisible
-to nftables, so such a node always needs ``force`` (after checking
-``iptables-legacy-save`` by hand).
+to nftables, and iptables-nft writes an SCTP port match as an opaque ``xt``
+expression, so such a node (or an SCTP Service under iptables mode) needs
+``force``, after checking ``iptables-legacy-save`` or ``iptables-save`` by
+hand.
 """
 
 from __future__ import annotations
@@ -56,7 +59,10 @@ KUBE_PROXY_IP_MAPS = ("service-ips", "no-endpoint-services")
 KUBE_PROXY_NODEPORT_MAPS = ("service-nodeports", "no-endpoint-nodeports")
 IPTABLES_SERVICE_CHAINS = (("nat", "KUBE-SERVICES"), ("filter", "KUBE-SERVICES"),
                            ("filter", "KUBE-EXTERNAL-SERVICES"))
-IPTABLES_NODEPORT_CHAINS = (("nat", "KUBE-NODEPORTS"), ("filter", "KUBE-NODEPORTS"))
+IPTABLES_NODEPORT_CHAINS = (("nat", "KUBE-NODEPORTS"), ("filter", "KUBE-NODEPORTS"),
+                            ("filter", "KUBE-EXTERNAL-SERVICES"))
+"""Rules without a destination match here are NodePorts (a NodePort without endpoints is rejected in
+KUBE-EXTERNAL-SERVICES, matched by ``addrtype LOCAL``)."""
 
 
 class RollbackError(Exception):
@@ -163,7 +169,7 @@ def frontends_in_chain(document: dict[str, Any], family: str, nodeports: bool) -
         rule = item.get("rule")
         if not rule:
             continue
-        address, proto, port = None, None, None
+        address, proto, port, has_daddr = None, None, None, False
         for expr in rule.get("expr", []):
             match = expr.get("match") if isinstance(expr, dict) else None
             if not isinstance(match, dict) or match.get("op", "==") != "==":
@@ -172,12 +178,12 @@ def frontends_in_chain(document: dict[str, Any], family: str, nodeports: bool) -
             payload = left.get("payload", {}) if isinstance(left, dict) else {}
             meta = left.get("meta", {}) if isinstance(left, dict) else {}
             if payload.get("field") == "daddr" and payload.get("protocol") in ("ip", "ip6"):
-                address = _address(right)
+                address, has_daddr = _address(right), True
             elif payload.get("field") == "dport" and isinstance(right, int):
                 proto, port = proto or _protocol(payload.get("protocol")), right
             elif meta.get("key") == "l4proto":
                 proto = _protocol(right)
-        if nodeports and proto and port is not None:
+        if nodeports and not has_daddr and proto and port is not None:
             found.add((family, NODEPORT, proto, port))
         elif not nodeports and address and proto and port is not None:
             found.add((family, address, proto, port))
