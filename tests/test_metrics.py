@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kproxy.daemon.proxier import Proxier
 from kproxy.nft.fake import FakeBackend
 from kproxy.observe.exposition import SharedExposition
-from kproxy.observe.http import HTTPService, Request, Response, start_metrics_server
+from kproxy.observe.http import HTTPService, Request, Response, metrics_routes, start_metrics_server
 from kproxy.observe.metrics import (
     DEFAULT_SERVICE_METRICS,
     IP_FAMILIES,
@@ -682,3 +682,23 @@ def test_wildcard_host_listens_dual_stack() -> None:
                 assert _get(server, "/rules", host="::1")[0] == 200
         finally:
             server.stop()
+
+
+@pytest.mark.parametrize(
+    ("client", "loopback"),
+    [("127.0.0.1", True), ("127.3.4.5", True), ("::1", True), ("::ffff:127.0.0.1", True), ("10.0.0.1", False),
+     ("::ffff:10.0.0.1", False), ("fd00::1", False), ("", False), ("not-an-ip", False)],
+)
+def test_rules_and_skipped_answer_loopback_clients_only(client: str, loopback: bool) -> None:
+    """/rules and /skipped answer 403 to a client that is not loopback (naming --expose-rules); /metrics answers all;
+    with expose_rules every client gets them."""
+    routes = metrics_routes(CollectorRegistry(), lambda: "table ip kproxy {\n}\n", lambda: [])
+    request = Request("GET", "/rules", client=client)
+    assert routes["/metrics"](request).status == 200
+    for path in ("/rules", "/skipped"):
+        response = routes[path](Request("GET", path, client=client))
+        assert response.status == (200 if loopback else 403), (path, client)
+        if not loopback:
+            assert b"--expose-rules" in response.body
+    opened = metrics_routes(CollectorRegistry(), lambda: "", lambda: [], expose_rules=True)
+    assert opened["/rules"](request).status == opened["/skipped"](request).status == 200
