@@ -53,6 +53,31 @@ def test_a_commit_cut_across_datagrams_stays_one() -> None:
     assert list(parse(b"\x01\x02")) == [], "a short datagram is nothing"
 
 
+def test_the_fast_reader_finds_the_same_commits() -> None:
+    """Commits.feed_bytes (the monitor's) equals feed(parse()) on mixed datagrams, whatever the attributes' order."""
+    import random
+
+    rng = random.Random(7)
+    kinds = [0, 2, 3, 5, 6, 8, 9, 11, 12, 14, 18, 20, 26, 30, 40]
+    for _ in range(300):
+        messages = []
+        for _ in range(rng.randrange(1, 12)):
+            roll = rng.random()
+            if roll < 0.15:
+                messages.append(_gen(rng.randrange(1000), rng.choice([PID, 1]), rng.choice(["nft", "kproxy"])))
+            else:
+                table = rng.choice(["kproxy", "kproxy", "firewalld", "kproxy2", "kprox"])
+                attributes = [_attr(1, table.encode() + b"\0"), _attr(2, b"chain\0")]
+                if rng.random() < 0.3:
+                    attributes.reverse()  # the name not first: read the long way
+                messages.append(_message(rng.choice(kinds), rng.choice([2, 10, 1, 7]), b"".join(attributes)))
+        slow, fast = Commits(), Commits()
+        cut = rng.randrange(len(messages) + 1)  # a transaction's messages across two datagrams
+        pieces = [b"".join(messages[:cut]), b"".join(messages[cut:])]
+        expected = [c for piece in pieces for c in slow.feed(parse(piece))]
+        assert [c for piece in pieces for c in fast.feed_bytes(piece)] == expected
+
+
 def test_pacing_at_once_then_doubling_while_a_storm_goes_on() -> None:
     pacer = RepairPacer(initial=1.0, cap=8.0, quiet=10.0)
     assert pacer.drift(0.0) and pacer.due() == float("-inf")

@@ -71,18 +71,56 @@ class Resource:
     empty, is logged once, and is listed again every ``OPTIONAL_RETRY`` seconds."""
 
 
-def api_resources(api_client: Any, node_name: str) -> list[Resource]:
-    """The three resources kproxy watches, bound to one ApiClient."""
-    from kubernetes import client
+_QUERY_NAMES = {
+    "label_selector": "labelSelector",
+    "field_selector": "fieldSelector",
+    "resource_version": "resourceVersion",
+    "_continue": "continue",
+    "limit": "limit",
+    "watch": "watch",
+    "allow_watch_bookmarks": "allowWatchBookmarks",
+    "timeout_seconds": "timeoutSeconds",
+}
 
-    core = client.CoreV1Api(api_client)
-    discovery = client.DiscoveryV1Api(api_client)
-    networking = client.NetworkingV1Api(api_client)
+
+def collection_reader(api_client: Any, path: str, name: str) -> Callable[..., Any]:
+    """A list/watch call for one collection, sent through ``api_client`` (the official client's transport).
+
+    It takes the keyword arguments of the client's generated ``list_*``
+    functions and returns the raw response (their ``_preload_content=False``),
+    raising ``ApiException`` for an error status as they do. The generated API
+    classes are not used: importing them (every model of their group) took
+    1-2 s of the daemon's start.
+    """
+    from kubernetes.client.exceptions import ApiException
+
+    def call(*, _preload_content: bool = False, _request_timeout: Any = None, **params: Any) -> Any:
+        query = [(_QUERY_NAMES[key], value) for key, value in params.items() if value is not None]
+        request = api_client.param_serialize(
+            method="GET", resource_path=path, query_params=query,
+            header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
+        )
+        response = api_client.call_api(*request, _request_timeout=_request_timeout)
+        if not 200 <= response.status <= 299:
+            response.read()
+            raise ApiException.from_response(http_resp=response, body=None, data=None)
+        return response.response
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+def api_resources(api_client: Any, node_name: str) -> list[Resource]:
+    """The resources kproxy watches, bound to one ApiClient."""
     resources = [
-        Resource("Service", core.list_service_for_all_namespaces, label_selector=SERVICE_SELECTOR),
-        Resource("EndpointSlice", discovery.list_endpoint_slice_for_all_namespaces),
-        Resource("Node", core.list_node, field_selector=f"metadata.name={node_name}"),
-        Resource("ServiceCIDR", networking.list_service_cidr, optional=True),
+        Resource("Service", collection_reader(api_client, "/api/v1/services", "list_service_for_all_namespaces"),
+                 label_selector=SERVICE_SELECTOR),
+        Resource("EndpointSlice", collection_reader(api_client, "/apis/discovery.k8s.io/v1/endpointslices",
+                                                    "list_endpoint_slice_for_all_namespaces")),
+        Resource("Node", collection_reader(api_client, "/api/v1/nodes", "list_node"),
+                 field_selector=f"metadata.name={node_name}"),
+        Resource("ServiceCIDR", collection_reader(api_client, "/apis/networking.k8s.io/v1/servicecidrs",
+                                                  "list_service_cidr"), optional=True),
     ]
     for resource in resources:
         # Every call here lists and then watches: kproxy/rbac.py (and so the

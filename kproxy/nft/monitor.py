@@ -22,7 +22,7 @@ import socket
 import struct
 from collections.abc import Iterator
 
-from kproxy.nft.notifications import NFNL_SUBSYS_NFTABLES, NFTA_GEN_ID, Commit, Commits, parse
+from kproxy.nft.notifications import NFNL_SUBSYS_NFTABLES, NFTA_GEN_ID, Commit, Commits
 from kproxy.nft.objects import TABLE, Family
 
 NETLINK_NETFILTER = 12
@@ -84,7 +84,7 @@ class RulesetMonitor:
                     self._commits.forget()
                     raise NotificationsLost(f"the kernel dropped ruleset notifications: {exc.strerror}") from None
                 raise
-            commits.extend(self._commits.feed(parse(data)))
+            commits.extend(self._commits.feed_bytes(data))
             wait = 0.0  # then take what is already there, without waiting
 
     # -- queries ---------------------------------------------------------------------------------

@@ -110,21 +110,67 @@ def parse(data: bytes) -> Iterator[Notification]:
         offset += (length + 3) & ~3
 
 
+_TABLE_ATTRIBUTE = struct.pack("=HH", 4 + len(TABLE) + 1, 1) + TABLE.encode() + b"\0"
+"""Attribute 1 (the table's name) of a message about kproxy's table, as the kernel puts it first."""
+
+
 class Commits:
     """Groups notifications into transactions: everything up to and including a NEWGEN is one commit."""
 
     def __init__(self) -> None:
         self._changes: dict[Family, set[str]] = {}
+        self._seen: set[tuple[int, int]] = set()
+        """(family number, message type) of kproxy-table messages since the last NEWGEN (``feed_bytes``)."""
+
+    def _commit(self, note: Notification) -> Commit:
+        for family_number, message in self._seen:
+            verb, what = OBJECT_KINDS[message]
+            self._changes.setdefault(_FAMILIES[family_number], set()).add(f"{verb} {what}")
+        commit = Commit(note.generation or 0, note.pid, note.process, self._changes)
+        self._changes = {}
+        self._seen.clear()
+        return commit
 
     def feed(self, notifications: Iterator[Notification]) -> Iterator[Commit]:
         for note in notifications:
             if note.verb == "gen":
-                commit = Commit(note.generation or 0, note.pid, note.process, self._changes)
-                self._changes = {}
-                yield commit
+                yield self._commit(note)
             elif note.table == TABLE and note.family is not None:
                 self._changes.setdefault(note.family, set()).add(f"{note.verb} {note.what}")
+
+    def feed_bytes(self, data: bytes) -> list[Commit]:
+        """``feed(parse(data))``, without an object per message.
+
+        A cold start is announced as one message per element (over 100,000 at
+        10k Services), read while the daemon is still encoding the rest: each
+        object message costs a header read and a comparison with the name
+        attribute, and only a NEWGEN is parsed in full.
+        """
+        commits: list[Commit] = []
+        seen = self._seen
+        unpack = struct.unpack_from
+        offset, end = 0, len(data)
+        while offset + 16 <= end:
+            length, msg_type = unpack("=IH", data, offset)
+            if length < 16 or offset + length > end:
+                break
+            if msg_type >> 8 == NFNL_SUBSYS_NFTABLES and length >= 20:
+                message = msg_type & 0xFF
+                if message == NFT_MSG_NEWGEN:
+                    commits.extend(self._commit(note) for note in parse(data[offset : offset + length]))
+                elif message in OBJECT_KINDS and data[offset + 16] in _FAMILIES:
+                    key = (data[offset + 16], message)
+                    if key not in seen:
+                        name = data[offset + 20 : offset + 20 + len(_TABLE_ATTRIBUTE)]
+                        if name == _TABLE_ATTRIBUTE or (
+                            name[2:4] != _TABLE_ATTRIBUTE[2:4]  # not first: read the attributes
+                            and _string(_attributes(data[offset + 20 : offset + length]).get(1)) == TABLE
+                        ):
+                            seen.add(key)
+            offset += (length + 3) & ~3
+        return commits
 
     def forget(self) -> None:
         """Drop what was gathered (after messages were lost: the next commit would be incomplete)."""
         self._changes = {}
+        self._seen.clear()
