@@ -2,10 +2,13 @@
 
     .venv/bin/python benchmarks/run.py [--quick] [--only NAME ...] [--no-write]
 
-Each benchmark prints a markdown table; this runs them in turn, prints them,
-and (unless --quick or --no-write) replaces the generated section of
-benchmarks/README.md, between its ``results`` markers, with the tables and the
-machine, kernel, nft and Python versions they were measured with.
+Each benchmark prints a markdown table (and, on lines of their own in
+italics, what it measured); this runs them in turn, prints them, and (unless
+--quick or --no-write) replaces the generated section of benchmarks/README.md,
+between its ``results`` markers, with the tables and the machine, kernel, nft
+and Python versions they were measured with. The user's paths (the daemon,
+``--once``, ``--dry-run``, ``/metrics``, latency by packets, each run as a
+process) come first; the in-process measurements of the core after them.
 """
 
 from __future__ import annotations
@@ -19,11 +22,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import cold_start, datapath, partial_sync, programming_latency
+from benchmarks import cold_start, datapath, packet_latency, partial_sync, programming_latency, user_paths
 from benchmarks import compile as compile_bench
 from benchmarks.netns import versions
 
 BENCHMARKS = {
+    "user-daemon": ("User path: the daemon, exec to programmed", user_paths.main_daemon),
+    "user-files": ("User path: --once and --dry-run on kubectl exports", user_paths.main_files),
+    "user-metrics": ("User path: /metrics of an idle daemon", user_paths.main_metrics),
+    "packet-latency": ("User path: network programming latency by packets", packet_latency.main),
     "compile": ("Compile (pure core)", compile_bench.main),
     "cold-start": ("Cold start on an empty node", cold_start.main),
     "partial-sync": ("Partial syncs in a loaded table", partial_sync.main),
@@ -50,7 +57,9 @@ def main() -> None:
         captured = io.StringIO()
         with contextlib.redirect_stdout(captured):
             run(["--quick"] if args.quick else [])
-        table = "\n".join(line for line in captured.getvalue().splitlines() if line.startswith("|"))
+        lines = [line for line in captured.getvalue().splitlines() if line.startswith(("|", "_"))]
+        notes = [line for line in lines if line.startswith("_")]
+        table = "\n\n".join([*notes, "\n".join(line for line in lines if line.startswith("|"))])
         print(f"\n## {title}\n\n{table}", flush=True)
         sections.append(f"### {title} (`benchmarks/{run.__module__.split('.')[-1]}.py`)\n\n{table}")
     if args.quick or args.no_write:

@@ -106,6 +106,8 @@ TARGETS = {
     ("dry-run", 10_000): (2.0, None),
 }
 METRICS_TARGETS = {10_000: 0.1, 30_000: 0.3}
+QUIET = {"max_wait": 600.0}
+"""How long ``wait_quiet`` waits for other processes to calm down before a measurement (0 with --quick)."""
 
 
 # --- the daemon as daemonset.yaml starts it --------------------------------------------------------
@@ -344,12 +346,13 @@ class OtherLoad:
         return max(0.0, others / wall) if wall > 0 else 0.0
 
 
-def wait_quiet(max_wait: float = 600.0, threshold: float = 0.25) -> float:
+def wait_quiet(max_wait: float | None = None, threshold: float = 0.25) -> float:
     """Wait (up to ``max_wait`` s) until other processes keep less than ``threshold`` cores busy for 2 s in a row.
 
     Returns the seconds waited. The development machine is shared; a
     measurement started in the middle of someone else's test run says little.
     """
+    max_wait = QUIET["max_wait"] if max_wait is None else max_wait
     started = time.monotonic()
     quiet = 0
     while quiet < 2 and time.monotonic() - started < max_wait:
@@ -527,6 +530,7 @@ def _target_text(target: tuple[float | None, float | None]) -> str:
 
 def main_daemon(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = _parser("daemon", repeats=3).parse_args(argv)
+    quick_mode(args.quick)
     rows = []
     for services in args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES):
         api = ApiServer(services)
@@ -538,9 +542,9 @@ def main_daemon(argv: list[str] | None = None) -> list[dict[str, Any]]:
             api.close()
         rows.append(median_row(runs, "seconds"))
     command = " ".join(["kproxy", *daemonset_args("config.yaml", NODE_NAME), "--kubeconfig=...", *args.daemon_flag])
-    print(f"The daemon (`{command}`) "
+    print(f"_The daemon (`{command}`) "
           "exec'd on an empty node namespace, the test API server already holding the cluster; median of "
-          f"{rows[0]['runs'] if rows else 0} cold starts (by time), range in brackets.\n")
+          f"{rows[0]['runs'] if rows else 0} cold starts (by time), range in brackets._\n")
     print("| Services x 10 endpoints | exec to kernel programmed, s | daemon CPU s | peak RSS MB (VmHWM) | target | "
           "| test API server + polls CPU s | others' load, cores | kernel: service-ips / endpoint elements |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -551,8 +555,10 @@ def main_daemon(argv: list[str] | None = None) -> list[dict[str, Any]]:
               f"{r['cpu_s']:.2f} | {r['rss_mb']:.0f} [{r['rss_mb_min']:.0f}-{r['rss_mb_max']:.0f}] | "
               f"{_target_text(target)} | {_verdict(r['seconds'], r['rss_mb'], target)} | {r['bench_cpu_s']:.2f} | "
               f"{r['others_cores_max']:.2f} | {r['service-ips']:,} / {elements:,} |")
-    trees = {r["tree"] for r in rows}
-    print(f"\nProcesses in the daemon's tree (peak of each): {'; '.join(sorted(trees))}.")
+    if any(r["tree_mb"] != r["rss_mb"] for r in rows):
+        print(f"\n_The daemon's process tree (peak of each process): {'; '.join(r['tree'] for r in rows)}._")
+    else:
+        print("\n_The daemon's process tree is the one kproxy process (`ip netns exec` execs it): no child processes._")
     return rows
 
 
@@ -621,6 +627,7 @@ def main_files(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--formats", nargs="+", choices=("json", "yaml"), default=None)
     parser.add_argument("--modes", nargs="+", choices=("once", "dry-run"), default=["once", "dry-run"])
     args = parser.parse_args(argv)
+    quick_mode(args.quick)
     formats = args.formats or (["json"] if args.quick else ["json", "yaml"])
     rows = []
     with tempfile.TemporaryDirectory(prefix="kproxy-userbench-") as out_dir:
@@ -635,10 +642,10 @@ def main_files(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         run["format"] = fmt
                         runs.append(run)
                     rows.append(median_row(runs, "seconds"))
-    print("`kproxy --once` (in a fresh namespace, judged from the kernel after it exits) and `kproxy --dry-run` "
+    print("_`kproxy --once` (in a fresh namespace, judged from the kernel after it exits) and `kproxy --dry-run` "
           "(script to a file) on `kubectl get svc,endpointslices,nodes -A -o json|yaml` exports (benchmarks/exports.py), "
           f"with daemonset.yaml's config file and `--hostname-override={NODE_NAME}`; median of "
-          f"{rows[0]['runs'] if rows else 0} runs (by time), range in brackets; time from exec to exit.\n")
+          f"{rows[0]['runs'] if rows else 0} runs (by time), range in brackets; time from exec to exit._\n")
     print("| mode | export | Services x 10 endpoints | file MB | exec to exit, s | CPU s | peak RSS MB | target | | "
           "others' load, cores | output |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -763,13 +770,14 @@ def main_metrics(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--scrapes", type=int, default=10)
     parser.add_argument("--concurrent", type=int, default=20)
     args = parser.parse_args(argv)
+    quick_mode(args.quick)
     sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
     rows = [metrics_run(n, args.daemon_flag, 3 if args.quick else args.scrapes, 5 if args.quick else args.concurrent)
             for n in sizes]
-    print("`GET /metrics` of an idle daemon (started as daemonset.yaml does, programmed, then idle) over HTTP on "
+    print("_`GET /metrics` of an idle daemon (started as daemonset.yaml does, programmed, then idle) over HTTP on "
           f"{_config_value('metricsBindAddress')} in its namespace, a new connection per scrape; time to the whole body. "
           "RSS growth: the daemon's VmHWM after the scrapes minus its RSS before them (the peak reset through "
-          "clear_refs); retained: VmRSS after minus before.\n")
+          "clear_refs); retained: VmRSS after minus before._\n")
     print("| Services x 10 endpoints | daemon flags | body KB | scrape s (median of N in a row) | max s | daemon CPU s "
           "per scrape | RSS before MB | growth, 1 scraper MB | concurrent scrapers x 2 scrapes | their median s | "
           "growth MB | retained MB | target | others' load, cores |")
@@ -808,6 +816,12 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in COMMANDS:
         raise SystemExit(f"usage: user_paths.py {{{','.join(COMMANDS)}}} [--quick] [options]; -h for help")
     COMMANDS[argv[0]](argv[1:])
+
+
+def quick_mode(quick: bool) -> None:
+    """--quick (the test suite): do not wait for the machine to be quiet."""
+    if quick:
+        QUIET["max_wait"] = 0.0
 
 
 if __name__ == "__main__":
