@@ -48,9 +48,10 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     info = versions()
+    measured = f"Measured {time.strftime('%Y-%m-%d')}, Linux {info['kernel']}."
     sections = [
-        f"Measured {time.strftime('%Y-%m-%d')} on {info['machine']}, Linux {info['kernel']}, "
-        f"{info['nft']}, Python {info['python']}."
+        f"Last run {time.strftime('%Y-%m-%d')} on {info['machine']}, Linux {info['kernel']}, "
+        f"{info['nft']}, Python {info['python']}; each section says when it was measured (`--only` keeps the others)."
     ]
     for name in args.only or list(BENCHMARKS):
         title, run = BENCHMARKS[name]
@@ -61,7 +62,7 @@ def main() -> None:
         notes = [line for line in lines if line.startswith("_")]
         table = "\n\n".join([*notes, "\n".join(line for line in lines if line.startswith("|"))])
         print(f"\n## {title}\n\n{table}", flush=True)
-        sections.append(f"### {title} (`benchmarks/{run.__module__.split('.')[-1]}.py`)\n\n{table}")
+        sections.append(f"### {title} (`benchmarks/{run.__module__.split('.')[-1]}.py`)\n\n_{measured}_\n\n{table}")
     if args.quick or args.no_write:
         return
     text = README.read_text()
