@@ -7,6 +7,7 @@ x 10 endpoints, then measures one sync (compile, plan, libnftables, kernel)
 for each kind of change, repeated at least 50 times:
 
 * one endpoint added or removed (alternately) in one Service;
+* a Service's last endpoint removed, then its first one added back (0 <-> 1);
 * one Service (with its slice) added;
 * one Service removed;
 * 100 endpoint changes (in 100 Services) batched into one sync.
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 FULL_SIZES = [10_000, 30_000]
 QUICK_SIZES = [300]
-KINDS = ["endpoint", "service added", "service removed", "100 endpoints"]
+KINDS = ["endpoint", "last endpoint", "first endpoint", "service added", "service removed", "100 endpoints"]
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -65,6 +66,15 @@ def scenario(services: int, repetitions: int) -> dict[str, object]:
         i = (n * 7919) % services
         proxier.on_slice("MODIFIED", slice_manifest(i, 10 + (1 if n % 2 == 0 else -1)))
         timed("endpoint")
+        proxier.on_slice("MODIFIED", slice_manifest(i, 10))
+        proxier.sync()
+
+        proxier.on_slice("MODIFIED", slice_manifest(i, 1))
+        proxier.sync()
+        proxier.on_slice("MODIFIED", slice_manifest(i, 0))
+        timed("last endpoint")
+        proxier.on_slice("MODIFIED", slice_manifest(i, 1))
+        timed("first endpoint")
         proxier.on_slice("MODIFIED", slice_manifest(i, 10))
         proxier.sync()
 

@@ -22,14 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import cold_start, datapath, packet_latency, partial_sync, programming_latency, user_paths
+from benchmarks import cold_start, datapath, packet_latency, partial_sync, programming_latency, scrape, user_paths
 from benchmarks import compile as compile_bench
 from benchmarks.netns import versions
 
 BENCHMARKS = {
     "user-daemon": ("User path: the daemon, exec to programmed", user_paths.main_daemon),
     "user-files": ("User path: --once and --dry-run on kubectl exports", user_paths.main_files),
-    "user-metrics": ("User path: /metrics of an idle daemon", user_paths.main_metrics),
+    "scrape": ("User path: /metrics scrapes of an idle daemon", scrape.main),
     "packet-latency": ("User path: network programming latency by packets", packet_latency.main),
     "compile": ("Compile (pure core)", compile_bench.main),
     "cold-start": ("Cold start on an empty node", cold_start.main),

@@ -26,11 +26,6 @@ Nodes.
   writes, with the same config file and node name. ``--once`` runs in a fresh
   namespace and is judged from the kernel after it exits; ``--dry-run``
   writes its script to a file, checked for the last Service's ClusterIP.
-* ``metrics``: ``/metrics`` of an idle daemon over real HTTP: time per scrape
-  (median of 5 in a row), the daemon's CPU per scrape, and how much its peak
-  RSS grows with 1 scraper and with 20 concurrent ones, one scrape each
-  (VmHWM, reset to the current RSS through /proc/PID/clear_refs before each;
-  past RSS_CAP_MB the daemon is killed and the row says so).
 
 **Judged from the kernel** (benchmarks/kernel_check.py, nf_tables netlink
 point lookups; ``nft`` itself needs 11 s and 900 MB per query at 30k): every
@@ -59,7 +54,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import http.client
 import os
 import re
 import secrets
@@ -106,9 +100,6 @@ TARGETS = {
     ("once", 10_000): (3.0, 400),
     ("dry-run", 10_000): (2.0, None),
 }
-METRICS_TARGETS = {10_000: 0.1, 30_000: 0.3}
-RSS_CAP_MB = 8_000
-"""The metrics benchmark kills the daemon when concurrent scrapes take it past this (the machine has 24 GB, shared)."""
 QUIET = {"max_wait": 600.0}
 """How long ``wait_quiet`` waits for other processes to calm down before a measurement (0 with --quick)."""
 
@@ -667,159 +658,6 @@ def main_files(argv: list[str] | None = None) -> list[dict[str, Any]]:
 # --- /metrics -----------------------------------------------------------------------------------------------
 
 
-def scrape(ns: Any, port: int, path: str = "/metrics") -> tuple[float, int]:
-    """One GET over a new connection from inside ``ns``: (seconds to the whole body, body bytes)."""
-    with ns.entered():
-        started = time.perf_counter()
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1800)
-        connection.connect()
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        body = response.read()
-        seconds = time.perf_counter() - started
-        if response.status != 200:
-            raise RuntimeError(f"GET {path}: {response.status} {body[:200]!r}")
-    finally:
-        connection.close()
-    return seconds, len(body)
-
-
-def wait_idle(pid: int, timeout: float = 120.0) -> None:
-    """Until the process used under 2% of a core for a whole second."""
-    deadline = time.monotonic() + timeout
-    before = cpu_seconds(pid)
-    while time.monotonic() < deadline:
-        time.sleep(1.0)
-        now = cpu_seconds(pid)
-        if now - before < 0.02:
-            return
-        before = now
-
-
-def metrics_run(services: int, extra: list[str], scrapes: int, concurrent: int) -> dict[str, Any]:
-    api = ApiServer(services)
-    expected = Expected(services)
-    try:
-        with fresh_netns() as ns, api.serving_in(ns):
-            with ns.entered():
-                netlink = Netlink()
-            daemon = Daemon(ns, api, SYNTHETIC_CLUSTER_CIDR, extra)
-            try:
-                with contextlib.closing(netlink):
-                    wait_programmed(daemon, expected.probe(netlink), timeout=60 + services / 100)
-                wait_idle(daemon.proc.pid)
-                wait_quiet()
-                load = OtherLoad()
-                pid = daemon.proc.pid
-                port = int(re.search(r":(\d+)$", _config_value("metricsBindAddress")).group(1))  # type: ignore[union-attr]
-                rss0 = _kb(_status(pid).get("VmRSS")) / 1024
-                # one scraper, scrapes in a row
-                reset_peak(pid)
-                cpu0 = cpu_seconds(pid)
-                times, size = [], 0
-                for _ in range(scrapes):
-                    seconds, size = scrape(ns, port)
-                    times.append(seconds)
-                cpu = (cpu_seconds(pid) - cpu0) / scrapes
-                grow1 = _kb(_status(pid).get("VmHWM")) / 1024 - rss0
-                rss1 = _kb(_status(pid).get("VmRSS")) / 1024
-                # concurrent scrapers, one scrape each, all at once; the daemon is killed past RSS_CAP_MB
-                wait_idle(pid)
-                rss_before = _kb(_status(pid).get("VmRSS")) / 1024
-                reset_peak(pid)
-                barrier = threading.Barrier(concurrent)
-                together: list[float] = []
-                failures: list[str] = []
-                killed = threading.Event()
-
-                def scraper() -> None:
-                    barrier.wait()
-                    try:
-                        together.append(scrape(ns, port)[0])
-                    except Exception as exc:
-                        failures.append(repr(exc))
-
-                def watchdog(done: threading.Event) -> None:
-                    while not done.wait(0.1):
-                        if _kb(_status(pid).get("VmRSS")) / 1024 > RSS_CAP_MB:
-                            killed.set()
-                            os.kill(pid, signal.SIGKILL)
-                            return
-
-                started = time.perf_counter()
-                done = threading.Event()
-                guard = threading.Thread(target=watchdog, args=(done,), daemon=True)
-                guard.start()
-                threads = [threading.Thread(target=scraper) for _ in range(concurrent)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                wall = time.perf_counter() - started
-                grow_n = _kb(_status(pid).get("VmHWM")) / 1024 - rss_before
-                rss_n = _kb(_status(pid).get("VmRSS")) / 1024
-                done.set()
-                guard.join()
-                others = load.cores()
-                if killed.is_set():
-                    grow_n, rss_n = RSS_CAP_MB - rss_before, float("nan")
-                elif failures:
-                    raise RuntimeError(f"{len(failures)} concurrent scrapes failed: {failures[:3]}")
-                else:
-                    daemon.alive()
-            finally:
-                daemon.stop()
-    finally:
-        api.close()
-    return {"services": services, "flags": " ".join(extra) or "(default)", "bytes": size,
-            "median_s": statistics.median(times), "max_s": max(times), "cpu_s": cpu, "rss0_mb": rss0,
-            "grow1_mb": grow1, "rss1_mb": rss1, "grow_n_mb": grow_n, "rss_n_mb": rss_n, "wall_n_s": wall,
-            "median_n_s": statistics.median(together) if together else float("nan"), "concurrent": concurrent,
-            "scrapes": scrapes, "others_cores": others, "killed": killed.is_set()}
-
-
-def _config_value(name: str) -> str:
-    match = re.search(rf"(?m)^\s*{name}:\s*(\S+)", daemonset_config(SYNTHETIC_CLUSTER_CIDR))
-    if not match:
-        raise RuntimeError(f"daemonset.yaml's config has no {name}")
-    return match.group(1)
-
-
-def main_metrics(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = _parser("metrics", repeats=1)
-    parser.add_argument("--scrapes", type=int, default=5)
-    parser.add_argument("--concurrent", type=int, default=20)
-    args = parser.parse_args(argv)
-    quick_mode(args.quick)
-    sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
-    rows = [metrics_run(n, args.daemon_flag, 3 if args.quick else args.scrapes, 5 if args.quick else args.concurrent)
-            for n in sizes]
-    print("_`GET /metrics` of an idle daemon (started as daemonset.yaml does, programmed, then idle) over HTTP on "
-          f"{_config_value('metricsBindAddress')} in its namespace, a new connection per scrape; time to the whole body. "
-          "RSS growth: the daemon's VmHWM after the scrapes minus its RSS before them (the peak reset through "
-          "clear_refs); retained: VmRSS after minus before._\n")
-    print("| Services x 10 endpoints | daemon flags | body KB | scrape s (median of N in a row) | max s | daemon CPU s "
-          "per scrape | RSS before MB | growth, 1 scraper MB | concurrent scrapers | their median s | "
-          "growth MB | retained MB | target | others' load, cores |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        target = METRICS_TARGETS.get(r["services"])
-        if r["killed"]:
-            growth, retained = f"> {r['grow_n_mb']:.0f} (killed at {RSS_CAP_MB:,} MB RSS)", "-"
-        else:
-            growth, retained = f"{r['grow_n_mb']:.0f}", f"{r['rss_n_mb'] - r['rss0_mb']:.0f}"
-        met = "-" if target is None else ("met" if r["median_s"] <= target else "missed")
-        print(f"| {r['services']:,} | {r['flags']} | {r['bytes'] / 1024:.0f} | {r['median_s']:.3f} (N={r['scrapes']}) | "
-              f"{r['max_s']:.3f} | {r['cpu_s']:.3f} | {r['rss0_mb']:.0f} | {r['grow1_mb']:.0f} | {r['concurrent']} | "
-              f"{r['median_n_s']:.3f} | {growth} | {retained} | "
-              f"{'-' if target is None else f'<= {target:g} s'}: {met} | {r['others_cores']:.2f} |")
-    return rows
-
-
-# --- command line -------------------------------------------------------------------------------------------
-
-
 def _parser(name: str, repeats: int) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"user_paths.py {name}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -831,7 +669,7 @@ def _parser(name: str, repeats: int) -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"daemon": main_daemon, "files": main_files, "metrics": main_metrics}
+COMMANDS = {"daemon": main_daemon, "files": main_files}
 
 
 def main(argv: list[str] | None = None) -> None:

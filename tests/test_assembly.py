@@ -11,6 +11,7 @@ as model values and compiled with ``compile_service``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,6 +29,7 @@ from kproxy.cluster.model import (
     ServicePort,
 )
 from kproxy.nft.objects import Chain, Element, Family, ServiceRules, Table
+from kproxy.nft.statements import Verdict
 from kproxy.rules.assembly import BASE, Assembly, Touched
 from kproxy.rules.compiler import (
     NodeInfo,
@@ -133,7 +135,7 @@ def test_adding_and_removing_a_service() -> None:
     assert _content(assembly.table) == _content(_compiled({A: (svc, (eps,))}))
     assert assembly.services() == {A}
     assert assembly.part(A) is rules
-    assert touched.chains == {chain_name("svc", svc, svc.ports[0]), "pick-4"}
+    assert touched.chains == {chain_name("svc", svc, svc.ports[0])}, "the pick chains are the base table's"
     assert touched.counters == {f"conns-{chain_name('svc', svc, svc.ports[0])[4:]}"}
     assert touched.elements == assembly.names_of(A).elements
     assert ("endpoints-4", f"10.96.0.1 . tcp . 80 . {slot(2, False)}") in touched.elements
@@ -152,10 +154,10 @@ def test_replacing_a_service_part() -> None:
     old_names = assembly.names_of(A)
     touched = _set(assembly, A, _rules(svc, large))
     assert _content(assembly.table) == _content(_compiled({A: (svc, (large,))}))
-    assert {"pick-4", "pick-8"} <= set(assembly.table.chains)
     assert old_names.elements <= touched.elements and assembly.names_of(A).elements <= touched.elements
+    assert ("class-8", "10.96.0.1 . tcp . 80") in touched.elements and ("class-4", "10.96.0.1 . tcp . 80") in touched.elements
     _set(assembly, A, _rules(_svc("a", node_port=30080), small))  # a NodePort now, one endpoint again
-    assert "pick-8" not in assembly.table.chains
+    assert "10.96.0.1 . tcp . 80" not in assembly.table.elements["class-8"]
     assert _content(assembly.table) == _content(_compiled({A: (_svc("a", node_port=30080), (small,))}))
 
 
@@ -190,38 +192,40 @@ def test_base_is_replaced_like_a_service() -> None:
     assert assembly.owners(elements=[("nodeport-ips", "192.168.50.2")]) == set(), "the base is nobody's to blame"
 
 
-# -- shared pick chains ---------------------------------------------------------------------------
+# -- chains two parts share ------------------------------------------------------------------------
+
+SHARED = Chain("shared-x", ((Verdict("accept"),),), "a chain two parts both contribute")
 
 
-def test_shared_pick_chains_stay_while_one_user_remains() -> None:
-    """Pick chains are counted per user: a second user does not touch them, and they go with their last user."""
+def _with_shared(rules: ServiceRules, times: int = 1) -> ServiceRules:
+    return dataclasses.replace(rules, chains=rules.chains + (SHARED,) * times)
+
+
+def test_shared_chains_stay_while_one_user_remains() -> None:
+    """A chain two parts contribute is counted per user: a second user does not touch it, and it goes with its last."""
     assembly = _assembly()
-    a, b = _rules(_svc("a"), _eps("a", "10.244.0.1")), _rules(_svc("b", "10.96.0.2"), _eps("b", "10.244.0.2"))
-    assert "pick-4" in _set(assembly, A, a).chains
-    assert "pick-4" not in _set(assembly, B, b).chains
-    pick = assembly.chain("pick-4")
-    assert pick is not None
-    assert assembly.owners(chains=["pick-4"]) == set(), "a shared chain has no owner"
-    assert "pick-4" not in assembly.owned(A).chains
+    a = _with_shared(_rules(_svc("a"), _eps("a", "10.244.0.1")))
+    b = _with_shared(_rules(_svc("b", "10.96.0.2"), _eps("b", "10.244.0.2")))
+    assert "shared-x" in _set(assembly, A, a).chains
+    assert "shared-x" not in _set(assembly, B, b).chains
+    assert assembly.chain("shared-x") is SHARED
+    assert assembly.owners(chains=["shared-x"]) == set(), "a shared chain has no owner"
+    assert "shared-x" not in assembly.owned(A).chains
     touched = _set(assembly, A, None)
-    assert "pick-4" not in touched.chains and assembly.chain("pick-4") is pick
-    assert assembly.owners(chains=["pick-4"]) == {B} and "pick-4" in assembly.owned(B).chains
-    assert "pick-4" in _set(assembly, B, None).chains
-    assert assembly.chain("pick-4") is None
+    assert "shared-x" not in touched.chains and assembly.chain("shared-x") is SHARED
+    assert assembly.owners(chains=["shared-x"]) == {B} and "shared-x" in assembly.owned(B).chains
+    assert "shared-x" in _set(assembly, B, None).chains
+    assert assembly.chain("shared-x") is None
 
 
-def test_a_service_using_a_pick_chain_twice_releases_both_uses() -> None:
-    """A Service whose two ports pick through pick-4 holds it twice; replacing it by a one-port part keeps pick-4."""
-    two_ports = Service("ns", "a", "ClusterIP", ("10.96.0.1",),
-                        (ServicePort("http", "tcp", 80), ServicePort("dns", "udp", 53)))
-    eps = EndpointSlice("ns", "a-1", "a", 4, (EndpointPort("http", "tcp", 8080), EndpointPort("dns", "udp", 53)),
-                        (Endpoint("10.244.0.1", node_name="node-a"),))
+def test_a_part_holding_a_chain_twice_releases_both_uses() -> None:
+    """A part with the shared chain twice holds it twice; replacing it by a part with it once keeps it; removing, not."""
     assembly = _assembly()
-    _set(assembly, A, _rules(two_ports, eps))
-    _set(assembly, A, _rules(_svc("a"), _eps("a", "10.244.0.1")))
-    assert "pick-4" in assembly.table.chains
+    _set(assembly, A, _with_shared(_rules(_svc("a"), _eps("a", "10.244.0.1")), times=2))
+    _set(assembly, A, _with_shared(_rules(_svc("a"), _eps("a", "10.244.0.1"))))
+    assert "shared-x" in assembly.table.chains
     _set(assembly, A, None)
-    assert "pick-4" not in assembly.table.chains
+    assert "shared-x" not in assembly.table.chains
 
 
 # -- element keys and frontends that several Services contribute ---------------------------------

@@ -42,8 +42,18 @@ def test_programming_latency_benchmark_quick() -> None:
 @pytest.mark.root
 def test_datapath_benchmark_quick() -> None:
     """benchmarks/datapath.py --quick measures ClusterIP connection latency at both sizes and prints the table."""
-    cluster_ip = [row for row in run_quick("datapath.py") if "| ClusterIP 10.250.0.1:80 |" in row]
+    rows = run_quick("datapath.py")
+    cluster_ip = [row for row in rows if "| ClusterIP 10.250.0.1:80 |" in row]
     assert [row.split(" | ")[0] for row in cluster_ip] == ["| 100", "| 1,000"], cluster_ip
+    limited = [row.split(" | ") for row in rows if "| limited 10.250.0.2:80 (every limit) |" in row]
+    assert [(row[0], row[3]) for row in limited] == [("| 100", "0"), ("| 1,000", "0")], limited
+
+
+@pytest.mark.root
+def test_scrape_benchmark_quick() -> None:
+    """benchmarks/scrape.py --quick scrapes a daemon at 200 Services with each --service-metrics setting."""
+    rows = run_quick("scrape.py")
+    assert [row.split(" | ")[1] for row in rows] == ["none", "annotated", "all"], rows
 
 
 @pytest.mark.root
@@ -80,15 +90,6 @@ def test_user_files_benchmark_quick() -> None:
     rows = run_quick("user_paths.py", "files")
     assert [cells(r)[:3] for r in rows] == [["--once", "json", "1,000"], ["--dry-run", "json", "1,000"]], rows
     assert "applied" in cells(rows[0])[-1] and "nft script" in cells(rows[1])[-1], rows
-
-
-@pytest.mark.root
-def test_user_metrics_benchmark_quick() -> None:
-    """/metrics of an idle daemon at 1,000 Services: a scrape time, and RSS growth with 1 and with 5 scrapers."""
-    (row,) = run_quick("user_paths.py", "metrics")
-    columns = cells(row)
-    assert columns[0] == "1,000" and columns[1] == "(default)", row
-    assert int(columns[2]) > 0 and float(columns[3].split()[0]) > 0, row
 
 
 @pytest.mark.root

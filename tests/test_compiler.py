@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from kproxy.cluster.convert import build_cluster
 from kproxy.nft.objects import UnsafeText, comment
-from kproxy.nft.statements import DnatFromMap, DnatTo, Numgen, NumgenIs, Verdict
-from kproxy.rules.compiler import PICK_CLASSES, NodeInfo, ProxyConfig, compile_ruleset, pick_class, slot
+from kproxy.nft.statements import DnatFromMap, DnatTo, Lookup, Numgen, NumgenIs, Verdict
+from kproxy.rules.compiler import PICK_CLASSES, NodeInfo, ProxyConfig, compile_ruleset, slot
 from kproxy.rules.plan import render_ruleset
 from kproxy.rules.skeleton import skeleton_table
 from tests.harness.builders import endpoint, endpoint_slice, node, service
@@ -95,7 +95,8 @@ def test_cascade_is_uniform() -> None:
 
 
 def _pick_probabilities(table: Any, chain_name: str, frontend: str) -> dict[str, Fraction]:
-    """Walk the pick chains as the kernel does: a lookup of slot k hits with probability 1/k if filled."""
+    """Walk the pick chains as the kernel does: the class sets choose the pick chain; a lookup of slot k hits with
+    probability 1/k if filled."""
     result: dict[str, Fraction] = {}
     remaining = Fraction(1)
     name: str | None = chain_name
@@ -105,6 +106,11 @@ def _pick_probabilities(table: Any, chain_name: str, frontend: str) -> dict[str,
             if len(rule) == 1 and isinstance(rule[0], Verdict) and rule[0].kind == "goto":
                 name = rule[0].chain
                 break
+            if len(rule) == 2 and isinstance(rule[0], Lookup) and isinstance(rule[1], Verdict):
+                if frontend in table.elements.get(rule[0].set, {}):
+                    name = rule[1].chain
+                    break
+                continue
             if rule == (Verdict("drop"),):
                 if remaining:
                     result["drop"] = remaining
@@ -119,6 +125,8 @@ def _pick_probabilities(table: Any, chain_name: str, frontend: str) -> dict[str,
                 hit = remaining / numgen.modulus
                 result[element.value] = result.get(element.value, Fraction(0)) + hit
                 remaining -= hit
+    if remaining and "drop" not in result:
+        result["untranslated"] = remaining
     return result
 
 
@@ -127,25 +135,43 @@ def test_pick_chains_are_uniform_for_every_frontend(count: int) -> None:
     """Each endpoint is picked with probability exactly 1/N, from the ClusterIP and the NodePort; never the drop."""
     table = _compile(_cluster(1, count)).table("ip")
     svc = next(c for n, c in table.chains.items() if n.startswith("svc-"))
-    assert svc.rules[-1][-1] == Verdict("goto", f"pick-{pick_class(count)}")
+    assert svc.rules[-1][-1] == Verdict("goto", "pick-by-class")
     assert not any(isinstance(s, (DnatTo, DnatFromMap)) for rule in svc.rules for s in rule)
     for frontend in ("10.96.0.1 . tcp . 80", "192.168.50.1 . tcp . 30000"):
         probabilities = _pick_probabilities(table, svc.rules[-1][-1].chain, frontend)
-        assert "drop" not in probabilities
+        assert "drop" not in probabilities and "untranslated" not in probabilities
         assert len(probabilities) == count
         assert set(probabilities.values()) == {Fraction(1, count)}
 
 
-def test_endpoint_change_touches_only_elements() -> None:
-    """Adding or removing an endpoint within a size class leaves every chain as it was."""
-    before = _compile(_cluster(3, 10)).table("ip")
-    after = _compile(_cluster(3, 11)).table("ip")
+@pytest.mark.parametrize(("before_count", "after_count"), [(10, 11), (0, 1), (1, 0), (4, 5), (8, 9), (17, 3), (0, 256), (256, 1)])
+def test_endpoint_change_touches_only_elements(before_count: int, after_count: int) -> None:
+    """Any change of endpoints, a Service's first and last and a change of pick class included, changes elements only.
+
+    A chain or rule changed, or an element whose verdict jumps, makes the kernel
+    check the whole table (20 ms at 10k Services): none of them may change.
+    """
+    before = _compile(_cluster(3, before_count)).table("ip")
+    after = _compile(_cluster(3, after_count)).table("ip")
     assert before.chains == after.chains
-    changed = {name for name in after.elements if before.elements.get(name) != after.elements[name]}
-    assert "endpoints-16" in changed and changed <= {f"endpoints-{size}" for size in PICK_CLASSES} | {"hairpin"}
+    changed = {name for name in set(after.elements) | set(before.elements)
+               if before.elements.get(name, {}) != after.elements.get(name, {})}
+    data_only = {f"endpoints-{size}" for size in PICK_CLASSES} | {f"class-{size}" for size in PICK_CLASSES}
+    data_only |= {"hairpin", "no-endpoint-reject", "no-endpoint-nodeport-reject"}
+    assert changed and changed <= data_only, changed
+    for name in ("service-ips", "service-nodeports"):
+        assert before.elements.get(name) == after.elements.get(name), "no verdict element changes"
     assert all(slot(k, False) < slot(k, True) < slot(k + 1, False) for k in range(1, PICK_CLASSES[-1]))
-    assert {"pick-16", "pick-8", "pick-4"} <= set(before.chains)
-    assert "pick-32" not in before.chains and "pick-local-4" not in before.chains
+
+
+def test_without_endpoints_the_dispatch_goes_on_untranslated() -> None:
+    """A Service without endpoints keeps its chain and dispatch; its frontends are in no class, and rejected by set."""
+    table = _compile(_cluster(1, 0)).table("ip")
+    svc = next(c for n, c in table.chains.items() if n.startswith("svc-"))
+    for frontend in ("10.96.0.1 . tcp . 80", "192.168.50.1 . tcp . 30000"):
+        assert _pick_probabilities(table, svc.rules[-1][-1].chain, frontend) == {"untranslated": Fraction(1)}
+    assert "10.96.0.1 . tcp . 80" in table.elements["no-endpoint-reject"]
+    assert "tcp . 30000" in table.elements["no-endpoint-nodeport-reject"]
 
 
 def test_compile_is_pure_and_deterministic() -> None:

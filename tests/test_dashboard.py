@@ -34,6 +34,7 @@ INSTANCE = f"127.0.0.1:{METRICS_PORT}"
 RATE_INTERVAL = "1m"
 """What ``$__rate_interval`` stands for: longer than the whole test, so every change below is in the window."""
 TRIGGER_TIME = "endpoints.kubernetes.io/last-change-trigger-time"
+METRICS = "kproxy.io/metrics"
 SELECTOR = re.compile(r"\b((?:kubeproxy|kproxy)_[a-z0-9_]+)(\{[^}]*\})?")
 LABEL_VALUES = re.compile(r"^\s*label_values\((.*),\s*(\w+)\s*\)\s*$")
 RANGE = re.compile(r"\[([^\]]*)\]")
@@ -231,13 +232,14 @@ def test_every_dashboard_query_returns_data(bed: NetBed, api_in_node: ApiInNode,
     kproxy.wait_syncs(1, timeout=15)
 
     # After the startup full sync, so these are partial syncs.
-    api.create(service("web", cluster_ip="10.96.0.10"))
+    # The default --service-metrics=annotated: the new connections of the annotated Services only.
+    api.create(service("web", cluster_ip="10.96.0.10", annotations={METRICS: "true"}))
     api.create(pod_slice("web", bed.pods[:2]))
     api.create(service("limited", cluster_ip="10.96.0.11",
                        annotations={"kproxy.io/rate-limit": "5/second", "kproxy.io/rate-limit-burst": "5"}))
     api.create(pod_slice("limited", bed.pods[:1]))
     dns_ports = [{"name": "dns", "port": 53, "protocol": "UDP"}]
-    api.create(service("dns", cluster_ip="10.96.0.12", ports=dns_ports))
+    api.create(service("dns", cluster_ip="10.96.0.12", ports=dns_ports, annotations={METRICS: "true"}))
     api.create(pod_slice("dns", bed.local_pods[:2], protocol="UDP"))
     api.create(service("local-only", cluster_ip="10.96.0.13", internalTrafficPolicy="Local"))
     api.create(pod_slice("local-only", bed.remote_pods))
@@ -257,12 +259,12 @@ def test_every_dashboard_query_returns_data(bed: NetBed, api_in_node: ApiInNode,
         wait_until(lambda: servers_seen(bed, "10.96.0.10", count=150) == {p.name for p in pods}, 5,
                    f"web on {[p.name for p in pods]}")
 
-    # A sync failure: the table deleted by hand makes the next partial sync fail; the full resync repairs it.
+    # The table deleted by hand: the drift watcher restores it at once (a full resync).
     # (Before the traffic below: the new table's nft counters start from 0.)
     bed.node.nft("delete", "table", "ip", "kproxy")
     api.update(pod_slice("web", bed.pods[:1]))
-    wait_until(lambda: servers_seen(bed, "10.96.0.10") == {bed.pods[0].name}, 10, "the full resync after a failure")
-    assert any("sync failed" in e.get("msg", "") for e in kproxy.lines()), kproxy.tail()
+    wait_until(lambda: servers_seen(bed, "10.96.0.10") == {bed.pods[0].name}, 10, "the table restored")
+    assert any("another program changed kproxy's tables" in e.get("msg", "") for e in kproxy.lines()), kproxy.tail()
 
     # Traffic: one client over the rate limit, and a UDP flow.
     client = bed.local_pods[-1].netns
@@ -281,10 +283,14 @@ def test_every_dashboard_query_returns_data(bed: NetBed, api_in_node: ApiInNode,
     api.drop_watches()
 
     counted = ["kproxy_rate_limit_drops_total", "kproxy_watch_restarts_total", "kproxy_conntrack_entries_deleted_total",
-               "kubeproxy_sync_proxy_rules_nftables_sync_failures_total"]
+               "kproxy_drift_repairs_total"]
     for metric in counted:
         wait_until(lambda: (prometheus.value(f"sum({metric})") or 0) > 0, 10,
                    f"Prometheus to scrape a non-zero {metric}")
+
+    # Only the annotated Services' new connections; the rate-limited one's drops (it is not annotated).
+    assert prometheus.label_values("service", "kproxy_service_new_connections_total") == ["dns", "web"]
+    assert prometheus.label_values("service", "kproxy_rate_limit_drops_total") == ["limited"]
 
     # The variables, as Grafana resolves them.
     node_values = prometheus.label_values("instance", LABEL_VALUES.match(variables["node"]).group(1))

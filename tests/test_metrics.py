@@ -6,16 +6,21 @@ import http.client
 import logging
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from prometheus_client.openmetrics import parser as openmetrics_parser
+from prometheus_client.parser import text_string_to_metric_families
 
 from kproxy.daemon.proxier import Proxier
 from kproxy.nft.fake import FakeBackend
-from kproxy.observe.http import HTTPService, start_metrics_server
+from kproxy.observe.exposition import SharedExposition
+from kproxy.observe.http import HTTPService, Request, Response, metrics_routes, start_metrics_server
 from kproxy.observe.metrics import (
+    DEFAULT_SERVICE_METRICS,
     IP_FAMILIES,
     NETWORK_PROGRAMMING_BUCKETS,
     ProxierCollector,
@@ -182,12 +187,15 @@ def test_network_programming_buckets_match_upstream() -> None:
 
 @dataclass
 class Stub:
-    """Stands for the Proxier: a Local-policy report behind a lock, and a pending time."""
+    """Stands for the Proxier: a Local-policy report and the annotated Services behind a lock, and a pending time."""
 
     report: list[LocalPolicyStatus]
     oldest_pending_wall: float | None = None
     lock: Any = field(default_factory=threading.Lock)
     calls: int = field(default=0)
+    opted_in: frozenset[str] = frozenset()
+    timeouts: list[float | None] = field(default_factory=list)
+    """The timeouts metrics_services was called with."""
 
     def local_policy_report(self, timeout: float | None = None) -> list[LocalPolicyStatus] | None:
         if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
@@ -195,6 +203,15 @@ class Stub:
         try:
             self.calls += 1
             return list(self.report)
+        finally:
+            self.lock.release()
+
+    def metrics_services(self, timeout: float | None = None) -> frozenset[str] | None:
+        self.timeouts.append(timeout)
+        if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
+            return None
+        try:
+            return self.opted_in
         finally:
             self.lock.release()
 
@@ -207,6 +224,9 @@ COUNTERS = {
     ("ip", "some-other-counter"): (1, 1),
     ("inet", "conns-ABCDEFGH-shop/web/tcp/http"): (1, 1),
 }
+CONNS, DROPS = "kproxy_service_new_connections_total", "kproxy_rate_limit_drops_total"
+WEB = {"namespace": "shop", "service": "web", "port": "http"}
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
 
 def _collector(stub: Stub, read_counters: Any = None, **kw: Any) -> tuple[CollectorRegistry, ProxierCollector]:
@@ -214,6 +234,33 @@ def _collector(stub: Stub, read_counters: Any = None, **kw: Any) -> tuple[Collec
     collector = ProxierCollector(stub, read_counters, wall_clock=WallClock(1000.0), **kw)
     registry.register(collector)
     return registry, collector
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(registry: CollectorRegistry, collector: ProxierCollector, accept: str = "") -> tuple[bytes, Samples]:
+    """A /metrics body as the daemon renders it, and its samples as prometheus_client's parser reads them back."""
+    body, content_type = SharedExposition(registry, [collector], max_age=0).render(accept)
+    if content_type.startswith("application/openmetrics-text"):
+        families = openmetrics_parser.text_string_to_metric_families(body.decode())
+    else:
+        families = text_string_to_metric_families(body.decode())
+    samples: Samples = {}
+    for family in families:
+        for sample in family.samples:
+            key = (sample.name, frozenset(sample.labels.items()))
+            assert key not in samples, f"{key} twice"
+            samples[key] = sample.value
+    return body, samples
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+def series(samples: Samples, name: str) -> list[dict[str, str]]:
+    return sorted((dict(labels) for n, labels in samples if n == name), key=lambda d: sorted(d.items()))
 
 
 def test_collector_counts_local_policy_services_without_local_endpoints() -> None:
@@ -255,18 +302,119 @@ def test_collector_serves_last_counts_while_a_sync_holds_the_lock() -> None:
     assert _value(registry, name, traffic_policy="external", ip_family="IPv4") == 0
 
 
-def test_collector_exports_per_service_nft_counters() -> None:
-    """conns-/drops- counters become per-Service-port counters labelled by namespace, service, port, family."""
-    registry, _ = _collector(Stub([]), lambda: COUNTERS)
-    conns, drops = "kproxy_service_new_connections_total", "kproxy_rate_limit_drops_total"
-    web = {"namespace": "shop", "service": "web", "port": "http"}
-    assert _value(registry, conns, **web, ip_family="IPv4") == 120
-    assert _value(registry, conns, **web, ip_family="IPv6") == 30
-    assert _value(registry, drops, **web, ip_family="IPv4") == 5
-    assert _value(registry, drops, **web, ip_family="IPv6") is None
-    assert _value(registry, conns, namespace="kube-system", service="kube-dns", port="53", ip_family="IPv4") == 9
-    samples = [s for f in registry.collect() if f.name == "kproxy_service_new_connections" for s in f.samples]
-    assert len(samples) == 3  # the unknown name and the unknown family are skipped
+@pytest.mark.parametrize("accept", ["", OPENMETRICS], ids=["text", "openmetrics"])
+def test_collector_exports_per_service_nft_counters(accept: str) -> None:
+    """With ``all``, conns-/drops- counters become per-Service-port counters labelled by namespace, service, port, family."""
+    registry, collector = _collector(Stub([]), lambda: COUNTERS, service_metrics="all")
+    _, samples = scrape(registry, collector, accept)
+    assert sample(samples, CONNS, **WEB, ip_family="IPv4") == 120
+    assert sample(samples, CONNS, **WEB, ip_family="IPv6") == 30
+    assert sample(samples, DROPS, **WEB, ip_family="IPv4") == 5
+    assert sample(samples, DROPS, **WEB, ip_family="IPv6") is None
+    assert sample(samples, CONNS, namespace="kube-system", service="kube-dns", port="53", ip_family="IPv4") == 9
+    assert len(series(samples, CONNS)) == 3  # the unknown name and the unknown family are skipped
+    # The registry's own metrics are still there, once each (the parser refuses a family twice).
+    assert sample(samples, "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds", ip_family="IPv4") == 1000.0
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected_conns"),
+    [
+        pytest.param("annotated", [{**WEB, "ip_family": "IPv4"}, {**WEB, "ip_family": "IPv6"}], id="annotated"),
+        pytest.param("none", [], id="none"),
+    ],
+)
+def test_per_service_series_are_opt_in(setting: str, expected_conns: list[dict[str, str]]) -> None:
+    """``annotated`` exports new connections of the annotated Services only, ``none`` of no Service;
+    the drops of a rate-limited Service are exported whatever the setting."""
+    stub = Stub([], opted_in=frozenset({"shop/web"}))
+    registry, collector = _collector(stub, lambda: COUNTERS, service_metrics=setting)
+    body, samples = scrape(registry, collector)
+    assert series(samples, CONNS) == expected_conns
+    assert series(samples, DROPS) == [{**WEB, "ip_family": "IPv4"}]
+    # Both families are declared, with or without samples.
+    assert f"# TYPE {CONNS} counter\n".encode() in body and f"# TYPE {DROPS} counter\n".encode() in body
+
+
+@pytest.mark.parametrize("setting", ["none", "annotated", "all"])
+@pytest.mark.parametrize("accept", ["", OPENMETRICS], ids=["text", "openmetrics"])
+def test_every_limit_exports_its_drops_with_a_reason(setting: str, accept: str) -> None:
+    """Issue 19: each limit's drop counter is a ``kproxy_limit_drops_total`` series with its ``reason``, whatever
+    ``--service-metrics`` says; the rate limit's is also ``kproxy_rate_limit_drops_total``, as before."""
+    counters = {
+        ("ip", "drops-ABCDEFGH-shop/web/tcp/http"): (5, 300),
+        ("ip", "totaldrops-ABCDEFGH-shop/web/tcp/http"): (6, 360),
+        ("ip", "conndrops-ABCDEFGH-shop/web/tcp/http"): (7, 420),
+        ("ip", "bwdrops-ABCDEFGH-shop/web/tcp/http"): (8, 12000),
+        ("ip6", "bwdrops-ABCDEFGH-shop/web/tcp/http"): (9, 13500),
+        ("ip", "conns-ABCDEFGH-shop/web/tcp/http"): (100, 6000),
+    }
+    registry, collector = _collector(Stub([]), lambda: counters, service_metrics=setting)
+    body, samples = scrape(registry, collector, accept)
+    limits = "kproxy_limit_drops_total"
+    for reason, value in (("rate_limit", 5), ("rate_limit_total", 6), ("connections", 7), ("bandwidth", 8)):
+        assert sample(samples, limits, **WEB, ip_family="IPv4", reason=reason) == value
+    assert sample(samples, limits, **WEB, ip_family="IPv6", reason="bandwidth") == 9
+    assert len(series(samples, limits)) == 5
+    assert series(samples, DROPS) == [{**WEB, "ip_family": "IPv4"}] and sample(samples, DROPS, **WEB, ip_family="IPv4") == 5
+    assert (sample(samples, CONNS, **WEB, ip_family="IPv4") is not None) == (setting == "all")
+    assert b"# TYPE kproxy_limit_drops" in body
+
+
+def test_default_setting_is_annotated() -> None:
+    _, collector = _collector(Stub([]))
+    assert collector.service_metrics == "annotated" == DEFAULT_SERVICE_METRICS
+    with pytest.raises(ValueError, match="not one of none, annotated, all"):
+        ProxierCollector(Stub([]), service_metrics="some")
+
+
+def test_annotated_set_is_read_at_scrape_time_and_kept_while_a_sync_holds_the_lock() -> None:
+    """Which Services opted in is read at each scrape; during a long sync, the last set read is used, without waiting."""
+    stub = Stub([], lock=threading.Lock(), opted_in=frozenset({"shop/web"}))
+    registry, collector = _collector(stub, lambda: COUNTERS, lock_timeout=0.01)
+    web_v4 = {**WEB, "ip_family": "IPv4"}
+    assert web_v4 in series(scrape(registry, collector)[1], CONNS)
+    stub.opted_in = frozenset({"kube-system/kube-dns"})
+    with stub.lock:  # a sync is running: the last set read, without waiting twice in one scrape
+        assert web_v4 in series(scrape(registry, collector)[1], CONNS)
+    assert stub.timeouts == [0.01, 0]
+    assert series(scrape(registry, collector)[1], CONNS) == [
+        {"namespace": "kube-system", "service": "kube-dns", "port": "53", "ip_family": "IPv4"}]
+
+
+def test_objects_with_the_same_labels_are_summed_and_gone_ones_disappear() -> None:
+    """Two counter objects of one Service port (another hash) add up; a deleted object's series goes away."""
+    counters = dict(COUNTERS)
+    counters[("ip", "conns-ZZZZZZZZ-shop/web/tcp/http")] = (1, 60)
+    registry, collector = _collector(Stub([]), lambda: counters, service_metrics="all")
+    assert sample(scrape(registry, collector)[1], CONNS, **WEB, ip_family="IPv4") == 121
+    del counters[("ip", "conns-ABCDEFGH-shop/web/tcp/http")], counters[("ip", "conns-ZZZZZZZZ-shop/web/tcp/http")]
+    _, samples = scrape(registry, collector)
+    assert sample(samples, CONNS, **WEB, ip_family="IPv4") is None
+    assert sample(samples, CONNS, **WEB, ip_family="IPv6") == 30
+
+
+@pytest.mark.parametrize("accept", ["", OPENMETRICS], ids=["text", "openmetrics"])
+def test_label_values_are_escaped(accept: str) -> None:
+    """Counter names come from the kernel (anyone may add one): quotes, backslashes and newlines are escaped."""
+    hostile = 'conns-ABCDEFGH-a"b/c\\d/tcp/e\nf'
+    registry, collector = _collector(Stub([]), lambda: {("ip", hostile): (7, 7)}, service_metrics="all")
+    _, samples = scrape(registry, collector, accept)
+    assert sample(samples, CONNS, namespace='a"b', service="c\\d", port="e\nf", ip_family="IPv4") == 7
+
+
+def test_large_counter_values_are_exact_integers() -> None:
+    """A 64-bit counter is written as an integer (prometheus_client would write it as a rounded float)."""
+    registry, collector = _collector(Stub([]), lambda: {("ip", "conns-A-ns/a/tcp/80"): (2**63 + 1, 0)}, service_metrics="all")
+    body, _ = scrape(registry, collector)
+    assert f'{CONNS}{{namespace="ns",service="a",port="80",ip_family="IPv4"}} {2**63 + 1}\n'.encode() in body
+
+
+def test_openmetrics_ends_with_one_eof_after_every_family() -> None:
+    registry, collector = _collector(Stub([]), lambda: COUNTERS, service_metrics="all")
+    body, _ = scrape(registry, collector, OPENMETRICS)
+    assert body.endswith(b"# EOF\n") and body.count(b"# EOF") == 1
+    assert b"# TYPE kproxy_service_new_connections counter\n" in body
 
 
 def test_collector_survives_failing_counter_reads(caplog: pytest.LogCaptureFixture) -> None:
@@ -275,12 +423,12 @@ def test_collector_survives_failing_counter_reads(caplog: pytest.LogCaptureFixtu
     def broken() -> dict[tuple[str, str], tuple[int, int]]:
         raise RuntimeError("nft: table not found")
 
-    registry, _ = _collector(Stub([_status("a")]), broken)
+    registry, collector = _collector(Stub([_status("a")]), broken, service_metrics="all")
     with caplog.at_level(logging.WARNING, logger="kproxy.observe.metrics"):
-        assert _value(registry, "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
-                      traffic_policy="external", ip_family="IPv4") == 1
-        assert _value(registry, "kproxy_service_new_connections_total", namespace="shop", service="web",
-                      port="http", ip_family="IPv4") is None
+        _, samples = scrape(registry, collector)
+    assert sample(samples, "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+                  traffic_policy="external", ip_family="IPv4") == 1
+    assert series(samples, CONNS) == []
     assert "cannot read nft counters" in caplog.text
 
 
@@ -327,6 +475,149 @@ def test_metrics_follow_a_real_proxier() -> None:
     assert _value(registry, "kproxy_rules") > 0
     assert _value(registry, "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
                   traffic_policy="internal", ip_family="IPv4") == 1
+
+
+def test_proxier_reports_the_annotated_services() -> None:
+    """The real Proxier answers which Services opted in; a bad annotation value is a problem and opts nothing in."""
+    proxier = Proxier(FakeBackend(), "node-a", ProxyConfig())
+    proxier.on_relist("Service", [
+        service("web", "shop", "10.96.0.10", annotations={"kproxy.io/metrics": "true"}),
+        service("quiet", "shop", "10.96.0.11", annotations={"kproxy.io/metrics": "false"}),
+        service("typo", "shop", "10.96.0.12", annotations={"kproxy.io/metrics": "yes"}),
+        service("plain", "shop", "10.96.0.13"),
+    ])
+    assert proxier.metrics_services() == frozenset({"shop/web"})
+    problems = [(p.key, p.reason, p.message) for p in proxier.skipped()]
+    assert problems == [("shop/typo", "invalid_annotation",
+                         "kproxy.io/metrics: 'yes' is not \"true\" or \"false\"; the Service exports no per-Service metrics")]
+    with proxier.lock:  # a sync holds the state: the caller is told, after its timeout
+        assert _in_thread(lambda: proxier.metrics_services(0.01)) is None
+
+
+def _in_thread(call: Any) -> Any:
+    """``call()`` from another thread (the proxier's lock is reentrant for its holder)."""
+    found: list[Any] = []
+    thread = threading.Thread(target=lambda: found.append(call()))
+    thread.start()
+    thread.join()
+    return found[0]
+
+
+# -- one collection at a time ---------------------------------------------------------
+
+
+class SlowSource:
+    """A TextSource that takes its time, and counts how many collections run at once."""
+
+    def __init__(self, seconds: float = 0.2) -> None:
+        self.seconds = seconds
+        self.running = self.most = self.calls = 0
+        self.lock = threading.Lock()
+        self.fail = False
+
+    def exposition(self, openmetrics: bool = False) -> str:
+        with self.lock:
+            self.running += 1
+            self.calls += 1
+            self.most = max(self.most, self.running)
+        try:
+            time.sleep(self.seconds)
+            if self.fail:
+                raise RuntimeError("collection failed")
+            return f"# TYPE slow gauge\nslow {self.calls}\n"
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def _render_all(exposition: SharedExposition, accepts: list[str]) -> list[tuple[bytes, str]]:
+    results: list[Any] = [None] * len(accepts)
+
+    def one(i: int) -> None:
+        try:
+            results[i] = exposition.render(accepts[i])
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(accepts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    return results
+
+
+def test_concurrent_scrapes_share_one_collection() -> None:
+    """Twenty scrapers at once: one collection runs, the others wait for it and get the very same body."""
+    source = SlowSource()
+    exposition = SharedExposition(CollectorRegistry(), [source])
+    results = _render_all(exposition, [""] * 20)
+    assert source.most == 1 and source.calls == 1 and exposition.collections == 1
+    assert len({id(body) for body, _ in results}) == 1  # one bytes object, shared
+    assert results[0][0].endswith(b"slow 1\n")
+
+
+def test_a_result_is_shared_for_max_age_then_collected_again() -> None:
+    clock = WallClock(100.0)
+    source = SlowSource(0)
+    exposition = SharedExposition(CollectorRegistry(), [source], max_age=1.0, clock=clock)
+    first, _ = exposition.render("")
+    clock.now += 0.9
+    assert exposition.render("")[0] is first
+    clock.now += 0.2
+    assert exposition.render("")[0].endswith(b"slow 2\n")
+    assert source.calls == 2
+
+
+def test_formats_are_collected_one_at_a_time_each_for_itself() -> None:
+    """A text scraper does not take an OpenMetrics result: it waits, then collects its own, never at the same time."""
+    source = SlowSource()
+    exposition = SharedExposition(CollectorRegistry(), [source])
+    results = _render_all(exposition, [OPENMETRICS] * 5 + [""] * 5)
+    assert source.most == 1 and source.calls == 2
+    for body, content_type in results[:5]:
+        assert content_type.startswith("application/openmetrics-text") and body.endswith(b"# EOF\n")
+    for body, content_type in results[5:]:
+        assert content_type.startswith("text/plain; version=0.0.4") and b"# EOF" not in body
+
+
+def test_a_failed_collection_is_not_shared() -> None:
+    """A collection that raises answers its scrapers with the error (the server's 500); the next one runs afresh."""
+    source = SlowSource(0.05)
+    source.fail = True
+    exposition = SharedExposition(CollectorRegistry(), [source])
+    results = _render_all(exposition, ["", ""])
+    assert all(isinstance(r, RuntimeError) for r in results)
+    source.fail = False
+    assert exposition.render("")[0].startswith(b"# TYPE slow gauge")
+
+
+def test_metrics_server_handles_a_bounded_number_of_requests_at_once() -> None:
+    """With max_handlers, further clients wait (in the listen backlog) instead of costing a thread each."""
+    busy = {"now": 0, "most": 0}
+    lock = threading.Lock()
+
+    def slow(request: Request) -> Response:
+        with lock:
+            busy["now"] += 1
+            busy["most"] = max(busy["most"], busy["now"])
+        time.sleep(0.1)
+        with lock:
+            busy["now"] -= 1
+        return Response(200, b"ok\n")
+
+    server = HTTPService(("127.0.0.1", 0), {"/slow": slow}, max_handlers=3).start()
+    try:
+        statuses: list[int] = []
+        threads = [threading.Thread(target=lambda: statuses.append(_get(server, "/slow")[0])) for _ in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert statuses == [200] * 12
+        assert busy["most"] == 3
+    finally:
+        server.stop()
 
 
 # -- the HTTP server ----------------------------------------------------------------
@@ -391,3 +682,23 @@ def test_wildcard_host_listens_dual_stack() -> None:
                 assert _get(server, "/rules", host="::1")[0] == 200
         finally:
             server.stop()
+
+
+@pytest.mark.parametrize(
+    ("client", "loopback"),
+    [("127.0.0.1", True), ("127.3.4.5", True), ("::1", True), ("::ffff:127.0.0.1", True), ("10.0.0.1", False),
+     ("::ffff:10.0.0.1", False), ("fd00::1", False), ("", False), ("not-an-ip", False)],
+)
+def test_rules_and_skipped_answer_loopback_clients_only(client: str, loopback: bool) -> None:
+    """/rules and /skipped answer 403 to a client that is not loopback (naming --expose-rules); /metrics answers all;
+    with expose_rules every client gets them."""
+    routes = metrics_routes(CollectorRegistry(), lambda: "table ip kproxy {\n}\n", lambda: [])
+    request = Request("GET", "/rules", client=client)
+    assert routes["/metrics"](request).status == 200
+    for path in ("/rules", "/skipped"):
+        response = routes[path](Request("GET", path, client=client))
+        assert response.status == (200 if loopback else 403), (path, client)
+        if not loopback:
+            assert b"--expose-rules" in response.body
+    opened = metrics_routes(CollectorRegistry(), lambda: "", lambda: [], expose_rules=True)
+    assert opened["/rules"](request).status == opened["/skipped"](request).status == 200

@@ -127,3 +127,30 @@ def test_a_node_programmed_by_the_previous_skeleton_converges(netns: Netns) -> N
         proxier.request_full_sync()
         proxier.sync()
         assert all("filter-output" not in backend.read().tables[f].chains for f in ("ip", "ip6"))
+
+
+def test_a_node_with_the_previous_no_endpoint_maps_converges(netns: Netns) -> None:
+    """The verdict maps an earlier kproxy had for Services without endpoints are deleted once nothing reads them."""
+    from kproxy.daemon.proxier import Proxier
+    from kproxy.rules.compiler import ProxyConfig
+    from tests.harness.builders import node, service
+
+    with netns.entered():
+        backend = NftablesBackend()
+        proxier = Proxier(backend, "node-a", ProxyConfig(cluster_cidrs=("10.244.0.0/16",)), clock=lambda: 1000.0)
+        proxier.on_relist("Node", [node("node-a")])
+        proxier.on_relist("Service", [service("idle", cluster_ip="10.96.0.10")])
+        proxier.on_relist("EndpointSlice", [])
+        proxier.sync()
+    for family, addr in (("ip", "ipv4_addr"), ("ip6", "ipv6_addr")):  # what the previous skeleton held
+        netns.nft("add", "map", family, "kproxy", "no-endpoint-services",
+                  f"{{ type {addr} . inet_proto . inet_service : verdict; }}")
+        netns.nft("add", "rule", family, "kproxy", "endpoints-check", family, "daddr", ".", "meta", "l4proto", ".",
+                  "th", "dport", "vmap", "@no-endpoint-services")
+    with netns.entered():
+        proxier.request_full_sync()
+        proxier.sync()
+        for family in ("ip", "ip6"):
+            table = backend.read().tables[family]
+            assert "no-endpoint-services" not in table.sets
+            assert "10.96.0.10 . tcp . 80" in backend.read().tables["ip"].elements["no-endpoint-reject"]

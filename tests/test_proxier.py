@@ -14,7 +14,6 @@ from kproxy.daemon.runner import SyncRunner
 from kproxy.nft.fake import FakeBackend
 from kproxy.nft.kernel import NftError
 from kproxy.nft.objects import Transaction
-from kproxy.nft.statements import chains_it_reaches
 from kproxy.node.conntrack import FakeConntrack, FlowEntry
 from kproxy.rules.compiler import ProxyConfig, compile_ruleset, node_info
 from kproxy.rules.plan import plan
@@ -544,12 +543,13 @@ def test_netlink_names_the_refused_command_so_no_bisection_is_needed() -> None:
     attempts: list[Transaction] = []
 
     def refuse_s13(tx: Transaction) -> None:
-        """The kernel refuses s13's chain once it picks among 8, naming the message (one rule) it refused."""
+        """The kernel refuses s13's frontend joining the class of 8, naming the message (its element) it refused."""
         attempts.append(tx)
         for op in tx.ops:
-            for chain in op.chains:
-                if "-ns/s13/" in chain.name and any("pick-8" in chains_it_reaches(rule) for rule in chain.rules):
-                    raise NftError("Invalid argument", op.render(), op=replace(op, chains=(chain,)))
+            if op.kind == "element" and op.verb == "add" and op.name == "class-8":
+                for element in op.elements:
+                    if element.comment.startswith("ns/s13:"):
+                        raise NftError("Invalid argument", op.render(), op=replace(op, elements=(element,)))
         real_apply(tx)
 
     backend.apply = refuse_s13  # type: ignore[method-assign]
@@ -561,8 +561,8 @@ def test_netlink_names_the_refused_command_so_no_bisection_is_needed() -> None:
         proxier.on_slice("MODIFIED", _slice(i, 4 if i != 13 else 6))
     assert not proxier.sync().full
     assert set(proxier.quarantined) == {"ns/s13"}
-    # the sync's transaction, the probe, the chunk (refused), the chunk without s13, s13 put back
-    assert len([tx for tx in attempts if tx]) <= 5, [len(tx.ops) for tx in attempts]
+    # the sync's transaction, the probe, the chunk (refused), the chunk without s13, s13 put back, the rest settled
+    assert len([tx for tx in attempts if tx]) <= 6, [[(o.verb, o.kind, o.name, len(o.elements)) for o in tx.ops] for tx in attempts]
     assert all(len(_endpoints_of(backend, f"10.96.0.{i + 1}")) == 4 for i in range(40) if i != 13)
 
 
@@ -613,3 +613,23 @@ def test_many_problems_of_one_object_are_summarized(caplog: pytest.LogCaptureFix
         proxier.on_slice("ADDED", bad)
     assert len(caplog.records) == 4 and "997 more problems" in caplog.records[-1].getMessage()
     assert seen == [("EndpointSlice", "invalid_ip")]
+
+
+@pytest.mark.parametrize("counts", [(3, 0, 1), (1, 5, 4, 9, 17, 3), (0, 200, 1)])
+def test_endpoint_changes_send_elements_only(counts: tuple[int, ...]) -> None:
+    """A Service's first and last endpoint, and changes of pick class, are sent as elements without verdicts only.
+
+    A chain, a rule, or an element whose verdict jumps makes the kernel check
+    the whole table (O(table) per change); none of them is sent.
+    """
+    proxier, backend, _ = _proxier()
+    proxier.sync()
+    for count in counts:
+        before = len(backend.transactions)
+        proxier.on_slice("MODIFIED", _slice(2, count))
+        result = proxier.sync()
+        assert not result.full
+        sent = [op for tx in backend.transactions[before:] for op in tx.ops]
+        assert sent and all(op.kind == "element" for op in sent), [(o.verb, o.kind, o.name) for o in sent]
+        assert not {op.name for op in sent} & {"service-ips", "service-nodeports"}, "no verdict element changes"
+        assert len(_endpoints_of(backend, "10.96.0.3")) == count

@@ -124,7 +124,7 @@ CLUSTERIP_SVC_CHAIN = next(name for name in _compiled(tuple(SCENARIOS["clusterip
 DRIFT = f"""\
 add element ip kproxy hairpin {{ 10.244.9.9 . 10.244.9.9 }}
 add element ip kproxy service-cidrs {{ 10.100.0.1-10.100.0.9 }}
-add element ip kproxy no-endpoint-services {{ 10.96.9.9 . tcp . 80 : drop }}
+add element ip kproxy no-endpoint-drop {{ 10.96.9.9 . tcp . 80 }}
 add element ip kproxy affinity {{ 198.51.100.7 . 10.96.0.10 . tcp . 80 . 0x00000001 }}
 add rule ip kproxy {CLUSTERIP_SVC_CHAIN} counter
 add chain ip kproxy stray
@@ -194,12 +194,12 @@ SHAPES: list[tuple[str, Family, str, Element]] = [
      Element("tcp . 30080", "goto ext-51DBE209-shop/web/tcp/http", "shop/web:http")),
     ("udp-sctp-external-ip", "ip", "service-ips",
      Element("198.51.100.70 . sctp . 5060", "goto ext-18A0D743-telco/sig/sctp/sip", "telco/sig:sip")),
-    # verdict maps: reject (a goto) and drop (a verdict without a target)
-    ("no-endpoints", "ip", "no-endpoint-services",
-     Element("10.96.0.30 . tcp . 80", "goto reject-chain", "jobs/idle:http")),
-    ("no-endpoints", "ip", "no-endpoint-nodeports", Element("tcp . 30082", "goto reject-chain", "jobs/idle:http")),
-    ("local-policy-without-local-endpoint", "ip", "no-endpoint-services",
-     Element("10.96.0.20 . tcp . 80", "drop", "shop/lb:http")),
+    # the sets of Service ports that get no endpoint: rejected, dropped
+    ("no-endpoints", "ip", "no-endpoint-reject", Element("10.96.0.30 . tcp . 80", "", "jobs/idle:http")),
+    ("no-endpoints", "ip", "no-endpoint-nodeport-reject", Element("tcp . 30082", "", "jobs/idle:http")),
+    ("local-policy-without-local-endpoint", "ip", "no-endpoint-drop", Element("10.96.0.20 . tcp . 80", "", "shop/lb:http")),
+    # the class of a frontend: how many endpoints it has
+    ("clusterip", "ip", "class-4", Element("10.96.0.10 . tcp . 80", "", "shop/web:http")),
     # endpoint maps: frontend . protocol . port . slot : address . port, cluster and local slots, both families
     ("clusterip", "ip", "endpoints-4",
      Element(f"10.96.0.10 . tcp . 80 . {slot(2, False)}", "10.244.2.10 . 8080", "shop/web:http")),
@@ -235,7 +235,7 @@ SHAPES: list[tuple[str, Family, str, Element]] = [
     # drift: elements nft holds without a comment, and a range
     ("drift", "ip", "hairpin", Element("10.244.9.9 . 10.244.9.9")),
     ("drift", "ip", "service-cidrs", Element("10.100.0.1-10.100.0.9")),
-    ("drift", "ip", "no-endpoint-services", Element("10.96.9.9 . tcp . 80", "drop")),
+    ("drift", "ip", "no-endpoint-drop", Element("10.96.9.9 . tcp . 80")),
 ]
 
 
@@ -283,7 +283,7 @@ def test_drift_reads_back_as_it_is_and_the_planner_repairs_exactly_it() -> None:
     tx = diff(parsed, compiled)
     assert sorted({(op.verb, op.kind, op.name) for op in tx.ops if op.kind != "rules"}) == [
         ("delete", "chain", "stray"), ("delete", "chain", "stray-rules"), ("delete", "counter", "stray-counter"),
-        ("delete", "element", "hairpin"), ("delete", "element", "no-endpoint-services"),
+        ("delete", "element", "hairpin"), ("delete", "element", "no-endpoint-drop"),
         ("delete", "element", "service-cidrs"),
         ("flush", "chain", "stray"), ("flush", "chain", "stray-rules"), ("flush", "chain", CLUSTERIP_SVC_CHAIN)]
     assert sorted(e.key for op in tx.ops for e in op.elements) == [

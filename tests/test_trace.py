@@ -480,6 +480,20 @@ def test_rate_limit_lets_a_first_connection_through() -> None:
     assert _reach(tracer, POD, "172.30.0.60", 80) == _to("10.1.0.1:8080", "10.1.0.2:8080")
 
 
+def test_every_limit_lets_a_first_connection_through_and_polices_it_on_the_way() -> None:
+    """Issue 19's limits: a first connection is under every one (rate, total rate, count, bandwidth); its first
+    packet crosses the bandwidth hook (bandwidth-prerouting, then the port's bw- chain) before dispatch."""
+    limits = {"kproxy.io/rate-limit": "5/second", "kproxy.io/rate-limit-total": "50/second",
+              "kproxy.io/limit-connections": "3", "kproxy.io/bandwidth-limit": "1 mbytes/second",
+              "kproxy.io/limit-allowlist": "10.0.0.0/8"}
+    tracer = _tracer(_many(2, annotations=limits))
+    trace = _trace(tracer, POD, "172.30.0.60", 80)
+    assert trace.outcomes == _to("10.1.0.1:8080", "10.1.0.2:8080")
+    chains = trace.branches[0].chains
+    assert chains.index("bandwidth-prerouting") < chains.index(next(c for c in chains if c.startswith("svc-")))
+    assert any(c.startswith("bw-") for c in chains)
+
+
 @pytest.mark.parametrize(("zone", "hints", "expected"), [
     ("zone-a", [["zone-a"], ["zone-b"], ["zone-c"], ["zone-a"]], ["10.1.2.3", "10.1.2.6"]),
     ("zone-a", [["zone-a"], ["zone-b"], None, ["zone-a"]], ["10.1.2.3", "10.1.2.4", "10.1.2.5", "10.1.2.6"]),
@@ -540,14 +554,14 @@ def test_what_the_fake_backend_holds_traces_as_what_was_compiled() -> None:
 
 
 def test_hook_order_comes_from_the_declared_priorities() -> None:
-    """Move filter-output-post-dnat before filter-output-pre-dnat: the node's iTP=Local miss is then rejected, not dropped."""
-    ruleset = _compile(_local_policy_without_local_endpoints())
-    packet, facts = Packet(NODE_IP, "172.30.1.1", 80, origin="local"), NodeFacts(NODE.addresses)
-    assert trace_packet(ruleset, packet, facts).outcomes == DROPPED
+    """Move filter-output-post-dnat before DNAT (-120): the node's connection to a served ClusterIP is then rejected."""
+    ruleset = _compile(_external_policy("Cluster"))
+    packet, facts = Packet(NODE_IP, SVC1, 80, origin="local"), NodeFacts(NODE.addresses)
+    assert all(o.verdict == "accepted" and o.target for o in trace_packet(ruleset, packet, facts).outcomes)
     chains = ruleset.table("ip").chains
     post = chains["filter-output-post-dnat"]
     chains[post.name] = dataclasses.replace(post, base=post.base.replace("priority -90", "priority -120"))
-    assert trace_packet(ruleset, packet, facts).outcomes == REJECTED
+    assert trace_packet(ruleset, packet, facts).outcomes == REJECTED, "cluster-ips-check sees the ClusterIP"
 
 
 def _hooks(trace: Trace) -> list[str]:

@@ -3,8 +3,13 @@
 Each resource has its own thread running the list/watch protocol through the
 official ``kubernetes`` client:
 
-* list (paged), hand the whole list to the proxier (objects missing from it
-  are deleted), then watch from the list's resourceVersion with bookmarks;
+* list, as client-go's informers do: ``resourceVersion=0``, served from the
+  API server's watch cache in one response (pages, if the server cuts it
+  anyway), decoded one item at a time as the body arrives (``liststream``)
+  and handed to the proxier as an iterator, which converts each item and
+  drops it; the proxier applies the list once it has all of it (objects
+  missing from it are deleted); then watch from the list's resourceVersion
+  with bookmarks;
 * ADDED / MODIFIED / DELETED go to the proxier; BOOKMARK only moves the
   resourceVersion; unknown event types are logged and skipped;
 * an ERROR event with code 410 (or a 410 response) means the version expired:
@@ -23,10 +28,11 @@ import json
 import logging
 import random
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kproxy.cluster.liststream import ListStream
 from kproxy.cluster.rbac import LIST_WATCH, access_for_kind
 
 log = logging.getLogger(__name__)
@@ -93,7 +99,7 @@ class Watcher(threading.Thread):
         self,
         resource: Resource,
         on_event: Callable[[str, Mapping[str, Any]], None],
-        on_relist: Callable[[str, list[Mapping[str, Any]]], None],
+        on_relist: Callable[[str, Iterable[Mapping[str, Any]]], None],
         stop: threading.Event,
         backoff: Backoff = Backoff(),
         watch_timeout: int = 300,
@@ -110,6 +116,8 @@ class Watcher(threading.Thread):
         self.on_restart = on_restart or (lambda kind, reason: None)
         self.rng = rng or random.Random()
         self.resource_version: str | None = None
+        self.listed = 0
+        """How many objects the last list had."""
         self._response: Any = None
         self._reported_unavailable = False
 
@@ -121,20 +129,40 @@ class Watcher(threading.Thread):
             kwargs["field_selector"] = self.resource.field_selector
         return kwargs
 
-    def list_all(self) -> tuple[list[Mapping[str, Any]], str]:
-        items: list[Mapping[str, Any]] = []
+    def list_items(self) -> Iterator[Mapping[str, Any]]:
+        """Every object of the resource, one at a time as the response arrives.
+
+        When it is exhausted, ``resource_version`` is the list's and
+        ``listed`` the number of objects. The first request asks for
+        ``resourceVersion=0`` (the watch cache, no paging); a server that
+        pages anyway gets its pages asked for with the ``continue`` token.
+        """
         token: str | None = None
+        count = 0
         while True:
-            kwargs: dict[str, Any] = dict(self._selectors(), limit=LIST_PAGE, _preload_content=False,
-                                          _request_timeout=(10, 60))
+            kwargs: dict[str, Any] = dict(self._selectors(), _preload_content=False, _request_timeout=(10, 60))
             if token:
-                kwargs["_continue"] = token
+                kwargs.update(_continue=token, limit=LIST_PAGE)
+            else:
+                kwargs["resource_version"] = "0"
             response = self.resource.list_call(**kwargs)
-            body = json.loads(response.data)
-            items.extend(body.get("items") or [])
-            token = (body.get("metadata") or {}).get("continue")
+            try:
+                stream = ListStream(response.stream(65536, decode_content=True))
+                for item in stream.items():
+                    count += 1
+                    yield item
+            finally:
+                response.release_conn()
+            token = stream.metadata.get("continue")
             if not token:
-                return items, (body.get("metadata") or {}).get("resourceVersion", "")
+                self.resource_version = stream.metadata.get("resourceVersion", "")
+                self.listed = count
+                return
+
+    def list_all(self) -> tuple[list[Mapping[str, Any]], str]:
+        """Every object of the resource, and the list's resourceVersion (for one-off reads: ``explain``)."""
+        items = list(self.list_items())
+        return items, self.resource_version or ""
 
     def _stream(self) -> Iterator[dict[str, Any]]:
         response = self.resource.list_call(
@@ -191,10 +219,9 @@ class Watcher(threading.Thread):
         while not self.stop_event.is_set():
             try:
                 if need_list:
-                    items, self.resource_version = self.list_all()
-                    self.on_relist(self.resource.kind, items)
+                    self.on_relist(self.resource.kind, self.list_items())
                     need_list = False
-                    log.info("listed %d %s objects at resourceVersion %s", len(items), self.resource.kind,
+                    log.info("listed %d %s objects at resourceVersion %s", self.listed, self.resource.kind,
                              self.resource_version)
                 self._watch()
                 failures = 0

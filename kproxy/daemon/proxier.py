@@ -87,6 +87,8 @@ class SyncObserver(Protocol):
 
     def no_local_endpoints(self, internal: int, external: int) -> None: ...
 
+    def drift_repaired(self, reason: str) -> None: ...
+
 
 class NullObserver:
     """Reports nowhere."""
@@ -110,6 +112,9 @@ class NullObserver:
         pass
 
     def no_local_endpoints(self, internal: int, external: int) -> None:
+        pass
+
+    def drift_repaired(self, reason: str) -> None:
         pass
 
 
@@ -309,9 +314,12 @@ class Proxier:
                 log.warning("%s", conflict)
             self._notify()
 
-    def on_relist(self, kind: str, objects: Sequence[Mapping[str, Any]]) -> None:
+    def on_relist(self, kind: str, objects: Iterable[Mapping[str, Any]]) -> None:
         """A full list replaces everything of one kind: objects not in it are deleted.
 
+        ``objects`` may be an iterator over a response still arriving: each
+        object is converted as it comes and dropped, and nothing is applied
+        until the list is complete (an error midway changes nothing).
         Objects are converted before the lock is taken, so a relist of 10k
         objects does not stall a running sync. The cyclic GC stays paused
         throughout: a full collection in the middle would walk every object
@@ -321,13 +329,22 @@ class Proxier:
         with gc_paused():
             self._relist(kind, objects)
 
-    def _relist(self, kind: str, objects: Sequence[Mapping[str, Any]]) -> None:
+    def _relist(self, kind: str, objects: Iterable[Mapping[str, Any]]) -> None:
+        listed: set[str] = set()
         if kind == "Service":
-            converted: list[tuple[Any, Any]] = [self._service(obj) for obj in objects]
+            converted: list[tuple[Any, Any]] = []
+            for obj in objects:
+                listed.add(object_key(obj))
+                converted.append(self._service(obj))
             services = dict(converted)
         elif kind == "EndpointSlice":
-            converted = [self._slice(obj) for obj in objects]
+            converted = []
+            for obj in objects:
+                listed.add(object_key(obj))
+                converted.append(self._slice(obj))
             slices = dict(converted)
+        else:
+            objects = list(objects)  # a Node, a few ServiceCIDRs
         if kind in ("Service", "EndpointSlice") and len(converted) != len(dict(converted)):
             counts: dict[str, int] = {}
             for key, _ in converted:
@@ -357,7 +374,6 @@ class Proxier:
                 for obj in objects:
                     self.on_service_cidr("ADDED", obj)
             if kind in ("Service", "EndpointSlice"):
-                listed = {object_key(obj) for obj in objects}
                 for problem_kind, key in [k for k in self._problems if k[0] == kind and k[1] not in listed]:
                     self._report(problem_kind, key, [])
             self._synced_sources.add(kind)
@@ -395,6 +411,29 @@ class Proxier:
         with self.lock:
             self._needs_full = True
             self._notify()
+
+    def programmed_families(self) -> set[Family]:
+        """The families whose table a sync has programmed (the drift watcher expects them in the kernel)."""
+        with self.lock:
+            return set(self._committed) if self._assemblies is not None else set()
+
+    def committed_by(self, pid: int | None) -> bool:
+        """Whether a transaction the kernel says this process or thread committed was this engine's (its backend's)."""
+        return pid is not None and pid in self.backend.committers
+
+    def fence(self, generation: Callable[[], int], timeout: float) -> tuple[int, int] | None:
+        """(the backend's commits so far, the ruleset generation), read while no sync runs; None if one ran all along.
+
+        Every commit of this process happens under the lock, so between two
+        fences the generation grows by this process's commits plus everyone
+        else's.
+        """
+        if not self.lock.acquire(timeout=timeout):
+            return None
+        try:
+            return self.backend.commits, generation()
+        finally:
+            self.lock.release()
 
     def has_work(self, now: float) -> bool:
         """Whether a sync now would do anything."""
@@ -883,6 +922,16 @@ class Proxier:
                 for key in sorted(self.tracker.services)
                 if self.tracker.services[key].internal_policy_local or self.tracker.services[key].external_policy_local
             ]
+        finally:
+            self.lock.release()
+
+    def metrics_services(self, timeout: float | None = None) -> frozenset[str] | None:
+        """``namespace/name`` of the Services annotated ``kproxy.io/metrics: "true"``; None if a sync held the
+        state for longer than ``timeout`` seconds."""
+        if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
+            return None
+        try:
+            return frozenset(key for key, service in self.tracker.services.items() if service.metrics)
         finally:
             self.lock.release()
 

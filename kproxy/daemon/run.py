@@ -17,13 +17,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from kproxy import __version__
 from kproxy.cluster.watch import Backoff, Watcher, api_resources
 from kproxy.daemon.config import DaemonConfig
+from kproxy.daemon.drift import DriftWatcher
 from kproxy.daemon.errors import StartupError
-from kproxy.daemon.proxier import Proxier, SyncObserver
+from kproxy.daemon.proxier import NullObserver, Proxier, SyncObserver
 from kproxy.daemon.runner import SyncRunner
 from kproxy.nft.backend import NftablesBackend
 from kproxy.nft.kernel import Backend, Counters
+from kproxy.nft.monitor import RulesetMonitor
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,9 @@ class Daemon:
         )
         self.runner = SyncRunner(self.proxier, self.config.min_sync_period, self.config.sync_period, self.stop_event,
                                  backoff=(min(0.5, self.config.sync_period), self.config.sync_period))
+        # Drift: notifications of this network namespace's ruleset (the daemon's, with hostNetwork: the node's).
+        self.drift = DriftWatcher(RulesetMonitor(), self.proxier, self.observer or NullObserver(),
+                                  self.config.sync_period, self.stop_event)
         handlers = {"Service": self.proxier.on_service, "EndpointSlice": self.proxier.on_slice,
                     "Node": self.proxier.on_node, "ServiceCIDR": self.proxier.on_service_cidr}
         self.proxier.required_sources = set(handlers)
@@ -90,7 +96,9 @@ class Daemon:
         for watcher in self.watchers:
             watcher.start()
         self.runner.start()
-        log.info("kproxy started on node %s", self.config.node_name)
+        self.drift.start()
+        log.info("kproxy %s started on node %s", __version__, self.config.node_name)
+        log.info("%s", self.config.nodeport_summary())
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop watching and syncing; the rules stay in the kernel."""
@@ -99,6 +107,8 @@ class Daemon:
         for watcher in self.watchers:
             watcher.interrupt()
         self.runner.join(timeout)
+        self.drift.join(timeout)
+        self.drift.monitor.close()
         for watcher in self.watchers:
             watcher.join(timeout)
         log.info("kproxy stopped; rules left in place")
@@ -111,15 +121,18 @@ class LockedReader:
     """kproxy's tables read for HTTP inspection, through a backend of its own.
 
     The sync loop owns its backend; a libnftables context must not be shared
-    between threads, so scrapes and /rules use this one, one at a time.
+    between threads, so /rules uses this one, one at a time. Counters are read
+    over a netlink socket of their own, not through libnftables: a scrape does
+    not wait for a /rules listing (seconds at 10k Services).
     """
 
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
         self._lock = threading.Lock()
+        self._counters_lock = threading.Lock()
 
     def counters(self) -> Counters:
-        with self._lock:
+        with self._counters_lock:
             return self._backend.read_counters()
 
     def rules_text(self) -> str:
@@ -130,22 +143,27 @@ class LockedReader:
 
 
 def start_observability(daemon: Daemon, registry: Any, metrics: Any) -> list[Callable[[], None]]:
-    """Metrics (/metrics, /rules), health (/healthz, /livez) and healthCheckNodePort servers."""
+    """Metrics (/metrics, /rules, /skipped), health (/healthz, /livez, /readyz) and healthCheckNodePort servers."""
     from kproxy.daemon.config import parse_bind_address
+    from kproxy.observe.exposition import SharedExposition
     from kproxy.observe.health import ProxyHealth, ServiceHealthServers, proxier_health_inputs
     from kproxy.observe.http import start_metrics_server
     from kproxy.observe.metrics import ProxierCollector
 
     reader = LockedReader(daemon.backend_factory())
-    registry.register(ProxierCollector(daemon.proxier, reader.counters))
+    collector = ProxierCollector(daemon.proxier, reader.counters, service_metrics=daemon.config.service_metrics)
+    registry.register(collector)
+    exposition = SharedExposition(registry, [collector])
     try:
-        metrics_server = start_metrics_server(parse_bind_address(daemon.config.metrics_bind_address), registry,
+        metrics_server = start_metrics_server(parse_bind_address(daemon.config.metrics_bind_address), exposition,
                                               reader.rules_text,
-                                              lambda: [asdict(p) for p in daemon.proxier.skipped()])
+                                              lambda: [asdict(p) for p in daemon.proxier.skipped()],
+                                              expose_rules=daemon.config.expose_rules)
     except OSError as exc:
         raise StartupError(f"cannot serve metrics on {daemon.config.metrics_bind_address}: {exc.strerror or exc} "
                            "(is kube-proxy or another kproxy running on this node?)") from None
-    health = ProxyHealth(proxier_health_inputs(daemon.proxier, daemon.config.sync_period), metrics)
+    health = ProxyHealth(proxier_health_inputs(daemon.proxier, daemon.config.sync_period, daemon.stop_event.is_set),
+                         metrics)
     try:
         health_server = health.serve(parse_bind_address(daemon.config.healthz_bind_address))
     except OSError as exc:

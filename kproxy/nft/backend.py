@@ -29,6 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
+from kproxy.nft.counters import CounterDump
 from kproxy.nft.expressions import handles
 from kproxy.nft.kernel import CapabilityError, Counters, NftError
 from kproxy.nft.netlink import Batch, BatchSocket, NetlinkError, NotEncodable, sent_here
@@ -183,9 +184,15 @@ class NftablesBackend:
     def __init__(self) -> None:
         self._nft = open_libnftables(CapabilityError)
         self._netlink = BatchSocket()
+        self.commits = 0
+        """Transactions this backend committed (the drift watcher tells its own from others' by them)."""
+        self.committers: set[int] = {os.getpid()}
+        """The thread ids that commit for it: the kernel names the committing thread in its notifications."""
+        self._commits_lock = threading.Lock()
         self._lib = ctypes.CDLL(LIBNFTABLES)
         self._lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
         self._nft.set_handle_output(False)
+        self._counters = CounterDump()
 
     # -- transactions ----------------------------------------------------
 
@@ -224,15 +231,23 @@ class NftablesBackend:
             script = str(tx)
         except ValueError as exc:  # UnsafeText: refused before anything is sent
             raise NftError(f"cannot write the transaction: {exc}") from None
+        self.committers.add(threading.get_native_id())  # before the commit: its notification may be read at once
         rc, _, err = self._run(script)
         if rc != 0:
             raise self._explain(script, err)
+        self._committed()
 
     def _send(self, tx: Transaction, batch: Batch) -> None:
+        self.committers.add(threading.get_native_id())
         try:
             self._netlink.send(tx, batch)
         except NetlinkError as exc:
             raise NftError(exc.reason, command=exc.command, op=exc.op) from None
+        self._committed()
+
+    def _committed(self) -> None:
+        with self._commits_lock:  # the sender thread of apply_in_order commits too
+            self.commits += 1
 
     def apply_in_order(self, transactions: Iterable[Transaction]) -> None:
         """Apply transactions one after the other, and stop at the first refused.
@@ -340,20 +355,9 @@ class NftablesBackend:
         return ruleset
 
     def read_counters(self) -> Counters:
-        """Every named counter of kproxy's tables: (family, name) -> (packets, bytes)."""
-        counters: Counters = {}
-        for family in FAMILIES:
-            rc, out, err = self._run(f"list counters table {family} {TABLE}", json_output=True)
-            if rc != 0:
-                if "No such file or directory" in err:
-                    continue
-                reason = err.strip().splitlines()[0] if err.strip() else "list failed"
-                raise NftError(reason, f"list counters table {family} {TABLE}")
-            for item in json.loads(out).get("nftables", []):
-                body = item.get("counter")
-                if body is not None:
-                    counters[(family, body["name"])] = (int(body.get("packets", 0)), int(body.get("bytes", 0)))
-        return counters
+        """Every named counter of kproxy's tables: (family, name) -> (packets, bytes), from one netlink dump
+        (``kproxy.nft.counters``: libnftables would read the whole ruleset first)."""
+        return self._counters.read()
 
     def list_text(self, family: Family) -> str | None:
         """The table as ``nft list table`` prints it (for inspection)."""

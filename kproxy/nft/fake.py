@@ -16,6 +16,7 @@ earlier run left it) and dumped (``dump()``: the tables with every rule, for
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -62,6 +63,8 @@ class FakeBackend:
             self._check_references(self.tables, self.rules)
         self.transactions: list[Transaction] = []
         """Every transaction that was committed, in order."""
+        self.commits = 0
+        self.committers: set[int] = {os.getpid()}
         self.fail_next: NftError | None = None
         """Set to make the next apply fail with this error (nothing is changed)."""
 
@@ -85,6 +88,7 @@ class FakeBackend:
         self._check_references(tables, rules)
         self.tables, self.rules = tables, rules
         self.transactions.append(tx)
+        self.commits += 1
 
     def apply_in_order(self, transactions: Iterable[Transaction]) -> None:
         """Apply each transaction in turn; stop at the first refused."""
@@ -116,6 +120,13 @@ class FakeBackend:
             elif op.verb == "flush":
                 self._need_set(table, op.name)
                 table.elements[op.name] = {}
+            elif op.verb == "delete":
+                self._need_set(table, op.name)
+                if any(op.name in sets_it_reads(r) for (fam, _), held in rules.items() if fam == op.family
+                       for r in held.rules):
+                    raise NftError(f"Device or resource busy ({op.kind} is still referenced)")
+                del table.sets[op.name]
+                table.elements.pop(op.name, None)
             else:
                 raise NftError(f"unsupported: {op.verb} {op.kind}")
         elif op.kind == "chain":

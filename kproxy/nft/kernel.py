@@ -39,6 +39,11 @@ Counters = dict[tuple[Family, str], tuple[int, int]]
 class Backend(Protocol):
     """kproxy's two tables (``ip kproxy``, ``ip6 kproxy``) in one network namespace, and nothing else."""
 
+    commits: int
+    """How many transactions it committed (at most: one that changed nothing may not count in the kernel)."""
+    committers: set[int]
+    """The process and thread ids that committed them (the kernel names the thread in its notifications)."""
+
     def apply(self, tx: Transaction) -> None:
         """Apply one transaction atomically; NftError (naming the refused command) changes nothing."""
         ...

@@ -60,6 +60,7 @@ NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
 NFT_MSG_NEWTABLE = 0
+NFT_MSG_DELSET = 11
 NFT_MSG_NEWCHAIN = 3
 NFT_MSG_DELCHAIN = 5
 NFT_MSG_NEWRULE = 6
@@ -87,6 +88,7 @@ NFTA_DATA_VALUE = 1
 NFTNL_UDATA_COMMENT = 0
 """The comment's type in the user data of elements, chains, rules and objects alike."""
 NFTA_TABLE_NAME, NFTA_TABLE_USERDATA = 1, 6
+NFTA_SET_TABLE, NFTA_SET_NAME = 1, 2
 NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME, NFTA_CHAIN_USERDATA = 1, 3, 12
 NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_USERDATA = 1, 2, 4, 7
 NFTA_OBJ_TABLE, NFTA_OBJ_NAME, NFTA_OBJ_TYPE, NFTA_OBJ_DATA, NFTA_OBJ_USERDATA = 1, 2, 3, 4, 8
@@ -253,6 +255,8 @@ def _sendable_kind(op: Op) -> bool:
         return op.verb in ("flush", "delete") or (op.verb == "add" and op.chain is not None and not op.chain.base)
     if op.kind == "counter":
         return op.verb in ("add", "delete")
+    if op.kind in ("set", "map"):
+        return op.verb == "delete"  # declarations are the skeleton's (libnftables); a set it no longer has goes here, last
     return op.kind in ("rules", "table") and op.verb == "add"
 
 
@@ -500,7 +504,10 @@ def _object_messages(op: Op, first_seq: int) -> list[tuple[bytes, int, int]]:
     if kind == "rules":
         return _rule_messages(op, first_seq, family)
     name = _attr(NFTA_CHAIN_NAME if kind == "chain" else NFTA_OBJ_NAME, _string(op.name))
-    if kind == "table":
+    if kind in ("set", "map"):
+        payload = _attr(NFTA_SET_TABLE, _string(TABLE)) + _attr(NFTA_SET_NAME, _string(op.name))
+        msg_type, flags = NFT_MSG_DELSET, 0
+    elif kind == "table":
         note = _udata_comment(NFTA_TABLE_USERDATA, op.comment) if op.comment else b""
         msg_type, flags, payload = NFT_MSG_NEWTABLE, NLM_F_CREATE, _attr(NFTA_TABLE_NAME, _string(TABLE)) + note
     elif kind == "chain" and op.verb == "flush":

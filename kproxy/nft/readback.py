@@ -8,12 +8,9 @@ exact text the compiler uses for keys and values.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from kproxy.nft.objects import DIGEST_PREFIX, Chain, Element, Family, SetDecl, Table
-
-_DIGEST = re.compile(re.escape(DIGEST_PREFIX) + r"([0-9A-Z]+)")
 
 
 class ReadbackError(ValueError):
@@ -72,8 +69,9 @@ def parse_table(document: dict[str, Any], family: Family) -> Table:
         elif kind in ("set", "map"):
             name = body["name"]
             flags = body.get("flags", [])
-            if "timeout" in flags and "dynamic" not in flags:
-                # nft 1.0.6 leaves this flag out of its JSON; kproxy's sets with timeouts are the datapath's.
+            if ("timeout" in flags or "size" in body) and "dynamic" not in flags:
+                # nft 1.0.6 leaves this flag out of its JSON; kproxy's sets with timeouts or a size are the
+                # datapath's (conn-limit has a size and no timeout: the kernel keeps no timeout with ct count).
                 flags = [*flags, "dynamic"]
             decl = SetDecl(kind, name, (f"flags {','.join(flags)}",) if flags else ())
             table.sets[name] = decl
@@ -92,7 +90,8 @@ def parse_table(document: dict[str, Any], family: Family) -> Table:
     for name, chain_rules in rules.items():
         digest = ""
         if chain_rules:
-            match = _DIGEST.fullmatch(chain_rules[-1].get("comment", ""))
-            digest = match.group(1) if match else ""
+            note = chain_rules[-1].get("comment", "")
+            tail = note[len(DIGEST_PREFIX):] if note.startswith(DIGEST_PREFIX) else ""
+            digest = tail if tail.isalnum() and tail.isascii() and tail.upper() == tail else ""
         table.chains[name] = Chain(name, (), fingerprint=(digest, len(chain_rules)))
     return table

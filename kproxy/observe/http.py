@@ -14,10 +14,15 @@
   port (``HTTPService.port``).
 * Requests are logged at debug level only; a handler that raises answers 500
   and is logged with its traceback.
+* ``max_handlers`` bounds the requests handled at once (a thread each); the
+  accept loop waits for a free one, and further clients wait in the listen
+  backlog, in the kernel. The metrics server is bounded: its memory does not
+  grow with the number of scrapers.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import selectors
@@ -27,15 +32,19 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
+
+from kproxy.observe.exposition import SharedExposition
 
 log = logging.getLogger(__name__)
 
 TEXT_PLAIN = "text/plain; charset=utf-8"
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+METRICS_HANDLERS = 16
+"""Requests the metrics server handles at once (each waits for the shared collection, or writes its result)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +56,8 @@ class Request:
     query: str = ""
     headers: Mapping[str, str] = field(default_factory=dict)
     """Header names lowercased."""
+    client: str = ""
+    """The peer's address (an IPv4 peer of a dual-stack listener as ``::ffff:a.b.c.d``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +90,7 @@ class _Handler(BaseHTTPRequestHandler):
             path=parts.path,
             query=parts.query,
             headers={k.lower(): v for k, v in self.headers.items()},
+            client=str(self.client_address[0]) if self.client_address else "",
         )
         route = self.server.routes.get(parts.path, self.server.default_route)
         try:
@@ -109,6 +121,8 @@ class HTTPService(ThreadingHTTPServer):
     """A listening HTTP server with exact-path routes, served from a daemon thread."""
 
     daemon_threads = True
+    request_queue_size = 128
+    """The listen backlog (socketserver's default, 5, drops the SYNs of a sixth client at once: it retries a second later)."""
 
     def __init__(
         self,
@@ -116,11 +130,13 @@ class HTTPService(ThreadingHTTPServer):
         routes: Mapping[str, Route],
         name: str = "http",
         default_route: Route = not_found,
+        max_handlers: int | None = None,
     ) -> None:
         host, port = address
         self.name = name
         self.routes = dict(routes)
         self.default_route = default_route
+        self._handlers = threading.BoundedSemaphore(max_handlers) if max_handlers else None
         self._dual_stack = False
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -149,6 +165,27 @@ class HTTPService(ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name = str(self.server_address[0])
         self.server_port = int(self.server_address[1])
+
+    def process_request(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
+        """Handle the request in a thread of its own, once one of the ``max_handlers`` is free."""
+        if self._handlers is not None:
+            while not self._handlers.acquire(timeout=0.5):
+                if self._stopped:
+                    self.shutdown_request(request)
+                    return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            if self._handlers is not None:
+                self._handlers.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            if self._handlers is not None:
+                self._handlers.release()
 
     @property
     def port(self) -> int:
@@ -192,14 +229,46 @@ class HTTPService(ThreadingHTTPServer):
         self._wake_w.close()
 
 
+def is_loopback(address: str) -> bool:
+    """Whether a peer address is a loopback one (127.0.0.0/8, ::1, or 127.x mapped into IPv6)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+def loopback_only(route: Route, path: str) -> Route:
+    """``route`` for loopback clients; 403 for any other, naming the flag that opens it."""
+
+    def guarded(request: Request) -> Response:
+        if is_loopback(request.client):
+            return route(request)
+        return Response(403, f"{path} is served to loopback clients only (kproxy --expose-rules opens it)\n".encode())
+
+    return guarded
+
+
 def metrics_routes(
-    registry: CollectorRegistry, rules_text: Callable[[], str], skipped: Callable[[], list[dict[str, object]]] = list
+    metrics_source: SharedExposition | CollectorRegistry,
+    rules_text: Callable[[], str],
+    skipped: Callable[[], list[dict[str, object]]] = list,
+    expose_rules: bool = False,
 ) -> dict[str, Route]:
-    """``/metrics`` (Prometheus text, or OpenMetrics when the scraper asks for it), ``/rules`` and ``/skipped``."""
+    """``/metrics`` (Prometheus text, or OpenMetrics when the scraper asks for it), ``/rules`` and ``/skipped``.
+
+    ``/rules`` (the whole ruleset) and ``/skipped`` (object names and problems)
+    answer loopback clients only, unless ``expose_rules``: a metrics address
+    opened for Prometheus does not publish them. A bare registry is served
+    through a SharedExposition of its own.
+    """
+    exposition = metrics_source if isinstance(metrics_source, SharedExposition) else SharedExposition(metrics_source)
 
     def metrics(request: Request) -> Response:
-        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
-        return Response(200, encoder(registry), content_type)
+        body, content_type = exposition.render(request.headers.get("accept", ""))
+        return Response(200, body, content_type)
 
     def rules(request: Request) -> Response:
         return Response(200, rules_text().encode(), TEXT_PLAIN)
@@ -207,16 +276,23 @@ def metrics_routes(
     def skipped_objects(request: Request) -> Response:
         return Response(200, (json.dumps(skipped(), indent=1) + "\n").encode(), "application/json")
 
-    return {"/metrics": metrics, "/rules": rules, "/skipped": skipped_objects}
+    if expose_rules:
+        return {"/metrics": metrics, "/rules": rules, "/skipped": skipped_objects}
+    return {"/metrics": metrics, "/rules": loopback_only(rules, "/rules"),
+            "/skipped": loopback_only(skipped_objects, "/skipped")}
 
 
 def start_metrics_server(
     address: tuple[str, int],
-    registry: CollectorRegistry,
+    metrics_source: SharedExposition | CollectorRegistry,
     rules_text: Callable[[], str],
     skipped: Callable[[], list[dict[str, object]]] = list,
+    max_handlers: int = METRICS_HANDLERS,
+    expose_rules: bool = False,
 ) -> HTTPService:
     """Serve ``/metrics``, ``/rules`` and ``/skipped`` on ``address`` (from ``parse_bind_address``); 404 elsewhere."""
-    server = HTTPService(address, metrics_routes(registry, rules_text, skipped), name="metrics").start()
-    log.info("serving /metrics, /rules and /skipped on %s port %d", server.host, server.port)
+    routes = metrics_routes(metrics_source, rules_text, skipped, expose_rules)
+    server = HTTPService(address, routes, name="metrics", max_handlers=max_handlers).start()
+    log.info("serving /metrics, and /rules and /skipped to %s, on %s port %d",
+             "any client" if expose_rules else "loopback clients only", server.host, server.port)
     return server

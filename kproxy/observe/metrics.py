@@ -12,8 +12,15 @@
 * ``ProxierCollector`` computes at scrape time what is cheaper to read than
   to track: Services with a Local policy and no local endpoint, the last
   queued-change time, and the per-Service nft counters (new connections,
-  rate-limit drops). Counters are read at scrape time only, never in the sync
-  path; a scrape never fails because nft did.
+  limit drops). Counters are read at scrape time only, never in the sync
+  path (one netlink dump, ``kproxy.nft.counters``); a scrape never fails
+  because nft did.
+* Per-Service series are opt-in (``--service-metrics``, ``SERVICE_METRICS``):
+  by default only Services annotated ``kproxy.io/metrics: "true"`` export
+  their new connections; every Service with a limit (``kproxy.io/rate-limit``,
+  ``-total``, ``limit-connections``, ``bandwidth-limit``) exports its drops. Their
+  text is written directly (``ProxierCollector.exposition``), without a
+  prometheus_client object per sample, which costs tens of microseconds each.
 * The collector never waits long for the proxier's lock (a large full sync
   holds it for minutes): after ``lock_timeout`` it serves the last values it
   computed.
@@ -29,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kproxy.rules.endpoints import LocalPolicyStatus
@@ -58,8 +65,21 @@ NETWORK_PROGRAMMING_BUCKETS: tuple[float, ...] = (
 OPERATIONS_BUCKETS: tuple[float, ...] = tuple(float(4**k) for k in range(11))
 """kproxy_sync_operations: 1, 4, 16, ... 1048576 nft operations."""
 
-COUNTER_KINDS: Mapping[str, str] = {"conns": "kproxy_service_new_connections", "drops": "kproxy_rate_limit_drops"}
+COUNTER_KINDS: Mapping[str, str] = {
+    "conns": "kproxy_service_new_connections",
+    "drops": "kproxy_rate_limit_drops",
+    "totaldrops": "kproxy_limit_drops",
+    "conndrops": "kproxy_limit_drops",
+    "bwdrops": "kproxy_limit_drops",
+}
 """nft counter object prefix -> exported counter name (``_total`` is appended)."""
+LIMIT_REASONS: Mapping[str, str] = {
+    "drops": "rate_limit", "totaldrops": "rate_limit_total", "conndrops": "connections", "bwdrops": "bandwidth",
+}
+"""Drop counter prefix -> the ``reason`` label of ``kproxy_limit_drops_total`` (every limit's drops, by limit;
+the compiler's ``LIMIT_COUNTERS``). ``drops`` (``kproxy.io/rate-limit``) is also exported alone, as
+``kproxy_rate_limit_drops_total``, as it always was."""
+LIMIT_DROPS = "kproxy_limit_drops"
 
 
 class ProxyMetrics:
@@ -122,6 +142,9 @@ class ProxyMetrics:
             "kproxy_invalid_objects_skipped_total", "API objects skipped as invalid", ["kind", "reason"], registry=r)
         self.watch_restarts_total = Counter(
             "kproxy_watch_restarts_total", "Watch restarts", ["resource", "reason"], registry=r)
+        self.drift_repairs_total = Counter(
+            "kproxy_drift_repairs_total",
+            "Full syncs run because another program changed kproxy's tables, by what it did", ["reason"], registry=r)
         for family in self.families:
             self.sync_failures.labels(family)
             self.cleanup_failures.labels(family)
@@ -181,6 +204,10 @@ class ProxyMetrics:
 
     # -- others -----------------------------------------------------------------------
 
+    def drift_repaired(self, reason: str) -> None:
+        """Another program changed kproxy's tables; a full sync restores them (``kproxy.daemon.drift``)."""
+        self.drift_repairs_total.labels(reason).inc()
+
     def watch_restarted(self, resource: str, reason: str) -> None:
         """A watch ended and restarts (the Watcher's ``on_restart``)."""
         self.watch_restarts_total.labels(resource, reason).inc()
@@ -205,9 +232,31 @@ class PolicySource(Protocol):
         """Every Service with a Local policy; None if a sync held the state longer than ``timeout`` seconds."""
         ...
 
+    def metrics_services(self, timeout: float | None = None) -> frozenset[str] | None:
+        """``namespace/name`` of every Service annotated ``kproxy.io/metrics: "true"``;
+        None if a sync held the state longer than ``timeout`` seconds."""
+        ...
+
 
 CounterReader = Callable[[], Mapping[tuple[Any, str], tuple[int, int]]]
 """Returns {(nft family "ip"/"ip6", counter object name): (packets, bytes)}."""
+
+SERVICE_METRICS: tuple[str, ...] = ("none", "annotated", "all")
+"""``--service-metrics``: which Services export ``kproxy_service_new_connections_total``.
+
+``annotated`` (the default): those annotated ``kproxy.io/metrics: "true"``;
+``all``: every Service; ``none``: no Service. ``kproxy_rate_limit_drops_total``
+and ``kproxy_limit_drops_total`` are exported for every Service with a limit,
+whatever the setting (the limit's annotation opts it in).
+"""
+DEFAULT_SERVICE_METRICS = "annotated"
+
+SERVICE_COUNTER_HELP: Mapping[str, str] = {
+    "kproxy_service_new_connections": "New connections to a Service port (nft counter)",
+    "kproxy_rate_limit_drops": "Packets to a Service port dropped by its rate limit (nft counter)",
+    LIMIT_DROPS: "Packets of a Service port dropped by one of its limits, by reason: rate_limit, rate_limit_total, "
+                 "connections, bandwidth (nft counters)",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,12 +264,16 @@ class ServiceCounter:
     """A per-Service-port nft counter object, parsed from its name."""
 
     kind: str
-    """``conns`` (new connections) or ``drops`` (rate-limit drops)."""
+    """``conns`` (new connections), or the drops of a limit (``LIMIT_REASONS``)."""
     namespace: str
     service: str
     protocol: str
     port: str
     """The port's name, or its number when unnamed."""
+
+    @property
+    def service_key(self) -> str:
+        return f"{self.namespace}/{self.service}"
 
 
 def parse_counter_name(name: str) -> ServiceCounter | None:
@@ -234,6 +287,25 @@ def parse_counter_name(name: str) -> ServiceCounter | None:
         return None
     namespace, service, protocol, port = parts
     return ServiceCounter(kind, namespace, service, protocol, port)
+
+
+def label_value(text: str) -> str:
+    """A label value escaped for the text formats (Prometheus 0.0.4 and OpenMetrics alike)."""
+    if "\\" in text or '"' in text or "\n" in text:
+        return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class _Series:
+    """What a counter object's name says, once parsed: which family and Service, and its sample's line head."""
+
+    kind: str
+    service_key: str
+    head: str
+    """``name{labels} ``: the sample line without its value."""
+    limit_head: str | None = None
+    """The line head of its ``kproxy_limit_drops_total`` sample, for a limit's drop counter."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +325,15 @@ def no_local_counts(report: Iterable[LocalPolicyStatus]) -> NoLocalCounts:
 
 
 class ProxierCollector(Collector):
-    """Scrape-time metrics read from the proxier and from nft counters."""
+    """Scrape-time metrics read from the proxier and from nft counters.
+
+    Its two gauges are ordinary prometheus_client metric families
+    (``collect``). The per-Service counters (``kproxy_service_new_connections_total``,
+    ``kproxy_rate_limit_drops_total``, ``kproxy_limit_drops_total``), which can be tens of thousands of
+    series, are not: ``exposition`` writes their text directly, one string
+    per sample and no Metric or Sample object, for the HTTP server to append
+    to the registry's (``kproxy.observe.exposition``).
+    """
 
     def __init__(
         self,
@@ -262,13 +342,23 @@ class ProxierCollector(Collector):
         families: Sequence[str] = IP_FAMILIES,
         wall_clock: Callable[[], float] = time.time,
         lock_timeout: float = 1.0,
+        service_metrics: str = DEFAULT_SERVICE_METRICS,
     ) -> None:
+        if service_metrics not in SERVICE_METRICS:
+            raise ValueError(f"service_metrics: {service_metrics!r} is not one of {', '.join(SERVICE_METRICS)}")
         self.proxier = proxier
         self.read_counters = read_counters
         self.families = tuple(families)
         self.lock_timeout = lock_timeout
+        self.service_metrics = service_metrics
         self._state_lock = threading.Lock()
+        self._render_lock = threading.Lock()
         self._last_counts: NoLocalCounts | None = None
+        self._last_opted_in: frozenset[str] = frozenset()
+        self._busy_at = float("-inf")
+        """When the proxier's lock was last found held past ``lock_timeout``."""
+        self._series: dict[tuple[Any, str], _Series | None] = {}
+        """(nft family, counter name) -> its parsed series (None: not a per-Service counter), for the names seen last."""
         self._last_queued = wall_clock()
         """Upstream sets the queued timestamp when its proxier starts; later, each time a change is queued."""
 
@@ -277,7 +367,7 @@ class ProxierCollector(Collector):
         return list(self._metric_families())
 
     def collect(self) -> Iterable[Metric]:
-        no_local, queued, conns, drops = self._metric_families()
+        no_local, queued = self._metric_families()
         counts = self._no_local_counts()
         if counts is not None:
             for family in self.families:
@@ -285,13 +375,9 @@ class ProxierCollector(Collector):
                 no_local.add_metric(["external", family], counts.external)
         for family in self.families:
             queued.add_metric([family], self._queued_timestamp())
-        targets = {"conns": conns, "drops": drops}
-        for (kind, namespace, service, port, family), packets in sorted(self._counter_values().items()):
-            targets[kind].add_metric([namespace, service, port, family], packets)
-        return [no_local, queued, conns, drops]
+        return [no_local, queued]
 
-    def _metric_families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, CounterMetricFamily, CounterMetricFamily]:
-        labels = ["namespace", "service", "port", "ip_family"]
+    def _metric_families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
         return (
             GaugeMetricFamily(
                 "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
@@ -301,10 +387,6 @@ class ProxierCollector(Collector):
                 "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
                 "The last time a sync of proxy rules was queued",
                 labels=["ip_family"]),
-            CounterMetricFamily(
-                COUNTER_KINDS["conns"], "New connections to a Service port (nft counter)", labels=labels),
-            CounterMetricFamily(
-                COUNTER_KINDS["drops"], "Packets to a Service port dropped by its rate limit (nft counter)", labels=labels),
         )
 
     def _no_local_counts(self) -> NoLocalCounts | None:
@@ -312,6 +394,7 @@ class ProxierCollector(Collector):
             report = self.proxier.local_policy_report(self.lock_timeout)
             if report is None:
                 log.debug("a sync holds the proxier; serving the last no-local-endpoints counts")
+                self._busy_at = time.monotonic()
                 return self._last_counts
         except Exception as exc:  # a scrape must not fail
             log.warning("cannot compute no-local-endpoints counts: %s", exc)
@@ -328,21 +411,83 @@ class ProxierCollector(Collector):
                 self._last_queued = pending
             return self._last_queued
 
-    def _counter_values(self) -> dict[tuple[str, str, str, str, str], int]:
-        """{(kind, namespace, service, port, ip_family): packets}, summed should two objects share labels."""
+    # -- the per-Service counters, as text ---------------------------------------------
+
+    def exposition(self, openmetrics: bool = False) -> str:
+        """The per-Service counter families as exposition text (Prometheus 0.0.4, or OpenMetrics without ``# EOF``).
+
+        Both families are always declared (HELP and TYPE), with or without samples.
+        Samples are sorted by their labels; two counter objects with the same
+        labels are summed.
+        """
+        with self._render_lock:
+            values = self._values()
+        out: list[str] = []
+        for name, samples in values.items():
+            family = name if openmetrics else f"{name}_total"
+            out.append(f"# HELP {family} {SERVICE_COUNTER_HELP[name]}\n# TYPE {family} counter\n")
+            out.extend(f"{head}{samples[head]}\n" for head in sorted(samples))
+        return "".join(out)
+
+    def _opted_in(self) -> frozenset[str]:
+        """The Services annotated for per-Service series; the last known set while a sync holds the proxier.
+
+        If the proxier was found busy in this same scrape (its Local-policy
+        report timed out a moment ago), it is not waited for a second time.
+        """
+        busy = time.monotonic() - self._busy_at < self.lock_timeout
+        try:
+            found = self.proxier.metrics_services(0 if busy else self.lock_timeout)
+        except Exception as exc:  # a scrape must not fail
+            log.warning("cannot read which Services export per-Service metrics: %s", exc)
+            found = None
+        with self._state_lock:
+            if found is None:
+                return self._last_opted_in
+            self._last_opted_in = found
+            return found
+
+    def _values(self) -> dict[str, dict[str, int]]:
+        """{metric name: {sample line head: packets}} of the counters this setting exports."""
+        values: dict[str, dict[str, int]] = {name: {} for name in SERVICE_COUNTER_HELP}
         if self.read_counters is None:
-            return {}
+            return values
         try:
             raw = self.read_counters()
         except Exception as exc:  # nft missing, table absent, timeouts: the scrape goes on
             log.warning("cannot read nft counters: %s", exc)
-            return {}
-        values: dict[tuple[str, str, str, str, str], int] = {}
-        for (nft_family, name), (packets, _bytes) in raw.items():
-            parsed = parse_counter_name(name)
-            family = NFT_FAMILY_LABELS.get(nft_family)
-            if parsed is None or family is None:
+            return values
+        mode = self.service_metrics
+        opted_in = self._opted_in() if mode == "annotated" else frozenset()
+        known, seen = self._series, {}
+        conns, drops, limits = values[COUNTER_KINDS["conns"]], values[COUNTER_KINDS["drops"]], values[LIMIT_DROPS]
+        for key, (packets, _bytes) in raw.items():
+            series = known.get(key, _UNKNOWN)
+            if series is _UNKNOWN:
+                series = _series_of(*key)
+            seen[key] = series
+            if series is None:
                 continue
-            key = (parsed.kind, parsed.namespace, parsed.service, parsed.port, family)
-            values[key] = values.get(key, 0) + int(packets)
+            if series.limit_head is not None:  # a limit's drops: exported whatever the setting
+                limits[series.limit_head] = limits.get(series.limit_head, 0) + int(packets)
+                if series.kind == "drops":
+                    drops[series.head] = drops.get(series.head, 0) + int(packets)
+            elif mode == "all" or (mode == "annotated" and series.service_key in opted_in):
+                conns[series.head] = conns.get(series.head, 0) + int(packets)
+        self._series = seen  # only the names of this read: a deleted Service's entry goes with it
         return values
+
+
+_UNKNOWN: Any = object()
+
+
+def _series_of(nft_family: Any, name: str) -> _Series | None:
+    parsed = parse_counter_name(name)
+    family = NFT_FAMILY_LABELS.get(nft_family)
+    if parsed is None or family is None:
+        return None
+    labels = (f'namespace="{label_value(parsed.namespace)}",service="{label_value(parsed.service)}",'
+              f'port="{label_value(parsed.port)}",ip_family="{family}"')
+    reason = LIMIT_REASONS.get(parsed.kind)
+    limit_head = f'{LIMIT_DROPS}_total{{{labels},reason="{reason}"}} ' if reason else None
+    return _Series(parsed.kind, parsed.service_key, f"{COUNTER_KINDS[parsed.kind]}_total{{{labels}}} ", limit_head)

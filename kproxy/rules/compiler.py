@@ -11,15 +11,19 @@ Layout (see rules/README.md for the packet path):
 * Endpoints are data, not rules. Endpoint ``k`` (1-based) of a port is an
   element ``frontend . protocol . port . slot(k)`` of an ``endpoints-C`` map,
   one per frontend (ClusterIP, external IP, NodePort address), and the
-  Service chain ends in ``goto pick-C`` with ``C`` the smallest size class
-  that holds its endpoints. The shared pick chains try slots ``C`` down to
-  1 with ``numgen random mod k offset slot(k)``: the lookup hits with
-  probability 1/k when slot k is filled and misses (falls through) when it
-  is empty, so the choice is uniform over the filled slots. Adding or
-  removing an endpoint only changes elements of a data map, which the
-  kernel commits without revalidating the table. Services with ClientIP
-  affinity, or more endpoints than the largest class, get a cascade of
-  ``numgen random mod (N-i) 0`` rules in their own chain instead.
+  frontend is in the ``class-C`` set of the smallest size class ``C`` that
+  holds its endpoints. The Service chain ends in ``goto pick-by-class``,
+  which goes to ``pick-C`` by that set. The shared pick chains try slots
+  ``C`` down to 1 with ``numgen random mod k offset slot(k)``: the lookup
+  hits with probability 1/k when slot k is filled and misses (falls
+  through) when it is empty, so the choice is uniform over the filled
+  slots. A frontend in no class (no endpoint) goes on untranslated, and the
+  ``no-endpoint-*`` sets say whether ``endpoints-check`` rejects or drops
+  it. So any change of endpoints, the first and the last included, changes
+  elements without verdicts only, which the kernel commits without
+  checking the table. Services with ClientIP affinity, or more endpoints
+  than the largest class, get a cascade of ``numgen random mod (N-i) 0``
+  rules in their own chain instead.
 * Nothing here reads a file, the clock or the kernel; the same input always
   gives the same ruleset.
 """
@@ -31,6 +35,7 @@ import hashlib
 import ipaddress
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from kproxy.cluster.model import Cluster, EndpointSlice, IPFamily, Node, Service, ServiceKey, ServicePort
 from kproxy.cluster.validate import collapse, spell, spell_network
@@ -54,6 +59,7 @@ from kproxy.nft.statements import (
     Rule,
     SetUpdate,
     Verdict,
+    VerdictMap,
 )
 from kproxy.rules.assembly import Assembly
 from kproxy.rules.endpoints import PortEndpoint, Selection, port_endpoints, select
@@ -61,9 +67,8 @@ from kproxy.rules.skeleton import skeleton_table
 
 FAMILIES: dict[Family, IPFamily] = {"ip": 4, "ip6": 6}
 _PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
-REJECT = "goto reject-chain"
-DROP = "drop"
-"""Verdicts as map data (``no-endpoint-services``): text, as nft writes them."""
+Unserved = Literal["reject", "drop"]
+"""What becomes of a packet to a Service port that gets no endpoint here (``no-endpoint-*`` sets)."""
 DROP_RULE: Rule = (Verdict("drop"),)
 DISPATCH_KEY: Key = ("daddr", "l4proto", "dport")
 """Where a packet is going: what dispatch and the endpoint maps are keyed by."""
@@ -72,6 +77,20 @@ PICK_CLASSES = (4, 8, 16, 32, 64, 128, 256)
 """Sizes of the shared pick chains; a port with more endpoints gets a per-Service cascade."""
 _LOCAL_SLOT = 0x8000
 """Set in the slot numbers of the local-endpoint pick chains (``pick-local-``)."""
+PICK_BY_CLASS = {False: "pick-by-class", True: "pick-local-by-class"}
+"""Where a Service chain that picks through the maps goes: on to the pick chain of the frontend's class."""
+ALLOW_KEY: Key = ("daddr", "l4proto", "dport", "saddr")
+"""``kproxy.io/limit-allowlist`` in the nat chains: frontend . protocol . port . client (``limit-allow``)."""
+ORIGINAL_KEY: Key = ("original-daddr", "l4proto", "original-dport")
+"""A connection's frontend, read from conntrack: the same for every packet of it, in both directions."""
+ORIGINAL_ALLOW_KEY: Key = (*ORIGINAL_KEY, "original-saddr")
+"""``kproxy.io/limit-allowlist`` in the bandwidth chains."""
+LIMIT_COUNTERS = {"rate_limit": "drops", "rate_limit_total": "totaldrops", "connections": "conndrops",
+                  "bandwidth": "bwdrops"}
+"""The drop counter of each limit (``PREFIX-SUFFIX``), by the reason its metric names."""
+BANDWIDTH_HOOKS = {"bandwidth-prerouting": "type filter hook prerouting priority dstnat - 5; policy accept;",
+                   "bandwidth-output": "type filter hook output priority -105; policy accept;"}
+"""The base chains that police every packet of Services with a bandwidth limit, while some Service has one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,29 +198,102 @@ _ENDPOINTS_MAPS = ("",) + tuple(f"endpoints-{pick_class(k)}" for k in range(1, P
 _SLOTS = {local: ("",) + tuple(str(slot(k, local)) for k in range(1, PICK_CLASSES[-1] + 1)) for local in (False, True)}
 
 
+def class_set(size: int, local: bool) -> str:
+    """The set of frontends whose (local) endpoints fill the pick chain of size ``size``."""
+    return f"{'local-' if local else ''}class-{size}"
+
+
 @functools.cache
-def pick_chains_for(family: Family, size: int, local: bool) -> tuple[Chain, ...]:
-    """The shared chains a port with a ``size``-class pick needs: ``pick-size`` and the smaller ones it continues in.
+def pick_chains(family: Family) -> tuple[Chain, ...]:
+    """The shared pick chains, every class, cluster and local, and the two chains that choose among them.
 
     ``pick-C`` tries slots C down to C/2+1 and continues in ``pick-C/2``;
     ``pick-4`` ends with slot 1, which is always filled, then a drop that
-    only an inconsistent map could reach. Every Service port that picks
-    through the maps contributes these chains (identical for all), so they
-    exist exactly while some Service needs them.
+    only an inconsistent map could reach. ``pick-by-class`` goes to the pick
+    chain of the frontend's class (the ``class-C`` sets); a frontend in no
+    class has no endpoint: the packet goes on untranslated, and
+    ``endpoints-check`` rejects or drops it. They are in every table, so
+    that no change of endpoints, a Service's first or last included, ever
+    changes a rule.
     """
-    kind = "local" if local else "cluster"
     chains = []
-    for class_size in PICK_CLASSES:
-        if class_size > size:
-            break
-        low = class_size // 2 if class_size > PICK_CLASSES[0] else 0
-        rules: list[Rule] = [
-            (DnatFromMap((*DISPATCH_KEY, Numgen(k, slot(k, local))), f"endpoints-{class_size}"),)
-            for k in range(class_size, low, -1)
-        ]
-        rules.append((Verdict("goto", pick_chain_name(low, local)),) if low else DROP_RULE)
-        chains.append(Chain(pick_chain_name(class_size, local), tuple(rules), f"pick one of up to {class_size} {kind} endpoints"))
+    for local in (False, True):
+        kind = "local" if local else "cluster"
+        for class_size in PICK_CLASSES:
+            low = class_size // 2 if class_size > PICK_CLASSES[0] else 0
+            rules: list[Rule] = [
+                (DnatFromMap((*DISPATCH_KEY, Numgen(k, slot(k, local))), f"endpoints-{class_size}"),)
+                for k in range(class_size, low, -1)
+            ]
+            rules.append((Verdict("goto", pick_chain_name(low, local)),) if low else DROP_RULE)
+            chains.append(Chain(pick_chain_name(class_size, local), tuple(rules),
+                                f"pick one of up to {class_size} {kind} endpoints"))
+        dispatch = tuple((Lookup(DISPATCH_KEY, class_set(size, local)), Verdict("goto", pick_chain_name(size, local)))
+                         for size in PICK_CLASSES)
+        chains.append(Chain(PICK_BY_CLASS[local], dispatch,
+                            f"on to the pick chain for the number of {kind} endpoints of the frontend (none: untranslated)"))
     return tuple(chains)
+
+
+@functools.cache
+def bandwidth_hooks(family: Family) -> tuple[Chain, ...]:
+    """The base chains of ``kproxy.io/bandwidth-limit``: every packet whose connection's original destination is
+    a frontend in ``bandwidth-ips`` jumps to its port's ``bw-`` chain.
+
+    Every Service with a bandwidth limit contributes these same chains (the
+    assembly keeps one copy while any does), so they exist only while some
+    Service has a limit: other traffic pays nothing otherwise. nft reads
+    ``ct original proto-dst`` as a port only after a protocol match, hence a
+    rule per protocol.
+    """
+    rules = tuple((MatchProtocol(proto), VerdictMap(ORIGINAL_KEY, "bandwidth-ips")) for proto in ("tcp", "udp", "sctp"))
+    return tuple(Chain(name, rules, "kproxy.io/bandwidth-limit: police every packet of limited Services", base)
+                 for name, base in BANDWIDTH_HOOKS.items())
+
+
+def _constants(cluster_ip: str, port: ServicePort) -> Key:
+    """ClusterIP . protocol . port as constants: a Service port's key in the meters, whatever the frontend."""
+    return (Const(cluster_ip, "addr"), Const(str(_PROTO_NUMBERS[port.protocol]), "proto"), Const(str(port.port), "port"))
+
+
+def limit_rules(service: Service, port: ServicePort, cluster_ip: str, suffix: str, allowlisted: bool) -> list[Rule]:
+    """The rules of a Service port's limits on new connections, in the order the nat chains apply them.
+
+    The per-client rate first, so that a client over its own rate spends
+    nothing of the shared one; the connection count last, so that only
+    connections that go on are counted. With an allowlist, each rule is
+    guarded by a lookup that skips the clients in ``limit-allow``.
+    """
+    guard: Rule = (Lookup(ALLOW_KEY, "limit-allow", negate=True),) if allowlisted else ()
+    port_key = _constants(cluster_ip, port)
+    rules: list[Rule] = []
+    if service.rate_limit is not None:
+        limit = service.rate_limit
+        rules.append((*guard, NewConnection(), SetUpdate("rate-limit-meter", ("saddr", *port_key),
+                                                           limit=Limit(limit.rate, limit.unit, limit.burst)),
+                      Counter(f"drops-{suffix}"), Verdict("drop")))
+    if service.rate_limit_total is not None:
+        limit = service.rate_limit_total
+        rules.append((*guard, NewConnection(), SetUpdate("rate-limit-total-meter", port_key,
+                                                           limit=Limit(limit.rate, limit.unit, limit.burst)),
+                      Counter(f"totaldrops-{suffix}"), Verdict("drop")))
+    if service.connection_limit is not None:
+        rules.append((*guard, NewConnection(), SetUpdate("conn-limit", ("saddr", *port_key),
+                                                           connections=service.connection_limit),
+                      Counter(f"conndrops-{suffix}"), Verdict("drop")))
+    return rules
+
+
+def bandwidth_chain(service: Service, port: ServicePort, label: str, cluster_ip: str, suffix: str,
+                    allowlisted: bool) -> Chain:
+    """``bw-``: police every packet of the port's connections, per client and direction (a byte meter)."""
+    limit = service.bandwidth_limit
+    assert limit is not None
+    guard: Rule = (MatchProtocol(port.protocol), Lookup(ORIGINAL_ALLOW_KEY, "limit-allow", negate=True)) if allowlisted else ()
+    key: Key = ("original-saddr", *_constants(cluster_ip, port), "direction")
+    meter = SetUpdate("bandwidth-meter", key, limit=Limit(limit.rate, "second", limit.burst, bytes=True))
+    counter = Counter(f"{LIMIT_COUNTERS['bandwidth']}-{suffix}")
+    return Chain(f"bw-{suffix}", ((*guard, meter, counter, Verdict("drop")),), label)
 
 
 def _endpoint_chain(
@@ -213,24 +305,21 @@ def _endpoint_chain(
     endpoints: Sequence[PortEndpoint],
     suffix: str,
     local: bool,
+    allowlisted: bool = False,
 ) -> Chain:
-    """A chain that counts, rate-limits, applies affinity and picks an endpoint."""
+    """A chain that counts, applies the limits on new connections and affinity, and picks an endpoint."""
     proto = port.protocol
     counter = Counter(f"conns-{suffix}")
-    rules: list[Rule] = [(counter,)]
-    limit = service.rate_limit
-    if limit is not None:
-        meter_key: Key = ("saddr", Const(cluster_ip, "addr"), Const(str(_PROTO_NUMBERS[proto]), "proto"),
-                     Const(str(port.port), "port"))
-        rules.append((NewConnection(), SetUpdate("rate-limit-meter", meter_key, limit=Limit(limit.rate, limit.unit, limit.burst)),
-                      Counter(f"drops-{suffix}"), Verdict("drop")))
+    rules: list[Rule] = [(counter,), *limit_rules(service, port, cluster_ip, suffix, allowlisted)]
     count = len(endpoints)
     affinity = service.affinity_timeout
     if uses_pick_chains(service, endpoints):
-        goto = Verdict("goto", pick_chain_name(pick_class(count) or 0, local))
+        goto = Verdict("goto", PICK_BY_CLASS[local])
         if len(rules) == 1:  # just the counter: one rule per Service port loads faster than two
             return Chain(name, ((counter, goto),), label)
         return Chain(name, (*rules, (goto,)), label)
+    if not endpoints:  # nothing to translate to: on, untranslated, to endpoints-check
+        return Chain(name, tuple(rules), label)
     if affinity is None:
         for i, pe in enumerate(endpoints):
             pick: Rule = (NumgenIs(count - i),) if i < count - 1 else ()
@@ -298,9 +387,19 @@ def _claim(
 def _slot_items(endpoints: Sequence[PortEndpoint], local: bool, label: str) -> Callable[[str], list[tuple[str, Element]]]:
     numbers = _SLOTS[local]
     targets = [(_ENDPOINTS_MAPS[k], numbers[k], f"{pe.address} . {pe.port}") for k, pe in enumerate(endpoints, 1)]
-    return lambda frontend: [
+    classes = class_set(pick_class(len(endpoints)) or 0, local)
+    return lambda frontend: [(classes, Element(frontend, comment=label))] + [
         (map_name, Element(f"{frontend} . {number}", target, label)) for map_name, number, target in targets
     ]
+
+
+def _limit_items(allowlist: Sequence[str], bandwidth_chain_name: str | None,
+                 label: str) -> Callable[[str], list[tuple[str, Element]]]:
+    """A limited port's frontend: its clients exempt from the limits, and the jump to its bandwidth chain."""
+    ranges = [_interval(cidr) for cidr in allowlist]
+    jump = [("bandwidth-ips", f"jump {bandwidth_chain_name}")] if bandwidth_chain_name else []
+    return lambda frontend: [("limit-allow", Element(f"{frontend} . {r}", comment=label)) for r in ranges] + [
+        (name, Element(frontend, value, label)) for name, value in jump]
 
 
 def _firewall_items(sources: Sequence[str], label: str) -> Callable[[str], list[tuple[str, Element]]]:
@@ -313,28 +412,33 @@ def _firewall_items(sources: Sequence[str], label: str) -> Callable[[str], list[
 class PortDecision:
     """Where one Service port's traffic goes on this node, in one family: the compiler's choices, which explain reads.
 
-    A chain name is None where that chain does not exist; a target of None
-    means the packet is dropped there (or, for ``internal`` of a port with
-    no usable endpoint anywhere, rejected).
+    The chains exist whatever the endpoints: a chain that finds no endpoint
+    lets the packet go on untranslated, and what happens to it then is
+    ``internal_unserved`` / ``external_unserved`` (the ``no-endpoint-*``
+    sets that ``endpoints-check`` reads after DNAT).
     """
 
     label: str
     suffix: str
     selection: Selection
     cluster_chain: str | None
-    """``svc-``: the cluster endpoints (topology applied), if the port uses them and has some."""
+    """``svc-``: the cluster endpoints (topology applied), if the port uses them."""
     local_chain: str | None
-    """``local-``: this node's endpoints, if a Local policy uses them and there are some."""
-    internal: str | None
-    """The ClusterIP's target: a chain, ``DROP`` (Local policy, no endpoint here) or None (rejected)."""
+    """``local-``: this node's endpoints, if a Local policy uses them."""
+    internal: str
+    """The ClusterIP's chain (internalTrafficPolicy)."""
+    internal_unserved: Unserved | None
+    """What becomes of ClusterIP traffic: rejected (no usable endpoint anywhere), dropped (Local, none here), or served."""
     external_chain: str | None
-    """``ext-``: the NodePort, externalIP and load-balancer IP frontends' chain (None without any, or without endpoints)."""
+    """``ext-``: the NodePort, externalIP and load-balancer IP frontends' chain (None without any)."""
     external_cluster: str | None
     """externalTrafficPolicy Cluster: the chain external traffic goes to (after masquerading)."""
     short_circuit: str | None
     """externalTrafficPolicy Local: the chain for traffic from pods and from this node (upstream's clusterPolicyChain)."""
     external_local: str | None
-    """externalTrafficPolicy Local: the chain for other sources (None: dropped, no endpoint on this node)."""
+    """externalTrafficPolicy Local: the chain for other sources."""
+    external_unserved: Unserved | None
+    """What becomes of external traffic from other sources that gets no endpoint: rejected, dropped, or served."""
 
 
 def decide_port(service: Service, port: ServicePort, slices: Sequence[EndpointSlice], family: Family,
@@ -342,19 +446,21 @@ def decide_port(service: Service, port: ServicePort, slices: Sequence[EndpointSl
     """The traffic policy decisions for one port: made here once, for the compiler and for explain."""
     selection = select(service, port_endpoints(port, slices, FAMILIES[family]), node.name, node.zone)
     suffix = chain_suffix(service, port)
-    cluster_chain = f"svc-{suffix}" if service.uses_cluster_endpoints and selection.cluster else None
-    local_chain = f"local-{suffix}" if service.uses_local_endpoints and selection.local else None
-    if not selection.has_any:
-        internal: str | None = None
-    elif service.internal_policy_local:
-        internal = local_chain or DROP
-    else:
-        internal = cluster_chain or DROP
+    cluster_chain = f"svc-{suffix}" if service.uses_cluster_endpoints else None
+    local_chain = f"local-{suffix}" if service.uses_local_endpoints else None
+    internal = local_chain if service.internal_policy_local else cluster_chain
+    assert internal is not None  # a Service uses local endpoints when its internal policy is Local
+    internal_endpoints = selection.local if service.internal_policy_local else selection.cluster
     fam = FAMILIES[family]
     has_external = port.node_port is not None or any(
         _family_of(ip) == fam for ip in service.external_ips + service.load_balancer_ips)
-    external_chain = f"ext-{suffix}" if has_external and selection.has_any else None
+    external_chain = f"ext-{suffix}" if has_external else None
     local_policy = service.external_policy_local
+    external_endpoints = selection.local if local_policy else selection.cluster
+
+    def unserved(endpoints: Sequence[PortEndpoint]) -> Unserved | None:
+        return "reject" if not selection.has_any else None if endpoints else "drop"
+
     return PortDecision(
         label=port_label(service, port),
         suffix=suffix,
@@ -362,10 +468,12 @@ def decide_port(service: Service, port: ServicePort, slices: Sequence[EndpointSl
         cluster_chain=cluster_chain,
         local_chain=local_chain,
         internal=internal,
+        internal_unserved=unserved(internal_endpoints),
         external_chain=external_chain,
         external_cluster=cluster_chain if external_chain and not local_policy else None,
         short_circuit=cluster_chain if external_chain and local_policy else None,
         external_local=local_chain if external_chain and local_policy else None,
+        external_unserved=unserved(external_endpoints) if external_chain else None,
     )
 
 
@@ -399,16 +507,17 @@ def compile_service(
     # An interval set refuses overlapping elements: 10.0.0.0/8 and 10.1.0.0/16 are one range.
     allowed_sources = collapse(allowed_sources) if allowed_sources else allowed_sources
     cidrs = [c for c in config.cluster_cidrs if _family_of(c.split("/")[0]) == fam]
+    allowlist = collapse(r for r in service.limit_allowlist if _family_of(r.split("/")[0]) == fam) if service.limited else []
 
     for port_index, port in enumerate(service.ports):
         decision = decide_port(service, port, slices, family, node)
         label, proto, suffix, selection = decision.label, port.protocol, decision.suffix, decision.selection
         svc_chain, local_chain, ext_chain = decision.cluster_chain, decision.local_chain, decision.external_chain
-        has_cluster_chain, has_local_chain = bool(svc_chain), bool(local_chain)
-        if has_cluster_chain or has_local_chain:
+        if svc_chain or local_chain:
             counters.append((f"conns-{suffix}", label))
-            if service.rate_limit is not None:
-                counters.append((f"drops-{suffix}", label))
+            limits = {"rate_limit": service.rate_limit, "rate_limit_total": service.rate_limit_total,
+                      "connections": service.connection_limit}
+            counters += [(f"{LIMIT_COUNTERS[reason]}-{suffix}", label) for reason, on in limits.items() if on is not None]
         frontends: dict[str, int] = {}  # first wins: the ClusterIP, then external IPs, then NodePort addresses
         for ip in (cluster_ip, *external_ips):
             frontends.setdefault(f"{ip} . {proto} . {port.port}", ADDRESS_FRONTEND)
@@ -416,30 +525,37 @@ def compile_service(
             for ip in _nodeport_ips(node, config, family):
                 frontends.setdefault(f"{ip} . {proto} . {port.node_port}", NODEPORT_FRONTEND)
         port_frontends = list(frontends.items())
+        allowlisted = bool(allowlist)
+        bandwidth: str | None = None
+        if service.bandwidth_limit is not None:
+            chain = bandwidth_chain(service, port, label, cluster_ip, suffix, allowlisted)
+            chains.append(chain)
+            counters.append((f"{LIMIT_COUNTERS['bandwidth']}-{suffix}", label))
+            bandwidth = chain.name
+        if allowlisted or bandwidth:
+            # Per frontend, as the dispatch elements: a frontend's exemptions and policing are its owner's.
+            _claim(slots, port_frontends, port_index, _limit_items(allowlist, bandwidth, label))
         if svc_chain:
-            chains.append(_endpoint_chain(svc_chain, service, port, label, cluster_ip, selection.cluster, suffix, False))
-            if uses_pick_chains(service, selection.cluster):
-                chains += pick_chains_for(family, pick_class(len(selection.cluster)) or 0, False)
+            chains.append(_endpoint_chain(svc_chain, service, port, label, cluster_ip, selection.cluster, suffix, False,
+                                          allowlisted))
+            if selection.cluster and uses_pick_chains(service, selection.cluster):
                 _claim(slots, port_frontends, port_index, _slot_items(selection.cluster, False, label))
         if local_chain:
-            chains.append(_endpoint_chain(local_chain, service, port, label, cluster_ip, selection.local, suffix, True))
-            if uses_pick_chains(service, selection.local):
-                chains += pick_chains_for(family, pick_class(len(selection.local)) or 0, True)
+            chains.append(_endpoint_chain(local_chain, service, port, label, cluster_ip, selection.local, suffix, True,
+                                          allowlisted))
+            if selection.local and uses_pick_chains(service, selection.local):
                 _claim(slots, port_frontends, port_index, _slot_items(selection.local, True, label))
         # Every endpoint, wherever it runs: nodeName may be unset or stale (as upstream, whose
         # endpoint chains all start with "ip saddr <endpoint> jump mark-for-masquerade").
         for address in sorted({pe.address for pe in selection.cluster + selection.local}):
             elements.append(("hairpin", Element(f"{address} . {address}", comment=label)))
 
-        # Traffic to the ClusterIP follows internalTrafficPolicy.
-        internal = decision.internal
+        # Traffic to the ClusterIP follows internalTrafficPolicy; without an endpoint, it goes on
+        # untranslated to endpoints-check (its elements, not rules, say what becomes of it).
         key = f"{cluster_ip} . {proto} . {port.port}"
-        if internal is None:
-            elements.append(("no-endpoint-services", Element(key, REJECT, label)))
-        elif internal == DROP:
-            elements.append(("no-endpoint-services", Element(key, DROP, label)))
-        else:
-            elements.append(("service-ips", Element(key, f"goto {internal}", label)))
+        elements.append(("service-ips", Element(key, f"goto {decision.internal}", label)))
+        if decision.internal_unserved is not None:
+            elements.append((f"no-endpoint-{decision.internal_unserved}", Element(key, comment=label)))
 
         # loadBalancerSourceRanges of this family guard the load-balancer IPs, endpoints or not:
         # the firewall of a frontend is its owner's (a Service that loses it adds nothing).
@@ -448,32 +564,34 @@ def compile_service(
             _claim(slots, lb_frontends, port_index, _firewall_items(allowed_sources, label))
 
         # NodePort, externalIPs and load-balancer IPs follow externalTrafficPolicy.
-        if not (external_ips or port.node_port):
+        if ext_chain is None:
             continue
-        if not selection.has_any:
-            for ip in external_ips:
-                elements.append(("no-endpoint-services", Element(f"{ip} . {proto} . {port.port}", REJECT, label)))
-            if port.node_port:
-                elements.append(("no-endpoint-nodeports", Element(f"{proto} . {port.node_port}", REJECT, label)))
-            continue
-        assert ext_chain is not None
         if service.external_policy_local:
             # Traffic from pods and from the node itself is short-circuited (decision.short_circuit).
-            cluster = Verdict("goto", decision.short_circuit) if decision.short_circuit else Verdict("drop")
+            assert decision.short_circuit is not None and decision.external_local is not None
+            cluster = Verdict("goto", decision.short_circuit)
             ext_rules: list[Rule] = [(MatchPrefix("saddr", cidr), cluster) for cidr in cidrs]
             ext_rules += [
                 (FromLocal(), Verdict("jump", "mark-for-masquerade")),
                 (FromLocal(), cluster),
-                (Verdict("goto", decision.external_local),) if decision.external_local else DROP_RULE,
+                (Verdict("goto", decision.external_local),),
             ]
         else:
-            ext_rules = [(Verdict("jump", "mark-for-masquerade"),),
-                         (Verdict("goto", decision.external_cluster),) if decision.external_cluster else DROP_RULE]
+            assert decision.external_cluster is not None
+            ext_rules = [(Verdict("jump", "mark-for-masquerade"),), (Verdict("goto", decision.external_cluster),)]
         chains.append(Chain(ext_chain, tuple(ext_rules), label))
+        unserved = decision.external_unserved
         for ip in external_ips:
-            elements.append(("service-ips", Element(f"{ip} . {proto} . {port.port}", f"goto {ext_chain}", label)))
+            frontend = f"{ip} . {proto} . {port.port}"
+            elements.append(("service-ips", Element(frontend, f"goto {ext_chain}", label)))
+            if unserved is not None:
+                elements.append((f"no-endpoint-{unserved}", Element(frontend, comment=label)))
         if port.node_port:
             elements.append(("service-nodeports", Element(f"{proto} . {port.node_port}", f"goto {ext_chain}", label)))
+            if unserved is not None:
+                elements.append((f"no-endpoint-nodeport-{unserved}", Element(f"{proto} . {port.node_port}", comment=label)))
+    if service.bandwidth_limit is not None and service.ports:
+        chains.extend(bandwidth_hooks(family))
     return ServiceRules(
         tuple(chains), tuple(elements), tuple(counters),
         tuple((frontend, rank, tuple(items)) for frontend, (rank, _, items) in slots.items()),
@@ -525,6 +643,8 @@ def table_options(config: ProxyConfig, family: Family) -> frozenset[str]:
 def base_table(node: NodeInfo, config: ProxyConfig, family: Family, service_cidrs: Sequence[str] = ()) -> Table:
     """The skeleton plus the elements that come from the node, the config and the ServiceCIDRs."""
     table = skeleton_table(family, table_options(config, family))
+    for chain in pick_chains(family):
+        table.chains[chain.name] = chain
     fam = FAMILIES[family]
     for cidr in collapse(c for c in config.cluster_cidrs if _family_of(c.split("/")[0]) == fam):
         table.add_element("cluster-cidrs", Element(_interval(cidr), comment="--cluster-cidr"))

@@ -19,9 +19,8 @@ from typing import Protocol
 from kproxy.cluster.convert import Problem
 from kproxy.cluster.model import Cluster, EndpointSlice, Service, ServicePort
 from kproxy.nft.objects import Chain, Element, Family, chain_fingerprint
-from kproxy.nft.statements import DnatTo, chains_it_reaches
+from kproxy.nft.statements import DnatTo, chains_it_reaches, render_bytes
 from kproxy.rules.compiler import (
-    DROP,
     PICK_CLASSES,
     NodeInfo,
     ProxyConfig,
@@ -141,15 +140,6 @@ def _explain(packet: Packet, cluster: Cluster, node: NodeInfo, config: ProxyConf
         element = live.element(family, "service-nodeports", f"{packet.protocol} . {packet.port}")
         set_name, frontend = "service-nodeports", "NodePort"
     if element is None:
-        for name, lookup in (("no-endpoint-services", key), ("no-endpoint-nodeports", f"{packet.protocol} . {packet.port}")):
-            if name == "no-endpoint-nodeports" and packet.destination not in live.set_keys(family, "nodeport-ips"):
-                continue
-            found = live.element(family, name, lookup)
-            if found is not None:
-                verdict = "rejected (TCP reset / ICMP unreachable)" if "reject" in found.value else "dropped"
-                out.append(f"kernel: {name} has {found.key} ({found.comment}): {verdict}")
-                out += _why_no_endpoints(cluster, found.comment, node, family)
-                return out
         if packet.destination in live.set_keys(family, "cluster-ips"):
             out.append("kernel: the destination is a ClusterIP but no Service defines this port: rejected")
         else:
@@ -211,7 +201,7 @@ def _explain(packet: Packet, cluster: Cluster, node: NodeInfo, config: ProxyConf
                        f"--cluster-cidr {', '.join(cidrs)})")
         else:
             out.append("masquerade: no (--cluster-cidr is not set)")
-        chain = decision.internal if decision.internal != DROP else None
+        chain = decision.internal
     if element.value != expected:
         out.append(f"note: the model sends this frontend to {expected.split()[-1]}; the kernel is behind (a sync is pending)")
 
@@ -228,7 +218,7 @@ def _explain(packet: Packet, cluster: Cluster, node: NodeInfo, config: ProxyConf
     if chosen and not any(pe.endpoint.ready for pe in chosen):
         out.append("endpoints: none ready; using serving-and-terminating endpoints (fallback)")
     if chain is None:
-        out.append("verdict: dropped (Local policy without a local endpoint)")
+        out.append(f"model: {service.key} has no chain for this traffic: a sync is pending")
         return out
 
     compiled = _compiled_chain(service, slices, family, node, config, chain)
@@ -245,6 +235,12 @@ def _explain(packet: Packet, cluster: Cluster, node: NodeInfo, config: ProxyConf
     else:
         live_targets = sorted({(s.address, s.port) for rule in compiled.rules for s in rule if isinstance(s, DnatTo)})
     model_targets = sorted({(pe.address, pe.port) for pe in chosen})
+    if not live_targets:
+        out.append(f"kernel: chain {chain}: no endpoint; the packet goes on untranslated")
+        out += _unserved(live, family, packet, set_name == "service-nodeports", cluster, element.comment, node)
+        if model_targets:
+            out.append(f"note: the model selects {len(model_targets)} endpoint(s); the kernel is behind (a sync is pending)")
+        return out
     out.append(f"kernel: chain {chain}: {len(live_targets)} endpoint(s), each with probability 1/{max(1, len(live_targets))}")
     for address, number in live_targets:
         pe = next((p for p in chosen if (p.address, p.port) == (address, number)), None)
@@ -261,13 +257,49 @@ def _explain(packet: Packet, cluster: Cluster, node: NodeInfo, config: ProxyConf
                    "a client that connected recently goes back to the same endpoint")
     else:
         out.append("affinity: none")
+    return out + limit_lines(service, packet.source)
+
+
+def limit_lines(service: Service, source: str) -> list[str]:
+    """The Service's limits and whether they apply to this client (``kproxy.io/limit-allowlist``)."""
+    allowed = _in(source, list(service.limit_allowlist)) if service.limited else None
+    why = f" (not for this client: allowlisted by {allowed})" if allowed else ""
+    out = []
     if service.rate_limit:
         limit = service.rate_limit
         out.append(f"rate limit: {limit.rate}/{limit.unit} new connections per client (burst {limit.burst or 5}); "
-                   "connections over it are dropped")
+                   f"connections over it are dropped{why}")
     else:
         out.append("rate limit: none")
+    if service.rate_limit_total:
+        limit = service.rate_limit_total
+        out.append(f"total rate limit: {limit.rate}/{limit.unit} new connections from all clients together "
+                   f"(burst {limit.burst or 5}); connections over it are dropped{why}")
+    if service.connection_limit is not None:
+        out.append(f"connection limit: {service.connection_limit} concurrent connections per client (while conntrack "
+                   f"holds them); new ones over it are dropped{why}")
+    if service.bandwidth_limit:
+        bandwidth = service.bandwidth_limit
+        burst = f", burst {render_bytes(bandwidth.burst)}" if bandwidth.burst else ""
+        out.append(f"bandwidth limit: {render_bytes(bandwidth.rate)}/second per client in each direction{burst}; "
+                   f"packets over it are dropped (policing, not queueing){why}")
+    if service.limited and service.limit_allowlist:
+        out.append(f"limit allowlist: {', '.join(service.limit_allowlist)}: "
+                   + (f"source in {allowed}, exempt from every limit" if allowed else "source not in it, limited"))
     return out
+
+
+def _unserved(live: LiveTables, family: Family, packet: Packet, nodeport: bool, cluster: Cluster, label: str,
+              node: NodeInfo) -> list[str]:
+    """What endpoints-check does with a packet that got no endpoint (the ``no-endpoint-*`` sets), and why."""
+    key = f"{packet.protocol} . {packet.port}" if nodeport else f"{packet.destination} . {packet.protocol} . {packet.port}"
+    prefix = "no-endpoint-nodeport-" if nodeport else "no-endpoint-"
+    for verdict, what in (("drop", "dropped"), ("reject", "rejected (TCP reset / ICMP unreachable)")):
+        found = live.element(family, prefix + verdict, key)
+        if found is not None:
+            return [f"kernel: {prefix}{verdict} has {found.key} ({found.comment}): {what}",
+                    *_why_no_endpoints(cluster, label, node, family)]
+    return ["kernel: no no-endpoint element for this frontend: a sync is pending"]
 
 
 def _compiled_chain(service: Service, slices: list[EndpointSlice], family: Family, node: NodeInfo, config: ProxyConfig,

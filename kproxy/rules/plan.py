@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from kproxy.nft.objects import Chain, Element, Op, Ruleset, Table, Transaction, Verb, chain_fingerprint
 
 ELEMENT_BATCH = 1000
-SERVICE_CHAIN_PREFIXES = ("svc-", "local-", "ext-")
+SERVICE_CHAIN_PREFIXES = ("svc-", "local-", "ext-", "bw-")
 """Chains the compiler generates per Service port."""
 GENERATED_CHAIN_PREFIXES = (*SERVICE_CHAIN_PREFIXES, "pick-")
 """Every chain the compiler generates (Service ports' and the shared pick chains); the rest are the skeleton's."""
@@ -211,6 +211,10 @@ def diff(
     for name in counter_names:
         if name in current.counters and name not in desired.counters:
             tx.add(Op("delete", "counter", family, name))
+    if chains is None and elements is None:  # a whole comparison: sets an earlier skeleton had go, once nothing reads them
+        for name, decl in current.sets.items():
+            if name not in desired.sets:
+                tx.add(Op("delete", decl.kind, family, name))
     return tx
 
 

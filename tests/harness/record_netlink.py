@@ -169,15 +169,23 @@ SUPPLEMENT_ELEMENTS: dict[Family, tuple[tuple[str, Element], ...]] = {
     "ip": (
         ("cluster-ips", Element("10.96.99.1")),
         ("service-ips", Element("10.96.99.2 . udp . 53", "drop")),
-        ("no-endpoint-nodeports", Element("udp . 30999", "jump reject-chain", "a jump")),
+        ("service-nodeports", Element("udp . 30999", "jump reject-chain", "a jump")),
+        ("no-endpoint-nodeport-drop", Element("udp . 30998")),
     ),
     "ip6": (
         ("cluster-ips", Element("fd00:96::99:1")),
         ("service-ips", Element("fd00:96::99:2 . udp . 53", "drop")),
-        ("no-endpoint-nodeports", Element("udp . 30999", "jump reject-chain", "a jump")),
+        ("service-nodeports", Element("udp . 30999", "jump reject-chain", "a jump")),
+        ("no-endpoint-nodeport-drop", Element("udp . 30998")),
+        ("no-endpoint-drop", Element("fd00:96::99:2 . udp . 54")),
     ),
 }
 """Elements without comments, and a ``jump`` verdict (the compiler writes ``goto`` and ``drop``)."""
+for _family, _address in (("ip", "10.96.99.3"), ("ip6", "fd00:96::99:3")):
+    # Every class set, whatever sizes the scenarios reach.
+    SUPPLEMENT_ELEMENTS[_family] += tuple(  # type: ignore[index]
+        (f"{prefix}class-{size}", Element(f"{_address} . tcp . {1000 + size}", comment="a class"))
+        for prefix in ("", "local-") for size in (4, 8, 16, 32, 64, 128, 256))
 
 RULES_PER_SHAPE = 2
 """How many rules of one shape (``shape_of``) are kept, in compile order."""
@@ -516,7 +524,7 @@ def _object_entries(sources: list[tuple[str, Ruleset]], merged: dict[Family, Tab
         for _, ruleset in sources:
             table = ruleset.tables[family]
             for chain in table.chains.values():
-                if chain.name not in skeleton:
+                if chain.name not in skeleton and not chain.base:  # base chains go through libnftables
                     chains.setdefault(chain.name, Chain(chain.name, (), chain.comment))
             for counter, comment_text in table.counters.items():
                 counters.setdefault(counter, comment_text)
@@ -544,7 +552,8 @@ def _rule_entries(sources: list[Source]) -> list[Entry]:
                 chains = [Chain(SPARE, SUPPLEMENT[family])]
             else:
                 skeleton = skeleton_table(family).chains
-                chains = [c for c in ruleset.tables[family].chains.values() if c.name not in skeleton]
+                # Base chains (the bandwidth hooks) are declared, with their rules, through libnftables.
+                chains = [c for c in ruleset.tables[family].chains.values() if c.name not in skeleton and not c.base]
             for chain in chains:
                 for rule in chain.rules:
                     shape = (family, shape_of(rule))

@@ -1,0 +1,74 @@
+"""A list response read as a stream gives exactly what ``json.loads`` of the whole body gives, however it is cut."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kproxy.cluster.liststream import ListStream, ListStreamError
+
+_scalars = st.none() | st.booleans() | st.integers(-(10**20), 10**20) | st.floats(allow_nan=False, allow_infinity=False) \
+    | st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12)
+_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+                       max_leaves=20)
+
+
+def _cut(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+
+
+def _read(chunks: list[bytes]) -> tuple[list[Any], dict[str, Any]]:
+    stream = ListStream(chunks)
+    return list(stream.items()), stream.members
+
+
+@settings(max_examples=300, deadline=None)
+@given(items=st.lists(_values, max_size=8), metadata=st.dictionaries(st.text(max_size=8), _scalars, max_size=3),
+       indent=st.sampled_from([None, 0, 2, 4]), items_first=st.booleans(), cuts=st.lists(st.integers(0, 10**6), max_size=12))
+def test_any_cut_of_any_list_reads_as_json_loads(items: list[Any], metadata: dict[str, Any], indent: int | None,
+                                                 items_first: bool, cuts: list[int]) -> None:
+    """Members in either order, any indentation, chunks cut anywhere (inside numbers, strings, UTF-8 sequences)."""
+    document = {"items": items, "kind": "ServiceList", "metadata": metadata} if items_first else \
+        {"kind": "ServiceList", "metadata": metadata, "items": items}
+    data = json.dumps(document, indent=indent, ensure_ascii=False).encode()
+    read, members = _read(_cut(data, cuts))
+    assert read == json.loads(data)["items"]
+    assert members == {"kind": "ServiceList", "metadata": metadata}
+
+
+@pytest.mark.parametrize(("body", "items", "members"), [
+    (b'{}', [], {}),
+    (b' { "items" : [ ] , "metadata" : {"continue": "x"} } ', [], {"metadata": {"continue": "x"}}),
+    (b'{"items": null}', [], {"items": None}),
+    (b'{"metadata": {"resourceVersion": "12"}, "items": [1, 22, 333]}', [1, 22, 333], {"metadata": {"resourceVersion": "12"}}),
+])
+def test_small_bodies(body: bytes, items: list[Any], members: dict[str, Any]) -> None:
+    for size in (1, 2, 3, len(body)):
+        assert _read([body[i:i + size] for i in range(0, len(body), size)]) == (items, members)
+
+
+@pytest.mark.parametrize("body", [b"", b"[]", b'{"items": [1, 2}', b'{"items": [1] "x": 2}', b'{"items": [1]} x',
+                                  b'{"items": [{"a": 1}', b'{"a": tru}', b'{"items": [1,]}'])
+def test_what_is_not_a_list_is_an_error(body: bytes) -> None:
+    with pytest.raises(ListStreamError):
+        _read([body[i:i + 3] for i in range(0, len(body), 3)] or [b""])
+
+
+def test_items_come_before_the_body_ends() -> None:
+    """The first item is yielded while later chunks are still unread (the caller converts as the bytes arrive)."""
+    read: list[int] = []
+
+    def chunks() -> Any:
+        yield b'{"metadata": {}, "items": [{"n": 1}, '
+        read.append(1)
+        yield b'{"n": 2}]}'
+
+    stream = ListStream(chunks())
+    items = stream.items()
+    assert next(items) == {"n": 1} and read == []
+    assert list(items) == [{"n": 2}] and read == [1]
