@@ -658,6 +658,18 @@ def main_files(argv: list[str] | None = None) -> list[dict[str, Any]]:
 # --- /metrics -----------------------------------------------------------------------------------------------
 
 
+def wait_idle(pid: int, timeout: float = 120.0) -> None:
+    """Until the process used under 2% of a core for a whole second."""
+    deadline = time.monotonic() + timeout
+    before = cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = cpu_seconds(pid)
+        if now - before < 0.02:
+            return
+        before = now
+
+
 def _parser(name: str, repeats: int) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"user_paths.py {name}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
