@@ -2,10 +2,13 @@
 
     .venv/bin/python benchmarks/run.py [--quick] [--only NAME ...] [--no-write]
 
-Each benchmark prints a markdown table; this runs them in turn, prints them,
-and (unless --quick or --no-write) replaces the generated section of
-benchmarks/README.md, between its ``results`` markers, with the tables and the
-machine, kernel, nft and Python versions they were measured with.
+Each benchmark prints a markdown table (and, on lines of their own in
+italics, what it measured); this runs them in turn, prints them, and (unless
+--quick or --no-write) replaces the generated section of benchmarks/README.md,
+between its ``results`` markers, with the tables and the machine, kernel, nft
+and Python versions they were measured with. The user's paths (the daemon,
+``--once``, ``--dry-run``, ``/metrics``, latency by packets, each run as a
+process) come first; the in-process measurements of the core after them.
 """
 
 from __future__ import annotations
@@ -19,17 +22,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import cold_start, datapath, partial_sync, programming_latency, scrape
+from benchmarks import cold_start, datapath, packet_latency, partial_sync, programming_latency, scrape, user_paths
 from benchmarks import compile as compile_bench
 from benchmarks.netns import versions
 
 BENCHMARKS = {
+    "user-daemon": ("User path: the daemon, exec to programmed", user_paths.main_daemon),
+    "user-files": ("User path: --once and --dry-run on kubectl exports", user_paths.main_files),
+    "scrape": ("User path: /metrics scrapes of an idle daemon", scrape.main),
+    "packet-latency": ("User path: network programming latency by packets", packet_latency.main),
     "compile": ("Compile (pure core)", compile_bench.main),
     "cold-start": ("Cold start on an empty node", cold_start.main),
     "partial-sync": ("Partial syncs in a loaded table", partial_sync.main),
     "programming-latency": ("Network programming latency", programming_latency.main),
     "datapath": ("New-connection latency through a ClusterIP", datapath.main),
-    "scrape": ("/metrics scrapes of an idle daemon", scrape.main),
 }
 README = Path(__file__).resolve().parent / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -42,18 +48,21 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     info = versions()
+    measured = f"Measured {time.strftime('%Y-%m-%d')}, Linux {info['kernel']}."
     sections = [
-        f"Measured {time.strftime('%Y-%m-%d')} on {info['machine']}, Linux {info['kernel']}, "
-        f"{info['nft']}, Python {info['python']}."
+        f"Last run {time.strftime('%Y-%m-%d')} on {info['machine']}, Linux {info['kernel']}, "
+        f"{info['nft']}, Python {info['python']}; each section says when it was measured (`--only` keeps the others)."
     ]
     for name in args.only or list(BENCHMARKS):
         title, run = BENCHMARKS[name]
         captured = io.StringIO()
         with contextlib.redirect_stdout(captured):
             run(["--quick"] if args.quick else [])
-        table = "\n".join(line for line in captured.getvalue().splitlines() if line.startswith("|"))
+        lines = [line for line in captured.getvalue().splitlines() if line.startswith(("|", "_"))]
+        notes = [line for line in lines if line.startswith("_")]
+        table = "\n\n".join([*notes, "\n".join(line for line in lines if line.startswith("|"))])
         print(f"\n## {title}\n\n{table}", flush=True)
-        sections.append(f"### {title} (`benchmarks/{run.__module__.split('.')[-1]}.py`)\n\n{table}")
+        sections.append(f"### {title} (`benchmarks/{run.__module__.split('.')[-1]}.py`)\n\n_{measured}_\n\n{table}")
     if args.quick or args.no_write:
         return
     text = README.read_text()

@@ -22,9 +22,9 @@ def test_compile_benchmark_quick(capsys) -> None:
     assert all(r["rules"] > 0 and r["total_s"] > 0 for r in rows)
 
 
-def run_quick(script: str) -> list[str]:
-    """Run ``benchmarks/SCRIPT --quick``; return the data rows of the table it prints."""
-    result = subprocess.run([sys.executable, f"benchmarks/{script}", "--quick"], cwd=ROOT,
+def run_quick(script: str, *args: str) -> list[str]:
+    """Run ``benchmarks/SCRIPT [ARGS] --quick``; return the data rows of the table it prints."""
+    result = subprocess.run([sys.executable, f"benchmarks/{script}", *args, "--quick"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
@@ -61,3 +61,97 @@ def test_scrape_benchmark_quick() -> None:
 def test_kernel_benchmarks_quick(script: str) -> None:
     """The cold-start and partial-sync benchmarks run in quick mode and print their tables."""
     assert run_quick(script)
+
+
+# --- the user's paths, as processes ---------------------------------------------------------------------
+
+
+def cells(row: str) -> list[str]:
+    return [c.strip() for c in row.strip().strip("|").split("|")]
+
+
+@pytest.mark.root
+def test_user_daemon_benchmark_quick() -> None:
+    """The daemon, exec'd as daemonset.yaml starts it against the test API server, programs 1,000 Services.
+
+    The kernel holds every ClusterIP and endpoint (the script checks every
+    element after timing it); the row has a time and a peak RSS.
+    """
+    (row,) = run_quick("user_paths.py", "daemon")
+    columns = cells(row)
+    assert columns[0] == "1,000", row
+    assert float(columns[1].split()[0]) > 0 and float(columns[3].split()[0]) > 50, row
+    assert columns[-1] == "1,000 / 11,520", row  # service-ips / endpoint-map elements in the kernel
+
+
+@pytest.mark.root
+def test_user_files_benchmark_quick() -> None:
+    """kproxy --once (judged from the kernel) and --dry-run on a kubectl-style JSON export of 1,000 Services."""
+    rows = run_quick("user_paths.py", "files")
+    assert [cells(r)[:3] for r in rows] == [["--once", "json", "1,000"], ["--dry-run", "json", "1,000"]], rows
+    assert "applied" in cells(rows[0])[-1] and "nft script" in cells(rows[1])[-1], rows
+
+
+@pytest.mark.root
+def test_packet_latency_benchmark_quick() -> None:
+    """An endpoint removed and added back at the API server, timed by connections from a client namespace."""
+    rows = run_quick("packet_latency.py")
+    assert [cells(r)[:2] for r in rows] == [["1,000", "remove"], ["1,000", "add"]], rows
+    assert cells(rows[0])[2] in ("refused", "refused, timeout", "timeout") and cells(rows[1])[2] == "ok", rows
+
+
+def test_exports_are_what_kubectl_writes() -> None:
+    """benchmarks/exports.py: a v1 List, keys sorted, JSON indented by four, YAML as go-yaml v2 (and the same data)."""
+    import json
+
+    import yaml
+
+    from benchmarks import exports
+
+    document = exports.export_list(exports.cluster_objects(30))
+    text = exports.to_json(document)
+    assert text.startswith('{\n    "apiVersion": "v1",\n    "items": [\n        {\n            "apiVersion": "v1",\n')
+    assert text.endswith('    "kind": "List",\n    "metadata": {\n        "resourceVersion": ""\n    }\n}\n')
+    as_yaml = exports.to_yaml(document)
+    assert as_yaml.startswith("apiVersion: v1\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata:\n")
+    assert '    creationTimestamp: "2025-03-14T09:26:53Z"\n' in as_yaml  # a timestamp would read as one: quoted
+    assert "    clusterIPs:\n    - 10.96.0.0\n" in as_yaml  # sequences not indented under their key
+    assert "  status:\n    loadBalancer: {}\n" in as_yaml
+    assert json.loads(text) == yaml.load(as_yaml, Loader=yaml.CSafeLoader) == document
+    kinds = [(o["kind"], o["apiVersion"]) for o in document["items"]]
+    assert kinds == [("Service", "v1")] * 30 + [("EndpointSlice", "discovery.k8s.io/v1")] * 30 + [("Node", "v1")] * 50
+    slice_ = document["items"][30]
+    assert slice_["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] == "endpointslice-controller.k8s.io"
+    assert all({"uid", "resourceVersion", "creationTimestamp"} <= set(o["metadata"]) for o in document["items"])
+    assert not any("managedFields" in o["metadata"] for o in document["items"])
+
+
+def test_test_api_server_lists_as_the_real_one_does() -> None:
+    """resourceVersion=0 is answered whole (watch cache: no limit); remainingItemCount only without selectors."""
+    import json
+    import urllib.request
+
+    from benchmarks import exports
+    from tests.harness.fakeapi import FakeKubeAPI
+
+    with FakeKubeAPI() as api:
+        api.load(exports.cluster_objects(7))
+
+        def get(query: str) -> dict:
+            with urllib.request.urlopen(f"{api.url}/api/v1/services?{query}") as response:
+                return json.loads(response.read())
+
+        whole = get("resourceVersion=0&limit=2")
+        assert len(whole["items"]) == 7 and "continue" not in whole["metadata"]
+        page = get("limit=2")
+        assert len(page["items"]) == 2 and page["metadata"]["remainingItemCount"] == 5
+        selected = get("limit=2&labelSelector=app.kubernetes.io/part-of")
+        assert "remainingItemCount" not in selected["metadata"] and selected["metadata"]["continue"]
+        names, token = [], ""
+        while True:
+            page = get("limit=3" + (f"&continue={token}" if token else ""))
+            names += [i["metadata"]["name"] for i in page["items"]]
+            token = page["metadata"].get("continue")
+            if not token:
+                break
+        assert names == [i["metadata"]["name"] for i in whole["items"]]

@@ -17,7 +17,14 @@ protocol of kube-apiserver closely enough for the *unchanged* official
   events, ``timeoutSeconds``, label selectors (with objects entering/leaving a
   selector reported as ``ADDED``/``DELETED``), ``metadata.name`` and
   ``metadata.namespace`` field selectors, and ``limit``/``continue`` paging
-  over a consistent snapshot.
+  over a consistent snapshot (``remainingItemCount`` only without selectors,
+  as the real server); a list with ``resourceVersion=0`` is served whole from
+  the latest state, ignoring ``limit``, as the real server serves it from its
+  watch cache.
+* Lists cost little beyond the socket: each stored object is encoded to JSON
+  once (on its first list, or by :meth:`FakeKubeAPI.warm`) and the sorted
+  keys are kept, so 30,000 Services and their EndpointSlices list in pages of
+  500 about as fast as a client reads them.
 * Create/get/replace/patch/delete with ``kind: Status`` errors (404
   NotFound, 409 AlreadyExists/Conflict, 400 BadRequest, 410 Expired, 500).
 * Fault injection: :meth:`~FakeKubeAPI.drop_watches`,
@@ -34,12 +41,14 @@ Deliberate simplifications: strategic-merge patches are applied as JSON merge
 patches (lists are replaced, not merged by key); no defaulting, validation or
 IP allocation is done (manifests are stored as given, plus server-managed
 metadata); server-side apply is not supported; list ``resourceVersion``
-parameters are ignored (lists are always served from the latest state).
+parameters other than ``0`` are ignored (lists are served from the latest
+state; continued pages from the first page's snapshot).
 """
 
 from __future__ import annotations
 
 import base64
+import bisect
 import copy
 import json
 import logging
@@ -50,7 +59,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -408,6 +417,10 @@ def _strip_type(obj: JSON) -> JSON:
     return {k: v for k, v in obj.items() if k not in ("kind", "apiVersion")}
 
 
+class _Encoded(bytes):
+    """A response body already encoded as JSON (a list)."""
+
+
 class FakeKubeAPI:
     """A fake kube-apiserver serving Services, EndpointSlices, Nodes and ServiceCIDRs.
 
@@ -429,6 +442,12 @@ class FakeKubeAPI:
         self._port = port
         self._cond = threading.Condition(threading.RLock())
         self._objects: dict[str, dict[Key, JSON]] = {res.plural: {} for res in RESOURCES}
+        self._sorted: dict[str, list[Key] | None] = {res.plural: [] for res in RESOURCES}
+        """The keys of ``_objects`` in order (None: to be sorted again after a create or delete)."""
+        self._encoded: dict[str, dict[Key, tuple[JSON, bytes]]] = {res.plural: {} for res in RESOURCES}
+        """Each stored object's list-item JSON, with the object it encodes (stale when that is not the stored one)."""
+        self._changed: dict[str, int] = {res.plural: 0 for res in RESOURCES}
+        """The resourceVersion of each resource's latest event."""
         self._rv = initial_resource_version
         self._floor = initial_resource_version  # history holds every event with rv > _floor
         self._history: deque[_Event] = deque()
@@ -575,6 +594,19 @@ class FakeKubeAPI:
         with self._cond:
             return copy.deepcopy(self._create_locked(res, obj, None))
 
+    def load(self, objects: Iterable[JSON]) -> int:
+        """Create many objects, taking them over: they are stored as given (and stamped), not copied.
+
+        For benchmark clusters of 30,000 Services; the caller must not touch
+        the objects afterwards. Returns how many were created.
+        """
+        count = 0
+        with self._cond:
+            for obj in objects:
+                self._create_locked(resource_type(obj.get("kind", "")), obj, None, take=True)
+                count += 1
+        return count
+
     def create_yaml(self, text: str) -> list[JSON]:
         """Create every document of a (multi-document) YAML manifest."""
         return [self.create(doc) for doc in yaml.safe_load_all(text) if doc]
@@ -650,6 +682,7 @@ class FakeKubeAPI:
 
     def _record_locked(self, res: ResourceType, type_: str, obj: JSON, prev: JSON | None) -> None:
         event = _Event(self._rv, res, type_, obj, prev)
+        self._changed[res.plural] = self._rv
         self._history.append(event)
         if self.history_limit is not None:
             while len(self._history) > self.history_limit:
@@ -659,11 +692,12 @@ class FakeKubeAPI:
                 stream.queue.append(event)
         self._cond.notify_all()
 
-    def _normalize_locked(self, res: ResourceType, obj: Any, namespace: str | None) -> JSON:
-        """Deep-copied ``obj`` with kind/apiVersion/namespace checked and filled in."""
+    def _normalize_locked(self, res: ResourceType, obj: Any, namespace: str | None, take: bool = False) -> JSON:
+        """Deep-copied ``obj`` (``take``: ``obj`` itself) with kind/apiVersion/namespace checked and filled in."""
         if not isinstance(obj, dict) or not isinstance(obj.get("metadata", {}), dict):
             raise _bad_request("the request body must be a JSON object with an object 'metadata'")
-        obj = copy.deepcopy(obj)
+        if not take:
+            obj = copy.deepcopy(obj)
         if obj.get("kind", res.kind) != res.kind or obj.get("apiVersion", res.api_version) != res.api_version:
             raise _bad_request(f"the object ({obj.get('apiVersion')}, Kind={obj.get('kind')}) does not match "
                                f"the expected {res.api_version}, Kind={res.kind}")
@@ -679,8 +713,8 @@ class FakeKubeAPI:
             meta.pop("namespace", None)
         return obj
 
-    def _create_locked(self, res: ResourceType, body: Any, namespace: str | None) -> JSON:
-        obj = self._normalize_locked(res, body, namespace)
+    def _create_locked(self, res: ResourceType, body: Any, namespace: str | None, take: bool = False) -> JSON:
+        obj = self._normalize_locked(res, body, namespace, take)
         meta = obj["metadata"]
         if not meta.get("name"):
             if not meta.get("generateName"):
@@ -694,6 +728,7 @@ class FakeKubeAPI:
         self._rv += 1
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), resourceVersion=str(self._rv))
         self._objects[res.plural][key] = obj
+        self._sorted[res.plural] = None
         self._record_locked(res, "ADDED", obj, None)
         return obj
 
@@ -774,6 +809,8 @@ class FakeKubeAPI:
                 raise _conflict(res, name, f"Precondition failed: {label} in precondition: {wanted}, "
                                            f"{label} in object meta: {old['metadata'].get(field_)}")
         del self._objects[res.plural][key]
+        self._sorted[res.plural] = None
+        self._encoded[res.plural].pop(key, None)
         self._rv += 1
         final = dict(old, metadata=dict(old["metadata"], resourceVersion=str(self._rv)))
         self._record_locked(res, "DELETED", final, old)
@@ -795,7 +832,31 @@ class FakeKubeAPI:
                     state[_key(event.prev)] = event.prev
         return state
 
-    def _list_locked(self, flt: _Filter, limit: int, continue_token: str) -> JSON:
+    def warm(self) -> None:
+        """Encode every stored object for lists now (a benchmark's first list then costs what later ones do)."""
+        with self._cond:
+            for res in RESOURCES:
+                self._sorted_keys_locked(res)
+                for key, obj in self._objects[res.plural].items():
+                    self._item_locked(res, key, obj)
+
+    def _sorted_keys_locked(self, res: ResourceType) -> list[Key]:
+        keys = self._sorted[res.plural]
+        if keys is None:
+            keys = self._sorted[res.plural] = sorted(self._objects[res.plural])
+        return keys
+
+    def _item_locked(self, res: ResourceType, key: Key, obj: JSON) -> bytes:
+        """The list-item JSON of a stored object (or of an older version of it, from a snapshot)."""
+        cached = self._encoded[res.plural].get(key)
+        if cached is not None and cached[0] is obj:
+            return cached[1]
+        data = json.dumps(_strip_type(obj), separators=(",", ":")).encode()
+        if self._objects[res.plural].get(key) is obj:
+            self._encoded[res.plural][key] = (obj, data)
+        return data
+
+    def _list_locked(self, flt: _Filter, limit: int, continue_token: str, rv_param: str | None = None) -> bytes:
         res = flt.res
         if continue_token:
             try:
@@ -803,20 +864,38 @@ class FakeKubeAPI:
                 list_rv, after = int(token["rv"]), tuple(token["start"])
             except (ValueError, KeyError, TypeError) as exc:
                 raise _bad_request(f"continue key is not valid: {exc}") from exc
-            state = self._snapshot_locked(res, list_rv)
+            if list_rv < self._floor or list_rv < self._changed[res.plural]:  # changed since: roll back (or 410)
+                state = self._snapshot_locked(res, list_rv)
+                keys = sorted(state)
+            else:
+                state, keys = self._objects[res.plural], self._sorted_keys_locked(res)
         else:
-            list_rv, after, state = self._rv, ("", ""), self._objects[res.plural]
-        matching = [(k, o) for k, o in sorted(state.items()) if k > after and flt.matches(o)]
+            list_rv, after = self._rv, ("", "")
+            state, keys = self._objects[res.plural], self._sorted_keys_locked(res)
+            if rv_param == "0":  # the real server answers from its watch cache, whole: limit does not apply
+                limit = 0
+        start = bisect.bisect_right(keys, after) if continue_token else 0
+        end = len(keys)
+        if flt.namespace is not None:  # a namespace's keys are one range
+            start = max(start, bisect.bisect_left(keys, (flt.namespace, "")))
+            end = bisect.bisect_left(keys, (flt.namespace + "\0", ""))
+        unselected = not flt.labels.requirements and not flt.fields.terms
+        items: list[bytes] = []
+        position = start
+        while position < end and not (limit and len(items) >= limit):
+            obj = state[keys[position]]
+            if unselected or flt.matches(obj):
+                items.append(self._item_locked(res, keys[position], obj))
+            position += 1
         metadata: JSON = {"resourceVersion": str(list_rv)}
-        if limit and len(matching) > limit:
-            matching = matching[:limit]
-            last_ns, last_name = matching[-1][0]
-            token = json.dumps({"rv": list_rv, "start": [last_ns, last_name]}).encode()
+        if limit and len(items) >= limit and any(unselected or flt.matches(state[keys[p]]) for p in range(position, end)):
+            token = json.dumps({"rv": list_rv, "start": list(keys[position - 1])}).encode()
             metadata["continue"] = base64.urlsafe_b64encode(token).decode()
-            metadata["remainingItemCount"] = sum(1 for k, o in state.items() if k > matching[-1][0]
-                                                 and flt.matches(o))
-        return {"kind": res.list_kind, "apiVersion": res.api_version, "metadata": metadata,
-                "items": [_strip_type(o) for _, o in matching]}
+            if unselected:  # the real server counts only lists without label or field selectors
+                metadata["remainingItemCount"] = end - position
+        head = json.dumps({"kind": res.list_kind, "apiVersion": res.api_version, "metadata": metadata},
+                          separators=(",", ":")).encode()
+        return _Encoded(head[:-1] + b',"items":[' + b",".join(items) + b"]}")
 
     def _open_watch_locked(self, stream: _WatchStream, rv_param: str | None) -> list[JSON]:
         """Initial events for a new watch; registers ``stream`` for live events unless it must end."""
@@ -994,8 +1073,8 @@ class _Handler(BaseHTTPRequestHandler):
             return b"".join(chunks)
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-    def _send_json(self, code: int, obj: JSON) -> None:
-        data = json.dumps(obj, separators=(",", ":")).encode()
+    def _send_json(self, code: int, obj: JSON | bytes) -> None:
+        data = obj if isinstance(obj, bytes) else json.dumps(obj, separators=(",", ":")).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -1084,14 +1163,15 @@ class _Handler(BaseHTTPRequestHandler):
             code, result = self._rest_locked(method, route, query, body)
         self._send_json(code, result)
 
-    def _rest_locked(self, method: str, route: _Route, query: dict[str, str], body: Any) -> tuple[int, JSON]:
+    def _rest_locked(self, method: str, route: _Route, query: dict[str, str], body: Any) -> tuple[int, JSON | bytes]:
         api, res, name = self.server.api, route.res, route.name
         if name is None and method == "GET":
             try:
                 limit = int(query.get("limit") or 0)
             except ValueError:
                 raise _bad_request(f"limit: Invalid value: {query['limit']!r}") from None
-            return 200, api._list_locked(self._filter(route, query), limit, query.get("continue", ""))
+            return 200, api._list_locked(self._filter(route, query), limit, query.get("continue", ""),
+                                         query.get("resourceVersion"))
         if name is None and method == "POST" and (route.namespace is not None or not res.namespaced):
             return 201, api._create_locked(res, body, route.namespace)
         if name is not None and method == "GET":
