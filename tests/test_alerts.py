@@ -9,7 +9,8 @@
   fire while its syncs fail (another process holds an ``owner`` table named
   ``ip kproxy``: only that process may change it, and libnftables 1.0.6 cannot
   even list it as JSON) and the stale one resolves when that process exits;
-  ``KproxyDown`` fires when the daemon is frozen with SIGSTOP.
+  ``KproxyDown`` fires when the daemon is frozen with SIGSTOP. Every metric
+  name Prometheus scrapes from the daemon is one docs/metrics.md lists.
 * The PodMonitor, ServiceMonitor, scrape config and PrometheusRule agree with
   daemonset.yaml and the rule file.
 """
@@ -31,7 +32,7 @@ import pytest
 import yaml
 
 from tests.harness.daemonbed import ApiInNode, KproxyProcess, wait_until
-from tests.harness.metricsdoc import exported_in_process
+from tests.harness.metricsdoc import SUFFIXES, documented, exported_in_process
 from tests.harness.netbed import NetBed
 from tests.test_dashboard import Prometheus
 
@@ -290,6 +291,11 @@ def test_alerts_fire_on_a_stalled_daemon(daemon_bed: NetBed, api_in_node: ApiInN
         wait_until(lambda: prometheus.value(f'up{{job="{JOB}"}}') == 1
                    and prometheus.query("kubeproxy_sync_proxy_rules_last_timestamp_seconds")["data"]["result"],
                    10, "Prometheus to scrape the daemon")
+        # Every metric name the running daemon exports is one docs/metrics.md lists.
+        scraped = {r["metric"]["__name__"] for r in prometheus.query(f'count by (__name__) ({{job="{JOB}"}})')["data"]["result"]}
+        listed = {name + suffix for name, row in documented().items() for suffix in SUFFIXES[row.type]}
+        kproxys = {n for n in scraped if n.startswith(("kproxy_", "kubeproxy_"))}
+        assert len(kproxys) > 20 and kproxys <= listed, kproxys - listed
         for _ in range(4):  # four more evaluations of every rule, with the daemon's series: all silent
             stamp = last_evaluation(prometheus)
             wait_until(lambda: last_evaluation(prometheus) != stamp, 5, "the next evaluation")
