@@ -208,13 +208,15 @@ def test_kproxy_stays_off_nodes_that_keep_kube_proxy() -> None:
 
 
 def test_migration_guide_matches_the_manifest() -> None:
-    """docs/migration.md's patches are valid JSON and use the manifest's label, namespace, pod label and image."""
+    """docs/migration.md's patches, overlays, label, namespace, pod label and image are the manifests'."""
     text = (ROOT / "docs" / "migration.md").read_text()
-    merge, remove = (json.loads(p) for p in re.findall(r"-p '(.+?)'", text))
-    assert merge == {"spec": {"template": {"spec": {"nodeSelector": {MIGRATION_LABEL: "kube-proxy"}}}}}
-    path = "/spec/template/spec/nodeSelector/" + MIGRATION_LABEL.replace("/", "~1")
-    assert remove == [{"op": "remove", "path": path}]
-    assert f"{MIGRATION_LABEL}=kube-proxy" in text and f"{MIGRATION_LABEL}=kproxy" in text
+    (remove,) = (json.loads(p) for p in re.findall(r"-p '(.+?)'", text))
+    assert remove == [{"op": "remove", "path": "/spec/template/spec/affinity"}]
+    assert set(re.findall(r"--patch-file (\S+)", text)) == {"deploy/canary/kube-proxy-patch.yaml"}
+    overlays = set(re.findall(r"kubectl (?:apply|delete|kustomize) -k (\S+)", text))
+    assert overlays == {"deploy/canary", "deploy/base"}
+    assert all((ROOT / d / "kustomization.yaml").is_file() for d in overlays)
+    assert f"{MIGRATION_LABEL}=kproxy" in text and f"{MIGRATION_LABEL}-" in text
     labels = one("DaemonSet")["spec"]["template"]["metadata"]["labels"]
     selectors = set(re.findall(r"-l (app\.kubernetes\.io/name=\S+)", text))
     assert selectors == {f"app.kubernetes.io/name={labels['app.kubernetes.io/name']}"}
