@@ -103,6 +103,7 @@ class FakeMonitor:
         self.generation_now = 10
         self.tables: set[Family] = {"ip", "ip6"}
         self.idle = threading.Event()
+        self.subscribed = False
 
     def read(self, timeout: float) -> list[Commit]:
         if not self.queue:
@@ -118,12 +119,17 @@ class FakeMonitor:
     def has_table(self, family: Family) -> bool:
         return family in self.tables
 
+    def subscribe(self) -> None:
+        self.subscribed = True
+
 
 class FakeEngine:
     def __init__(self, monitor: FakeMonitor) -> None:
         self.monitor = monitor
         self.requests = 0
         self.commits = 0
+        self.full_synced = threading.Event()
+        self.full_synced.set()
 
     def request_full_sync(self) -> None:
         self.requests += 1
@@ -136,6 +142,9 @@ class FakeEngine:
 
     def committed_by(self, pid: int | None) -> bool:
         return pid == PID
+
+    def wait_full_sync(self, timeout: float) -> bool:
+        return self.full_synced.wait(timeout)
 
 
 class Reasons:
@@ -187,6 +196,30 @@ def test_lost_notifications_are_settled_by_counting_commits(foreign: int, repair
     reasons, finish = _run(monitor, engine)
     finish()
     assert reasons.seen == (["notifications_lost"] if repaired else [])
+
+
+@pytest.mark.parametrize(("foreign", "repaired"), [(0, False), (3, True)])
+def test_notifications_are_read_only_after_the_first_full_sync(foreign: int, repaired: bool) -> None:
+    """The cold start's own notifications are never asked for; others' commits meanwhile are counted, then repaired."""
+    monitor = FakeMonitor()
+    engine = FakeEngine(monitor)
+    engine.full_synced.clear()
+    reasons, stop = Reasons(), threading.Event()
+    watcher = DriftWatcher(monitor, engine, reasons, 60.0, stop, pacer=RepairPacer(initial=0.0, cap=0.0))  # type: ignore[arg-type]
+    watcher.start()
+    try:
+        assert not monitor.idle.wait(0.3) and not monitor.subscribed, "nothing read before the first full sync"
+        engine.commits += 40  # the first sync's transactions
+        monitor.generation_now += 40 + foreign
+        engine.full_synced.set()
+        assert monitor.idle.wait(5) and monitor.subscribed
+        monitor.idle.clear()
+        assert monitor.idle.wait(5)
+    finally:
+        stop.set()
+        watcher.join(5)
+    assert reasons.seen == (["notifications_lost"] if repaired else [])
+    assert engine.requests == (1 if repaired else 0)
 
 
 def test_the_periodic_check_finds_a_missing_table() -> None:

@@ -47,6 +47,7 @@ def running(daemon_bed: NetBed, api_in_node: ApiInNode) -> Iterator[tuple[NetBed
         daemon.start()
     try:
         wait_until(lambda: _programmed(bed), 15, "the Service programmed")
+        assert daemon.drift.listening.wait(5), "the drift watcher reads notifications after the first full sync"
         yield bed, daemon, registry
     finally:
         daemon.stop()
@@ -69,7 +70,8 @@ def _restored_after(bed: NetBed, change: Callable[[], Any]) -> float:
     """Make the change, then the seconds until the kernel holds kproxy's rules again (polled every 20 ms)."""
     start = time.monotonic()
     change()
-    assert not _programmed(bed), "the change took something kproxy needs"
+    # No check that the rules are gone now: the repair can land before an
+    # `nft list` does. Each test asserts instead that a repair was counted.
     wait_until(lambda: _programmed(bed), 10, "kproxy's tables restored", interval=0.02)
     return time.monotonic() - start
 

@@ -59,6 +59,10 @@ class Repairable(Protocol):
         """Whether a transaction committed by this process or thread id was the engine's own."""
         ...
 
+    def wait_full_sync(self, timeout: float) -> bool:
+        """Whether the engine's first full sync has succeeded, waiting up to ``timeout`` seconds."""
+        ...
+
 
 class DriftObserver(Protocol):
     def drift_repaired(self, reason: str) -> None: ...
@@ -136,9 +140,26 @@ class DriftWatcher(threading.Thread):
         self._pending: str | None = None
         self._last_generation: int | None = None
         self._fence: tuple[int, int] | None = None
+        self.listening = threading.Event()
+        """Set once notifications are read (after the engine's first full sync)."""
 
     def run(self) -> None:
         self._take_fence()
+        # Notifications are asked for only after the first full sync: a cold
+        # start announces every element (over 100,000 at 10k Services), which
+        # the kernel builds only for listeners and this thread would read
+        # while the sync encodes. That sync reads the kernel back, so what
+        # others did before it is repaired by it; what they committed while it
+        # ran is counted against the fence taken above.
+        while not self.engine.wait_full_sync(1.0):
+            if self.stop_event.is_set():
+                return
+        try:
+            self.monitor.subscribe()
+        except OSError as exc:
+            log.warning("cannot subscribe to ruleset notifications (%s); the periodic check goes on", exc)
+        self._count_unwatched("while kproxy's first full sync ran (before notifications were read)")
+        self.listening.set()
         next_check = self.clock() + self.period
         while not self.stop_event.is_set():
             now = self.clock()
@@ -194,14 +215,17 @@ class DriftWatcher(threading.Thread):
         return fence
 
     def _notifications_lost(self) -> None:
+        self._count_unwatched("while notifications were lost")
+
+    def _count_unwatched(self, when: str) -> None:
         """Count: if the generation grew more than our own commits since the fence, someone else committed."""
         before = self._fence
         after = self._take_fence()
         if before is None or after is None:
-            self._drift("notifications_lost", "notifications were lost and the generation could not be checked")
+            self._drift("notifications_lost", f"the generation could not be checked {when}")
         elif after[1] - before[1] > after[0] - before[0]:
             foreign = (after[1] - before[1]) - (after[0] - before[0])
-            self._drift("notifications_lost", f"{foreign} transaction(s) by other programs while notifications were lost")
+            self._drift("notifications_lost", f"{foreign} transaction(s) by other programs {when}")
 
     def _check(self) -> None:
         """The periodic check: the generation is the last one seen, and every table kproxy programmed exists."""

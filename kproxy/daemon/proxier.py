@@ -191,6 +191,8 @@ class Proxier:
         self._node_info: NodeInfo | None = None
         self._needs_full = True
         self._last_full = float("-inf")
+        self.full_synced = threading.Event()
+        """Set once a full sync has succeeded (the drift watcher subscribes then)."""
         self.last_sync: SyncResult | None = None
         self.last_success_wall: float | None = None
         self.oldest_pending_wall: float | None = None
@@ -417,6 +419,10 @@ class Proxier:
         with self.lock:
             return set(self._committed) if self._assemblies is not None else set()
 
+    def wait_full_sync(self, timeout: float) -> bool:
+        """Whether a full sync has succeeded, waiting up to ``timeout`` seconds for the first."""
+        return self.full_synced.wait(timeout)
+
     def committed_by(self, pid: int | None) -> bool:
         """Whether a transaction the kernel says this process or thread committed was this engine's (its backend's)."""
         return pid is not None and pid in self.backend.committers
@@ -502,6 +508,7 @@ class Proxier:
             self._needs_full = False
             if full:
                 self._last_full = start
+                self.full_synced.set()
                 self._node_info = node_info
                 self._service_cidrs = self.tracker.service_cidrs()
                 # The model and the tables are long-lived and acyclic: move them

@@ -51,12 +51,16 @@ class RulesetMonitor:
             self._group.setsockopt(socket.SOL_SOCKET, 33, RECEIVE_BUFFER)  # SO_RCVBUFFORCE (root)
         except OSError:
             self._group.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
-        self._group.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
         self._query = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         self._query.bind((0, 0))
         self._query.settimeout(5.0)
         self._seq = 0
         self._commits = Commits()
+        self._buffer = bytearray(1 << 20)
+
+    def subscribe(self) -> None:
+        """Start receiving the group's notifications (the kernel builds them only while someone listens)."""
+        self._group.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
 
     def fileno(self) -> int:
         return self._group.fileno()
@@ -76,7 +80,7 @@ class RulesetMonitor:
             if not ready:
                 return commits
             try:
-                data = self._group.recv(1 << 20, socket.MSG_DONTWAIT)
+                size = self._group.recv_into(self._buffer, 0, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return commits
             except OSError as exc:
@@ -84,7 +88,7 @@ class RulesetMonitor:
                     self._commits.forget()
                     raise NotificationsLost(f"the kernel dropped ruleset notifications: {exc.strerror}") from None
                 raise
-            commits.extend(self._commits.feed_bytes(data))
+            commits.extend(self._commits.feed_bytes(bytes(memoryview(self._buffer)[:size])))
             wait = 0.0  # then take what is already there, without waiting
 
     # -- queries ---------------------------------------------------------------------------------
