@@ -8,7 +8,8 @@ nftables.service reload, some CNI and VPN installers), an operator's
   committed transaction that touched ``ip kproxy`` or ``ip6 kproxy`` and was
   not committed by this process;
 * when notifications were lost (the kernel drops them when they come faster
-  than they are read: a cold start announces every element), by counting:
+  than they are read), or were not asked for yet (the watcher subscribes
+  after the first full sync, as a cold start announces every element), by counting:
   if the ruleset's generation grew more than this process's own commits
   since the last fence, someone else committed something;
 * every ``--sync-period``, by asking whether the ruleset's generation is the
