@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from kproxy.cluster.yamlstream import StreamError, load_all
+from kproxy.memory import gc_paused
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,9 @@ def load_manifest_files(paths: Iterable[str]) -> list[dict[str, Any]]:
     """Read and parse each file in turn; the first failure raises ManifestError."""
     objects: list[dict[str, Any]] = []
     for path in paths:
-        objects.extend(parse_manifests(read_limited(path), path))
+        data = read_limited(path)
+        with gc_paused():  # a 10k-Service export is millions of dicts, lists and strings, none cyclic
+            objects.extend(parse_manifests(data, path))
     log.debug("read %d objects", len(objects))
     return objects
 
