@@ -1,4 +1,4 @@
-"""New-connection latency through a ClusterIP with 100 vs 10k Services loaded.
+"""New-connection latency through a ClusterIP with 100 vs 10k Services loaded, with and without limits.
 
     sudo .venv/bin/python benchmarks/datapath.py [--quick]
 
@@ -7,8 +7,16 @@ a fresh network-namespace test bed (tests/harness/netbed.py) gets the synthetic 
 (benchmarks/synthetic.py; its endpoints, 10.128.x.y, never see a packet) plus
 one real Service, ``ns-54/echo`` at 10.250.0.1:80 (outside the synthetic
 ClusterIPs 10.96-10.97.x.y), whose only endpoint is a local pod serving TCP
-8080. The node's kernel is programmed by the daemon's core (the Proxier's cold
-start through libnftables), as a real node would be.
+8080. A second real Service, ``ns-54/echo-limited`` at 10.250.0.2:80, has the
+same endpoint and every limit of issue 19 (``kproxy.io/rate-limit``,
+``-total``, ``limit-connections``, ``bandwidth-limit``), set far above what the
+benchmark sends, so that it measures what the limits cost on the path of a
+connection that passes them: the limit rules in the Service's chain, and the
+per-packet bandwidth hook (which, once some Service has a bandwidth limit, every
+packet crossing the node's prerouting and output hooks looks up, the unlimited
+Service's and the pod-IP baseline's included). The node's kernel is programmed
+by the daemon's core (the Proxier's cold start through libnftables), as a real
+node would be.
 
 ``ns-54/echo`` sorts in the middle of the Services (exactly the median key at
 every size): the order in which kproxy compiles Services and adds their
@@ -57,6 +65,10 @@ QUICK_SIZES = [100, 1_000]
 ENDPOINTS = 10
 REAL_NAMESPACE, REAL_NAME = "ns-54", "echo"
 REAL_CLUSTER_IP, REAL_PORT, SERVER_PORT = "10.250.0.1", 80, 8080
+LIMITED_NAME, LIMITED_CLUSTER_IP = "echo-limited", "10.250.0.2"
+LIMITS = {"kproxy.io/rate-limit": "100000/second", "kproxy.io/rate-limit-total": "100000/second",
+          "kproxy.io/limit-connections": "100000", "kproxy.io/bandwidth-limit": "100 mbytes/second"}
+"""Every limit, far above what the benchmark sends: what they cost a connection that passes them."""
 CONFIG_CIDRS = ("10.128.0.0/9",)  # the synthetic endpoints and the bed's pods (10.244.0.0/16)
 
 
@@ -65,19 +77,24 @@ def real_service() -> list[dict[str, Any]]:
         {
             "apiVersion": "v1",
             "kind": "Service",
-            "metadata": {"name": REAL_NAME, "namespace": REAL_NAMESPACE},
-            "spec": {"clusterIP": REAL_CLUSTER_IP, "clusterIPs": [REAL_CLUSTER_IP],
+            "metadata": {"name": name, "namespace": REAL_NAMESPACE, "annotations": annotations},
+            "spec": {"clusterIP": ip, "clusterIPs": [ip],
                      "ports": [{"name": "http", "port": REAL_PORT, "protocol": "TCP"}]},
-        },
+        }
+        for name, ip, annotations in ((REAL_NAME, REAL_CLUSTER_IP, {}), (LIMITED_NAME, LIMITED_CLUSTER_IP, LIMITS))
     ]
 
 
-def real_slice(pod_ip: str) -> dict[str, Any]:
+def real_slices(pod_ip: str) -> list[dict[str, Any]]:
+    return [real_slice(pod_ip, REAL_NAME), real_slice(pod_ip, LIMITED_NAME)]
+
+
+def real_slice(pod_ip: str, name: str = REAL_NAME) -> dict[str, Any]:
     return {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
-        "metadata": {"name": f"{REAL_NAME}-abcde", "namespace": REAL_NAMESPACE,
-                     "labels": {"kubernetes.io/service-name": REAL_NAME}},
+        "metadata": {"name": f"{name}-abcde", "namespace": REAL_NAMESPACE,
+                     "labels": {"kubernetes.io/service-name": name}},
         "addressType": "IPv4",
         "ports": [{"name": "http", "port": SERVER_PORT, "protocol": "TCP"}],
         "endpoints": [{"addresses": [pod_ip], "conditions": {"ready": True}, "nodeName": NODE_NAME}],
@@ -125,6 +142,8 @@ def open_bed(stack: contextlib.ExitStack, services: int) -> Bed:
     result = Bed(services, bed)
     result.series = [
         Series(services, f"ClusterIP {REAL_CLUSTER_IP}:{REAL_PORT}", REAL_CLUSTER_IP, REAL_PORT, client.netns, server.name),
+        Series(services, f"limited {LIMITED_CLUSTER_IP}:{REAL_PORT} (every limit)", LIMITED_CLUSTER_IP, REAL_PORT,
+               client.netns, server.name),
         Series(services, f"pod IP {server.ip4}:{SERVER_PORT} (no Service)", server.ip4, SERVER_PORT, client.netns, server.name),
     ]
     return result
@@ -137,7 +156,7 @@ def program(b: Bed) -> None:
     from kproxy.rules.compiler import ProxyConfig
 
     services = [service_manifest(i) for i in range(b.services)] + real_service()
-    slices = [slice_manifest(i, ENDPOINTS) for i in range(b.services)] + [real_slice(b.bed.local_pods[0].ip4)]
+    slices = [slice_manifest(i, ENDPOINTS) for i in range(b.services)] + real_slices(b.bed.local_pods[0].ip4)
     keys = sorted(f"{s['metadata']['namespace']}/{s['metadata']['name']}" for s in services)
     b.rank = keys.index(f"{REAL_NAMESPACE}/{REAL_NAME}")
     t0 = time.perf_counter()

@@ -7,6 +7,7 @@ Modes:
   ruleset (creating or updating kproxy's tables), print the operation count.
 * ``--cleanup``: delete kproxy's tables, and nothing else.
 * ``--cleanup-kube-proxy``: remove upstream kube-proxy's rules once kproxy's are in place.
+* ``--rollback-to-kube-proxy``: delete kproxy's tables once kube-proxy's rules serve its Services.
 * ``--dry-run --diff``: print only what the next sync would change in the kernel.
 * ``explain SRC DST PORT``: where a packet would go, from the live tables, and why.
 * no mode flag: run the daemon.
@@ -29,7 +30,7 @@ from kproxy import __version__
 from kproxy.cluster.convert import Problem, build_cluster, object_key, summarize
 from kproxy.cluster.manifests import ManifestError, load_manifest_files
 from kproxy.cluster.model import Cluster, ServiceKey
-from kproxy.daemon.config import ConfigError, DaemonConfig, add_daemon_flags, daemon_config
+from kproxy.daemon.config import ConfigError, DaemonConfig, add_daemon_flags, daemon_config, parse_duration
 from kproxy.daemon.errors import StartupError
 from kproxy.daemon.inspect import KernelTables, daemon_skipped
 from kproxy.daemon.logs import setup_logging
@@ -40,6 +41,7 @@ from kproxy.nft.objects import Ruleset
 from kproxy.node.addresses import interface_addresses
 from kproxy.node.conntrack import PyrouteConntrack
 from kproxy.node.kubeproxy_cleanup import KubeProxyCleanupError, cleanup_kube_proxy
+from kproxy.node.rollback import RollbackError, rollback_to_kube_proxy
 from kproxy.rules.compiler import NodeInfo, compile_ruleset, node_info
 from kproxy.rules.explain import Packet, explain
 from kproxy.rules.plan import plan, render_ruleset
@@ -58,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kproxy",
         description="A Kubernetes service proxy on nftables sets, verdict maps and meters. "
         "Without a mode flag it runs as the node's proxy daemon.",
+        epilog="Also: kproxy explain SRC DST PORT [--proto tcp|udp|sctp] shows which Service and endpoints a packet "
+        "would go to, from the live tables, and why (kproxy explain --help). Docs: README.md, docs/.",
     )
     mode = parser.add_argument_group("mode (default: run the daemon)")
     mode.add_argument("--dry-run", action="store_true", help="print the nft script for the input and exit")
@@ -72,7 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="remove upstream kube-proxy's nftables tables and iptables-nft KUBE-* chains "
         "(refused until kproxy's own rules are in place), and exit",
     )
-    mode.add_argument("--force", action="store_true", help="with --cleanup-kube-proxy: even before kproxy's rules are in place")
+    mode.add_argument(
+        "--rollback-to-kube-proxy",
+        action="store_true",
+        help="hand this node back to kube-proxy: delete kproxy's tables once kube-proxy's rules (nftables, "
+        "iptables-nft or IPVS) serve every Service frontend kproxy serves (refused, exit code 1, until they do), "
+        "and exit; run it after kproxy's pod has left the node and kube-proxy has started",
+    )
+    mode.add_argument(
+        "--wait-for-kube-proxy",
+        metavar="DURATION",
+        default="0s",
+        help="with --rollback-to-kube-proxy: wait up to this long for kube-proxy's rules, e.g. 2m (default: 0s, "
+        "check once)",
+    )
+    mode.add_argument(
+        "--force",
+        action="store_true",
+        help="with --cleanup-kube-proxy: even before kproxy's rules are in place; with --rollback-to-kube-proxy: "
+        "even before kube-proxy's rules serve every Service",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_common(parser)
     return parser
@@ -174,6 +197,8 @@ def explain_main(argv: Sequence[str]) -> int:
         print(f"kproxy: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     setup_logging(config.log_format, "debug" if args.verbose else "warning")
+    for warning in config.warnings:
+        log.warning("%s", warning)
     try:
         cluster, problems = _model(args, "explain", config)
         node = _node_info(config, cluster, here=True)
@@ -246,6 +271,20 @@ def cleanup_kube_proxy_mode(force: bool) -> int:
     return 0
 
 
+def rollback_mode(args: argparse.Namespace) -> int:
+    """Delete kproxy's tables once kube-proxy's rules serve what they served."""
+    try:
+        wait = parse_duration(args.wait_for_kube_proxy)
+    except ConfigError as exc:
+        raise UsageError(f"--wait-for-kube-proxy: {exc}") from None
+    if wait < 0:
+        raise UsageError("--wait-for-kube-proxy: must not be negative")
+    report = rollback_to_kube_proxy(wait=wait, force=args.force)
+    for line in report.lines():
+        print(line)
+    return 0
+
+
 def cleanup(args: argparse.Namespace) -> int:
     """Delete kproxy's tables (ip and ip6 kproxy) and nothing else."""
     deleted = NftablesBackend().delete_tables()
@@ -261,11 +300,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.diff and not args.dry_run:
         parser.error("--diff goes with --dry-run")
-    modes = [m for m in ("dry_run", "once", "cleanup", "cleanup_kube_proxy") if getattr(args, m)]
+    modes = [m for m in ("dry_run", "once", "cleanup", "cleanup_kube_proxy", "rollback_to_kube_proxy")
+             if getattr(args, m)]
     if len(modes) > 1:
-        parser.error("choose one mode: --dry-run, --once, --cleanup, --cleanup-kube-proxy, or none to run the daemon")
-    if args.force and not args.cleanup_kube_proxy:
-        parser.error("--force goes with --cleanup-kube-proxy")
+        parser.error("choose one mode: --dry-run, --once, --cleanup, --cleanup-kube-proxy, --rollback-to-kube-proxy, "
+                     "or none to run the daemon")
+    if args.force and not (args.cleanup_kube_proxy or args.rollback_to_kube_proxy):
+        parser.error("--force goes with --cleanup-kube-proxy or --rollback-to-kube-proxy")
+    if args.wait_for_kube_proxy != "0s" and not args.rollback_to_kube_proxy:
+        parser.error("--wait-for-kube-proxy goes with --rollback-to-kube-proxy")
     try:
         config = daemon_config(args)
     except ConfigError as exc:
@@ -273,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     daemon_mode = not modes
     setup_logging(config.log_format, config.log_level if daemon_mode or args.verbose else "warning")
+    for warning in config.warnings:
+        log.warning("%s", warning)
     try:
         if args.dry_run:
             return dry_run(args, config)
@@ -282,13 +327,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cleanup(args)
         if args.cleanup_kube_proxy:
             return cleanup_kube_proxy_mode(args.force)
+        if args.rollback_to_kube_proxy:
+            return rollback_mode(args)
         from kproxy.daemon.run import run
 
         return run(config)
     except UsageError as exc:
         print(f"kproxy: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (CapabilityError, NftError, KubeProxyCleanupError, StartupError) as exc:
+    except (CapabilityError, NftError, KubeProxyCleanupError, RollbackError, StartupError) as exc:
         print(f"kproxy: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
 

@@ -42,8 +42,11 @@ def test_programming_latency_benchmark_quick() -> None:
 @pytest.mark.root
 def test_datapath_benchmark_quick() -> None:
     """benchmarks/datapath.py --quick measures ClusterIP connection latency at both sizes and prints the table."""
-    cluster_ip = [row for row in run_quick("datapath.py") if "| ClusterIP 10.250.0.1:80 |" in row]
+    rows = run_quick("datapath.py")
+    cluster_ip = [row for row in rows if "| ClusterIP 10.250.0.1:80 |" in row]
     assert [row.split(" | ")[0] for row in cluster_ip] == ["| 100", "| 1,000"], cluster_ip
+    limited = [row.split(" | ") for row in rows if "| limited 10.250.0.2:80 (every limit) |" in row]
+    assert [(row[0], row[3]) for row in limited] == [("| 100", "0"), ("| 1,000", "0")], limited
 
 
 @pytest.mark.root

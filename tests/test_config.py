@@ -8,8 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from kproxy.daemon.config import (
+    APPLIED,
+    CHECKED,
+    FIELDS,
+    IGNORED,
+    SCHEMA,
     ConfigError,
     DaemonConfig,
     add_daemon_flags,
@@ -256,13 +262,160 @@ def test_full_file(tmp_path: Path) -> None:
     )
 
 
-def test_unused_fields_are_logged_at_debug(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A known field kproxy does not use is accepted and logged at debug level."""
+def test_ignored_fields_warn_once_each(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A field kproxy ignores gets one warning line that names the file, the field and why; none at debug level."""
+    path = _file(tmp_path, FULL)
     with caplog.at_level(logging.DEBUG, logger="kproxy.daemon.config"):
-        load_kube_proxy_configuration(_file(tmp_path, FULL))
-    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
-    assert any("ipvs.scheduler = 'rr' is accepted but not used" in m for m in messages)
-    assert any("conntrack.maxPerCore" in m for m in messages)
+        load_kube_proxy_configuration(path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f'{path}: ipvs.scheduler = "rr" is ignored: kproxy has no IPVS mode' in "\n".join(warnings)
+    assert all("\n" not in w and w.startswith(f"{path}: ") for w in warnings)
+    named = [w.split(": ", 1)[1].split(" = ")[0] for w in warnings]
+    assert len(named) == len(set(named)), "one warning per field"
+    assert {"conntrack.maxPerCore", "iptables.syncPeriod", "oomScoreAdj", "featureGates"} <= set(named)
+    assert not any("accepted but not used" in r.getMessage() for r in caplog.records)
+
+
+def test_warnings_are_kept_for_the_startup_log(tmp_path: Path) -> None:
+    """daemon_config keeps the file's warnings in the config (logged once logging is set up), not in its equality."""
+    config = _config("--config", _file(tmp_path, HEADER + "ipvs: {strictARP: true}\n"))
+    assert len(config.warnings) == 1 and "ipvs.strictARP = true is ignored" in config.warnings[0]
+    assert config == _config()
+
+
+# --- every field of a kubeadm default KubeProxyConfiguration: applied, refused, or warned -----------
+
+KUBEADM_DEFAULT = Path(__file__).parent / "data" / "kubeadm" / "kube-proxy-config.conf"
+
+
+def _leaf_paths(doc: Any, schema: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of the fields a document (or, with doc=None, the schema) has, as FIELDS names them."""
+    paths = []
+    for key, spec in schema.items():
+        if doc is not None and key not in doc:
+            continue
+        where = f"{prefix}.{key}" if prefix else key
+        value = None if doc is None else doc[key]
+        if isinstance(spec, dict) and (doc is None or isinstance(value, dict)):
+            paths += _leaf_paths(value, spec, where)
+        else:
+            paths.append(where)
+    return paths
+
+
+def _with(doc: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    copy = yaml.safe_load(yaml.safe_dump(doc))
+    *parents, last = path.split(".")
+    target = copy
+    for part in parents:
+        if target.get(part) is None:
+            target[part] = {}
+        target = target[part]
+    target[last] = value
+    return copy
+
+
+def _load(tmp_path: Path, doc: dict[str, Any], name: str = "kube-proxy.yaml") -> tuple[dict[str, Any], list[str]]:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc))
+    warnings: list[str] = []
+    return load_kube_proxy_configuration(str(path), warnings), warnings
+
+
+def _warned(warnings: list[str]) -> list[str]:
+    """The field each warning names (the text after the file name, before " = ")."""
+    return [w.split(": ", 1)[1].split(" = ")[0] for w in warnings]
+
+
+def test_every_upstream_field_has_a_decision() -> None:
+    """FIELDS decides every field of the schema (upstream's v1alpha1), and only those."""
+    assert set(FIELDS) == set(_leaf_paths(None, SCHEMA))
+    for path, rule in FIELDS.items():
+        assert rule.effect in (APPLIED, CHECKED, IGNORED), path
+        assert rule.what and rule.example is not None, path
+        assert rule.effect != IGNORED or rule.warn_if is not None, f"{path}: an ignored field must warn"
+
+
+def kubeadm_default() -> dict[str, Any]:
+    return yaml.safe_load(KUBEADM_DEFAULT.read_text())
+
+
+def kubeadm_fields() -> list[str]:
+    return _leaf_paths(kubeadm_default(), SCHEMA)
+
+
+def test_kubeadm_default_loads_with_its_warnings(tmp_path: Path) -> None:
+    """kubeadm's default file: what it sets is applied, and the fields whose unset value kube-proxy would act on
+    (conntrack sysctls, localhost NodePorts, all local IPs for NodePorts, soft bind failures) warn, once each."""
+    assert len(kubeadm_fields()) >= 50 and set(kubeadm_fields()) <= set(FIELDS)
+    values, warnings = _load(tmp_path, kubeadm_default())
+    assert values == {"kubeconfig": "/var/lib/kube-proxy/kubeconfig.conf", "cluster_cidrs": ("10.244.0.0/16",)}
+    assert sorted(_warned(warnings)) == [
+        "bindAddressHardFail", "conntrack.maxPerCore", "conntrack.tcpCloseWaitTimeout",
+        "conntrack.tcpEstablishedTimeout", "iptables.localhostNodePorts", "nodePortAddresses"]
+    assert all("\n" not in w for w in warnings)
+
+
+@pytest.mark.parametrize("field", kubeadm_fields() + sorted(set(FIELDS) - set(kubeadm_fields())))
+def test_each_field_takes_effect_is_refused_or_warns(tmp_path: Path, field: str) -> None:
+    """Each field, set to a value that matters (its FIELDS example) in kubeadm's default file: an applied field
+    changes the configuration, a checked one stops kproxy with one line naming it, an ignored one warns once."""
+    rule = FIELDS[field]
+    base_values, base_warnings = _load(tmp_path, kubeadm_default(), "base.yaml")
+    doc = _with(kubeadm_default(), field, rule.example)
+    if rule.effect == CHECKED:
+        with pytest.raises(ConfigError) as info:
+            _load(tmp_path, doc)
+        assert field.rsplit(".", 1)[-1] in str(info.value) and "\n" not in str(info.value)
+        return
+    values, warnings = _load(tmp_path, doc)
+    named = _warned(warnings)
+    if rule.effect == APPLIED:
+        assert values != base_values, f"{field}: {rule.example!r} took no effect"
+        path = tmp_path / "kube-proxy.yaml"
+        assert _config("--config", str(path)) != _config("--config", str(tmp_path / "base.yaml"))
+        assert named.count(field) <= 1
+    else:
+        assert values == base_values, f"{field} is ignored, yet changed {values}"
+        assert named.count(field) == 1, f"{field}: expected one warning, got {warnings}"
+        assert set(named) - {field} <= set(_warned(base_warnings))
+
+
+def test_explicit_zero_conntrack_values_match_kproxy(tmp_path: Path) -> None:
+    """maxPerCore: 0 and 0s timeouts tell kube-proxy to leave the sysctls alone, which is what kproxy does: no warning."""
+    doc = kubeadm_default()
+    doc["conntrack"].update(maxPerCore=0, min=131072, tcpEstablishedTimeout="0s", tcpCloseWaitTimeout="0s")
+    doc["iptables"]["localhostNodePorts"] = False
+    doc["bindAddressHardFail"] = True
+    doc["mode"] = "nftables"
+    _, warnings = _load(tmp_path, doc)
+    assert warnings == []
+
+
+def test_nodeport_addresses_unset_is_primary_and_said_so(tmp_path: Path) -> None:
+    """Unset nodePortAddresses means the primary IPs: warned in a file for iptables mode, said at startup always."""
+    doc = kubeadm_default()
+    doc["mode"] = "nftables"
+    _, warnings = _load(tmp_path, doc)
+    assert "nodePortAddresses" not in _warned(warnings)
+    assert "primary IPs only" in _config().nodeport_summary()
+    assert "10.0.0.0/8" in _config("--nodeport-addresses", "10.0.0.0/8").nodeport_summary()
+
+
+def test_ipv6_bind_address_gives_upstreams_ipv6_defaults(tmp_path: Path) -> None:
+    """bindAddress '::' makes the default addresses [::]:10256 and [::1]:10249; set addresses still win."""
+    values, warnings = _load(tmp_path, {**kubeadm_default(), "bindAddress": "::", "mode": "nftables",
+                                        "healthzBindAddress": "[::]:10300"})
+    assert values["healthz_bind_address"] == "[::]:10300" and values["metrics_bind_address"] == "[::1]:10249"
+    _, warnings = _load(tmp_path, {**kubeadm_default(), "bindAddress": "10.0.0.5"})
+    assert "bindAddress" in _warned(warnings)
+
+
+def test_masquerade_bit_other_than_14_is_refused(tmp_path: Path) -> None:
+    """kproxy's mark is bit 14: 14 (or null) is accepted, another bit stops it, naming the field."""
+    assert _load(tmp_path, _with(kubeadm_default(), "nftables.masqueradeBit", 14))[0]["cluster_cidrs"]
+    with pytest.raises(ConfigError, match=r"iptables\.masqueradeBit: 13 is not supported"):
+        _load(tmp_path, _with(kubeadm_default(), "iptables.masqueradeBit", 13))
 
 
 def test_kubeadm_zero_values_mean_defaults(tmp_path: Path) -> None:

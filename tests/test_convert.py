@@ -18,7 +18,7 @@ from kproxy.cluster.convert import (
     slice_from_manifest,
 )
 from kproxy.cluster.manifests import ManifestError, parse_manifests
-from kproxy.cluster.model import RateLimit
+from kproxy.cluster.model import BandwidthLimit, RateLimit
 from tests.harness.builders import endpoint, endpoint_slice, node, service
 
 
@@ -160,6 +160,48 @@ BAD_PARTS = [
                  "invalid_annotation", "kproxy.io/rate-limit-burst", id="zero-burst-nft-cannot-express"),
     pytest.param(["metadata", "annotations"], {"kproxy.io/rate-limit-burst": "3"}, "invalid_annotation",
                  "kproxy.io/rate-limit-burst", id="burst-alone"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/limit-connections": "0"}, "invalid_annotation",
+                 "kproxy.io/limit-connections", id="connections-zero"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/limit-connections": "three"}, "invalid_annotation",
+                 "kproxy.io/limit-connections", id="connections-word"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/limit-connections": "-3"}, "invalid_annotation",
+                 "kproxy.io/limit-connections", id="connections-negative"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/limit-connections": "1234567890"}, "invalid_annotation",
+                 "kproxy.io/limit-connections", id="connections-too-many-digits"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/rate-limit-total": "50/hour"}, "invalid_annotation",
+                 "kproxy.io/rate-limit-total", id="total-unit"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/rate-limit-total": "0/second"}, "invalid_annotation",
+                 "kproxy.io/rate-limit-total", id="total-zero"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/rate-limit-total": "50/second", "kproxy.io/rate-limit-total-burst": "0"}, "invalid_annotation",
+                 "kproxy.io/rate-limit-total-burst", id="total-zero-burst"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/rate-limit-total-burst": "5"}, "invalid_annotation",
+                 "kproxy.io/rate-limit-total-burst", id="total-burst-alone"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/bandwidth-limit": "1 gbytes/second"}, "invalid_annotation",
+                 "kproxy.io/bandwidth-limit", id="bandwidth-unit"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/bandwidth-limit": "1 mbytes/minute"}, "invalid_annotation",
+                 "kproxy.io/bandwidth-limit", id="bandwidth-per-minute"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/bandwidth-limit": "0 kbytes/second"}, "invalid_annotation",
+                 "kproxy.io/bandwidth-limit", id="bandwidth-zero"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/bandwidth-limit": "1mbit"}, "invalid_annotation",
+                 "kproxy.io/bandwidth-limit", id="bandwidth-bits"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/bandwidth-limit": "1 mbytes/second } drop ; flush ruleset #"}, "invalid_annotation",
+                 "kproxy.io/bandwidth-limit", id="bandwidth-injection"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/bandwidth-limit": "999999999 mbytes/second"}, "invalid_annotation",
+                 "kproxy.io/bandwidth-limit", id="bandwidth-kernel-overflow"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/bandwidth-limit": "1 mbytes/second", "kproxy.io/bandwidth-limit-burst": "lots"}, "invalid_annotation",
+                 "kproxy.io/bandwidth-limit-burst", id="bandwidth-bad-burst"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/bandwidth-limit": "1 mbytes/second", "kproxy.io/bandwidth-limit-burst": "4096 mbytes"}, "invalid_annotation",
+                 "kproxy.io/bandwidth-limit-burst", id="bandwidth-burst-32-bits"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/bandwidth-limit-burst": "128 kbytes"}, "invalid_annotation",
+                 "kproxy.io/bandwidth-limit-burst", id="bandwidth-burst-alone"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/limit-allowlist": "10.0.0.0/8, 10.1.2.3"}, "invalid_annotation",
+                 "kproxy.io/limit-allowlist", id="allowlist-address-without-prefix"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/limit-allowlist": "10.0.0.0/33"}, "invalid_annotation",
+                 "kproxy.io/limit-allowlist", id="allowlist-prefix-too-long"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/limit-allowlist": "fe80::1%eth0/64"}, "invalid_annotation",
+                 "kproxy.io/limit-allowlist", id="allowlist-zone-id"),
+    pytest.param(["metadata", "annotations"], {"kproxy.io/limit-allowlist": "10.0.0.0/8\" ; flush ruleset"}, "invalid_annotation",
+                 "kproxy.io/limit-allowlist", id="allowlist-injection"),
     pytest.param(["metadata", "annotations"], {"kproxy.io/metrics": "yes"}, "invalid_annotation",
                  "kproxy.io/metrics", id="metrics-yes"),
     pytest.param(["metadata", "annotations"], {"kproxy.io/metrics": "True"}, "invalid_annotation",
@@ -177,6 +219,33 @@ def test_bad_part_skipped_and_the_rest_kept(path: list[Any], value: Any, reason:
     assert field in notes[0][1]
     assert svc.ports[0].name == "a"
     assert svc.external_ips == () and svc.rate_limit is None and svc.metrics is False
+    assert not svc.limited and svc.limit_allowlist == ()
+
+
+def test_limit_annotations() -> None:
+    """Issue 19's annotations, read: nft's byte units (1024), optional bursts, an allowlist's ranges canonical."""
+    notes: list[tuple[str, str]] = []
+    svc = service_from_manifest(service("web", annotations={
+        "kproxy.io/limit-connections": " 3 ", "kproxy.io/rate-limit-total": "50/second",
+        "kproxy.io/rate-limit-total-burst": "10", "kproxy.io/bandwidth-limit": "1 mbytes/second",
+        "kproxy.io/bandwidth-limit-burst": "128kbytes", "kproxy.io/limit-allowlist": " 10.1.2.3/8 ,FD00::1/64,,10.0.0.0/8"}),
+        notes)
+    assert notes == []
+    assert svc.connection_limit == 3 and svc.rate_limit_total == RateLimit(50, "second", 10)
+    assert svc.bandwidth_limit == BandwidthLimit(1024 * 1024, 128 * 1024)
+    assert svc.limit_allowlist == ("10.0.0.0/8", "fd00::/64") and svc.limited
+    plain = service_from_manifest(service("web", annotations={"kproxy.io/bandwidth-limit": "1500 kbytes/second"}), notes)
+    assert plain.bandwidth_limit == BandwidthLimit(1500 * 1024) and plain.limited and notes == []
+
+
+def test_one_bad_limit_annotation_leaves_the_others() -> None:
+    """A bad limit is skipped with one note naming its annotation; the Service's other limits and ports stay."""
+    notes: list[tuple[str, str]] = []
+    svc = service_from_manifest(service("web", annotations={
+        "kproxy.io/limit-connections": "3", "kproxy.io/bandwidth-limit": "fast", "kproxy.io/limit-allowlist": "10.0.0.0/8"}),
+        notes)
+    assert [(reason, message.split(":")[0]) for reason, message in notes] == [("invalid_annotation", "kproxy.io/bandwidth-limit")]
+    assert svc.connection_limit == 3 and svc.bandwidth_limit is None and svc.limit_allowlist == ("10.0.0.0/8",)
 
 
 @pytest.mark.parametrize("annotations, expected", [

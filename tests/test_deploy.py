@@ -143,12 +143,30 @@ def test_api_server_address_is_optional_configuration() -> None:
         assert env[name]["valueFrom"]["configMapKeyRef"]["optional"] is True, name
 
 
-def test_probes_use_livez_and_healthz_on_the_health_port() -> None:
-    """Liveness asks /livez, readiness /healthz, both on 10256 over plain HTTP."""
+def test_probes_use_livez_and_readyz_on_the_health_port() -> None:
+    """Liveness asks /livez, readiness /readyz (programmed once), both on 10256 over plain HTTP."""
     c = container()
     assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": HEALTH_PORT}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": HEALTH_PORT}
-    assert {p["containerPort"] for p in c["ports"]} == {HEALTH_PORT}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": HEALTH_PORT}
+
+
+def test_named_ports_match_the_configured_addresses(tmp_path: Path) -> None:
+    """The pod declares its health port and a port named metrics, on the ports the ConfigMap binds; metrics listen
+    on every address (Prometheus scrapes the node), and /rules is not opened (no --expose-rules)."""
+    ports = {p["name"]: p["containerPort"] for p in container()["ports"]}
+    values = load_kube_proxy_configuration(str(config_file(tmp_path)[1]))
+    assert ports == {"healthz": parse_bind_address(values["healthz_bind_address"])[1],
+                     "metrics": parse_bind_address(values["metrics_bind_address"])[1]}
+    assert parse_bind_address(values["metrics_bind_address"]) == ("0.0.0.0", 10249)
+    assert not any(a.startswith("--expose-rules") for a in container()["args"])
+
+
+def test_a_bad_rollout_stops_at_the_first_node() -> None:
+    """One node at a time, and a new pod counts only after being ready (programmed) for minReadySeconds."""
+    spec = one("DaemonSet")["spec"]
+    assert spec["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == 1
+    probe = container()["readinessProbe"]
+    assert spec["minReadySeconds"] >= probe["periodSeconds"] * 2, "readiness must be seen more than once"
 
 
 def test_security_context_grants_only_net_admin() -> None:

@@ -102,3 +102,24 @@ def test_a_kernel_behind_the_model_is_named() -> None:
                             Op("add", "rules", "ip", chains=(Chain(sticky, tuple(fake.chain_rules("ip", sticky)[:1])),))]))
     changed = _explain(cluster, fake, POD, "10.96.0.12", 80)
     assert f"kernel: chain {sticky} differs from what the model compiles" in changed
+
+
+def test_limits_are_explained_with_the_allowlist() -> None:
+    """Issue 19: every limit of the Service, and whether this client is exempt (kproxy.io/limit-allowlist)."""
+    limits = {"kproxy.io/rate-limit-total": "50/second", "kproxy.io/limit-connections": "3",
+              "kproxy.io/bandwidth-limit": "1 mbytes/second", "kproxy.io/bandwidth-limit-burst": "128 kbytes",
+              "kproxy.io/limit-allowlist": "10.244.0.0/16"}
+    cluster, fake = _programmed([service("limited", cluster_ip="10.96.0.14", annotations=limits),
+                                 endpoint_slice("limited-1", "limited", [endpoint("10.244.1.14")])])
+    outside = _explain(cluster, fake, CLIENT, "10.96.0.14", 80)
+    assert "rate limit: none" in outside
+    assert "total rate limit: 50/second new connections from all clients together (burst 5)" in outside
+    assert "connection limit: 3 concurrent connections per client" in outside
+    assert "bandwidth limit: 1 mbytes/second per client in each direction, burst 128 kbytes" in outside
+    assert "policing, not queueing" in outside
+    assert "limit allowlist: 10.244.0.0/16: source not in it, limited" in outside and "allowlisted" not in outside
+    inside = _explain(cluster, fake, POD, "10.96.0.14", 80)
+    assert inside.count("(not for this client: allowlisted by 10.244.0.0/16)") == 3
+    assert "source in 10.244.0.0/16, exempt from every limit" in inside
+    plain = _explain(*_programmed(_objects()), POD, "10.96.0.10", 80)
+    assert "rate limit: none" in plain and "limit allowlist" not in plain and "connection limit" not in plain

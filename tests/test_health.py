@@ -48,9 +48,10 @@ class State:
     last_updated: float | None = NOW - 5
     oldest_pending: float | None = None
     node_eligible: bool = True
+    stopping: bool = False
 
     def __call__(self) -> HealthInputs:
-        return HealthInputs(self.last_updated, self.oldest_pending, self.node_eligible, SYNC_PERIOD)
+        return HealthInputs(self.last_updated, self.oldest_pending, self.node_eligible, SYNC_PERIOD, self.stopping)
 
 
 def _get(port: int, path: str = "/") -> tuple[int, dict[str, str], bytes]:
@@ -158,8 +159,49 @@ def test_before_the_first_sync_health_counts_from_the_start(served: Any) -> None
     assert status == 503 and body["lastUpdated"] == "2025-12-31T23:58:20Z"
 
 
+# -- /readyz -------------------------------------------------------------------------------
+
+
+def test_readyz_waits_for_the_first_sync_while_healthz_does_not(served: Any) -> None:
+    """Before the first full sync: /readyz 503 with the reason, /healthz and /livez 200 (upstream's semantics)."""
+    _, server, clock, state, _ = served
+    state.last_updated = None
+    state.oldest_pending = clock.now - 10
+    status, body, headers = _probe(server, "/readyz")
+    assert status == 503 and headers["content-type"] == "application/json"
+    assert body == {"ready": False, "reason": "the first full sync has not succeeded yet",
+                    "lastUpdated": "0001-01-01T00:00:00Z", "currentTime": "2026-01-01T00:00:00Z"}
+    assert _probe(server, "/healthz")[0] == 200 and _probe(server, "/livez")[0] == 200
+    state.last_updated, state.oldest_pending = clock.now, None
+    status, body, _ = _probe(server, "/readyz")
+    assert status == 200 and body == {"ready": True, "lastUpdated": "2026-01-01T00:00:00Z",
+                                      "currentTime": "2026-01-01T00:00:00Z"}
+
+
+def test_readyz_fails_while_syncs_fail_for_the_health_timeout(served: Any) -> None:
+    """Once synced, /readyz stays 200 through a short failure and turns 503 when a change has waited 2 x syncPeriod."""
+    _, server, clock, state, _ = served
+    state.oldest_pending = clock.now - 2 * SYNC_PERIOD + 1
+    assert _probe(server, "/readyz")[0] == 200
+    clock.now += 1
+    status, body, _ = _probe(server, "/readyz")
+    assert status == 503 and "2 x syncPeriod (60s)" in body["reason"]
+    state.oldest_pending = None
+    assert _probe(server, "/readyz")[0] == 200
+
+
+def test_readyz_fails_while_stopping_and_ignores_the_node(served: Any) -> None:
+    """A node being deleted keeps /readyz 200 (only /healthz drains); a stopping daemon answers 503."""
+    _, server, _, state, _ = served
+    state.node_eligible = False
+    assert _probe(server, "/readyz")[0] == 200
+    state.stopping = True
+    status, body, _ = _probe(server, "/readyz")
+    assert status == 503 and body["reason"] == "kproxy is stopping"
+
+
 def test_unknown_path_is_404(served: Any) -> None:
-    """Only /healthz and /livez are served on the health port."""
+    """Only /healthz, /livez and /readyz are served on the health port."""
     _, server, _, _, _ = served
     assert _get(server.port, "/healthz/extra")[0] == 404
 

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kproxy.daemon.proxier import Proxier
 from kproxy.nft.fake import FakeBackend
 from kproxy.observe.exposition import SharedExposition
-from kproxy.observe.http import HTTPService, Request, Response, start_metrics_server
+from kproxy.observe.http import HTTPService, Request, Response, metrics_routes, start_metrics_server
 from kproxy.observe.metrics import (
     DEFAULT_SERVICE_METRICS,
     IP_FAMILIES,
@@ -334,6 +334,31 @@ def test_per_service_series_are_opt_in(setting: str, expected_conns: list[dict[s
     assert series(samples, DROPS) == [{**WEB, "ip_family": "IPv4"}]
     # Both families are declared, with or without samples.
     assert f"# TYPE {CONNS} counter\n".encode() in body and f"# TYPE {DROPS} counter\n".encode() in body
+
+
+@pytest.mark.parametrize("setting", ["none", "annotated", "all"])
+@pytest.mark.parametrize("accept", ["", OPENMETRICS], ids=["text", "openmetrics"])
+def test_every_limit_exports_its_drops_with_a_reason(setting: str, accept: str) -> None:
+    """Issue 19: each limit's drop counter is a ``kproxy_limit_drops_total`` series with its ``reason``, whatever
+    ``--service-metrics`` says; the rate limit's is also ``kproxy_rate_limit_drops_total``, as before."""
+    counters = {
+        ("ip", "drops-ABCDEFGH-shop/web/tcp/http"): (5, 300),
+        ("ip", "totaldrops-ABCDEFGH-shop/web/tcp/http"): (6, 360),
+        ("ip", "conndrops-ABCDEFGH-shop/web/tcp/http"): (7, 420),
+        ("ip", "bwdrops-ABCDEFGH-shop/web/tcp/http"): (8, 12000),
+        ("ip6", "bwdrops-ABCDEFGH-shop/web/tcp/http"): (9, 13500),
+        ("ip", "conns-ABCDEFGH-shop/web/tcp/http"): (100, 6000),
+    }
+    registry, collector = _collector(Stub([]), lambda: counters, service_metrics=setting)
+    body, samples = scrape(registry, collector, accept)
+    limits = "kproxy_limit_drops_total"
+    for reason, value in (("rate_limit", 5), ("rate_limit_total", 6), ("connections", 7), ("bandwidth", 8)):
+        assert sample(samples, limits, **WEB, ip_family="IPv4", reason=reason) == value
+    assert sample(samples, limits, **WEB, ip_family="IPv6", reason="bandwidth") == 9
+    assert len(series(samples, limits)) == 5
+    assert series(samples, DROPS) == [{**WEB, "ip_family": "IPv4"}] and sample(samples, DROPS, **WEB, ip_family="IPv4") == 5
+    assert (sample(samples, CONNS, **WEB, ip_family="IPv4") is not None) == (setting == "all")
+    assert b"# TYPE kproxy_limit_drops" in body
 
 
 def test_default_setting_is_annotated() -> None:
@@ -657,3 +682,23 @@ def test_wildcard_host_listens_dual_stack() -> None:
                 assert _get(server, "/rules", host="::1")[0] == 200
         finally:
             server.stop()
+
+
+@pytest.mark.parametrize(
+    ("client", "loopback"),
+    [("127.0.0.1", True), ("127.3.4.5", True), ("::1", True), ("::ffff:127.0.0.1", True), ("10.0.0.1", False),
+     ("::ffff:10.0.0.1", False), ("fd00::1", False), ("", False), ("not-an-ip", False)],
+)
+def test_rules_and_skipped_answer_loopback_clients_only(client: str, loopback: bool) -> None:
+    """/rules and /skipped answer 403 to a client that is not loopback (naming --expose-rules); /metrics answers all;
+    with expose_rules every client gets them."""
+    routes = metrics_routes(CollectorRegistry(), lambda: "table ip kproxy {\n}\n", lambda: [])
+    request = Request("GET", "/rules", client=client)
+    assert routes["/metrics"](request).status == 200
+    for path in ("/rules", "/skipped"):
+        response = routes[path](Request("GET", path, client=client))
+        assert response.status == (200 if loopback else 403), (path, client)
+        if not loopback:
+            assert b"--expose-rules" in response.body
+    opened = metrics_routes(CollectorRegistry(), lambda: "", lambda: [], expose_rules=True)
+    assert opened["/rules"](request).status == opened["/skipped"](request).status == 200

@@ -23,13 +23,12 @@ from kproxy.node.kubeproxy_cleanup import KproxyNotReady, cleanup_kube_proxy
 from kproxy.rules.compiler import NodeInfo, compile_ruleset
 from kproxy.rules.plan import create
 from tests.harness.builders import endpoint, endpoint_slice, service
+from tests.harness.kube_proxy_rules import CLUSTER_IP, iptables_kube_proxy_rules, kube_proxy_table
 from tests.harness.netbed import NetBed, Netns, Pod
 from tests.harness.program import CONFIG, pod_slice, program
 
 pytestmark = pytest.mark.root
 
-CLUSTER_IP = "10.96.0.30"
-POD_CIDR = "10.244.0.0/16"
 KPROXY_TABLES = {("ip", "kproxy"), ("ip6", "kproxy")}
 
 
@@ -57,72 +56,6 @@ def web(endpoints: list[Pod]) -> list[dict[str, Any]]:
     """The Service both proxies serve: ClusterIP port 80 to the pods' 8080."""
     return [service("web", cluster_ip=CLUSTER_IP, ports=[{"name": "http", "port": 80, "targetPort": 8080}]),
             pod_slice("web", endpoints)]
-
-
-def kube_proxy_table(endpoints: list[Pod]) -> str:
-    """``ip kube-proxy`` (and an ``ip6`` one) laid out as upstream's nftables mode does, for one ClusterIP."""
-    svc = "service-HV3GBAUT-default/web/tcp/http"
-    eps = [(p.ip4, f"endpoint-{i:08d}-default/web/tcp/http__{p.ip4}/8080") for i, p in enumerate(endpoints)]
-    endpoint_chains = "\n".join(
-        f"""    chain {chain} {{
-        ip saddr {ip} jump mark-for-masquerade
-        meta l4proto tcp dnat to {ip}:8080
-    }}""" for ip, chain in eps)
-    choices = ", ".join(f"{i} : goto {chain}" for i, (_, chain) in enumerate(eps))
-    return f"""table ip kube-proxy {{
-    comment "rules for kube-proxy"
-    chain mark-for-masquerade {{
-        meta mark set meta mark | 0x4000
-    }}
-    chain masquerading {{
-        meta mark & 0x4000 == 0 return
-        meta mark set meta mark ^ 0x4000
-        masquerade fully-random
-    }}
-{endpoint_chains}
-    chain {svc} {{
-        counter
-        ip daddr {CLUSTER_IP} tcp dport 80 ip saddr != {POD_CIDR} jump mark-for-masquerade
-        numgen random mod {len(eps)} vmap {{ {choices} }}
-    }}
-    map service-ips {{
-        type ipv4_addr . inet_proto . inet_service : verdict
-        elements = {{ {CLUSTER_IP} . tcp . 80 : goto {svc} }}
-    }}
-    set cluster-ips {{
-        type ipv4_addr
-        elements = {{ {CLUSTER_IP} }}
-    }}
-    chain services {{
-        ip daddr . meta l4proto . th dport vmap @service-ips
-    }}
-    chain cluster-ips-check {{
-        ip daddr @cluster-ips reject
-    }}
-    chain nat-prerouting {{
-        type nat hook prerouting priority dstnat; policy accept;
-        jump services
-    }}
-    chain nat-output {{
-        type nat hook output priority -100; policy accept;
-        jump services
-    }}
-    chain nat-postrouting {{
-        type nat hook postrouting priority srcnat; policy accept;
-        jump masquerading
-    }}
-    chain filter-forward {{
-        type filter hook forward priority -110; policy accept;
-        ct state new jump cluster-ips-check
-    }}
-}}
-table ip6 kube-proxy {{
-    comment "rules for kube-proxy"
-    chain nat-prerouting {{
-        type nat hook prerouting priority dstnat; policy accept;
-    }}
-}}
-"""
 
 
 def kube_proxy_packets(bed: NetBed) -> int:
@@ -185,47 +118,6 @@ COMMIT
 -A POSTROUTING -d 198.51.100.0/24 -j RETURN
 COMMIT
 """
-
-
-def iptables_kube_proxy_rules(endpoints: list[Pod]) -> str:
-    """kube-proxy's iptables-mode chains for one ClusterIP, as ``iptables-restore --noflush`` input."""
-    seps = [(f"KUBE-SEP-{i:016d}", p.ip4) for i, p in enumerate(endpoints)]
-    svc = "KUBE-SVC-HV3GBAUTWEBHTTP"
-    lines = ["*mangle", ":KUBE-PROXY-CANARY - [0:0]", "COMMIT", "*filter"]
-    lines += [f":{c} - [0:0]" for c in ("KUBE-FORWARD", "KUBE-PROXY-FIREWALL", "KUBE-SERVICES",
-                                        "KUBE-NODEPORTS", "KUBE-PROXY-CANARY")]
-    lines += [
-        "-I INPUT 1 -m conntrack --ctstate NEW -j KUBE-PROXY-FIREWALL",
-        "-A INPUT -j KUBE-NODEPORTS",
-        "-I FORWARD 1 -j KUBE-FORWARD",
-        "-A FORWARD -m conntrack --ctstate NEW -j KUBE-SERVICES",
-        "-A OUTPUT -m conntrack --ctstate NEW -j KUBE-SERVICES",
-        "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
-        "-A KUBE-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT",
-        "COMMIT",
-        "*nat",
-    ]
-    lines += [f":{c} - [0:0]" for c in ("KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-MARK-MASQ", svc)]
-    lines += [f":{chain} - [0:0]" for chain, _ in seps]
-    lines += [
-        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
-        "-A OUTPUT -j KUBE-SERVICES",
-        "-I POSTROUTING 1 -j KUBE-POSTROUTING",
-        "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
-        "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000",
-        "-A KUBE-POSTROUTING -j MASQUERADE --random-fully",
-        "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000",
-        f"-A KUBE-SERVICES -d {CLUSTER_IP}/32 -p tcp --dport 80 -j {svc}",
-        f"-A {svc} ! -s {POD_CIDR} -d {CLUSTER_IP}/32 -p tcp --dport 80 -j KUBE-MARK-MASQ",
-    ]
-    for i, (chain, _) in enumerate(seps):
-        left = len(seps) - i
-        choose = f"-m statistic --mode random --probability {1 / left:.11f} " if left > 1 else ""
-        lines.append(f"-A {svc} {choose}-j {chain}")
-    for chain, ip in seps:
-        lines += [f"-A {chain} -s {ip}/32 -j KUBE-MARK-MASQ", f"-A {chain} -p tcp -j DNAT --to-destination {ip}:8080"]
-    lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
 
 
 IP6_USER_RULES = """\

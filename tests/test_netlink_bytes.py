@@ -260,6 +260,13 @@ def test_every_statement_the_encoder_handles_is_recorded() -> None:
         updates = [s for s in found if isinstance(s, statements.SetUpdate)]
         assert any(u.timeout is not None for u in updates)
         assert {(u.limit.unit, u.limit.burst is not None) for u in updates if u.limit} >= {("second", False), ("minute", True)}
+        # The limits of issue 19: connection counts, byte meters with and without a burst, negated interval lookups
+        # (the allowlist) and the conntrack fields of the bandwidth chains.
+        assert any(u.connections for u in updates)
+        assert {u.limit.burst is not None for u in updates if u.limit and u.limit.bytes} == {True, False}
+        assert any(isinstance(s, statements.Lookup) and s.negate and s.set == "limit-allow" for s in found)
+        keys = {p for s in found if isinstance(s, (statements.Lookup, statements.SetUpdate)) for p in s.key}
+        assert keys >= {"original-saddr", "original-daddr", "original-dport", "direction"}
         prefixes = {record_netlink.shape_of(s.cidr) for s in found if isinstance(s, statements.MatchPrefix)}
         version = 4 if family == "ip" else 6
         assert prefixes == {f"prefix{version}-{kind}" for kind in ("0", "bytes", "masked", "whole")}, prefixes

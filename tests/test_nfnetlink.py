@@ -180,15 +180,17 @@ def test_everything_over_netlink_lists_exactly_as_through_libnftables(two_netns:
     ruleset = _all_scenarios()
     shapes = {name for table in ruleset.tables.values() for name, members in table.elements.items() if members}
     assert {"endpoints-4", "service-ips", "service-nodeports", "no-endpoint-reject", "class-4", "hairpin", "cluster-ips"} <= shapes
-    service_rules = {  # the rules of every chain the compiler generates (Service and pick chains)
-        family: [rule for name, chain in table.chains.items() if name not in skeleton_table(family).chains for rule in chain.rules]
+    service_rules = {  # the rules of every chain the compiler generates (Service, pick and bw- chains; not the base chains)
+        family: [rule for name, chain in table.chains.items() if name not in skeleton_table(family).chains and not chain.base
+                 for rule in chain.rules]
         for family, table in ruleset.tables.items()
     }
     for family, rules in service_rules.items():
         assert rules and all(_encodes(rule, family) for rule in rules), [r for r in rules if not _encodes(r, family)]
         texts = [render_rule(rule, family) for rule in rules]
         for needle in ("goto pick-", "map @endpoints-4", "update @affinity", "limit rate over", "numgen random mod 299 0",
-                       "fib saddr type local", f"{family} saddr ", "dnat to "):
+                       "fib saddr type local", f"{family} saddr ", "dnat to ", "ct count over 3", "!= @limit-allow",
+                       "ct direction limit rate over 1 mbytes/second burst 128 kbytes"):
             if family == "ip6" and needle == "numgen random mod 299 0":
                 continue
             assert any(needle in text for text in texts), (family, needle)
@@ -296,7 +298,6 @@ def test_what_netlink_can_send() -> None:
     assert not encodable(Transaction([Op("add", "map", "ip", "endpoints-4", set_decl=skeleton_table("ip").sets["endpoints-4"])]))
     assert not encodable(Transaction())
     skeletons: list[Rule] = [
-        (Lookup(("daddr",), "cluster-ips", negate=True), Verdict("drop")),
         (VerdictMap(("daddr", "l4proto", "dport"), "service-ips"),),
         (Masquerade(),),
         (Reject(),),
@@ -317,6 +318,7 @@ def test_what_netlink_can_send() -> None:
     for odd in skeletons + out_of_range:
         assert not encodable(Transaction([Op("add", "rules", "ip", chains=(Chain("x", (odd,)),))])), odd
     fine: list[Rule] = [
+        (Lookup(("daddr",), "cluster-ips", negate=True), Verdict("drop")),
         (MatchProtocol("tcp"), Verdict("drop")),
         (MatchPrefix("saddr", "10.0.0.0/9"), Verdict("drop")),
         (MatchProtocol("udp"), DnatTo("10.0.0.1", 80)),

@@ -30,7 +30,7 @@ def test_skeleton_renders_for_both_families(family: str) -> None:
     for chain in table.chains.values():
         comment(chain.comment)
     comment(table.comment)
-    assert len(table.sets) == 36
+    assert len(table.sets) == 41
 
 
 def test_options_switch_rules() -> None:

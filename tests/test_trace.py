@@ -480,6 +480,20 @@ def test_rate_limit_lets_a_first_connection_through() -> None:
     assert _reach(tracer, POD, "172.30.0.60", 80) == _to("10.1.0.1:8080", "10.1.0.2:8080")
 
 
+def test_every_limit_lets_a_first_connection_through_and_polices_it_on_the_way() -> None:
+    """Issue 19's limits: a first connection is under every one (rate, total rate, count, bandwidth); its first
+    packet crosses the bandwidth hook (bandwidth-prerouting, then the port's bw- chain) before dispatch."""
+    limits = {"kproxy.io/rate-limit": "5/second", "kproxy.io/rate-limit-total": "50/second",
+              "kproxy.io/limit-connections": "3", "kproxy.io/bandwidth-limit": "1 mbytes/second",
+              "kproxy.io/limit-allowlist": "10.0.0.0/8"}
+    tracer = _tracer(_many(2, annotations=limits))
+    trace = _trace(tracer, POD, "172.30.0.60", 80)
+    assert trace.outcomes == _to("10.1.0.1:8080", "10.1.0.2:8080")
+    chains = trace.branches[0].chains
+    assert chains.index("bandwidth-prerouting") < chains.index(next(c for c in chains if c.startswith("svc-")))
+    assert any(c.startswith("bw-") for c in chains)
+
+
 @pytest.mark.parametrize(("zone", "hints", "expected"), [
     ("zone-a", [["zone-a"], ["zone-b"], ["zone-c"], ["zone-a"]], ["10.1.2.3", "10.1.2.6"]),
     ("zone-a", [["zone-a"], ["zone-b"], None, ["zone-a"]], ["10.1.2.3", "10.1.2.4", "10.1.2.5", "10.1.2.6"]),

@@ -31,14 +31,21 @@ from typing import Any, ParamSpec, TypeVar
 from kproxy.cluster import validate
 from kproxy.cluster.conflicts import find_conflicts
 from kproxy.cluster.model import (
+    BANDWIDTH_LIMIT_ANNOTATION,
+    BANDWIDTH_LIMIT_BURST_ANNOTATION,
+    CONNECTION_LIMIT_ANNOTATION,
     DEFAULT_AFFINITY_TIMEOUT,
     HEADLESS_LABEL,
+    LIMIT_ALLOWLIST_ANNOTATION,
     METRICS_ANNOTATION,
     RATE_LIMIT_ANNOTATION,
     RATE_LIMIT_BURST_ANNOTATION,
+    RATE_LIMIT_TOTAL_ANNOTATION,
+    RATE_LIMIT_TOTAL_BURST_ANNOTATION,
     SERVICE_NAME_LABEL,
     SERVICE_PROXY_NAME_LABEL,
     TRIGGER_TIME_ANNOTATION,
+    BandwidthLimit,
     Cluster,
     Endpoint,
     EndpointPort,
@@ -319,6 +326,11 @@ def _service(obj: Mapping[str, Any], notes: Notes | None) -> Service:
         traffic_distribution=distribution,
         health_check_node_port=health_check_node_port,
         rate_limit=_part(notes, lambda: _rate_limit(annotations)),
+        rate_limit_total=_part(notes, lambda: _rate_limit(annotations, RATE_LIMIT_TOTAL_ANNOTATION,
+                                                          RATE_LIMIT_TOTAL_BURST_ANNOTATION)),
+        connection_limit=_part(notes, lambda: _connection_limit(annotations)),
+        bandwidth_limit=_part(notes, lambda: _bandwidth_limit(annotations)),
+        limit_allowlist=_part(notes, lambda: _limit_allowlist(annotations)) or (),
         metrics=bool(_part(notes, lambda: _metrics(annotations))),
     )
 
@@ -445,28 +457,87 @@ def _count(text: str, what: str, low: int) -> int:
     return int(text)
 
 
-def _rate_limit(annotations: Mapping[str, str]) -> RateLimit | None:
-    rate = annotations.get(RATE_LIMIT_ANNOTATION)
-    burst = annotations.get(RATE_LIMIT_BURST_ANNOTATION)
+def _rate_limit(annotations: Mapping[str, str], name: str = RATE_LIMIT_ANNOTATION,
+                burst_name: str = RATE_LIMIT_BURST_ANNOTATION) -> RateLimit | None:
+    """``kproxy.io/rate-limit`` (or ``-total``) and its ``-burst``: ``<n>/second`` or ``<n>/minute``, a burst >= 1."""
+    rate = annotations.get(name)
+    burst = annotations.get(burst_name)
     if rate is None:
         if burst is not None:
-            raise InvalidObject(
-                "invalid_annotation", f"{RATE_LIMIT_BURST_ANNOTATION} is set without {RATE_LIMIT_ANNOTATION}; ignored"
-            )
+            raise InvalidObject("invalid_annotation", f"{burst_name} is set without {name}; ignored")
         return None
     number, _, unit = rate.strip().partition("/")
     if unit not in _RATE_UNITS:
-        raise InvalidObject(
-            "invalid_annotation", f"{RATE_LIMIT_ANNOTATION}: {show(rate)} is not '<n>/second' or '<n>/minute'; ignored"
-        )
-    count = _count(number, RATE_LIMIT_ANNOTATION, 1)
+        raise InvalidObject("invalid_annotation", f"{name}: {show(rate)} is not '<n>/second' or '<n>/minute'; ignored")
+    count = _count(number, name, 1)
     # nft has no burst of 0 (it stands for its default, 5): the smallest burst is 1.
-    burst_value = _count(burst.strip(), RATE_LIMIT_BURST_ANNOTATION, 1) if burst is not None else None
+    burst_value = _count(burst.strip(), burst_name, 1) if burst is not None else None
     # The kernel keeps (nanoseconds per unit / rate) x burst in 64 bits, and refuses the rule otherwise.
     if (_UNIT_NS[unit] // count) * (burst_value or 5) >= 2**64:
-        raise InvalidObject("invalid_annotation", f"{RATE_LIMIT_BURST_ANNOTATION}: {burst_value} is too large for "
+        raise InvalidObject("invalid_annotation", f"{burst_name}: {burst_value} is too large for "
                             f"{count}/{unit} (the kernel's bucket would overflow); ignored")
     return RateLimit(count, unit, burst_value)  # type: ignore[arg-type]
+
+
+def _connection_limit(annotations: Mapping[str, str]) -> int | None:
+    """``kproxy.io/limit-connections``: a whole number of concurrent connections per client, at least 1."""
+    value = annotations.get(CONNECTION_LIMIT_ANNOTATION)
+    return None if value is None else _count(value.strip(), CONNECTION_LIMIT_ANNOTATION, 1)
+
+
+_BYTE_UNITS = {"bytes": 1, "kbytes": 1024, "mbytes": 1024 * 1024}
+_BANDWIDTH = re.compile(r"([0-9]{1,9}) ?(bytes|kbytes|mbytes)/second")
+_AMOUNT = re.compile(r"([0-9]{1,9}) ?(bytes|kbytes|mbytes)")
+
+
+def _bandwidth_limit(annotations: Mapping[str, str]) -> BandwidthLimit | None:
+    """``kproxy.io/bandwidth-limit``: ``<n> kbytes/second`` (bytes, kbytes or mbytes); ``-burst``: ``<n> kbytes``.
+
+    nft's units: a kbyte is 1024 bytes, an mbyte 1024 kbytes.
+    """
+    rate = annotations.get(BANDWIDTH_LIMIT_ANNOTATION)
+    burst = annotations.get(BANDWIDTH_LIMIT_BURST_ANNOTATION)
+    if rate is None:
+        if burst is not None:
+            raise InvalidObject("invalid_annotation",
+                                f"{BANDWIDTH_LIMIT_BURST_ANNOTATION} is set without {BANDWIDTH_LIMIT_ANNOTATION}; ignored")
+        return None
+    found = _BANDWIDTH.fullmatch(rate.strip())
+    if found is None or int(found.group(1)) == 0:
+        raise InvalidObject("invalid_annotation", f"{BANDWIDTH_LIMIT_ANNOTATION}: {show(rate)} is not "
+                            "'<n> kbytes/second' or '<n> mbytes/second' (n >= 1); ignored")
+    rate_bytes = int(found.group(1)) * _BYTE_UNITS[found.group(2)]
+    burst_bytes = None
+    if burst is not None:
+        amount = _AMOUNT.fullmatch(burst.strip())
+        if amount is None or int(amount.group(1)) == 0:
+            raise InvalidObject("invalid_annotation", f"{BANDWIDTH_LIMIT_BURST_ANNOTATION}: {show(burst)} is not "
+                                "'<n> kbytes' or '<n> mbytes' (n >= 1); ignored")
+        burst_bytes = int(amount.group(1)) * _BYTE_UNITS[amount.group(2)]
+        if burst_bytes >= 2**32:  # the kernel takes a burst of 32 bits
+            raise InvalidObject("invalid_annotation", f"{BANDWIDTH_LIMIT_BURST_ANNOTATION}: {show(burst)} is 4 GiB "
+                                "or more, more than the kernel takes; ignored")
+    # The kernel keeps nanoseconds per second x (rate + burst) in 64 bits, and refuses the rule otherwise.
+    if 10**9 * (rate_bytes + (burst_bytes or 0)) >= 2**64:
+        raise InvalidObject("invalid_annotation", f"{BANDWIDTH_LIMIT_ANNOTATION}: {show(rate)} is more than the "
+                            "kernel's bucket holds; ignored")
+    return BandwidthLimit(rate_bytes, burst_bytes)
+
+
+def _limit_allowlist(annotations: Mapping[str, str]) -> tuple[str, ...]:
+    """``kproxy.io/limit-allowlist``: comma-separated CIDRs, each validated as loadBalancerSourceRanges are.
+
+    One bad range skips the whole annotation (its clients are then limited like
+    any other), never the Service.
+    """
+    value = annotations.get(LIMIT_ALLOWLIST_ANNOTATION)
+    if value is None:
+        return ()
+    ranges = [r.strip(_WHITE_SPACE) for r in value.split(",")]
+    try:
+        return tuple(dict.fromkeys(validate.cidr(r) for r in ranges if r))
+    except validate.FieldError as exc:
+        raise InvalidObject("invalid_annotation", f"{LIMIT_ALLOWLIST_ANNOTATION}: {exc}; ignored") from None
 
 
 def _metrics(annotations: Mapping[str, str]) -> bool:

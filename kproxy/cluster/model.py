@@ -31,6 +31,12 @@ HEADLESS_LABEL = "service.kubernetes.io/headless"
 TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 RATE_LIMIT_ANNOTATION = "kproxy.io/rate-limit"
 RATE_LIMIT_BURST_ANNOTATION = "kproxy.io/rate-limit-burst"
+RATE_LIMIT_TOTAL_ANNOTATION = "kproxy.io/rate-limit-total"
+RATE_LIMIT_TOTAL_BURST_ANNOTATION = "kproxy.io/rate-limit-total-burst"
+CONNECTION_LIMIT_ANNOTATION = "kproxy.io/limit-connections"
+BANDWIDTH_LIMIT_ANNOTATION = "kproxy.io/bandwidth-limit"
+BANDWIDTH_LIMIT_BURST_ANNOTATION = "kproxy.io/bandwidth-limit-burst"
+LIMIT_ALLOWLIST_ANNOTATION = "kproxy.io/limit-allowlist"
 METRICS_ANNOTATION = "kproxy.io/metrics"
 """``"true"``: the Service exports per-Service series (with ``--service-metrics=annotated``, the default)."""
 DEFAULT_AFFINITY_TIMEOUT = 10800
@@ -45,6 +51,16 @@ class RateLimit:
     unit: Literal["second", "minute"]
     burst: int | None = None
     """Extra connections allowed in a burst; nft's default (5) when None."""
+
+
+@dataclass(frozen=True, slots=True)
+class BandwidthLimit:
+    """Bytes per second allowed per client and direction, per Service port (policing: the excess is dropped)."""
+
+    rate: int
+    """Bytes per second."""
+    burst: int | None = None
+    """Bytes allowed above the rate in a burst; none when None (the bucket still holds one second of rate)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,12 +96,27 @@ class Service:
     traffic_distribution: str | None = None
     health_check_node_port: int | None = None
     rate_limit: RateLimit | None = None
+    """``kproxy.io/rate-limit``: new connections per client."""
+    rate_limit_total: RateLimit | None = None
+    """``kproxy.io/rate-limit-total``: new connections from all clients together."""
+    connection_limit: int | None = None
+    """``kproxy.io/limit-connections``: concurrent connections per client."""
+    bandwidth_limit: BandwidthLimit | None = None
+    """``kproxy.io/bandwidth-limit``: bytes per second per client, in each direction."""
+    limit_allowlist: tuple[str, ...] = ()
+    """``kproxy.io/limit-allowlist``: canonical CIDRs of clients exempt from every limit above."""
     metrics: bool = False
     """Annotated ``kproxy.io/metrics: "true"``: per-Service series are exported for it."""
 
     @property
     def key(self) -> ServiceKey:
         return ServiceKey(f"{self.namespace}/{self.name}")
+
+    @property
+    def limited(self) -> bool:
+        """Whether any limit applies to the Service's clients (its drop counters are always exported)."""
+        return (self.rate_limit is not None or self.rate_limit_total is not None or self.connection_limit is not None
+                or self.bandwidth_limit is not None)
 
     @property
     def externally_accessible(self) -> bool:

@@ -7,10 +7,14 @@ over the file; the file wins over the defaults.
 
 The file is a ``kubeproxy.config.k8s.io/v1alpha1`` ``KubeProxyConfiguration``,
 the same file kube-proxy reads (kubeadm keeps it in the ``kube-proxy``
-ConfigMap). Every field upstream defines is accepted; kproxy applies the ones
-it has a use for and logs the rest at debug level. As upstream's defaulting
-does, a zero value in the file (``""``, ``0s``, ``null``, an empty list)
-means "not set": kubeadm writes every field, most of them zero. An unknown
+ConfigMap). Every field upstream defines is accepted and nothing is silent:
+``FIELDS`` says, for each one, whether kproxy applies it, accepts only the
+value it implements (any other stops it at startup), or ignores it with one
+warning at startup that names the field and says why. As upstream's
+defaulting does, a zero value in the file (``""``, ``0s``, ``null``, an empty
+list) means "not set": kubeadm writes every field, most of them zero. A few
+fields warn even when unset, because kube-proxy would apply a default there
+that kproxy does not (the conntrack sysctls, localhost NodePorts). An unknown
 field, a value of the wrong type or an invalid value is a ``ConfigError``
 whose one-line message names the file and the field path.
 
@@ -23,13 +27,14 @@ from __future__ import annotations
 import argparse
 import difflib
 import ipaddress
+import json
 import logging
 import os
 import re
 import socket
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -44,8 +49,10 @@ KIND = "KubeProxyConfiguration"
 
 DEFAULT_MIN_SYNC_PERIOD = 0.1
 DEFAULT_SYNC_PERIOD = 30.0
-DEFAULT_METRICS_BIND_ADDRESS = "127.0.0.1:10249"
-DEFAULT_HEALTHZ_BIND_ADDRESS = "0.0.0.0:10256"
+DEFAULT_METRICS_PORT = 10249
+DEFAULT_HEALTHZ_PORT = 10256
+DEFAULT_METRICS_BIND_ADDRESS = f"127.0.0.1:{DEFAULT_METRICS_PORT}"
+DEFAULT_HEALTHZ_BIND_ADDRESS = f"0.0.0.0:{DEFAULT_HEALTHZ_PORT}"
 LOG_FORMATS = ("text", "json")
 DEBUG_VERBOSITY = 4
 """logging.verbosity at or above this (klog's debug convention) means log level "debug"."""
@@ -84,6 +91,17 @@ class DaemonConfig:
     service_metrics: str = DEFAULT_SERVICE_METRICS
     """--service-metrics (kproxy's own, no file field): which Services export per-Service series:
     "annotated" (``kproxy.io/metrics: "true"``), "all" or "none"."""
+    expose_rules: bool = False
+    """--expose-rules (kproxy's own, no file field): serve /rules and /skipped to any client, not only loopback."""
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+    """The --config file's ignored fields, one line each (FIELDS): logged at startup."""
+
+    def nodeport_summary(self) -> str:
+        """Which node addresses accept NodePorts, and why: the startup log says it."""
+        if self.nodeport_addresses:
+            return f"NodePorts answer on the node's addresses in {', '.join(self.nodeport_addresses)}"
+        return ("NodePorts answer on the node's primary IPs only (nodePortAddresses unset means 'primary', as in "
+                "kube-proxy's nftables mode; its iptables and IPVS modes answer on every local IP)")
 
     def proxy_config(self) -> ProxyConfig:
         """The subset the compiler needs."""
@@ -99,6 +117,12 @@ class DaemonConfig:
 
 def _show(value: Any) -> str:
     text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _show_yaml(value: Any) -> str:
+    """A value as the file spells it (``true``, ``"30s"``, ``[1, 2]``), shortened."""
+    text = json.dumps(value, default=str)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -444,8 +468,6 @@ class _Leaf:
 
     check: Callable[[Any], Any]
     target: str | None = None
-    used: bool = False
-    """Checked and acted on here (like mode), though not a DaemonConfig field: not logged as ignored."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -457,11 +479,21 @@ class _ListOf:
 
 _Schema = _Leaf | _ListOf | Mapping[str, Any]
 
+_MARK = "kproxy always marks packets to masquerade with bit 14 (0x4000), kube-proxy's default"
+
+
+def _masquerade_bit(value: Any) -> int:
+    bit = _integer(0, 31)(value)
+    if bit != 14:
+        raise ConfigError(f"{bit} is not supported: {_MARK}; a CNI that needs bit 14 cannot run beside kproxy")
+    return bit
+
+
 _OUTPUT_ROUTING = {"splitStream": _Leaf(_boolean), "infoBufferSize": _Leaf(_quantity)}
 
 SCHEMA: Mapping[str, _Schema] = {
-    "apiVersion": _Leaf(_string, used=True),
-    "kind": _Leaf(_string, used=True),
+    "apiVersion": _Leaf(_string),
+    "kind": _Leaf(_string),
     "featureGates": _Leaf(_feature_gates),
     "clientConnection": {
         "kubeconfig": _Leaf(_set_string, target="kubeconfig"),
@@ -484,10 +516,10 @@ SCHEMA: Mapping[str, _Schema] = {
     "bindAddressHardFail": _Leaf(_boolean),
     "enableProfiling": _Leaf(_boolean),
     "showHiddenMetricsForVersion": _Leaf(_string),
-    "mode": _Leaf(_mode, used=True),
+    "mode": _Leaf(_mode),
     "iptables": {
-        "masqueradeBit": _Leaf(_integer(0, 31)),
-        "masqueradeAll": _Leaf(_boolean),
+        "masqueradeBit": _Leaf(_masquerade_bit),
+        "masqueradeAll": _Leaf(_set_true, target="masquerade_all"),
         "localhostNodePorts": _Leaf(_boolean),
         "snatNodeInternalIP": _Leaf(_boolean),
         "syncPeriod": _Leaf(_duration),
@@ -504,7 +536,7 @@ SCHEMA: Mapping[str, _Schema] = {
         "udpTimeout": _Leaf(_duration),
     },
     "nftables": {
-        "masqueradeBit": _Leaf(_integer(0, 31)),
+        "masqueradeBit": _Leaf(_masquerade_bit),
         "masqueradeAll": _Leaf(_set_true, target="masquerade_all"),
         "syncPeriod": _Leaf(_set_duration, target="sync_period"),
         "minSyncPeriod": _Leaf(_set_duration, target="min_sync_period"),
@@ -516,7 +548,7 @@ SCHEMA: Mapping[str, _Schema] = {
         "rootHnsEndpointName": _Leaf(_string),
         "forwardHealthCheckVip": _Leaf(_boolean),
     },
-    "detectLocalMode": _Leaf(_detect_local_mode, used=True),
+    "detectLocalMode": _Leaf(_detect_local_mode),
     "detectLocal": {
         "bridgeInterface": _Leaf(_string),
         "interfaceNamePrefix": _Leaf(_string),
@@ -541,10 +573,203 @@ SCHEMA: Mapping[str, _Schema] = {
 
 
 def _is_zero(value: Any) -> bool:
-    return value in ("", False, 0, "0s") or value == [] or value == {}
+    """A value upstream's defaulting treats as not set (``null``, ``""``, ``0``, ``0s``, ``false``, empty)."""
+    return value is None or value in ("", "0", False, 0, "0s") or value == [] or value == {}
 
 
-def _walk(data: Any, schema: Mapping[str, _Schema], prefix: str, path: str, out: dict[str, Any]) -> None:
+# --- what kproxy does with each field -------------------------------------------------------------
+
+APPLIED = "applied"
+"""The value takes effect (a zero value leaves kproxy's default, as upstream's defaulting does)."""
+CHECKED = "checked"
+"""Only the values kproxy implements are accepted; any other stops it at startup with one line naming the field."""
+IGNORED = "ignored"
+"""No effect; one warning at startup names the field and says why, when its value would matter to kube-proxy."""
+
+
+def _set(value: Any, _doc: Mapping[str, Any]) -> bool:
+    return not _is_zero(value)
+
+
+def _not_zero_duration(value: Any, _doc: Mapping[str, Any]) -> bool:
+    """Unset (null) makes kube-proxy apply its default; an explicit 0 leaves the sysctl alone, as kproxy does."""
+    return value is None or (isinstance(value, str) and parse_duration(value) != 0)
+
+
+def _conntrack_max(value: Any, _doc: Mapping[str, Any]) -> bool:
+    return value != 0
+
+
+def _conntrack_min(value: Any, doc: Mapping[str, Any]) -> bool:
+    return not _is_zero(value) and _lookup(doc, "conntrack.maxPerCore") != 0
+
+
+def _iptables_mode(doc: Mapping[str, Any]) -> bool:
+    """The file is kube-proxy's for its iptables mode (the default when ``mode`` is empty)."""
+    return doc.get("mode") in (None, "", "iptables")
+
+
+def _localhost_nodeports(value: Any, doc: Mapping[str, Any]) -> bool:
+    return value is True or (value is None and _iptables_mode(doc))
+
+
+def _not_true(value: Any, _doc: Mapping[str, Any]) -> bool:
+    return value is not True
+
+
+def _specific_address(value: Any, _doc: Mapping[str, Any]) -> bool:
+    return isinstance(value, str) and value not in ("", "0.0.0.0", "::")
+
+
+def _nodeports_unset_in_iptables_mode(value: Any, doc: Mapping[str, Any]) -> bool:
+    return _is_zero(value) and _iptables_mode(doc)
+
+
+def _lookup(doc: Mapping[str, Any], path: str) -> Any:
+    value: Any = doc
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class FieldRule:
+    """What kproxy does with one KubeProxyConfiguration field."""
+
+    effect: str
+    """APPLIED, CHECKED or IGNORED."""
+    what: str
+    """What kproxy does, for the docs and the warning: "why" for an ignored field."""
+    warn_if: Callable[[Any, Mapping[str, Any]], bool] | None = None
+    """Whether this value (None for null) gets the startup warning; the whole file is the second argument."""
+    example: Any = None
+    """A value that shows the decision: it takes effect (APPLIED), is refused (CHECKED) or warns (IGNORED)."""
+
+
+_WINDOWS = "kproxy runs on Linux only; Windows' kube-proxy (winkernel) settings have no meaning here"
+_IPVS = "kproxy has no IPVS mode: it programs nftables only"
+_LOGGING = "kproxy writes each log line to stderr at once (-v or logging.verbosity >= 4 for debug, logging.format)"
+_CLIENT = ("kproxy only lists and watches (one list and one open watch per kind, re-made with a backoff), "
+           "in JSON; it has no client-side rate limit or content type to set")
+_CONNTRACK = ("kproxy does not set conntrack sysctls (it is not privileged: /proc/sys is read-only for it); "
+              "the node keeps its own values. Set them with the node's sysctl configuration")
+
+FIELDS: Mapping[str, FieldRule] = {
+    "apiVersion": FieldRule(CHECKED, "must be kubeproxy.config.k8s.io/v1alpha1", example="kubeproxy.config.k8s.io/v1beta1"),
+    "kind": FieldRule(CHECKED, "must be KubeProxyConfiguration", example="KubeletConfiguration"),
+    "featureGates": FieldRule(IGNORED, "kproxy has no feature gates: what it does is fixed per release (CHANGELOG.md)",
+                              _set, {"KubeProxyNFTablesLocalhostNodePorts": True}),
+    "clientConnection.kubeconfig": FieldRule(APPLIED, "--kubeconfig; unset: the in-cluster configuration",
+                                             example="/var/lib/kube-proxy/other.conf"),
+    "clientConnection.acceptContentTypes": FieldRule(IGNORED, _CLIENT, _set, "application/json"),
+    "clientConnection.contentType": FieldRule(IGNORED, _CLIENT, _set, "application/vnd.kubernetes.protobuf"),
+    "clientConnection.qps": FieldRule(IGNORED, _CLIENT, _set, 50),
+    "clientConnection.burst": FieldRule(IGNORED, _CLIENT, _set, 100),
+    "logging.format": FieldRule(APPLIED, "--log-format: text or json", example="json"),
+    "logging.flushFrequency": FieldRule(IGNORED, _LOGGING, _set, "5s"),
+    "logging.verbosity": FieldRule(APPLIED, "4 or more: debug (as -v); less: info", example=4),
+    "logging.vmodule": FieldRule(IGNORED, "kproxy has no per-file verbosity (-v or logging.verbosity >= 4 for debug)",
+                                 _set, [{"filePattern": "proxier*", "verbosity": 4}]),
+    "logging.options.text.splitStream": FieldRule(IGNORED, _LOGGING, _set, True),
+    "logging.options.text.infoBufferSize": FieldRule(IGNORED, _LOGGING, _set, "64Ki"),
+    "logging.options.json.splitStream": FieldRule(IGNORED, _LOGGING, _set, True),
+    "logging.options.json.infoBufferSize": FieldRule(IGNORED, _LOGGING, _set, "64Ki"),
+    "hostnameOverride": FieldRule(APPLIED, "--hostname-override; unset: $NODE_NAME, else the hostname", example="node-b"),
+    "bindAddress": FieldRule(
+        APPLIED, "an IPv6 address makes the default health and metrics addresses [::]:10256 and [::1]:10249, "
+        "as upstream; it does not choose the node's primary IP, which kproxy takes from its Node object "
+        "(a specific address is warned about)", _specific_address, "::"),
+    "healthzBindAddress": FieldRule(APPLIED, "--healthz-bind-address (/healthz, /livez, /readyz)",
+                                    example="0.0.0.0:10266"),
+    "metricsBindAddress": FieldRule(APPLIED, "--metrics-bind-address (/metrics; /rules and /skipped answer loopback "
+                                    "clients only, unless --expose-rules)", example="0.0.0.0:10249"),
+    "bindAddressHardFail": FieldRule(
+        IGNORED, "kproxy always exits when it cannot bind its health or metrics address, as kube-proxy does with "
+        "true: a port in use means another proxy runs on this node", _not_true, False),
+    "enableProfiling": FieldRule(IGNORED, "kproxy serves no /debug/pprof", _set, True),
+    "showHiddenMetricsForVersion": FieldRule(IGNORED, "kproxy has no hidden metrics", _set, "1.30"),
+    "mode": FieldRule(CHECKED, "'' or nftables: kproxy is an nftables proxy (iptables and ipvs are refused)",
+                      example="ipvs"),
+    "iptables.masqueradeBit": FieldRule(CHECKED, f"null or 14: {_MARK}", example=15),
+    "iptables.masqueradeAll": FieldRule(
+        APPLIED, "true turns on masquerade-all, as nftables.masqueradeAll does (a file from iptables mode keeps "
+        "its masquerading)", example=True),
+    "iptables.localhostNodePorts": FieldRule(
+        IGNORED, "kproxy never answers NodePorts on 127.0.0.1 or ::1, as kube-proxy's nftables mode; kube-proxy's "
+        "iptables mode does unless this is false. Use a node IP", _localhost_nodeports, True),
+    "iptables.snatNodeInternalIP": FieldRule(
+        IGNORED, "kproxy masquerades to the address of the interface a packet leaves by", _set, True),
+    "iptables.syncPeriod": FieldRule(IGNORED, "kproxy reads nftables.syncPeriod (or --sync-period)", _set, "10s"),
+    "iptables.minSyncPeriod": FieldRule(IGNORED, "kproxy reads nftables.minSyncPeriod (or --min-sync-period)",
+                                        _set, "5s"),
+    "ipvs.syncPeriod": FieldRule(IGNORED, _IPVS, _set, "10s"),
+    "ipvs.minSyncPeriod": FieldRule(IGNORED, _IPVS, _set, "5s"),
+    "ipvs.scheduler": FieldRule(IGNORED, _IPVS, _set, "lc"),
+    "ipvs.excludeCIDRs": FieldRule(IGNORED, _IPVS, _set, ["10.200.0.0/16"]),
+    "ipvs.strictARP": FieldRule(IGNORED, _IPVS, _set, True),
+    "ipvs.tcpTimeout": FieldRule(IGNORED, _IPVS, _set, "900s"),
+    "ipvs.tcpFinTimeout": FieldRule(IGNORED, _IPVS, _set, "120s"),
+    "ipvs.udpTimeout": FieldRule(IGNORED, _IPVS, _set, "300s"),
+    "nftables.masqueradeBit": FieldRule(CHECKED, f"null or 14: {_MARK}", example=15),
+    "nftables.masqueradeAll": FieldRule(APPLIED, "--masquerade-all", example=True),
+    "nftables.syncPeriod": FieldRule(APPLIED, "--sync-period", example="1m"),
+    "nftables.minSyncPeriod": FieldRule(APPLIED, "--min-sync-period (kproxy's default: 100ms; upstream's: 1s)",
+                                        example="1s"),
+    "winkernel.networkName": FieldRule(IGNORED, _WINDOWS, _set, "l2bridge"),
+    "winkernel.sourceVip": FieldRule(IGNORED, _WINDOWS, _set, "10.244.0.2"),
+    "winkernel.enableDSR": FieldRule(IGNORED, _WINDOWS, _set, True),
+    "winkernel.rootHnsEndpointName": FieldRule(IGNORED, _WINDOWS, _set, "cbr0"),
+    "winkernel.forwardHealthCheckVip": FieldRule(IGNORED, _WINDOWS, _set, True),
+    "windowsRunAsService": FieldRule(IGNORED, _WINDOWS, _set, True),
+    "detectLocalMode": FieldRule(
+        CHECKED, "'' or ClusterCIDR: kproxy tells pod traffic by clusterCIDR only (the other modes are refused)",
+        example="NodeCIDR"),
+    "detectLocal.bridgeInterface": FieldRule(
+        IGNORED, "only used with detectLocalMode BridgeInterface, which kproxy refuses", _set, "cbr0"),
+    "detectLocal.interfaceNamePrefix": FieldRule(
+        IGNORED, "only used with detectLocalMode InterfaceNamePrefix, which kproxy refuses", _set, "veth"),
+    "clusterCIDR": FieldRule(APPLIED, "--cluster-cidr", example="10.0.0.0/8"),
+    "nodePortAddresses": FieldRule(
+        APPLIED, "--nodeport-addresses; unset means 'primary' (the node's primary IPs), as in kube-proxy's nftables "
+        "mode, where its iptables and IPVS modes use every local IP: unset in a file for iptables mode (mode '') "
+        "is warned about. Set [0.0.0.0/0, '::/0'] for every address", _nodeports_unset_in_iptables_mode,
+        ["192.168.0.0/16"]),
+    "oomScoreAdj": FieldRule(
+        IGNORED, "kproxy does not change its oom_score_adj (that takes CAP_SYS_RESOURCE, which it does not have); "
+        "as a system-node-critical pod the kubelet gives it -997", _set, -999),
+    "conntrack.maxPerCore": FieldRule(
+        IGNORED, f"kube-proxy sets nf_conntrack_max to max(maxPerCore x CPUs, min), by default 32768 per CPU and "
+        f"at least 131072, unless maxPerCore is 0. {_CONNTRACK}", _conntrack_max, 65536),
+    "conntrack.min": FieldRule(IGNORED, f"see conntrack.maxPerCore. {_CONNTRACK}", _conntrack_min, 262144),
+    "conntrack.tcpEstablishedTimeout": FieldRule(
+        IGNORED, f"kube-proxy sets nf_conntrack_tcp_timeout_established, by default to 24h, unless this is 0s. "
+        f"{_CONNTRACK}", _not_zero_duration, "12h"),
+    "conntrack.tcpCloseWaitTimeout": FieldRule(
+        IGNORED, f"kube-proxy sets nf_conntrack_tcp_timeout_close_wait, by default to 1h, unless this is 0s. "
+        f"{_CONNTRACK}", _not_zero_duration, "30m"),
+    "conntrack.tcpBeLiberal": FieldRule(IGNORED, f"kube-proxy sets nf_conntrack_tcp_be_liberal. {_CONNTRACK}",
+                                        _set, True),
+    "conntrack.udpTimeout": FieldRule(IGNORED, f"kube-proxy sets nf_conntrack_udp_timeout. {_CONNTRACK}",
+                                      _set, "30s"),
+    "conntrack.udpStreamTimeout": FieldRule(
+        IGNORED, f"kube-proxy sets nf_conntrack_udp_timeout_stream. {_CONNTRACK}", _set, "300s"),
+    "configSyncPeriod": FieldRule(
+        IGNORED, "kproxy's watches have no informer resync; it reads its tables back every --sync-period and "
+        "resyncs them fully every hour", _set, "5m"),
+    "portRange": FieldRule(IGNORED, "unused by kube-proxy too (it was the userspace proxy's)", _set, "30000-32767"),
+}
+"""Every field of upstream's v1alpha1 KubeProxyConfiguration (dotted paths; ``logging.vmodule`` is one field):
+what kproxy does with it. Only fields the file has are considered; the warning of an IGNORED field is logged once
+at startup when ``warn_if`` holds for the value the file gives (None for null)."""
+
+
+def _warning(path: str, where: str, value: Any, rule: FieldRule) -> str:
+    shown = "null (kube-proxy's default)" if value is None else _show_yaml(value)
+    return f"{path}: {where} = {shown} is ignored: {rule.what}"
+
+
+def _walk(data: Any, schema: Mapping[str, _Schema], prefix: str, path: str, out: dict[str, Any],
+          doc: Mapping[str, Any], warnings: list[str]) -> None:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: {prefix}: expected a mapping of fields, got {_show(data)}")
     for key, value in data.items():
@@ -554,30 +779,33 @@ def _walk(data: Any, schema: Mapping[str, _Schema], prefix: str, path: str, out:
             close = difflib.get_close_matches(str(key), list(schema), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{path}: unknown field {where!r}{hint}")
-        if value is None:
-            continue  # null leaves a Go field at its zero value: not set
-        if isinstance(spec, _Leaf):
-            with _field(f"{path}: {where}"):
-                normal = spec.check(value)
-            if spec.target is not None:
-                if normal is not _UNSET:
-                    out[spec.target] = normal
-            elif not spec.used and not _is_zero(value):
-                log.debug("%s: %s = %s is accepted but not used by kproxy", path, where, _show(value))
-        elif isinstance(spec, _ListOf):
-            if not isinstance(value, list):
-                raise ConfigError(f"{path}: {where}: expected a list, got {_show(value)}")
-            for index, item in enumerate(value):
-                _walk(item, spec.schema, f"{where}[{index}]", path, out)
-        else:
-            _walk(value, spec, where, path, out)
+        if isinstance(spec, _Leaf | _ListOf):
+            if value is not None:
+                if isinstance(spec, _Leaf):
+                    with _field(f"{path}: {where}"):
+                        normal = spec.check(value)
+                    if spec.target is not None and normal is not _UNSET:
+                        out[spec.target] = normal
+                else:
+                    if not isinstance(value, list):
+                        raise ConfigError(f"{path}: {where}: expected a list, got {_show(value)}")
+                    for index, item in enumerate(value):
+                        _walk(item, spec.schema, f"{where}[{index}]", path, out, doc, warnings)
+            rule = FIELDS.get(where)
+            if rule is not None and rule.warn_if is not None and rule.warn_if(value, doc):
+                warnings.append(_warning(path, where, value, rule) if rule.effect == IGNORED
+                                else f"{path}: {where} = {_show_yaml(value)}: {rule.what}")
+        elif value is not None:  # null leaves a struct at its zero value: not set
+            _walk(value, spec, where, path, out, doc, warnings)
 
 
-def load_kube_proxy_configuration(path: str) -> dict[str, Any]:
+def load_kube_proxy_configuration(path: str, warnings: list[str] | None = None) -> dict[str, Any]:
     """Read and check a KubeProxyConfiguration file.
 
     Returns the values kproxy applies, keyed by DaemonConfig field name, for
     the fields the file sets (zero values are not set). Raises ConfigError.
+    The warnings of ignored fields (one line each, naming the file and the
+    field) go to ``warnings`` when given, else to the log.
     """
     try:
         data = load_yaml_file(path)
@@ -587,13 +815,23 @@ def load_kube_proxy_configuration(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: the file is empty; expected a {KIND}")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a {KIND} (a mapping), got {_show(data)}")
-    for field, expected in (("apiVersion", API_VERSION), ("kind", KIND)):
-        if field not in data:
-            raise ConfigError(f"{path}: {field}: missing; expected {expected!r}")
-        if data[field] != expected:
-            raise ConfigError(f"{path}: {field}: {_show(data[field])} is not supported; expected {expected!r}")
+    for key, expected in (("apiVersion", API_VERSION), ("kind", KIND)):
+        if key not in data:
+            raise ConfigError(f"{path}: {key}: missing; expected {expected!r}")
+        if data[key] != expected:
+            raise ConfigError(f"{path}: {key}: {_show(data[key])} is not supported; expected {expected!r}")
     values: dict[str, Any] = {}
-    _walk(data, SCHEMA, "", path, values)
+    found: list[str] = []
+    _walk(data, SCHEMA, "", path, values, data, found)
+    bind = data.get("bindAddress")
+    if isinstance(bind, str) and ":" in bind:  # upstream's defaults for an IPv6 bindAddress
+        values.setdefault("healthz_bind_address", f"[::]:{DEFAULT_HEALTHZ_PORT}")
+        values.setdefault("metrics_bind_address", f"[::1]:{DEFAULT_METRICS_PORT}")
+    if warnings is None:
+        for line in found:
+            log.warning("%s", line)
+    else:
+        warnings.extend(found)
     log.debug("%s: applied %s", path, values)
     return values
 
@@ -629,21 +867,36 @@ def add_daemon_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) 
         nargs="?",
         const="true",
         metavar="true|false",
-        help="masquerade all traffic to ClusterIPs",
+        help="masquerade all traffic to ClusterIPs (alone: true; default: false)",
     )
-    add("--min-sync-period", metavar="DURATION", help="least time between syncs, e.g. 100ms (default: 100ms)")
-    add("--sync-period", metavar="DURATION", help="full resync at least this often, e.g. 30s (default: 30s)")
+    add("--min-sync-period", metavar="DURATION",
+        help="least time between syncs, e.g. 1s (default: 100ms; upstream's, and daemonset.yaml's, is 1s)")
+    add("--sync-period", metavar="DURATION",
+        help="a sync at least this often, and a check that kproxy's tables exist (default: 30s); a sync sends only "
+        "what changed: the full resync, which reads the tables back and repairs them, runs at startup, hourly (as "
+        "upstream's), after a failure, on SIGHUP and when another program changes the tables. /healthz, /livez and "
+        "/readyz fail once a change has waited 2 x this")
     add(
         "--metrics-bind-address",
         metavar="HOST:PORT",
-        help=f"where to serve /metrics (default: {DEFAULT_METRICS_BIND_ADDRESS}; port 0 = any free port)",
+        help=f"where to serve /metrics, /rules and /skipped (default: {DEFAULT_METRICS_BIND_ADDRESS}; "
+        "port 0 = any free port)",
     )
     add(
         "--healthz-bind-address",
         metavar="HOST:PORT",
-        help=f"where to serve /healthz (default: {DEFAULT_HEALTHZ_BIND_ADDRESS}; port 0 = any free port)",
+        help=f"where to serve /healthz, /livez and /readyz (default: {DEFAULT_HEALTHZ_BIND_ADDRESS}; "
+        "port 0 = any free port)",
     )
     add("--log-format", metavar="text|json", help="log format (default: text)")
+    add(
+        "--expose-rules",
+        action="store_true",
+        default=None,
+        help="serve /rules (the whole ruleset) and /skipped on the metrics address to any client; without it they "
+        "answer loopback clients only (kubectl exec, kproxy explain) and 403 others, while /metrics answers all; "
+        "kproxy's own, not in --config",
+    )
     add(
         "--service-metrics",
         metavar="|".join(SERVICE_METRICS),
@@ -695,7 +948,8 @@ def _default_node_name() -> tuple[str, str]:
 def daemon_config(args: argparse.Namespace) -> DaemonConfig:
     """Merge defaults, the --config file (if any) and the flags given on the command line; raises ConfigError."""
     config_file = getattr(args, "config", None)
-    from_file = load_kube_proxy_configuration(config_file) if config_file else {}
+    warnings: list[str] = []
+    from_file = load_kube_proxy_configuration(config_file, warnings) if config_file else {}
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for name, (attr, flag, parse) in _FLAGS.items():
@@ -715,8 +969,10 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
         values["log_level"] = from_file["log_level"]
     if "node_name" not in values:
         values["node_name"], sources["node_name"] = _default_node_name()
+    if getattr(args, "expose_rules", False):
+        values["expose_rules"] = True
 
-    config = DaemonConfig(**values)
+    config = DaemonConfig(**values, warnings=tuple(warnings))
     min_label = sources.get("min_sync_period", "the default min sync period")
     sync_label = sources.get("sync_period", "the default sync period")
     if config.min_sync_period < 0:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from kproxy import __version__
 from kproxy.cluster.watch import Backoff, Watcher, api_resources
 from kproxy.daemon.config import DaemonConfig
 from kproxy.daemon.drift import DriftWatcher
@@ -96,7 +97,8 @@ class Daemon:
             watcher.start()
         self.runner.start()
         self.drift.start()
-        log.info("kproxy started on node %s", self.config.node_name)
+        log.info("kproxy %s started on node %s", __version__, self.config.node_name)
+        log.info("%s", self.config.nodeport_summary())
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop watching and syncing; the rules stay in the kernel."""
@@ -141,7 +143,7 @@ class LockedReader:
 
 
 def start_observability(daemon: Daemon, registry: Any, metrics: Any) -> list[Callable[[], None]]:
-    """Metrics (/metrics, /rules), health (/healthz, /livez) and healthCheckNodePort servers."""
+    """Metrics (/metrics, /rules, /skipped), health (/healthz, /livez, /readyz) and healthCheckNodePort servers."""
     from kproxy.daemon.config import parse_bind_address
     from kproxy.observe.exposition import SharedExposition
     from kproxy.observe.health import ProxyHealth, ServiceHealthServers, proxier_health_inputs
@@ -155,11 +157,13 @@ def start_observability(daemon: Daemon, registry: Any, metrics: Any) -> list[Cal
     try:
         metrics_server = start_metrics_server(parse_bind_address(daemon.config.metrics_bind_address), exposition,
                                               reader.rules_text,
-                                              lambda: [asdict(p) for p in daemon.proxier.skipped()])
+                                              lambda: [asdict(p) for p in daemon.proxier.skipped()],
+                                              expose_rules=daemon.config.expose_rules)
     except OSError as exc:
         raise StartupError(f"cannot serve metrics on {daemon.config.metrics_bind_address}: {exc.strerror or exc} "
                            "(is kube-proxy or another kproxy running on this node?)") from None
-    health = ProxyHealth(proxier_health_inputs(daemon.proxier, daemon.config.sync_period), metrics)
+    health = ProxyHealth(proxier_health_inputs(daemon.proxier, daemon.config.sync_period, daemon.stop_event.is_set),
+                         metrics)
     try:
         health_server = health.serve(parse_bind_address(daemon.config.healthz_bind_address))
     except OSError as exc:

@@ -4,7 +4,7 @@
 typed rule (``kproxy.nft.statements``) into the list of expressions
 (``NFTA_RULE_EXPRESSIONS``) that nft itself sends for the same rule written
 as text. Each statement has one encoding here. The statements only the
-skeleton uses (verdict maps, negated lookups, masquerade, reject, ...) are
+skeleton uses (verdict maps, masquerade, reject, ...) are
 not encoded: the skeleton is loaded through libnftables. ``encode_rule``
 raises ``NotEncodable`` for those, for values out of range, and for rules of
 a shape nft would not write; the backend never falls back silently.
@@ -66,7 +66,8 @@ NFTA_BITWISE_SREG, NFTA_BITWISE_DREG, NFTA_BITWISE_LEN, NFTA_BITWISE_MASK, NFTA_
 NFT_BITWISE_BOOL = 0
 NFTA_PAYLOAD_DREG, NFTA_PAYLOAD_BASE, NFTA_PAYLOAD_OFFSET, NFTA_PAYLOAD_LEN = 1, 2, 3, 4
 NFT_PAYLOAD_NETWORK_HEADER, NFT_PAYLOAD_TRANSPORT_HEADER = 1, 2
-NFTA_LOOKUP_SET, NFTA_LOOKUP_SREG, NFTA_LOOKUP_DREG = 1, 2, 3
+NFTA_LOOKUP_SET, NFTA_LOOKUP_SREG, NFTA_LOOKUP_DREG, NFTA_LOOKUP_FLAGS = 1, 2, 3, 5
+NFT_LOOKUP_F_INV = 1
 NFTA_NG_DREG, NFTA_NG_MODULUS, NFTA_NG_TYPE, NFTA_NG_OFFSET = 1, 2, 3, 4
 NFT_NG_RANDOM = 1
 NFTA_IMMEDIATE_DREG, NFTA_IMMEDIATE_DATA = 1, 2
@@ -74,19 +75,23 @@ NFTA_NAT_TYPE, NFTA_NAT_FAMILY, NFTA_NAT_REG_ADDR_MIN, NFTA_NAT_REG_PROTO_MIN, N
 NFT_NAT_DNAT = 1
 NF_NAT_RANGE_PROTO_SPECIFIED = 2
 NFTA_DYNSET_SET_NAME, NFTA_DYNSET_OP, NFTA_DYNSET_SREG_KEY, NFTA_DYNSET_TIMEOUT, NFTA_DYNSET_EXPR = 1, 3, 4, 6, 7
-NFT_DYNSET_OP_UPDATE = 1
+NFT_DYNSET_OP_ADD, NFT_DYNSET_OP_UPDATE = 0, 1
 NFTA_FIB_DREG, NFTA_FIB_RESULT, NFTA_FIB_FLAGS = 1, 2, 3
 NFTA_FIB_F_SADDR = 1
 NFT_FIB_RESULT_ADDRTYPE = 3
 RTN_LOCAL = 2
-NFTA_CT_DREG, NFTA_CT_KEY = 1, 2
-NFT_CT_STATE = 0
+NFTA_CT_DREG, NFTA_CT_KEY, NFTA_CT_DIRECTION = 1, 2, 3
+NFT_CT_STATE, NFT_CT_DIRECTION, NFT_CT_PROTO_DST = 0, 1, 12
+NFT_CT_SRC_IP, NFT_CT_DST_IP, NFT_CT_SRC_IP6, NFT_CT_DST_IP6 = 19, 20, 21, 22
+IP_CT_DIR_ORIGINAL = 0
 IP_CT_NEW_BIT = 1 << 3
 NFTA_LIMIT_RATE, NFTA_LIMIT_UNIT, NFTA_LIMIT_BURST, NFTA_LIMIT_TYPE, NFTA_LIMIT_FLAGS = 1, 2, 3, 4, 5
-NFT_LIMIT_PKTS = 0
+NFT_LIMIT_PKTS, NFT_LIMIT_PKT_BYTES = 0, 1
 NFT_LIMIT_F_INV = 1
 NFTA_OBJREF_IMM_TYPE, NFTA_OBJREF_IMM_NAME = 1, 2
 NFT_OBJECT_COUNTER = 1
+NFTA_CONNLIMIT_COUNT, NFTA_CONNLIMIT_FLAGS = 1, 2
+NFT_CONNLIMIT_F_INV = 1
 NFT_REG_VERDICT, NFT_REG_1 = 0, 1
 NFPROTO: dict[Family, int] = {"ip": 2, "ip6": 10}
 VERDICTS = {"drop": 0, "accept": 1, "jump": -3, "goto": -4, "return": -5}
@@ -199,6 +204,23 @@ _PAYLOAD_FIELDS: dict[tuple[str, str], tuple[int, int, int]] = {
     ("dport", "ip6"): (NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2),
 }
 _META_FIELDS: dict[str, tuple[int, int]] = {"l4proto": (NFT_META_L4PROTO, 1), "mark": (NFT_META_MARK, 4)}
+_CT_FIELDS: dict[tuple[str, str], tuple[int, int | None, int]] = {
+    # (field, family): (ct key, direction (None: not sent), length)
+    ("original-saddr", "ip"): (NFT_CT_SRC_IP, IP_CT_DIR_ORIGINAL, 4),
+    ("original-daddr", "ip"): (NFT_CT_DST_IP, IP_CT_DIR_ORIGINAL, 4),
+    ("original-saddr", "ip6"): (NFT_CT_SRC_IP6, IP_CT_DIR_ORIGINAL, 16),
+    ("original-daddr", "ip6"): (NFT_CT_DST_IP6, IP_CT_DIR_ORIGINAL, 16),
+    ("original-dport", "ip"): (NFT_CT_PROTO_DST, IP_CT_DIR_ORIGINAL, 2),
+    ("original-dport", "ip6"): (NFT_CT_PROTO_DST, IP_CT_DIR_ORIGINAL, 2),
+    ("direction", "ip"): (NFT_CT_DIRECTION, None, 1),
+    ("direction", "ip6"): (NFT_CT_DIRECTION, None, 1),
+}
+
+
+def ct_load(key: int, direction: int | None, reg: int) -> bytes:
+    """``ct [original] KEY``: a conntrack field of the packet's connection into a register."""
+    body = attr(NFTA_CT_KEY, u32(key)) + attr(NFTA_CT_DREG, u32(reg))
+    return _expr("ct", body + (attr(NFTA_CT_DIRECTION, bytes([direction])) if direction is not None else b""))
 
 
 def _field(part: KeyPart, family: Family) -> tuple[Load, int]:
@@ -216,6 +238,9 @@ def _field(part: KeyPart, family: Family) -> tuple[Load, int]:
     if part in _META_FIELDS:
         key, length = _META_FIELDS[part]
         return (lambda reg: meta_load(key, reg)), length
+    if (part, family) in _CT_FIELDS:
+        ct_key, direction, length = _CT_FIELDS[(part, family)]
+        return (lambda reg: ct_load(ct_key, direction, reg)), length
     raise NotEncodable(f"the field {part!r} is not encoded here")
 
 
@@ -237,13 +262,30 @@ def _constant(part: Const, family: Family) -> bytes:
     raise NotEncodable(f"{part!r} cannot be encoded")
 
 
-def _key(key: Key, family: Family) -> bytes:
-    """Load every part of ``a . b . c`` into consecutive registers from register 1."""
+NFTA_BYTEORDER_SREG, NFTA_BYTEORDER_DREG, NFTA_BYTEORDER_OP, NFTA_BYTEORDER_LEN, NFTA_BYTEORDER_SIZE = 1, 2, 3, 4, 5
+NFT_BYTEORDER_HTON = 1
+INTERVAL_SETS = frozenset({"firewall-allow", "limit-allow"})
+"""The interval sets the encoded rules look up. nft puts the host-order fields of a key
+(``meta l4proto``) in network order before an interval set's lookup: for a 1-byte field, a
+``byteorder`` of length 1 in 2-byte units, which the kernel runs as a no-op. kproxy writes it too."""
+
+
+def byteorder(reg: int, length: int, size: int) -> bytes:
+    return _expr("byteorder", attr(NFTA_BYTEORDER_SREG, u32(reg)) + attr(NFTA_BYTEORDER_DREG, u32(reg))
+                 + attr(NFTA_BYTEORDER_OP, u32(NFT_BYTEORDER_HTON)) + attr(NFTA_BYTEORDER_LEN, u32(length))
+                 + attr(NFTA_BYTEORDER_SIZE, u32(size)))
+
+
+def _key(key: Key, family: Family, ranges: bool = False) -> bytes:
+    """Load every part of ``a . b . c`` into consecutive registers from register 1 (for an interval set's lookup
+    when ``ranges``)."""
     out = b""
     word = 0
     for part in key:
         load, length = _field(part, family)
         out += load(register(word))
+        if ranges and part == "l4proto":
+            out += byteorder(register(word), 1, 2)
         word += (length + 3) // 4
     return out
 
@@ -275,11 +317,12 @@ def _statement(statement: Statement, family: Family) -> bytes:
             return ct + bitwise(NFT_REG_1, host_u32(IP_CT_NEW_BIT), host_u32(0)) + cmp(NFT_REG_1, NFT_CMP_NEQ, host_u32(0))
         case MatchPrefix(field, cidr):
             return _prefix_match(field, cidr, family)
-        case Lookup(key, name, negate) if not negate:
-            return _key(key, family) + _expr(
-                "lookup", attr(NFTA_LOOKUP_SET, string(name)) + attr(NFTA_LOOKUP_SREG, u32(NFT_REG_1)))
-        case SetUpdate(name, key, timeout, limit):
-            return _update(name, key, timeout, limit, family)
+        case Lookup(key, name, negate):
+            flags = attr(NFTA_LOOKUP_FLAGS, u32(NFT_LOOKUP_F_INV)) if negate else b""
+            return _key(key, family, name in INTERVAL_SETS) + _expr(
+                "lookup", attr(NFTA_LOOKUP_SET, string(name)) + attr(NFTA_LOOKUP_SREG, u32(NFT_REG_1)) + flags)
+        case SetUpdate(name, key, timeout, limit, connections):
+            return _update(name, key, timeout, limit, connections, family)
         case DnatTo(address, port):
             packed = _address(address, family)
             if not 0 < port < 65536:
@@ -322,23 +365,44 @@ def _prefix_match(field: str, text: str, family: Family) -> bytes:
             + cmp(NFT_REG_1, NFT_CMP_EQ, packed))
 
 
-def _update(name: str, key: Key, timeout: int | None, limit: Limit | None, family: Family) -> bytes:
-    body = (attr(NFTA_DYNSET_SET_NAME, string(name)) + attr(NFTA_DYNSET_OP, u32(NFT_DYNSET_OP_UPDATE))
+def _update(name: str, key: Key, timeout: int | None, limit: Limit | None, connections: int | None,
+            family: Family) -> bytes:
+    """``update @SET { KEY timeout | limit }``, or ``add @SET { KEY ct count over N }`` (a ``connlimit`` per element)."""
+    op = NFT_DYNSET_OP_ADD if connections is not None else NFT_DYNSET_OP_UPDATE
+    body = (attr(NFTA_DYNSET_SET_NAME, string(name)) + attr(NFTA_DYNSET_OP, u32(op))
             + attr(NFTA_DYNSET_SREG_KEY, u32(NFT_REG_1)))
-    if limit is None:
+    if connections is not None:
+        if limit is not None or timeout is not None or not 0 <= connections < 1 << 32:
+            raise NotEncodable(f"a connection count of {connections} (with a limit or a timeout: {limit}, {timeout})")
+        body += attr(NFTA_DYNSET_EXPR | NLA_F_NESTED, attr(NFTA_EXPR_NAME, string("connlimit")) + nested(
+            NFTA_EXPR_DATA, attr(NFTA_CONNLIMIT_COUNT, u32(connections)) + attr(NFTA_CONNLIMIT_FLAGS, u32(NFT_CONNLIMIT_F_INV))))
+    elif limit is None:
         if timeout is None or timeout < 0:
             raise NotEncodable("a set update needs a timeout or a limit")
         body += attr(NFTA_DYNSET_TIMEOUT, struct.pack("!Q", timeout * 1000))
     else:
-        burst = limit.burst or NFT_DEFAULT_BURST  # as the text renderer writes it: no burst (or 0) is nft's default
-        if not (0 < limit.rate < 1 << 64 and 0 <= burst < 1 << 32):
-            raise NotEncodable(f"limit out of range: {limit!r}")
-        body += attr(NFTA_DYNSET_EXPR | NLA_F_NESTED, attr(NFTA_EXPR_NAME, string("limit")) + nested(NFTA_EXPR_DATA, (
-            attr(NFTA_LIMIT_RATE, struct.pack("!Q", limit.rate))
-            + attr(NFTA_LIMIT_UNIT, struct.pack("!Q", LIMIT_UNITS[limit.unit]))
-            + attr(NFTA_LIMIT_BURST, u32(burst)) + attr(NFTA_LIMIT_TYPE, u32(NFT_LIMIT_PKTS))
-            + attr(NFTA_LIMIT_FLAGS, u32(NFT_LIMIT_F_INV)))))
+        body += attr(NFTA_DYNSET_EXPR | NLA_F_NESTED, _limit(limit))
     return _key(key, family) + _expr("dynset", body)
+
+
+def _limit(limit: Limit) -> bytes:
+    """The ``limit`` expression (name and data) of ``limit rate over ...``, packets or bytes."""
+    if limit.bytes:
+        burst = limit.burst or 0  # nft leaves a byte limit's burst out without one: the kernel takes 0
+        kind = NFT_LIMIT_PKT_BYTES
+        # The kernel keeps nanoseconds per unit x (rate + burst) in 64 bits, and refuses the rule otherwise.
+        if LIMIT_UNITS[limit.unit] * 10**9 * (limit.rate + burst) >= 1 << 64:
+            raise NotEncodable(f"limit out of range: {limit!r}")
+    else:
+        burst = limit.burst or NFT_DEFAULT_BURST  # as the text renderer writes it: no burst (or 0) is nft's default
+        kind = NFT_LIMIT_PKTS
+    if not (0 < limit.rate < 1 << 64 and 0 <= burst < 1 << 32):
+        raise NotEncodable(f"limit out of range: {limit!r}")
+    return attr(NFTA_EXPR_NAME, string("limit")) + nested(NFTA_EXPR_DATA, (
+        attr(NFTA_LIMIT_RATE, struct.pack("!Q", limit.rate))
+        + attr(NFTA_LIMIT_UNIT, struct.pack("!Q", LIMIT_UNITS[limit.unit]))
+        + (attr(NFTA_LIMIT_BURST, u32(burst)) if burst else b"") + attr(NFTA_LIMIT_TYPE, u32(kind))
+        + attr(NFTA_LIMIT_FLAGS, u32(NFT_LIMIT_F_INV))))
 
 
 class _Template:
@@ -382,6 +446,7 @@ _DNAT_TO = {
 
 _ENCODED_HERE = frozenset({Counter, Verdict, MarkXor, MatchProtocol, NumgenIs, FromLocal, NewConnection, MatchPrefix,
                            Lookup, SetUpdate, DnatTo, DnatFromMap})
+"""Every statement of the generated chains (Service ports', pick and bandwidth chains)."""
 
 
 def handles(rule: Rule) -> bool:
@@ -391,7 +456,7 @@ def handles(rule: Rule) -> bool:
     rule is encoded (``NotEncodable``), which the backend reports as an error.
     """
     for statement in rule:
-        if type(statement) not in _ENCODED_HERE or (type(statement) is Lookup and statement.negate):
+        if type(statement) not in _ENCODED_HERE:
             return False
     return True
 

@@ -69,8 +69,9 @@ def parse_table(document: dict[str, Any], family: Family) -> Table:
         elif kind in ("set", "map"):
             name = body["name"]
             flags = body.get("flags", [])
-            if "timeout" in flags and "dynamic" not in flags:
-                # nft 1.0.6 leaves this flag out of its JSON; kproxy's sets with timeouts are the datapath's.
+            if ("timeout" in flags or "size" in body) and "dynamic" not in flags:
+                # nft 1.0.6 leaves this flag out of its JSON; kproxy's sets with timeouts or a size are the
+                # datapath's (conn-limit has a size and no timeout: the kernel keeps no timeout with ct count).
                 flags = [*flags, "dynamic"]
             decl = SetDecl(kind, name, (f"flags {','.join(flags)}",) if flags else ())
             table.sets[name] = decl

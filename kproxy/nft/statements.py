@@ -28,8 +28,11 @@ PROTOCOL_NUMBERS: dict[str, int] = {"tcp": 6, "udp": 17, "sctp": 132}
 
 # -- what a statement reads (a key is a concatenation of these) ------------------------------------
 
-PacketField = Literal["saddr", "daddr", "l4proto", "dport", "mark", "original-daddr"]
-"""``ip saddr``/``ip daddr`` (per family), ``meta l4proto``, ``th dport``, ``meta mark``, ``ct original ip daddr``."""
+PacketField = Literal["saddr", "daddr", "l4proto", "dport", "mark", "original-daddr", "original-saddr", "original-dport",
+                      "direction"]
+"""``ip saddr``/``ip daddr`` (per family), ``meta l4proto``, ``th dport``, ``meta mark``, ``ct original ip daddr``,
+``ct original ip saddr``, ``ct original proto-dst`` and ``ct direction`` (the conntrack fields: every packet of a
+connection, in both directions, reads the same original tuple)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,9 @@ _FIELDS: dict[str, str] = {
     "dport": "th dport",
     "mark": "meta mark",
     "original-daddr": "ct original {family} daddr",
+    "original-saddr": "ct original {family} saddr",
+    "original-dport": "ct original proto-dst",
+    "direction": "ct direction",
 }
 
 
@@ -172,21 +178,27 @@ class MarkClear:
 
 @dataclass(frozen=True, slots=True)
 class Limit:
-    """``limit rate over RATE/UNIT burst BURST packets`` (nft's default burst, 5, when None)."""
+    """``limit rate over RATE/UNIT burst BURST packets`` (nft's default burst, 5, when None), or with ``bytes``:
+    ``limit rate over RATE bytes/UNIT burst BURST bytes`` (RATE and BURST in bytes, written in the largest of
+    bytes, kbytes, mbytes that divides them, as nft prints them; no burst when None)."""
 
     rate: int
     unit: Literal["second", "minute"]
     burst: int | None = None
+    bytes: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class SetUpdate:
-    """``update @SET { KEY timeout Ns }`` or ``update @SET { KEY limit rate over ... }``: a dynamic set."""
+    """``update @SET { KEY timeout Ns }`` or ``update @SET { KEY limit rate over ... }``: a dynamic set;
+    with ``connections``, ``add @SET { KEY ct count over N }`` (true when the key's conntrack list, this
+    connection included, holds more than N connections)."""
 
     set: str
     key: Key
     timeout: int | None = None
     limit: Limit | None = None
+    connections: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,19 +228,37 @@ class Reject:
 
 
 Statement = (Counter | Verdict | MatchProtocol | NumgenIs | FromLocal | NewConnection | Translated | MatchPrefix
-             | Lookup | VerdictMap | MarkXor | MarkOr | MarkClear | SetUpdate | DnatTo | DnatFromMap | Masquerade | Reject)
+             | Lookup | VerdictMap | MarkXor | MarkOr | MarkClear | SetUpdate | DnatTo | DnatFromMap | Masquerade
+             | Reject)
 Rule = tuple[Statement, ...]
 
 TERMINAL = (Verdict, VerdictMap, DnatTo, DnatFromMap, Masquerade, Reject)
 """Statements that may end a packet's path through a rule."""
 
 
+_BYTE_UNITS = ((1024 * 1024, "mbytes"), (1024, "kbytes"), (1, "bytes"))
+
+
+def render_bytes(amount: int) -> str:
+    """An amount of bytes as nft prints it: in the largest unit that divides it."""
+    for size, name in _BYTE_UNITS:
+        if amount % size == 0:
+            return f"{amount // size} {name}"
+    raise AssertionError("unreachable")
+
+
+def render_limit(limit: Limit) -> str:
+    if limit.bytes:
+        burst = f" burst {render_bytes(limit.burst)}" if limit.burst else ""
+        return f"limit rate over {render_bytes(limit.rate)}/{limit.unit}{burst}"
+    burst = f" burst {limit.burst} packets" if limit.burst else ""
+    return f"limit rate over {limit.rate}/{limit.unit}{burst}"
+
+
 def _render_update(s: SetUpdate, family: Family) -> str:
-    if s.limit is not None:
-        burst = f" burst {s.limit.burst} packets" if s.limit.burst else ""
-        what = f"limit rate over {s.limit.rate}/{s.limit.unit}{burst}"
-    else:
-        what = f"timeout {s.timeout}s"
+    if s.connections is not None:
+        return f"add @{s.set} {{ {render_key(s.key, family)} ct count over {s.connections} }}"
+    what = render_limit(s.limit) if s.limit is not None else f"timeout {s.timeout}s"
     return f"update @{s.set} {{ {render_key(s.key, family)} {what} }}"
 
 

@@ -237,7 +237,7 @@ Span = tuple[int, int]
 
 _TYPE_KINDS: dict[str, Kind] = {
     "ipv4_addr": "addr", "ipv6_addr": "addr", "inet_proto": "proto", "inet_service": "port", "mark": "mark",
-    "integer": "integer",
+    "integer": "integer", "ct_dir": "integer",
 }
 _TYPEOF_KINDS: tuple[tuple[re.Pattern[str], Kind], ...] = (
     (re.compile(r"(?:ct original )?(?:ip|ip6) [sd]addr"), "addr"),
@@ -247,9 +247,10 @@ _TYPEOF_KINDS: tuple[tuple[re.Pattern[str], Kind], ...] = (
     (re.compile(r"numgen random mod \d+(?: offset \d+)?"), "integer"),
 )
 _FIELD_KINDS: dict[str, Kind] = {
-    "saddr": "addr", "daddr": "addr", "original-daddr": "addr", "l4proto": "proto", "dport": "port", "mark": "mark",
+    "saddr": "addr", "daddr": "addr", "original-daddr": "addr", "original-saddr": "addr", "l4proto": "proto",
+    "dport": "port", "original-dport": "port", "mark": "mark", "direction": "integer",
 }
-_ADDRESS_FIELDS = ("saddr", "daddr", "original-daddr")
+_ADDRESS_FIELDS = ("saddr", "daddr", "original-daddr", "original-saddr")
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,6 +464,7 @@ class _Flight:
     destination: IPAddress
     port: int
     original_destination: IPAddress
+    original_port: int
     mark: int
     target: Target | None = None
     masqueraded: bool = False
@@ -545,7 +547,7 @@ class _Walk:
     def run(self) -> Trace:
         destination = _address(self.packet.destination, "destination")
         source = _address(self.packet.source, "source")
-        start = _Flight(source, destination, self.packet.port, destination, self.packet.mark)
+        start = _Flight(source, destination, self.packet.port, destination, self.packet.port, self.packet.mark)
         finished: list[tuple[_Flight, Fraction, FinalVerdict]] = []
 
         def through(hook: Hook, flights: Weighted) -> Weighted:
@@ -729,8 +731,8 @@ class _Walk:
         if not members.shape.dynamic:
             raise TraceError(f"update of @{s.set}, which is not a dynamic set")
         self.key_values(s.key, members.shape, flight)  # the key must fit the set
-        if s.limit is not None:
-            return "break"  # a first connection is under the limit: "limit rate over" does not match
+        if s.limit is not None or s.connections is not None:
+            return "break"  # a first connection is under the limit: "limit rate over", "ct count over" do not match
         return None
 
     def dnat_from_map(self, s: DnatFromMap, flight: _Flight) -> Ways:
@@ -828,6 +830,10 @@ class _Walk:
             return self.protocol_number
         if name == "dport":
             return flight.port
+        if name == "original-dport":
+            return flight.original_port
+        if name == "direction":
+            return 0  # the first packet is in the original direction
         if name == "mark":
             return flight.mark
         raise TraceError(f"packet field {name!r} is not understood")
@@ -839,6 +845,8 @@ class _Walk:
             return flight.destination
         if name == "original-daddr":
             return flight.original_destination
+        if name == "original-saddr":
+            return _address(self.packet.source, "source")  # the client: only postrouting translates the source
         raise TraceError(f"packet field {name!r} is not an address")
 
 

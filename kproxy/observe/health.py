@@ -1,4 +1,4 @@
-"""Health: /healthz and /livez, and one healthCheckNodePort server per Local Service.
+"""Health: /healthz, /livez and /readyz, and one healthCheckNodePort server per Local Service.
 
 Semantics are upstream's (``pkg/proxy/healthcheck/proxy_health.go`` and
 ``service_health.go``):
@@ -16,6 +16,14 @@ Semantics are upstream's (``pkg/proxy/healthcheck/proxy_health.go`` and
   ``json.Marshal`` writes them. ``lastUpdated`` is the current time when the
   answer is 200, and the last successful sync otherwise (the start time
   before the first one, where upstream marks its proxier updated).
+* ``/readyz`` is kproxy's own, for the pod's readiness probe: 200 only once
+  the first full sync has succeeded (the node's rules are programmed), and
+  from then on unless the proxy turns unhealthy as above (a change pending
+  for ``2 x syncPeriod``: syncs failing or stuck) or the daemon is stopping
+  (SIGTERM received). The node's state is ignored. Its JSON body says
+  ``ready`` and, when not, ``reason``. A DaemonSet rollout with
+  ``minReadySeconds`` therefore waits for each new pod to have programmed
+  its node, and stops at the first node where it cannot.
 * A healthCheckNodePort server answers 200 when the Service has at least one
   local endpoint and the proxy is healthy (node state ignored), else 503, with
   ``X-Load-Balancing-Endpoint-Weight: <local endpoints>``. A port that cannot
@@ -59,6 +67,8 @@ class HealthInputs:
     """The node is known and not being deleted."""
     sync_period: float
     """Seconds; the health timeout is twice this."""
+    stopping: bool = False
+    """The daemon is shutting down (/readyz answers 503)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +101,9 @@ class HealthSource(Protocol):
         ...
 
 
-def proxier_health_inputs(proxier: HealthSource, sync_period: float) -> Callable[[], HealthInputs]:
-    """HealthInputs from the sync engine, read at each probe."""
+def proxier_health_inputs(proxier: HealthSource, sync_period: float,
+                          stopping: Callable[[], bool] = lambda: False) -> Callable[[], HealthInputs]:
+    """HealthInputs from the sync engine (and whether the daemon is stopping), read at each probe."""
 
     def read() -> HealthInputs:
         return HealthInputs(
@@ -100,6 +111,7 @@ def proxier_health_inputs(proxier: HealthSource, sync_period: float) -> Callable
             oldest_pending=proxier.oldest_pending_wall,
             node_eligible=proxier.node_eligible(),
             sync_period=sync_period,
+            stopping=stopping(),
         )
 
     return read
@@ -115,7 +127,7 @@ def go_time(timestamp: float | None) -> str:
 
 
 class ProxyHealth:
-    """``/healthz`` and ``/livez``."""
+    """``/healthz``, ``/livez`` and ``/readyz``."""
 
     def __init__(
         self,
@@ -134,12 +146,37 @@ class ProxyHealth:
         self._server: HTTPService | None = None
 
     def status(self) -> HealthStatus:
-        state = self.inputs()
+        return self._status(self.inputs())
+
+    def _status(self, state: HealthInputs) -> HealthStatus:
         now = self.clock()
         timeout = HEALTH_TIMEOUT_SYNC_PERIODS * state.sync_period
         stale = state.oldest_pending is not None and now - state.oldest_pending >= timeout
         last = state.last_updated if state.last_updated is not None else self.started
         return HealthStatus(not stale, state.node_eligible, last, now)
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why not): programmed once, healthy since, and not stopping."""
+        state = self.inputs()
+        status = self._status(state)
+        if state.stopping:
+            return False, "kproxy is stopping"
+        if state.last_updated is None:
+            return False, "the first full sync has not succeeded yet"
+        if not status.healthy:
+            return False, (f"a change has waited {HEALTH_TIMEOUT_SYNC_PERIODS} x syncPeriod "
+                           f"({HEALTH_TIMEOUT_SYNC_PERIODS * state.sync_period:g}s) without being programmed")
+        return True, ""
+
+    def readyz(self, request: Request) -> Response:
+        state = self.inputs()
+        ready, reason = self.readiness()
+        body: dict[str, Any] = {"ready": ready}
+        if reason:
+            body["reason"] = reason
+        body["lastUpdated"] = go_time(state.last_updated)
+        body["currentTime"] = go_time(self.clock())
+        return Response(200 if ready else 503, json.dumps(body, separators=(",", ":")).encode(), JSON, (_NOSNIFF,))
 
     def healthy(self) -> bool:
         """The proxy's own health, as healthCheckNodePort servers report it (node state ignored)."""
@@ -181,9 +218,10 @@ class ProxyHealth:
     def serve(self, address: tuple[str, int]) -> HTTPService:
         """Listen on ``address`` (``--healthz-bind-address``, parsed) and serve from a daemon thread."""
         self.stop()
-        server = HTTPService(address, {"/healthz": self.healthz, "/livez": self.livez}, name="healthz")
+        server = HTTPService(address, {"/healthz": self.healthz, "/livez": self.livez, "/readyz": self.readyz},
+                             name="healthz")
         self._server = server.start()
-        log.info("serving /healthz and /livez on %s port %d", server.host, server.port)
+        log.info("serving /healthz, /livez and /readyz on %s port %d", server.host, server.port)
         return server
 
     def stop(self) -> None:

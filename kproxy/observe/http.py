@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import selectors
@@ -55,6 +56,8 @@ class Request:
     query: str = ""
     headers: Mapping[str, str] = field(default_factory=dict)
     """Header names lowercased."""
+    client: str = ""
+    """The peer's address (an IPv4 peer of a dual-stack listener as ``::ffff:a.b.c.d``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +90,7 @@ class _Handler(BaseHTTPRequestHandler):
             path=parts.path,
             query=parts.query,
             headers={k.lower(): v for k, v in self.headers.items()},
+            client=str(self.client_address[0]) if self.client_address else "",
         )
         route = self.server.routes.get(parts.path, self.server.default_route)
         try:
@@ -225,14 +229,40 @@ class HTTPService(ThreadingHTTPServer):
         self._wake_w.close()
 
 
+def is_loopback(address: str) -> bool:
+    """Whether a peer address is a loopback one (127.0.0.0/8, ::1, or 127.x mapped into IPv6)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+def loopback_only(route: Route, path: str) -> Route:
+    """``route`` for loopback clients; 403 for any other, naming the flag that opens it."""
+
+    def guarded(request: Request) -> Response:
+        if is_loopback(request.client):
+            return route(request)
+        return Response(403, f"{path} is served to loopback clients only (kproxy --expose-rules opens it)\n".encode())
+
+    return guarded
+
+
 def metrics_routes(
     metrics_source: SharedExposition | CollectorRegistry,
     rules_text: Callable[[], str],
     skipped: Callable[[], list[dict[str, object]]] = list,
+    expose_rules: bool = False,
 ) -> dict[str, Route]:
     """``/metrics`` (Prometheus text, or OpenMetrics when the scraper asks for it), ``/rules`` and ``/skipped``.
 
-    A bare registry is served through a SharedExposition of its own.
+    ``/rules`` (the whole ruleset) and ``/skipped`` (object names and problems)
+    answer loopback clients only, unless ``expose_rules``: a metrics address
+    opened for Prometheus does not publish them. A bare registry is served
+    through a SharedExposition of its own.
     """
     exposition = metrics_source if isinstance(metrics_source, SharedExposition) else SharedExposition(metrics_source)
 
@@ -246,7 +276,10 @@ def metrics_routes(
     def skipped_objects(request: Request) -> Response:
         return Response(200, (json.dumps(skipped(), indent=1) + "\n").encode(), "application/json")
 
-    return {"/metrics": metrics, "/rules": rules, "/skipped": skipped_objects}
+    if expose_rules:
+        return {"/metrics": metrics, "/rules": rules, "/skipped": skipped_objects}
+    return {"/metrics": metrics, "/rules": loopback_only(rules, "/rules"),
+            "/skipped": loopback_only(skipped_objects, "/skipped")}
 
 
 def start_metrics_server(
@@ -255,9 +288,11 @@ def start_metrics_server(
     rules_text: Callable[[], str],
     skipped: Callable[[], list[dict[str, object]]] = list,
     max_handlers: int = METRICS_HANDLERS,
+    expose_rules: bool = False,
 ) -> HTTPService:
     """Serve ``/metrics``, ``/rules`` and ``/skipped`` on ``address`` (from ``parse_bind_address``); 404 elsewhere."""
-    routes = metrics_routes(metrics_source, rules_text, skipped)
+    routes = metrics_routes(metrics_source, rules_text, skipped, expose_rules)
     server = HTTPService(address, routes, name="metrics", max_handlers=max_handlers).start()
-    log.info("serving /metrics, /rules and /skipped on %s port %d", server.host, server.port)
+    log.info("serving /metrics, and /rules and /skipped to %s, on %s port %d",
+             "any client" if expose_rules else "loopback clients only", server.host, server.port)
     return server

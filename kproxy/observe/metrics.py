@@ -12,12 +12,13 @@
 * ``ProxierCollector`` computes at scrape time what is cheaper to read than
   to track: Services with a Local policy and no local endpoint, the last
   queued-change time, and the per-Service nft counters (new connections,
-  rate-limit drops). Counters are read at scrape time only, never in the sync
+  limit drops). Counters are read at scrape time only, never in the sync
   path (one netlink dump, ``kproxy.nft.counters``); a scrape never fails
   because nft did.
 * Per-Service series are opt-in (``--service-metrics``, ``SERVICE_METRICS``):
   by default only Services annotated ``kproxy.io/metrics: "true"`` export
-  their new connections; every rate-limited Service exports its drops. Their
+  their new connections; every Service with a limit (``kproxy.io/rate-limit``,
+  ``-total``, ``limit-connections``, ``bandwidth-limit``) exports its drops. Their
   text is written directly (``ProxierCollector.exposition``), without a
   prometheus_client object per sample, which costs tens of microseconds each.
 * The collector never waits long for the proxier's lock (a large full sync
@@ -64,8 +65,21 @@ NETWORK_PROGRAMMING_BUCKETS: tuple[float, ...] = (
 OPERATIONS_BUCKETS: tuple[float, ...] = tuple(float(4**k) for k in range(11))
 """kproxy_sync_operations: 1, 4, 16, ... 1048576 nft operations."""
 
-COUNTER_KINDS: Mapping[str, str] = {"conns": "kproxy_service_new_connections", "drops": "kproxy_rate_limit_drops"}
+COUNTER_KINDS: Mapping[str, str] = {
+    "conns": "kproxy_service_new_connections",
+    "drops": "kproxy_rate_limit_drops",
+    "totaldrops": "kproxy_limit_drops",
+    "conndrops": "kproxy_limit_drops",
+    "bwdrops": "kproxy_limit_drops",
+}
 """nft counter object prefix -> exported counter name (``_total`` is appended)."""
+LIMIT_REASONS: Mapping[str, str] = {
+    "drops": "rate_limit", "totaldrops": "rate_limit_total", "conndrops": "connections", "bwdrops": "bandwidth",
+}
+"""Drop counter prefix -> the ``reason`` label of ``kproxy_limit_drops_total`` (every limit's drops, by limit;
+the compiler's ``LIMIT_COUNTERS``). ``drops`` (``kproxy.io/rate-limit``) is also exported alone, as
+``kproxy_rate_limit_drops_total``, as it always was."""
+LIMIT_DROPS = "kproxy_limit_drops"
 
 
 class ProxyMetrics:
@@ -232,14 +246,16 @@ SERVICE_METRICS: tuple[str, ...] = ("none", "annotated", "all")
 
 ``annotated`` (the default): those annotated ``kproxy.io/metrics: "true"``;
 ``all``: every Service; ``none``: no Service. ``kproxy_rate_limit_drops_total``
-is exported for every Service with a rate limit, whatever the setting (the
-rate-limit annotation opts it in).
+and ``kproxy_limit_drops_total`` are exported for every Service with a limit,
+whatever the setting (the limit's annotation opts it in).
 """
 DEFAULT_SERVICE_METRICS = "annotated"
 
 SERVICE_COUNTER_HELP: Mapping[str, str] = {
-    "conns": "New connections to a Service port (nft counter)",
-    "drops": "Packets to a Service port dropped by its rate limit (nft counter)",
+    "kproxy_service_new_connections": "New connections to a Service port (nft counter)",
+    "kproxy_rate_limit_drops": "Packets to a Service port dropped by its rate limit (nft counter)",
+    LIMIT_DROPS: "Packets of a Service port dropped by one of its limits, by reason: rate_limit, rate_limit_total, "
+                 "connections, bandwidth (nft counters)",
 }
 
 
@@ -248,7 +264,7 @@ class ServiceCounter:
     """A per-Service-port nft counter object, parsed from its name."""
 
     kind: str
-    """``conns`` (new connections) or ``drops`` (rate-limit drops)."""
+    """``conns`` (new connections), or the drops of a limit (``LIMIT_REASONS``)."""
     namespace: str
     service: str
     protocol: str
@@ -288,6 +304,8 @@ class _Series:
     service_key: str
     head: str
     """``name{labels} ``: the sample line without its value."""
+    limit_head: str | None = None
+    """The line head of its ``kproxy_limit_drops_total`` sample, for a limit's drop counter."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,7 +329,7 @@ class ProxierCollector(Collector):
 
     Its two gauges are ordinary prometheus_client metric families
     (``collect``). The per-Service counters (``kproxy_service_new_connections_total``,
-    ``kproxy_rate_limit_drops_total``), which can be tens of thousands of
+    ``kproxy_rate_limit_drops_total``, ``kproxy_limit_drops_total``), which can be tens of thousands of
     series, are not: ``exposition`` writes their text directly, one string
     per sample and no Metric or Sample object, for the HTTP server to append
     to the registry's (``kproxy.observe.exposition``).
@@ -405,10 +423,9 @@ class ProxierCollector(Collector):
         with self._render_lock:
             values = self._values()
         out: list[str] = []
-        for kind, name in COUNTER_KINDS.items():
+        for name, samples in values.items():
             family = name if openmetrics else f"{name}_total"
-            out.append(f"# HELP {family} {SERVICE_COUNTER_HELP[kind]}\n# TYPE {family} counter\n")
-            samples = values[kind]
+            out.append(f"# HELP {family} {SERVICE_COUNTER_HELP[name]}\n# TYPE {family} counter\n")
             out.extend(f"{head}{samples[head]}\n" for head in sorted(samples))
         return "".join(out)
 
@@ -431,8 +448,8 @@ class ProxierCollector(Collector):
             return found
 
     def _values(self) -> dict[str, dict[str, int]]:
-        """{kind: {sample line head: packets}} of the counters this setting exports."""
-        values: dict[str, dict[str, int]] = {kind: {} for kind in COUNTER_KINDS}
+        """{metric name: {sample line head: packets}} of the counters this setting exports."""
+        values: dict[str, dict[str, int]] = {name: {} for name in SERVICE_COUNTER_HELP}
         if self.read_counters is None:
             return values
         try:
@@ -443,7 +460,7 @@ class ProxierCollector(Collector):
         mode = self.service_metrics
         opted_in = self._opted_in() if mode == "annotated" else frozenset()
         known, seen = self._series, {}
-        conns, drops = values["conns"], values["drops"]
+        conns, drops, limits = values[COUNTER_KINDS["conns"]], values[COUNTER_KINDS["drops"]], values[LIMIT_DROPS]
         for key, (packets, _bytes) in raw.items():
             series = known.get(key, _UNKNOWN)
             if series is _UNKNOWN:
@@ -451,8 +468,10 @@ class ProxierCollector(Collector):
             seen[key] = series
             if series is None:
                 continue
-            if series.kind == "drops":
-                drops[series.head] = drops.get(series.head, 0) + int(packets)
+            if series.limit_head is not None:  # a limit's drops: exported whatever the setting
+                limits[series.limit_head] = limits.get(series.limit_head, 0) + int(packets)
+                if series.kind == "drops":
+                    drops[series.head] = drops.get(series.head, 0) + int(packets)
             elif mode == "all" or (mode == "annotated" and series.service_key in opted_in):
                 conns[series.head] = conns.get(series.head, 0) + int(packets)
         self._series = seen  # only the names of this read: a deleted Service's entry goes with it
@@ -469,4 +488,6 @@ def _series_of(nft_family: Any, name: str) -> _Series | None:
         return None
     labels = (f'namespace="{label_value(parsed.namespace)}",service="{label_value(parsed.service)}",'
               f'port="{label_value(parsed.port)}",ip_family="{family}"')
-    return _Series(parsed.kind, parsed.service_key, f"{COUNTER_KINDS[parsed.kind]}_total{{{labels}}} ")
+    reason = LIMIT_REASONS.get(parsed.kind)
+    limit_head = f'{LIMIT_DROPS}_total{{{labels},reason="{reason}"}} ' if reason else None
+    return _Series(parsed.kind, parsed.service_key, f"{COUNTER_KINDS[parsed.kind]}_total{{{labels}}} ", limit_head)

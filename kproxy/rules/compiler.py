@@ -59,6 +59,7 @@ from kproxy.nft.statements import (
     Rule,
     SetUpdate,
     Verdict,
+    VerdictMap,
 )
 from kproxy.rules.assembly import Assembly
 from kproxy.rules.endpoints import PortEndpoint, Selection, port_endpoints, select
@@ -78,6 +79,18 @@ _LOCAL_SLOT = 0x8000
 """Set in the slot numbers of the local-endpoint pick chains (``pick-local-``)."""
 PICK_BY_CLASS = {False: "pick-by-class", True: "pick-local-by-class"}
 """Where a Service chain that picks through the maps goes: on to the pick chain of the frontend's class."""
+ALLOW_KEY: Key = ("daddr", "l4proto", "dport", "saddr")
+"""``kproxy.io/limit-allowlist`` in the nat chains: frontend . protocol . port . client (``limit-allow``)."""
+ORIGINAL_KEY: Key = ("original-daddr", "l4proto", "original-dport")
+"""A connection's frontend, read from conntrack: the same for every packet of it, in both directions."""
+ORIGINAL_ALLOW_KEY: Key = (*ORIGINAL_KEY, "original-saddr")
+"""``kproxy.io/limit-allowlist`` in the bandwidth chains."""
+LIMIT_COUNTERS = {"rate_limit": "drops", "rate_limit_total": "totaldrops", "connections": "conndrops",
+                  "bandwidth": "bwdrops"}
+"""The drop counter of each limit (``PREFIX-SUFFIX``), by the reason its metric names."""
+BANDWIDTH_HOOKS = {"bandwidth-prerouting": "type filter hook prerouting priority dstnat - 5; policy accept;",
+                   "bandwidth-output": "type filter hook output priority -105; policy accept;"}
+"""The base chains that police every packet of Services with a bandwidth limit, while some Service has one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +235,67 @@ def pick_chains(family: Family) -> tuple[Chain, ...]:
     return tuple(chains)
 
 
+@functools.cache
+def bandwidth_hooks(family: Family) -> tuple[Chain, ...]:
+    """The base chains of ``kproxy.io/bandwidth-limit``: every packet whose connection's original destination is
+    a frontend in ``bandwidth-ips`` jumps to its port's ``bw-`` chain.
+
+    Every Service with a bandwidth limit contributes these same chains (the
+    assembly keeps one copy while any does), so they exist only while some
+    Service has a limit: other traffic pays nothing otherwise. nft reads
+    ``ct original proto-dst`` as a port only after a protocol match, hence a
+    rule per protocol.
+    """
+    rules = tuple((MatchProtocol(proto), VerdictMap(ORIGINAL_KEY, "bandwidth-ips")) for proto in ("tcp", "udp", "sctp"))
+    return tuple(Chain(name, rules, "kproxy.io/bandwidth-limit: police every packet of limited Services", base)
+                 for name, base in BANDWIDTH_HOOKS.items())
+
+
+def _constants(cluster_ip: str, port: ServicePort) -> Key:
+    """ClusterIP . protocol . port as constants: a Service port's key in the meters, whatever the frontend."""
+    return (Const(cluster_ip, "addr"), Const(str(_PROTO_NUMBERS[port.protocol]), "proto"), Const(str(port.port), "port"))
+
+
+def limit_rules(service: Service, port: ServicePort, cluster_ip: str, suffix: str, allowlisted: bool) -> list[Rule]:
+    """The rules of a Service port's limits on new connections, in the order the nat chains apply them.
+
+    The per-client rate first, so that a client over its own rate spends
+    nothing of the shared one; the connection count last, so that only
+    connections that go on are counted. With an allowlist, each rule is
+    guarded by a lookup that skips the clients in ``limit-allow``.
+    """
+    guard: Rule = (Lookup(ALLOW_KEY, "limit-allow", negate=True),) if allowlisted else ()
+    port_key = _constants(cluster_ip, port)
+    rules: list[Rule] = []
+    if service.rate_limit is not None:
+        limit = service.rate_limit
+        rules.append((*guard, NewConnection(), SetUpdate("rate-limit-meter", ("saddr", *port_key),
+                                                           limit=Limit(limit.rate, limit.unit, limit.burst)),
+                      Counter(f"drops-{suffix}"), Verdict("drop")))
+    if service.rate_limit_total is not None:
+        limit = service.rate_limit_total
+        rules.append((*guard, NewConnection(), SetUpdate("rate-limit-total-meter", port_key,
+                                                           limit=Limit(limit.rate, limit.unit, limit.burst)),
+                      Counter(f"totaldrops-{suffix}"), Verdict("drop")))
+    if service.connection_limit is not None:
+        rules.append((*guard, NewConnection(), SetUpdate("conn-limit", ("saddr", *port_key),
+                                                           connections=service.connection_limit),
+                      Counter(f"conndrops-{suffix}"), Verdict("drop")))
+    return rules
+
+
+def bandwidth_chain(service: Service, port: ServicePort, label: str, cluster_ip: str, suffix: str,
+                    allowlisted: bool) -> Chain:
+    """``bw-``: police every packet of the port's connections, per client and direction (a byte meter)."""
+    limit = service.bandwidth_limit
+    assert limit is not None
+    guard: Rule = (MatchProtocol(port.protocol), Lookup(ORIGINAL_ALLOW_KEY, "limit-allow", negate=True)) if allowlisted else ()
+    key: Key = ("original-saddr", *_constants(cluster_ip, port), "direction")
+    meter = SetUpdate("bandwidth-meter", key, limit=Limit(limit.rate, "second", limit.burst, bytes=True))
+    counter = Counter(f"{LIMIT_COUNTERS['bandwidth']}-{suffix}")
+    return Chain(f"bw-{suffix}", ((*guard, meter, counter, Verdict("drop")),), label)
+
+
 def _endpoint_chain(
     name: str,
     service: Service,
@@ -231,17 +305,12 @@ def _endpoint_chain(
     endpoints: Sequence[PortEndpoint],
     suffix: str,
     local: bool,
+    allowlisted: bool = False,
 ) -> Chain:
-    """A chain that counts, rate-limits, applies affinity and picks an endpoint."""
+    """A chain that counts, applies the limits on new connections and affinity, and picks an endpoint."""
     proto = port.protocol
     counter = Counter(f"conns-{suffix}")
-    rules: list[Rule] = [(counter,)]
-    limit = service.rate_limit
-    if limit is not None:
-        meter_key: Key = ("saddr", Const(cluster_ip, "addr"), Const(str(_PROTO_NUMBERS[proto]), "proto"),
-                     Const(str(port.port), "port"))
-        rules.append((NewConnection(), SetUpdate("rate-limit-meter", meter_key, limit=Limit(limit.rate, limit.unit, limit.burst)),
-                      Counter(f"drops-{suffix}"), Verdict("drop")))
+    rules: list[Rule] = [(counter,), *limit_rules(service, port, cluster_ip, suffix, allowlisted)]
     count = len(endpoints)
     affinity = service.affinity_timeout
     if uses_pick_chains(service, endpoints):
@@ -322,6 +391,15 @@ def _slot_items(endpoints: Sequence[PortEndpoint], local: bool, label: str) -> C
     return lambda frontend: [(classes, Element(frontend, comment=label))] + [
         (map_name, Element(f"{frontend} . {number}", target, label)) for map_name, number, target in targets
     ]
+
+
+def _limit_items(allowlist: Sequence[str], bandwidth_chain_name: str | None,
+                 label: str) -> Callable[[str], list[tuple[str, Element]]]:
+    """A limited port's frontend: its clients exempt from the limits, and the jump to its bandwidth chain."""
+    ranges = [_interval(cidr) for cidr in allowlist]
+    jump = [("bandwidth-ips", f"jump {bandwidth_chain_name}")] if bandwidth_chain_name else []
+    return lambda frontend: [("limit-allow", Element(f"{frontend} . {r}", comment=label)) for r in ranges] + [
+        (name, Element(frontend, value, label)) for name, value in jump]
 
 
 def _firewall_items(sources: Sequence[str], label: str) -> Callable[[str], list[tuple[str, Element]]]:
@@ -429,6 +507,7 @@ def compile_service(
     # An interval set refuses overlapping elements: 10.0.0.0/8 and 10.1.0.0/16 are one range.
     allowed_sources = collapse(allowed_sources) if allowed_sources else allowed_sources
     cidrs = [c for c in config.cluster_cidrs if _family_of(c.split("/")[0]) == fam]
+    allowlist = collapse(r for r in service.limit_allowlist if _family_of(r.split("/")[0]) == fam) if service.limited else []
 
     for port_index, port in enumerate(service.ports):
         decision = decide_port(service, port, slices, family, node)
@@ -436,8 +515,9 @@ def compile_service(
         svc_chain, local_chain, ext_chain = decision.cluster_chain, decision.local_chain, decision.external_chain
         if svc_chain or local_chain:
             counters.append((f"conns-{suffix}", label))
-            if service.rate_limit is not None:
-                counters.append((f"drops-{suffix}", label))
+            limits = {"rate_limit": service.rate_limit, "rate_limit_total": service.rate_limit_total,
+                      "connections": service.connection_limit}
+            counters += [(f"{LIMIT_COUNTERS[reason]}-{suffix}", label) for reason, on in limits.items() if on is not None]
         frontends: dict[str, int] = {}  # first wins: the ClusterIP, then external IPs, then NodePort addresses
         for ip in (cluster_ip, *external_ips):
             frontends.setdefault(f"{ip} . {proto} . {port.port}", ADDRESS_FRONTEND)
@@ -445,12 +525,24 @@ def compile_service(
             for ip in _nodeport_ips(node, config, family):
                 frontends.setdefault(f"{ip} . {proto} . {port.node_port}", NODEPORT_FRONTEND)
         port_frontends = list(frontends.items())
+        allowlisted = bool(allowlist)
+        bandwidth: str | None = None
+        if service.bandwidth_limit is not None:
+            chain = bandwidth_chain(service, port, label, cluster_ip, suffix, allowlisted)
+            chains.append(chain)
+            counters.append((f"{LIMIT_COUNTERS['bandwidth']}-{suffix}", label))
+            bandwidth = chain.name
+        if allowlisted or bandwidth:
+            # Per frontend, as the dispatch elements: a frontend's exemptions and policing are its owner's.
+            _claim(slots, port_frontends, port_index, _limit_items(allowlist, bandwidth, label))
         if svc_chain:
-            chains.append(_endpoint_chain(svc_chain, service, port, label, cluster_ip, selection.cluster, suffix, False))
+            chains.append(_endpoint_chain(svc_chain, service, port, label, cluster_ip, selection.cluster, suffix, False,
+                                          allowlisted))
             if selection.cluster and uses_pick_chains(service, selection.cluster):
                 _claim(slots, port_frontends, port_index, _slot_items(selection.cluster, False, label))
         if local_chain:
-            chains.append(_endpoint_chain(local_chain, service, port, label, cluster_ip, selection.local, suffix, True))
+            chains.append(_endpoint_chain(local_chain, service, port, label, cluster_ip, selection.local, suffix, True,
+                                          allowlisted))
             if selection.local and uses_pick_chains(service, selection.local):
                 _claim(slots, port_frontends, port_index, _slot_items(selection.local, True, label))
         # Every endpoint, wherever it runs: nodeName may be unset or stale (as upstream, whose
@@ -498,6 +590,8 @@ def compile_service(
             elements.append(("service-nodeports", Element(f"{proto} . {port.node_port}", f"goto {ext_chain}", label)))
             if unserved is not None:
                 elements.append((f"no-endpoint-nodeport-{unserved}", Element(f"{proto} . {port.node_port}", comment=label)))
+    if service.bandwidth_limit is not None and service.ports:
+        chains.extend(bandwidth_hooks(family))
     return ServiceRules(
         tuple(chains), tuple(elements), tuple(counters),
         tuple((frontend, rank, tuple(items)) for frontend, (rank, _, items) in slots.items()),

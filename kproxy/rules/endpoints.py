@@ -158,9 +158,10 @@ class LocalPolicyStatus:
     internal_local: bool
     external_local: bool
     local_endpoints: int
-    """Distinct local endpoint addresses in use (ready ones, or serving-terminating as a fallback)."""
+    """Distinct local endpoint addresses in use (ready ones, or serving-terminating as a fallback), in the family
+    that has the most (a dual-stack pod counts once)."""
     local_ready_endpoints: int
-    """Distinct local endpoint addresses that are ready (what health checks report, as upstream)."""
+    """Distinct local endpoint addresses that are ready (what health checks report, as upstream), per family likewise."""
     has_endpoints: bool
     """Whether it has usable endpoints anywhere."""
     health_check_node_port: int | None
@@ -169,22 +170,24 @@ class LocalPolicyStatus:
 def local_policy_status(service: Service, slices: Iterable[EndpointSlice], node_name: str, zone: str) -> LocalPolicyStatus:
     """How this node serves a Service with a Local traffic policy (for health checks and metrics)."""
     slices = tuple(slices)
-    local: set[tuple[str, int]] = set()
-    ready: set[str] = set()
+    # Counted per family, as upstream's health servers (one per family) count: a dual-stack pod
+    # has an address in each family and is one endpoint, not two.
+    local: dict[int, set[str]] = {4: set(), 6: set()}
+    ready: dict[int, set[str]] = {4: set(), 6: set()}
     has_any = False
     for port in service.ports:
         for family in (4, 6):
             selection = select(service, port_endpoints(port, slices, family), node_name, zone)
-            local |= {(pe.address, pe.port) for pe in selection.local}
-            ready |= {pe.address for pe in selection.local if pe.endpoint.ready}
+            local[family] |= {pe.address for pe in selection.local}
+            ready[family] |= {pe.address for pe in selection.local if pe.endpoint.ready}
             has_any = has_any or selection.has_any
     return LocalPolicyStatus(
         namespace=service.namespace,
         name=service.name,
         internal_local=service.internal_policy_local,
         external_local=service.external_policy_local,
-        local_endpoints=len({address for address, _ in local}),
-        local_ready_endpoints=len(ready),
+        local_endpoints=max(len(addresses) for addresses in local.values()),
+        local_ready_endpoints=max(len(addresses) for addresses in ready.values()),
         has_endpoints=has_any,
         health_check_node_port=service.health_check_node_port,
     )

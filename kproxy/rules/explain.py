@@ -19,7 +19,7 @@ from typing import Protocol
 from kproxy.cluster.convert import Problem
 from kproxy.cluster.model import Cluster, EndpointSlice, Service, ServicePort
 from kproxy.nft.objects import Chain, Element, Family, chain_fingerprint
-from kproxy.nft.statements import DnatTo, chains_it_reaches
+from kproxy.nft.statements import DnatTo, chains_it_reaches, render_bytes
 from kproxy.rules.compiler import (
     PICK_CLASSES,
     NodeInfo,
@@ -257,12 +257,35 @@ def _explain(packet: Packet, cluster: Cluster, node: NodeInfo, config: ProxyConf
                    "a client that connected recently goes back to the same endpoint")
     else:
         out.append("affinity: none")
+    return out + limit_lines(service, packet.source)
+
+
+def limit_lines(service: Service, source: str) -> list[str]:
+    """The Service's limits and whether they apply to this client (``kproxy.io/limit-allowlist``)."""
+    allowed = _in(source, list(service.limit_allowlist)) if service.limited else None
+    why = f" (not for this client: allowlisted by {allowed})" if allowed else ""
+    out = []
     if service.rate_limit:
         limit = service.rate_limit
         out.append(f"rate limit: {limit.rate}/{limit.unit} new connections per client (burst {limit.burst or 5}); "
-                   "connections over it are dropped")
+                   f"connections over it are dropped{why}")
     else:
         out.append("rate limit: none")
+    if service.rate_limit_total:
+        limit = service.rate_limit_total
+        out.append(f"total rate limit: {limit.rate}/{limit.unit} new connections from all clients together "
+                   f"(burst {limit.burst or 5}); connections over it are dropped{why}")
+    if service.connection_limit is not None:
+        out.append(f"connection limit: {service.connection_limit} concurrent connections per client (while conntrack "
+                   f"holds them); new ones over it are dropped{why}")
+    if service.bandwidth_limit:
+        bandwidth = service.bandwidth_limit
+        burst = f", burst {render_bytes(bandwidth.burst)}" if bandwidth.burst else ""
+        out.append(f"bandwidth limit: {render_bytes(bandwidth.rate)}/second per client in each direction{burst}; "
+                   f"packets over it are dropped (policing, not queueing){why}")
+    if service.limited and service.limit_allowlist:
+        out.append(f"limit allowlist: {', '.join(service.limit_allowlist)}: "
+                   + (f"source in {allowed}, exempt from every limit" if allowed else "source not in it, limited"))
     return out
 
 

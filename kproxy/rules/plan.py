@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from kproxy.nft.objects import Chain, Element, Op, Ruleset, Table, Transaction, Verb, chain_fingerprint
 
 ELEMENT_BATCH = 1000
-SERVICE_CHAIN_PREFIXES = ("svc-", "local-", "ext-")
+SERVICE_CHAIN_PREFIXES = ("svc-", "local-", "ext-", "bw-")
 """Chains the compiler generates per Service port."""
 GENERATED_CHAIN_PREFIXES = (*SERVICE_CHAIN_PREFIXES, "pick-")
 """Every chain the compiler generates (Service ports' and the shared pick chains); the rest are the skeleton's."""

@@ -524,7 +524,7 @@ def _object_entries(sources: list[tuple[str, Ruleset]], merged: dict[Family, Tab
         for _, ruleset in sources:
             table = ruleset.tables[family]
             for chain in table.chains.values():
-                if chain.name not in skeleton:
+                if chain.name not in skeleton and not chain.base:  # base chains go through libnftables
                     chains.setdefault(chain.name, Chain(chain.name, (), chain.comment))
             for counter, comment_text in table.counters.items():
                 counters.setdefault(counter, comment_text)
@@ -552,7 +552,8 @@ def _rule_entries(sources: list[Source]) -> list[Entry]:
                 chains = [Chain(SPARE, SUPPLEMENT[family])]
             else:
                 skeleton = skeleton_table(family).chains
-                chains = [c for c in ruleset.tables[family].chains.values() if c.name not in skeleton]
+                # Base chains (the bandwidth hooks) are declared, with their rules, through libnftables.
+                chains = [c for c in ruleset.tables[family].chains.values() if c.name not in skeleton and not c.base]
             for chain in chains:
                 for rule in chain.rules:
                     shape = (family, shape_of(rule))

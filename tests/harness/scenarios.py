@@ -90,6 +90,35 @@ SCENARIOS: dict[str, tuple[list[dict[str, Any]], ProxyConfig]] = {
         ],
         CIDRS,
     ),
+    # Every limit at once, an allowlist in both families, TCP and UDP ports, ClusterIP and NodePort frontends.
+    "limits": (
+        [
+            service("api", "shop", ["10.96.0.70", "fd00:96::70"], ipFamilies=["IPv4", "IPv6"], type="NodePort",
+                    annotations={"kproxy.io/rate-limit": "20/minute", "kproxy.io/rate-limit-total": "50/second",
+                                 "kproxy.io/limit-connections": "3", "kproxy.io/bandwidth-limit": "1 mbytes/second",
+                                 "kproxy.io/bandwidth-limit-burst": "128 kbytes",
+                                 "kproxy.io/limit-allowlist": "192.168.50.101/32, 10.244.0.0/16, fd00:50::101/128"},
+                    ports=[{"name": "http", "port": 80, "nodePort": 30070},
+                           {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30071}]),
+            endpoint_slice("api-1", "api", [endpoint("10.244.1.70"), endpoint("10.244.2.70", node="node-b")],
+                           namespace="shop", ports=[{"name": "http", "port": 8080, "protocol": "TCP"},
+                                                    {"name": "dns", "port": 5353, "protocol": "UDP"}]),
+        ],
+        CIDRS,
+    ),
+    # Limits without an allowlist, under externalTrafficPolicy Local (svc- and local- chains share the total's meter).
+    "limits-local-policy": (
+        [
+            service("up", "shop", ["10.96.0.71", "fd00:96::71"], ipFamilies=["IPv4", "IPv6"], type="NodePort",
+                    externalTrafficPolicy="Local",
+                    annotations={"kproxy.io/rate-limit-total": "600/minute", "kproxy.io/rate-limit-total-burst": "20",
+                                 "kproxy.io/limit-connections": "100", "kproxy.io/bandwidth-limit": "1500 kbytes/second"},
+                    ports=[{"name": "http", "port": 80, "nodePort": 30072}]),
+            _two_endpoints("up", namespace="shop"),
+            endpoint_slice("up-6", "up", [endpoint("fd00:244:1::71")], namespace="shop", address_type="IPv6"),
+        ],
+        CIDRS,
+    ),
     "dual-stack": (
         [
             service("web", "shop", ["10.96.0.60", "fd00:96::60"], ipFamilies=["IPv4", "IPv6"]),
