@@ -189,7 +189,7 @@ def test_the_kernels_layout_takes_the_fixed_offsets(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(TableParser, "_element", counted)
     fast = {name: replayed(name) for name in NAMES}
-    assert set(walked) <= {"cluster-cidrs", "service-cidrs", "firewall-allow", "prefixes", "everything", "top",
+    assert set(walked) <= {"cluster-cidrs", "service-cidrs", "firewall-allow", "limit-allow", "prefixes", "everything", "top",
                            "open-range", "upper-half", "bottom", "with-catchall", "port-ranges", "protocol-ranges",
                            "ranges", "all-ranges", "ranges3", "catchall", "catchall-map"}, set(walked)
     monkeypatch.setattr(tabledump.Dumped, "__post_init__", lambda self: None)  # no key headers: never fixed offsets

@@ -67,8 +67,8 @@ What else differs from ``parse_table``
 Only the table's comment: it is read from NFTA_TABLE_USERDATA, which nft
 1.0.6 leaves out of its JSON (so ``parse_table`` gives "" there; newer
 releases print it). Nothing compares it. A set's flags line is what
-nft's JSON prints, ``dynamic`` added to a set with timeouts
-(``set_flags``); a rule's anonymous set is not a set of the table.
+nft's JSON prints, ``dynamic`` added to a set with timeouts or a
+size (``set_flags``); a rule's anonymous set is not a set of the table.
 
 Speed
 =====
@@ -119,7 +119,7 @@ NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_USERDATA = 1, 2, 7
 NFTA_SET_TABLE, NFTA_SET_NAME, NFTA_SET_FLAGS = 1, 2, 3
 NFTA_SET_KEY_TYPE, NFTA_SET_KEY_LEN, NFTA_SET_DATA_TYPE, NFTA_SET_DATA_LEN = 4, 5, 6, 7
 NFTA_SET_DESC, NFTA_SET_USERDATA = 9, 13
-NFTA_SET_DESC_CONCAT, NFTA_SET_FIELD_LEN = 2, 1
+NFTA_SET_DESC_SIZE, NFTA_SET_DESC_CONCAT, NFTA_SET_FIELD_LEN = 1, 2, 1
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 NFTA_LIST_ELEM = 1
 NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_FLAGS = 1, 2, 3
@@ -651,12 +651,13 @@ class Dumped:
         return bool(self.flags & NFT_SET_INTERVAL) and len(self.key.fields) > 1
 
 
-def set_flags(flags: int) -> tuple[str, ...]:
+def set_flags(flags: int, sized: bool = False) -> tuple[str, ...]:
     """The ``flags`` line of a set read back: what nft's JSON prints (``constant``, ``interval``, ``timeout``,
-    ``dynamic``), with ``dynamic`` added to a set with timeouts as ``readback.parse_table`` does."""
+    ``dynamic``), with ``dynamic`` added to a set with timeouts or a size (``sized``) as ``readback.parse_table``
+    does."""
     names = [name for bit, name in ((NFT_SET_CONSTANT, "constant"), (NFT_SET_INTERVAL, "interval"),
                                     (NFT_SET_TIMEOUT, "timeout"), (NFT_SET_EVAL, "dynamic")) if flags & bit]
-    if "timeout" in names and "dynamic" not in names:
+    if ("timeout" in names or sized) and "dynamic" not in names:
         names.append("dynamic")
     return (f"flags {','.join(names)}",) if names else ()
 
@@ -785,7 +786,9 @@ class TableParser:
         if flags & NFT_SET_ANONYMOUS:
             return  # a rule's inline set: nft lists it inside the rule
         what = f"{self.family} set {name}"
-        decl = SetDecl("map" if flags & (NFT_SET_MAP | NFT_SET_OBJECT) else "set", name, set_flags(flags))
+        desc = found.get(NFTA_SET_DESC)
+        sized = desc is not None and NFTA_SET_DESC_SIZE in attributes(data, *desc)
+        decl = SetDecl("map" if flags & (NFT_SET_MAP | NFT_SET_OBJECT) else "set", name, set_flags(flags, sized))
         note = found.get(NFTA_SET_USERDATA)
         user = udata(data[note[0] : note[1]]) if note else {}
         if decl.dynamic:  # the datapath's: its elements are not read, nor its types needed
