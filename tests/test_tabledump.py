@@ -281,13 +281,40 @@ def test_hand_made_elements_read_as_kproxy_writes_them() -> None:
         "10.96.0.10 . tcp . 80 . 131072", "10.244.1.10 . 8080", "shop/web:http")}
 
 
+@pytest.mark.parametrize(("message", "reason"), [
+    (set_message("s", 9, 6), "datatype 9"),  # ether_addr
+    (set_message("s", (7 << 6) | 4, 8), "integer other than numgen"),
+    (set_message("s", (7 << 6) | 4, 8, user=typeof(7, 7)), "integer other than numgen"),
+    (set_message("s", SERVICE_KEY, 16), "16 bytes for ipv4_addr . inet_proto . inet_service"),
+    (set_message("s", 7, 4, flags=0x40), "object map"),
+    (set_message("s", 7, 4, flags=0x4 | 0x8, data_type=0xFFFFFF00), "interval map"),
+], ids=["datatype", "integer", "integer-payload", "length", "object-map", "interval-map"])
+def test_sets_of_other_types_are_read_without_their_elements(message: bytes, reason: str) -> None:
+    """A set of a type kproxy never declares is another program's: the Table has its declaration and no element (the
+    planner deletes it), its elements are not asked for, and why is kept (``unread``) for the log."""
+    parser = parsed(message)
+    assert list(parser.unread) == ["s"] and reason in parser.unread["s"]
+    assert parser.element_sets() == []
+    table = parser.finish()
+    assert "s" in table.sets and table.elements == {"s": {}}
+
+
+def test_protocols_are_named_as_nft_names_them() -> None:
+    """With /etc/protocols' names (``kproxy.nft.dump.protocol_names``), any protocol reads as nft prints it: by its
+    name, or as a number if it has none; in a range, as numbers."""
+    from kproxy.nft.dump import protocol_names
+
+    names = protocol_names()
+    assert names[1] == "icmp" and names[6] == "tcp" and 253 not in names
+    parser = TableParser("ip", names)
+    for data in (set_message("s", SERVICE_KEY, 12),
+                 elements_message("s", element(bytes([10, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0])),
+                                  element(bytes([10, 0, 0, 1, 253, 0, 0, 0, 0, 0, 0, 0])))):
+        Answers(1, parser.set if struct.unpack_from("=H", data, 4)[0] & 0xFF == 9 else parser.elements).feed(data)
+    assert set(parser.finish().elements["s"]) == {"10.0.0.1 . icmp . 0", "10.0.0.1 . 253 . 0"}
+
+
 @pytest.mark.parametrize(("messages", "error"), [
-    ((set_message("s", 9, 6),), "datatype 9"),  # ether_addr
-    ((set_message("s", (7 << 6) | 4, 8),), "integer other than numgen"),
-    ((set_message("s", (7 << 6) | 4, 8, user=typeof(7, 7)),), "integer other than numgen"),
-    ((set_message("s", SERVICE_KEY, 16),), "16 bytes for ipv4_addr . inet_proto . inet_service"),
-    ((set_message("s", 7, 4, flags=0x40),), "object map"),
-    ((set_message("s", 7, 4, flags=0x4 | 0x8, data_type=0xFFFFFF00),), "interval map"),
     ((set_message("s", SERVICE_KEY, 12), elements_message("s", element(bytes([10, 0, 0, 1, 1, 0, 0, 0, 0, 80, 0, 0])))),
      "protocol number 1"),
     ((set_message("s", SERVICE_KEY, 12), elements_message("s", element(bytes([10, 0, 0, 1, 6, 0, 1, 0, 0, 80, 0, 0])))),
@@ -300,11 +327,10 @@ def test_hand_made_elements_read_as_kproxy_writes_them() -> None:
     ((set_message("s", 7, 4), elements_message("s", element(bytes(4), extra=attribute(9, b"obj\0")))),
      "refers to an object"),
     ((elements_message("unknown", element(bytes(4))),), "not a static set"),
-], ids=["datatype", "integer", "integer-payload", "length", "object-map", "interval-map", "protocol", "padding", "short-key", "verdict",
-        "map-without-data", "objref", "unknown-set"])
+], ids=["protocol", "padding", "short-key", "verdict", "map-without-data", "objref", "unknown-set"])
 def test_what_cannot_be_read_exactly_is_refused(messages: tuple[bytes, ...], error: str) -> None:
-    """A type, a value or a layout the reader does not know is a DumpError (the backend then reads the JSON), never
-    a guess and never a dropped element."""
+    """In a set that is read, a value or a layout the reader does not know (a protocol without the names of
+    /etc/protocols) is a DumpError (the backend then reads the JSON), never a guess and never a dropped element."""
     with pytest.raises(DumpError, match=error):
         parsed(*messages)
 
@@ -586,3 +612,71 @@ def test_random_interval_sets_read_as_nft_prints_them(seed: int, dump_netns: Any
     for family, table in dumped.tables.items():
         assert table == listed_ruleset.tables[family], family
         assert len(table.elements["single"]) >= 40
+
+
+def _foreign(family: Family, service_chain: str) -> str:
+    """What other programs might add to kproxy's tables: rules of any kind in a Service chain (before and after its
+    digest rule), an element with a protocol kproxy never writes, sets and maps of types kproxy never declares and of
+    types it does, a chain, a counter, a quota."""
+    addr, saddr, net, other = (("ipv4_addr", "ip saddr 1.2.3.4", "10.0.0.0/8", "10.96.9.9 . icmp . 0") if family == "ip"
+                               else ("ipv6_addr", "ip6 saddr ::1", "fd00::/8", "fd00::9 . 253 . 0"))
+    where = f"{family} kproxy"
+    return "\n".join([
+        f"add rule {where} {service_chain} meta skuid 0 counter",
+        f'insert rule {where} {service_chain} {saddr} log prefix "foreign " drop',
+        f"add element {where} service-ips {{ {other} : drop }}",
+        f"add set {where} foreign-macs {{ type ether_addr; elements = {{ 00:11:22:33:44:55 }} }}",
+        f"add map {where} foreign-intervals {{ type {addr} : verdict; flags interval; elements = {{ {net} : drop }} }}",
+        f"add map {where} foreign-marks {{ type mark : verdict; elements = {{ 0x1 : accept }} }}",
+        f"add chain {where} foreign-chain",
+        f'add rule {where} foreign-chain ct state established counter comment "kproxy-rules=ABC123"',
+        f"add counter {where} foreign-counter",
+        f"add quota {where} foreign-quota {{ over 25 mbytes }}",
+    ]) + "\n"
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("name", ["clusterip", "limits", "dual-stack", "session-affinity"])
+def test_foreign_changes_are_repaired_as_the_json_reader_repairs_them(name: str, dump_netns: Any,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Another program's rules, elements, sets, chains and objects in kproxy's tables: the netlink reader reads them
+    (no fallback) as parse_table reads nft's JSON, but for the elements of the sets whose types kproxy never declares,
+    which it leaves unread (logged); the planner's transaction is the same from either reading, and once applied both
+    readings show nothing left to do."""
+    recording = RECORDINGS[name]
+    desired = recording.compiled()
+    dump_netns.nft("-f", "-", input=recording.script())
+    for family, table in desired.tables.items():
+        chain = next((c for c in table.chains if c.startswith("svc-")), None) or next(
+            c.name for c in table.chains.values() if not c.base and c.rules)  # a skeleton chain if no Service
+        dump_netns.nft("-f", "-", input=_foreign(family, chain))
+    with caplog.at_level(logging.WARNING, logger="kproxy.nft.dump"):
+        dumped, listed_ruleset = read_both(dump_netns)
+    assert sorted(r.getMessage() for r in caplog.records) == sorted(
+        f"{family} kproxy: the elements of {set_name!r} are not read ({family} set {set_name}: {reason}); kproxy "
+        f"declares no such set" for family in desired.tables
+        for set_name, reason in (("foreign-macs", "key: field 1 has datatype 9, which is not decoded here"),
+                                 ("foreign-intervals", "an interval map, which is not decoded here")))
+    assert set(dumped.tables) == set(listed_ruleset.tables) == set(desired.tables)
+    for family, table in dumped.tables.items():
+        listed_table = listed_ruleset.tables[family]
+        assert listed_table.elements["foreign-macs"] and listed_table.elements["foreign-intervals"]
+        unread = {"foreign-macs": {}, "foreign-intervals": {}}
+        assert without_comment(table) == dataclasses.replace(listed_table, elements={**listed_table.elements, **unread})
+        assert table.counters["foreign-counter"] == "" and table.elements["foreign-marks"] == {"1": Element("1", "accept")}
+    from kproxy.rules.plan import plan
+
+    tx = plan(dumped, desired)
+    assert str(tx) == str(plan(listed_ruleset, desired)) and tx.operations >= 10
+    script = str(tx)
+    assert "10.96.9.9 . icmp . 0" in script and "delete set ip kproxy foreign-macs" in script, script
+    assert "delete map ip6 kproxy foreign-intervals" in script and "delete chain ip kproxy foreign-chain" in script
+    with dump_netns.entered():
+        backend = NftablesBackend()
+        backend.apply(tx)
+        after = backend.read()
+        after_listed = backend.read_json()
+    for family, table in after.tables.items():
+        assert diff(table, desired.tables[family]).operations == 0
+        assert diff(after_listed.tables[family], desired.tables[family]).operations == 0
+        assert "foreign-macs" not in table.sets and "foreign-chain" not in table.chains

@@ -25,12 +25,13 @@ reads through libnftables, which retries on its own). One caller at a time.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import queue
 import socket
 import threading
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
 from typing import Protocol
 
 from kproxy.memory import gc_paused
@@ -38,6 +39,7 @@ from kproxy.nft.counters import dump_request as counters_request
 from kproxy.nft.netlink import NETLINK_NETFILTER
 from kproxy.nft.objects import Family, Ruleset
 from kproxy.nft.tabledump import (
+    PROTOCOL_NAMES,
     Answers,
     DumpError,
     Handler,
@@ -51,6 +53,8 @@ from kproxy.nft.tabledump import (
     sets_request,
     table_request,
 )
+
+log = logging.getLogger(__name__)
 
 FAMILIES: tuple[Family, ...] = ("ip", "ip6")
 READ_ATTEMPTS = 3
@@ -97,6 +101,25 @@ class SocketTransport:
 
     def close(self) -> None:
         self._sock.close()
+
+
+PROTOCOLS_FILE = "/etc/protocols"
+
+
+@cache
+def protocol_names(path: str = PROTOCOLS_FILE) -> dict[int, str]:
+    """Protocol number -> the name nft prints for it: the first line of ``/etc/protocols`` with that number, as
+    ``getprotobynumber`` finds it; tcp, udp and sctp whatever the file says if it cannot be read."""
+    names: dict[int, str] = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                fields = line.split("#", 1)[0].split()
+                if len(fields) >= 2 and fields[1].isdigit() and 0 <= int(fields[1]) <= 255:
+                    names.setdefault(int(fields[1]), fields[0])
+    except OSError:
+        return dict(PROTOCOL_NAMES)
+    return names
 
 
 class Changed(Exception):
@@ -146,7 +169,7 @@ class TableDump:
         self._run([(generation_request, gen)])
         parsers: dict[Family, TableParser] = {}
         for family in FAMILIES:
-            parser = TableParser(family)
+            parser = TableParser(family, protocol_names())
             self._run([(partial(table_request, family), parser.table)], missing_ok=True)
             if parser.exists:
                 self._run([(partial(sets_request, family), parser.set)])
@@ -174,6 +197,9 @@ class TableDump:
         ruleset = Ruleset()
         for family, parser in parsers.items():
             ruleset.tables[family] = parser.finish()
+            for name, reason in parser.unread.items():
+                log.warning("%s kproxy: the elements of %r are not read (%s); kproxy declares no such set", family,
+                            name, reason)
         return ruleset
 
     def _run(self, requests: list[Request], missing_ok: bool = False) -> None:

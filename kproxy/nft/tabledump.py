@@ -35,13 +35,25 @@ must read back from tables written by other releases); an integer field is
 read only if that description names ``numgen`` for it.
 
 Decoded are the types kproxy's sets use: ``ipv4_addr``, ``ipv6_addr``
-(``inet_ntop``'s spelling, as nft prints them), ``inet_proto`` (tcp, udp and
-sctp by name; nft would name any other from /etc/protocols, so any other
-number is refused), ``inet_service``, ``mark``, numgen's ``integer``, and
-verdicts (accept, drop, continue, return, jump and goto a chain). Anything
-else, and anything that does not add up (lengths, attributes, padding), is a
-``DumpError``: the backend then reads the table through libnftables instead
-(``NftablesBackend.read``). An element is never dropped nor guessed at.
+(``inet_ntop``'s spelling, as nft prints them), ``inet_proto`` (by the name
+nft takes from /etc/protocols, which ``kproxy.nft.dump`` reads and passes
+to ``TableParser``, else as a number; without those names only tcp, udp and
+sctp are read), ``inet_service``, ``mark``, numgen's ``integer``, and
+verdicts (accept, drop, continue, return, jump and goto a chain).
+
+A set or map of another type (an ``ether_addr`` set, an object map, an
+interval map, an integer whose byte order is unknown) is none of kproxy's:
+another program added it. It is read without its elements (``unread``:
+the Table holds its declaration and no element), which is all the planner
+uses of a set it does not declare: it deletes it. Anything else that cannot
+be read exactly (a verdict code nft does not write, a value whose lengths,
+attributes or padding do not add up) is a ``DumpError``: the backend then
+reads the table through libnftables instead (``NftablesBackend.read``). An
+element of a set that is read is never dropped nor guessed at.
+
+Rules are not decoded at all (see Speed): another program's rule in one of
+kproxy's chains, whatever its expressions, counts in its chain's rule count
+and, if it is the last, gives the chain its comment, as nft's JSON does.
 
 Interval sets come back as nft prints them
 ==========================================
@@ -89,7 +101,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from kproxy.nft.objects import DIGEST_PREFIX, TABLE, Chain, Element, Family, SetDecl, Table
@@ -361,6 +373,16 @@ def _protocol(raw: bytes) -> str:
     return name
 
 
+def protocol_type(names: Mapping[int, str]) -> FieldType:
+    """``inet_proto`` as nft prints it with these protocol names (``/etc/protocols``: ``kproxy.nft.dump`` reads it):
+    a number's name, or the number if it has none."""
+
+    def text(raw: bytes) -> str:
+        return names.get(raw[0]) or str(raw[0])
+
+    return FieldType("inet_proto", 1, text, bound=_big_number)
+
+
 def _big_number(raw: bytes) -> str:
     return str(int.from_bytes(raw, "big"))
 
@@ -415,7 +437,7 @@ def typeof_exprs(raw: bytes | None) -> list[int] | None:
 
 
 def layout(type_value: int, length: int, typeof: list[int] | None, what: str,
-           lengths: list[int] | None = None) -> tuple[FieldType, ...]:
+           lengths: list[int] | None = None, types: Mapping[int, FieldType] = TYPES) -> tuple[FieldType, ...]:
     """The fields of a key or of map data, from the kernel's datatype id and length; DumpError unless every field
     is a known type and the lengths add up."""
     ids = type_ids(type_value)
@@ -427,8 +449,8 @@ def layout(type_value: int, length: int, typeof: list[int] | None, what: str,
             if typeof is None or len(typeof) != len(ids) or typeof[index] != NFT_EXPR_NUMGEN:
                 raise DumpError(f"{what}: field {index + 1} is an integer other than numgen's (byte order unknown)")
             fields.append(NUMGEN)
-        elif type_id in TYPES:
-            fields.append(TYPES[type_id])
+        elif type_id in types:
+            fields.append(types[type_id])
         else:
             raise DumpError(f"{what}: field {index + 1} has datatype {type_id}, which is not decoded here")
     expected = fields[0].width if len(fields) == 1 else sum((f.width + 3) & ~3 for f in fields)
@@ -749,8 +771,12 @@ class TableParser:
     are skipped); ``finish`` returns the Table.
     """
 
-    def __init__(self, family: Family) -> None:
+    def __init__(self, family: Family, protocols: Mapping[int, str] | None = None) -> None:
+        """``protocols``: the names nft prints protocol numbers with (``/etc/protocols``); without them, a protocol
+        other than tcp, udp and sctp is a DumpError."""
         self.family = family
+        self._types: Mapping[int, FieldType] = TYPES if protocols is None else {
+            **TYPES, TYPE_INET_PROTOCOL: protocol_type(protocols)}
         self._number = FAMILY_NUMBERS[family]
         self.exists = False
         self.table_comment = ""
@@ -760,6 +786,9 @@ class TableParser:
         self.rules: dict[str, int] = {}
         self.last_notes: dict[str, bytes] = {}
         self.counters: dict[str, str] = {}
+        self.unread: dict[str, str] = {}
+        """Sets and maps of types not decoded here (kproxy declares none: another program's), and why: their
+        elements are not read, and the Table has none for them."""
         self._comments: dict[bytes, str] = {}
         self._caches: dict[str, dict[bytes, str]] = {}
         """The texts of the fields seen so far, by type (see ``Codec``)."""
@@ -794,6 +823,16 @@ class TableParser:
         if decl.dynamic:  # the datapath's: its elements are not read, nor its types needed
             self.sets[name] = Dumped(decl, flags, Codec(()), None, False)
             return
+        try:
+            self.sets[name] = self._typed(decl, flags, data, found, user, what)
+        except DumpError as exc:  # not kproxy's: the planner deletes it, whatever it holds
+            self.sets[name] = Dumped(decl, flags, Codec(()), None, False)
+            self.unread[name] = str(exc)
+
+    def _typed(self, decl: SetDecl, flags: int, data: bytes, found: dict[int, tuple[int, int]], user: dict[int, bytes],
+               what: str) -> Dumped:
+        """A static set whose elements are read, with the decoders of its key and data; DumpError if its types are
+        not decoded here."""
         if flags & NFT_SET_OBJECT:
             raise DumpError(f"{what}: an object map, which is not decoded here")
         if flags & NFT_SET_INTERVAL and flags & NFT_SET_MAP:
@@ -801,7 +840,7 @@ class TableParser:
         lengths = self._field_lengths(data, found.get(NFTA_SET_DESC), what)
         key = layout(_u32(data, found.get(NFTA_SET_KEY_TYPE), f"{what}: key type"),
                      _u32(data, found.get(NFTA_SET_KEY_LEN), f"{what}: key length"),
-                     typeof_exprs(user.get(NFTNL_UDATA_SET_KEY_TYPEOF)), f"{what}: key", lengths)
+                     typeof_exprs(user.get(NFTNL_UDATA_SET_KEY_TYPEOF)), f"{what}: key", lengths, self._types)
         data_codec, verdicts = None, False
         if flags & NFT_SET_MAP:
             data_type = _u32(data, found.get(NFTA_SET_DATA_TYPE), f"{what}: data type")
@@ -809,9 +848,10 @@ class TableParser:
                 verdicts = True
             else:
                 data_codec = Codec(layout(data_type, _u32(data, found.get(NFTA_SET_DATA_LEN), f"{what}: data length"),
-                                          typeof_exprs(user.get(NFTNL_UDATA_SET_DATA_TYPEOF)), f"{what}: data"),
+                                          typeof_exprs(user.get(NFTNL_UDATA_SET_DATA_TYPEOF)), f"{what}: data",
+                                          types=self._types),
                                    self._caches)
-        self.sets[name] = Dumped(decl, flags, Codec(key, self._caches), data_codec, verdicts)
+        return Dumped(decl, flags, Codec(key, self._caches), data_codec, verdicts)
 
     @staticmethod
     def _field_lengths(data: bytes, span: tuple[int, int] | None, what: str) -> list[int] | None:
@@ -832,8 +872,9 @@ class TableParser:
         return lengths
 
     def element_sets(self) -> list[str]:
-        """The sets and maps whose elements are read: every one but the dynamic ones."""
-        return [name for name, dumped in self.sets.items() if not dumped.decl.dynamic]
+        """The sets and maps whose elements are read: every one but the dynamic ones and those of types not decoded
+        here (``unread``)."""
+        return [name for name, dumped in self.sets.items() if not dumped.decl.dynamic and name not in self.unread]
 
     def elements(self, message: int, family: int, data: bytes, start: int, end: int) -> None:
         """One NFT_MSG_NEWSETELEM message of an elements dump: up to 32 KB of elements of one set."""
