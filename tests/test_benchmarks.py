@@ -61,3 +61,10 @@ def test_scrape_benchmark_quick() -> None:
 def test_kernel_benchmarks_quick(script: str) -> None:
     """The cold-start and partial-sync benchmarks run in quick mode and print their tables."""
     assert run_quick(script)
+
+
+@pytest.mark.root
+def test_read_back_benchmark_quick() -> None:
+    """benchmarks/read_back.py --quick reads 200 Services' tables both ways (they agree) and restarts over them."""
+    rows = [row for row in run_quick("read_back.py") if not row.startswith("| Services")]
+    assert [row.split(" | ")[0] for row in rows] == ["| 200", "| 200"], rows  # reading back, then the restart
