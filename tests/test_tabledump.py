@@ -507,7 +507,7 @@ def read_both(netns: Any) -> tuple[Ruleset, Ruleset]:
     with netns.entered():
         backend = NftablesBackend()
         dumped = TableDump()
-        dumped._transport = dumped._open()  # the socket, in the namespace
+        dumped.open()  # the socket, in the namespace
     return dumped.read(), backend.read_json()
 
 

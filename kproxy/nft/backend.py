@@ -197,6 +197,7 @@ class NftablesBackend:
         self._nft.set_handle_output(False)
         self._counters = CounterDump()
         self._dump = TableDump()
+        self._dump.open()  # in this network namespace, as the batch socket
         self._dump_lock = threading.Lock()
         """One dump at a time on the socket (the inspection endpoints read too)."""
 

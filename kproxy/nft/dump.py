@@ -136,6 +136,12 @@ class TableDump:
         self.requests = 0
         """Requests sent by the last ``read`` (all attempts)."""
 
+    def open(self) -> None:
+        """Open the socket now, in the current network namespace (``read`` opens it if it is not open, or was closed
+        after a failure)."""
+        if self._transport is None:
+            self._transport = self._open()
+
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
