@@ -66,10 +66,12 @@ def _repairs(registry: CollectorRegistry) -> dict[str, float]:
 
 
 def _restored_after(bed: NetBed, change: Callable[[], Any]) -> float:
-    """Make the change, then the seconds until the kernel holds kproxy's rules again (polled every 20 ms)."""
+    """Make the change, then the seconds until the kernel holds kproxy's rules again (polled every 20 ms).
+
+    That the change happened is not checked here by listing the table: a small repair (a chain, an element; the
+    tables read back over netlink) can land before ``nft list`` has started. The callers check the repair counted."""
     start = time.monotonic()
     change()
-    assert not _programmed(bed), "the change took something kproxy needs"
     wait_until(lambda: _programmed(bed), 10, "kproxy's tables restored", interval=0.02)
     return time.monotonic() - start
 
