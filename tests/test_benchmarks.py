@@ -155,3 +155,9 @@ def test_test_api_server_lists_as_the_real_one_does() -> None:
             if not token:
                 break
         assert names == [i["metadata"]["name"] for i in whole["items"]]
+
+@pytest.mark.root
+def test_read_back_benchmark_quick() -> None:
+    """benchmarks/read_back.py --quick reads 200 Services' tables both ways (they agree) and restarts over them."""
+    rows = [row for row in run_quick("read_back.py") if not row.startswith("| Services")]
+    assert [row.split(" | ")[0] for row in rows] == ["| 200", "| 200"], rows  # reading back, then the restart

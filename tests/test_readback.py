@@ -135,6 +135,40 @@ add counter ip kproxy stray-counter
 """What kproxy did not write, on top of the clusterip scenario: elements without comments (one a range, one in a
 dynamic set), a rule after a chain's digest rule, chains without a digest, a counter without a comment."""
 
+FOREIGN_SHAPES = """\
+add set ip kproxy prefixes { type ipv4_addr; flags interval; elements = { 10.0.0.0/8 comment "a", 11.0.0.1-11.0.0.9 comment "b", 12.0.0.1, 13.0.0.0/24, 13.0.1.0/24, 14.0.0.0-14.0.1.255, 14.0.2.0-14.0.2.254 } }
+add set ip kproxy everything { type ipv4_addr; flags interval; elements = { 0.0.0.0/0 comment "all" } }
+add set ip kproxy top { type ipv4_addr; flags interval; elements = { 255.255.255.255 comment "top" } }
+add set ip kproxy open-range { type ipv4_addr; flags interval; elements = { 10.0.0.0-255.255.255.255 comment "open" } }
+add set ip kproxy upper-half { type ipv4_addr; flags interval; elements = { 1.0.0.0, 128.0.0.0/1 comment "half" } }
+add set ip kproxy bottom { type ipv4_addr; flags interval; elements = { 0.0.0.0, 0.0.0.2-0.0.0.3 } }
+add set ip kproxy with-catchall { type ipv4_addr; flags interval; elements = { *, 10.0.0.0/8 } }
+add set ip kproxy port-ranges { type inet_service; flags interval; elements = { 100-110, 1024-65535 comment "hi", 0-63, 443 } }
+add set ip kproxy protocol-ranges { type inet_proto; flags interval; elements = { 6-17 comment "r", 132 } }
+add set ip kproxy ranges { type ipv4_addr . inet_service; flags interval; elements = { 10.0.0.0/8 . 80-90 comment "x", 1.2.3.4 . 0-255, 10.0.0.1-10.0.0.5 . 22, 2.0.0.0/31 . 7 } }
+add set ip kproxy all-ranges { type ipv4_addr . inet_service; flags interval; elements = { 0.0.0.0/0 . 0-65535 comment "every" } }
+add set ip kproxy ranges3 { type inet_proto . inet_service . ipv4_addr; flags interval; elements = { tcp . 80 . 10.0.0.0/8, 17-132 . 53 . 1.1.1.1, tcp . 1-2 . 2.0.0.0-2.0.0.2 } }
+add set ip kproxy marks { type mark; elements = { 0x1, 0xffffffff comment "m", 0 } }
+add set ip kproxy address-marks { type ipv4_addr . mark; elements = { 1.2.3.4 . 0x10 } }
+add chain ip kproxy target
+add map ip kproxy verdicts { type ipv4_addr : verdict; elements = { 1.1.1.1 : accept, 1.1.1.2 : drop, 1.1.1.3 : continue, 1.1.1.4 : return, 1.1.1.5 : jump target, 1.1.1.6 comment "g" : goto target } }
+add set ip kproxy catchall { type ipv4_addr; elements = { *, 1.2.3.4 } }
+add map ip kproxy catchall-map { type ipv4_addr : verdict; elements = { * : drop, 1.2.3.4 : accept } }
+add set ip kproxy protocols { type inet_proto; elements = { tcp, udp, sctp } }
+add set ip kproxy timeouts { type ipv4_addr; flags timeout; elements = { 1.2.3.4 timeout 1h } }
+add rule ip kproxy target ip daddr { 1.2.3.4, 5.6.7.8 } accept comment "an anonymous set"
+add quota ip kproxy stray-quota { over 25 mbytes }
+add counter ip kproxy counted { comment "with a comment" }
+add set ip6 kproxy prefixes { type ipv6_addr; flags interval; elements = { fd00::/8 comment "ula", ::/127, ::ffff:1.2.3.4, 2001:db8::1-2001:db8::ff, ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff } }
+add set ip6 kproxy upper-half { type ipv6_addr; flags interval; elements = { 8000::/1 } }
+add set ip6 kproxy ranges { type ipv6_addr . inet_proto . inet_service . ipv6_addr; flags interval; elements = { fd00::1 . tcp . 443 . fd00:50::/64, fd00::1 . tcp . 443 . ::/0, fd00::2 . udp . 53 . fd00::1-fd00::3 } }
+add set ip6 kproxy pairs { type ipv6_addr . ipv6_addr; elements = { ::1 . ::ffff:10.0.0.1, fd00:0:0:a::b . 2001:db8:0:0:1:0:0:1 } }
+"""
+"""Shapes kproxy never writes, in tables of their own: intervals nft prints as prefixes, ranges, single values, open
+to the largest value, adjacent, with a catch-all, of ports and protocols (printed as numbers in ranges) and inside
+concatenations; marks, every verdict, catch-all elements, an anonymous set, a set with timeouts, a quota. What nft
+prints for them is what the netlink reader (``kproxy.nft.tabledump``) must read."""
+
 RECORDINGS: dict[str, Recording] = {
     **{name: Recording(tuple(objects), config) for name, (objects, config) in SCENARIOS.items()},
     "service-cidrs": Recording(SERVICE_CIDRS),
@@ -143,6 +177,7 @@ RECORDINGS: dict[str, Recording] = {
     "ipv6-spelling": Recording(IPV6_SPELLING),
     "empty": Recording((), bare=True),
     "drift": Recording(tuple(SCENARIOS["clusterip"][0]), extra=DRIFT),
+    "foreign-shapes": Recording((), bare=True, extra=FOREIGN_SHAPES),
 }
 COMPILED = sorted(name for name, recording in RECORDINGS.items() if not (recording.bare or recording.extra))
 

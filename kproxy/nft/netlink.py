@@ -124,7 +124,16 @@ def _ipv6(text: str) -> bytes:
 
 @functools.lru_cache(maxsize=256)
 def _proto(text: str) -> bytes:
-    return bytes([PROTOCOLS[text] if text in PROTOCOLS else int(text)])
+    """A protocol by number or by name (kproxy writes tcp, udp and sctp; another program's element, read back as nft
+    names it from /etc/protocols, is deleted by that name)."""
+    if text in PROTOCOLS:
+        return bytes([PROTOCOLS[text]])
+    if text.isdigit():
+        return bytes([int(text)])
+    try:
+        return bytes([socket.getprotobyname(text)])
+    except OSError:
+        raise ValueError(f"unknown protocol {text!r}") from None
 
 
 def _port(text: str) -> bytes:
