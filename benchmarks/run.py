@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import cold_start, datapath, packet_latency, partial_sync, programming_latency, scrape, user_paths
+from benchmarks import cold_start, datapath, packet_latency, partial_sync, programming_latency, read_back, scrape, user_paths
 from benchmarks import compile as compile_bench
 from benchmarks.netns import versions
 
@@ -31,6 +31,7 @@ BENCHMARKS = {
     "user-files": ("User path: --once and --dry-run on kubectl exports", user_paths.main_files),
     "scrape": ("User path: /metrics scrapes of an idle daemon", scrape.main),
     "packet-latency": ("User path: network programming latency by packets", packet_latency.main),
+    "read-back": ("Restart: reading kproxy's tables back", read_back.main),
     "compile": ("Compile (pure core)", compile_bench.main),
     "cold-start": ("Cold start on an empty node", cold_start.main),
     "partial-sync": ("Partial syncs in a loaded table", partial_sync.main),
