@@ -151,6 +151,10 @@ def _model(args: argparse.Namespace, mode: str, config: DaemonConfig) -> tuple[C
             cluster, problems = cluster_from_api(config.kubeconfig, config.node_name)
         except Exception as exc:  # no kubeconfig, no in-cluster config, API server down
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            if config.kubeconfig:
+                from kproxy.daemon.run import client_failure
+
+                reason = client_failure(config, exc)
             raise UsageError(f"{mode} without --from-file lists the API server, which failed: {reason}") from None
     for line in summarize(problems):
         log.warning("%s", line)

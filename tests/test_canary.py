@@ -66,7 +66,7 @@ def _identity(doc: dict[str, Any]) -> tuple[str, str, str]:
 def build(directory: Path) -> list[dict[str, Any]]:
     """A kustomization with ``resources`` (files or directories) and ``patches`` (paths to strategic-merge patches)."""
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    assert set(kustomization) <= {"apiVersion", "kind", "resources", "patches"}, kustomization
+    assert set(kustomization) <= {"apiVersion", "kind", "resources", "patches", "images"}, kustomization
     docs: list[dict[str, Any]] = []
     for resource in kustomization.get("resources", []):
         path = (directory / resource).resolve()
@@ -77,6 +77,14 @@ def build(directory: Path) -> list[dict[str, Any]]:
         (patch,) = load_all(directory / entry["path"])
         (index,) = [i for i, d in enumerate(docs) if _identity(d) == _identity(patch)]
         docs[index] = strategic_merge(docs[index], patch)
+    for image in kustomization.get("images", []):
+        assert set(image) <= {"name", "newName", "newTag", "digest"}, image
+        for doc in docs:
+            for container in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+                name, _, tag = container["image"].partition(":")
+                if name == image["name"]:
+                    suffix = f"@{image['digest']}" if "digest" in image else f":{image.get('newTag', tag)}"
+                    container["image"] = image.get("newName", name) + suffix
     return docs
 
 
@@ -189,10 +197,25 @@ def test_canary_and_patched_kube_proxy_validate(version: str) -> None:
         kubernetes_validate.validate(doc, version, strict=True)
 
 
+def config_map(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (found,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "kproxy-config"]
+    return found
+
+
 def test_canary_changes_only_kproxys_node_affinity() -> None:
-    """The overlay keeps every object of the base, and changes nothing in them but the DaemonSet's affinity."""
+    """The overlay keeps every object of the base, and changes nothing in them but the DaemonSet's affinity.
+
+    Its ConfigMap (deploy/canary/kproxy-config.yaml, the one file to edit) says,
+    as shipped, what the base's says, in other comments.
+    """
     base, canary = build(BASE), build(CANARY)
     assert [_identity(d) for d in base] == [_identity(d) for d in canary]
+    assert yaml.safe_load(config_map(base)["data"]["config.yaml"]) == yaml.safe_load(
+        config_map(canary)["data"]["config.yaml"])
+    assert config_map(base)["data"]["config.yaml"] != config_map(canary)["data"]["config.yaml"], "the patch applies"
+    ignore_config = [d for d in base + canary if d["kind"] == "ConfigMap"]
+    for doc in ignore_config:
+        doc["data"] = {k: v for k, v in doc["data"].items() if k != "config.yaml"}
     assert [d for d in base if d["kind"] != "DaemonSet"] == [d for d in canary if d["kind"] != "DaemonSet"]
     assert without_affinity(daemonset(base, "kproxy")) == without_affinity(daemonset(canary, "kproxy"))
     (kube_proxy,) = load_all(KUBE_PROXY)

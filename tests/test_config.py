@@ -726,3 +726,37 @@ def test_unsupported_local_detection_is_refused(tmp_path: Path, mode: str) -> No
     path.write_text(f"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\ndetectLocalMode: {mode}\n")
     with pytest.raises(ConfigError, match=f"detectLocalMode: '{mode}' is not supported"):
         load_kube_proxy_configuration(str(path))
+
+
+# --- clientConnection.kubeconfig: kube-proxy's, copied with its file, names a file kproxy's pod lacks --------
+
+
+def test_kubeconfig_from_the_file_that_does_not_exist_is_warned(tmp_path: Path) -> None:
+    """kubeadm's clientConnection.kubeconfig copied into kproxy's file: one warning naming the field and the path
+    (so --dry-run, the migration's pre-check, shows it); an existing file or the --kubeconfig flag: none."""
+    missing = str(tmp_path / "kubeconfig.conf")
+    path = _file(tmp_path, HEADER + f"clientConnection: {{kubeconfig: {missing}}}\n")
+    config = _config("--config", path)
+    (warning,) = config.warnings
+    assert f"{path}: clientConnection.kubeconfig" in warning and missing in warning and "\n" not in warning
+    assert config.kubeconfig_source == f"{path}: clientConnection.kubeconfig"
+    assert _config("--config", path, "--kubeconfig", missing).warnings == ()
+    Path(missing).write_text("")
+    assert _config("--config", path).warnings == ()
+
+
+def test_daemon_names_the_kubeconfig_field_and_path_when_it_cannot_start(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Daemon mode with a missing clientConnection.kubeconfig exits 1, before touching netfilter, with one line
+    naming the path, the file and field it came from, and what to do."""
+    from kproxy.cli import main
+
+    missing = str(tmp_path / "kubeconfig.conf")
+    path = _file(tmp_path, HEADER + f"clientConnection: {{kubeconfig: {missing}}}\n")
+    assert main(["--config", path, "--hostname-override", "node-a"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("kproxy: error: cannot configure the Kubernetes client from ")
+    assert f"{missing} ({path}: clientConnection.kubeconfig): no such file" in error
+    assert "remove clientConnection.kubeconfig" in error
+    assert main(["--kubeconfig", missing, "--hostname-override", "node-a"]) == 1
+    assert f"{missing} (--kubeconfig): no such file" in capsys.readouterr().err

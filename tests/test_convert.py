@@ -347,6 +347,22 @@ def test_node_fields() -> None:
     assert node_from_manifest(tainted).being_deleted
 
 
+def test_node_pod_cidrs() -> None:
+    """spec.podCIDRs (else spec.podCIDR), canonical; a bad one is noted and skipped, never the Node."""
+    assert node_from_manifest(node(pod_cidrs=["10.244.1.0/24", "fd00:10:244:1::/64"])).pod_cidrs == (
+        "10.244.1.0/24", "fd00:10:244:1::/64")
+    only_old = node()
+    only_old["spec"]["podCIDR"] = "10.244.2.1/24"
+    assert node_from_manifest(only_old).pod_cidrs == ("10.244.2.0/24",)
+    assert node_from_manifest(node()).pod_cidrs == ()
+    notes: list[tuple[str, str]] = []
+    bad = node(pod_cidrs=["10.244.3.0/24", "nope"])
+    assert node_from_manifest(bad, notes).pod_cidrs == ("10.244.3.0/24",)
+    assert notes and notes[0][0] == "invalid_cidr" and "spec.podCIDRs[1]" in notes[0][1]
+    bad["spec"]["podCIDRs"] = "10.244.3.0/24"
+    assert node_from_manifest(bad, notes).pod_cidrs == ()
+
+
 def test_build_cluster_skips_only_bad_objects() -> None:
     """One bad Service and one bad slice are reported; everything else is kept."""
     objects = [

@@ -82,6 +82,8 @@ def selector_problems(expr: str, labels_of: dict[str, set[str]]) -> list[str]:
             continue
         if 'instance=~"$node"' not in matchers:
             problems.append(f"{metric}: not filtered by instance=~\"$node\"")
+        if 'job="$job"' not in matchers:
+            problems.append(f"{metric}: not filtered by job=\"$job\" (kube-proxy's targets export kubeproxy_* too)")
         filtered = 'ip_family=~"$ip_family"' in matchers
         if "ip_family" in labels and not filtered:
             problems.append(f"{metric}: has ip_family but is not filtered by it")
@@ -224,7 +226,9 @@ def test_every_dashboard_query_returns_data(bed: NetBed, api_in_node: ApiInNode,
     dashboard = json.loads(DASHBOARD.read_text())
     targets = list(panel_targets(dashboard["panels"]))
     variables = template_queries(dashboard)
-    assert targets and set(variables) == {"node", "ip_family"}, (len(targets), variables)
+    assert targets and set(variables) == {"job", "node", "ip_family"}, (len(targets), variables)
+    (job_variable,) = [v for v in dashboard["templating"]["list"] if v["name"] == "job"]
+    assert job_variable["current"]["value"] == "kproxy", "deploy/monitoring's job name is the default"
     sources = [v for v in dashboard["templating"]["list"] if v["type"] == "datasource"]
     assert [(v["name"], v["query"]) for v in sources] == [("datasource", "prometheus")], sources
     api = api_in_node.api
@@ -293,17 +297,19 @@ def test_every_dashboard_query_returns_data(bed: NetBed, api_in_node: ApiInNode,
     assert prometheus.label_values("service", "kproxy_rate_limit_drops_total") == ["limited"]
 
     # The variables, as Grafana resolves them.
-    node_values = prometheus.label_values("instance", LABEL_VALUES.match(variables["node"]).group(1))
+    assert prometheus.label_values("job", LABEL_VALUES.match(variables["job"]).group(1)) == ["kproxy"]
+    node_selector = substitute(LABEL_VALUES.match(variables["node"]).group(1), {"job": "kproxy"})
+    node_values = prometheus.label_values("instance", node_selector)
     assert node_values == [INSTANCE], node_values
-    family_selector = substitute(LABEL_VALUES.match(variables["ip_family"]).group(1), {"node": ".*"})
+    family_selector = substitute(LABEL_VALUES.match(variables["ip_family"]).group(1), {"job": "kproxy", "node": ".*"})
     assert prometheus.label_values("ip_family", family_selector) == ["IPv4", "IPv6"]
 
     # Every panel query: with All selected, and with one node and one family selected.
     labels_of = prometheus.labels_by_metric("kubeproxy_.+|kproxy_.+")
     problems = [f"{title}: {p}\n    {expr}" for title, expr in targets for p in selector_problems(expr, labels_of)]
     selections = {
-        "All": {"node": ".*", "ip_family": ".*"},
-        "one": {"node": promql_regex(INSTANCE), "ip_family": promql_regex("IPv4")},
+        "All": {"job": "kproxy", "node": ".*", "ip_family": ".*"},
+        "one": {"job": "kproxy", "node": promql_regex(INSTANCE), "ip_family": promql_regex("IPv4")},
     }
 
     def failing() -> list[str]:

@@ -316,6 +316,30 @@ def test_conflicting_services_are_named_once(caplog: pytest.LogCaptureFixture) -
                      "ns/y does not"]
 
 
+def test_pod_cidrs_outside_cluster_cidr_are_warned_about_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A Node whose podCIDRs clusterCIDR does not cover: one warning naming both, again only when they change."""
+    proxier, _, _ = _proxier()
+    with caplog.at_level("WARNING", logger="kproxy.daemon.proxier"):
+        proxier.on_node("MODIFIED", node("node-a", pod_cidrs=["10.244.1.0/24", "fd00:10:244:1::/64"]))
+    assert not caplog.records, caplog.text  # inside 10.244.0.0/16; no IPv6 clusterCIDR to compare with
+    with caplog.at_level("WARNING", logger="kproxy.daemon.proxier"):
+        proxier.on_node("MODIFIED", node("node-a", pod_cidrs=["192.168.7.0/24"]))
+        proxier.on_relist("Node", [node("node-a", pod_cidrs=["192.168.7.0/24"])])
+        proxier.on_node("MODIFIED", node("node-a", zone="zone-b", pod_cidrs=["192.168.7.0/24"]))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1, caplog.text
+    assert "192.168.7.0/24" in lines[0] and "clusterCIDR 10.244.0.0/16" in lines[0] and "node-a" in lines[0]
+
+
+def test_outside() -> None:
+    from kproxy.cluster.validate import outside
+    assert outside(["10.244.1.0/24", "10.0.0.0/8", "10.245.0.0/24"], ["10.244.0.0/16"]) == [
+        "10.0.0.0/8", "10.245.0.0/24"]
+    assert outside(["fd00::/64"], ["10.0.0.0/8"]) == []
+    assert outside(["fd00::/64", "10.1.0.0/24"], ["10.0.0.0/8", "fd00::/48"]) == []
+    assert outside(["10.1.0.0/24"], []) == []
+
+
 def test_node_zone_change_forces_full_sync() -> None:
     """A change of the node's labels (its zone) is picked up by a full sync."""
     proxier, _, _ = _proxier()

@@ -713,7 +713,15 @@ def _node(obj: Mapping[str, Any], notes: Notes | None) -> Node:
         address = _part(notes, _ip, entry.get("address"), f"status.addresses[{i}].address")
         if address is not None:
             (internal if entry["type"] == "InternalIP" else external).append(address)
-    taints = _list(_mapping(obj.get("spec"), "spec").get("taints"), "spec.taints")
+    spec = _mapping(obj.get("spec"), "spec")
+    taints = _list(spec.get("taints"), "spec.taints")
+    # Only compared with clusterCIDR (a startup warning): a bad one is skipped alone, never the Node.
+    if spec.get("podCIDRs"):
+        listed = _part(notes, _list, spec["podCIDRs"], "spec.podCIDRs") or []
+        entries = [(raw, f"spec.podCIDRs[{i}]") for i, raw in enumerate(listed)]
+    else:
+        entries = [(spec["podCIDR"], "spec.podCIDR")] if spec.get("podCIDR") else []
+    pod_cidrs = [cidr for raw, what in entries if (cidr := _part(notes, _cidr, raw, what)) is not None]
     deleting = bool(meta.get("deletionTimestamp")) or any(
         _mapping(t, f"spec.taints[{i}]").get("key") == TO_BE_DELETED_TAINT for i, t in enumerate(taints)
     )
@@ -723,6 +731,7 @@ def _node(obj: Mapping[str, Any], notes: Notes | None) -> Node:
         external_ips=tuple(external),
         labels=_str_map(meta.get("labels"), "metadata.labels"),
         being_deleted=deleting,
+        pod_cidrs=tuple(pod_cidrs),
     )
 
 

@@ -185,6 +185,8 @@ class Node:
     labels: Mapping[str, str] = field(default_factory=dict)
     being_deleted: bool = False
     """Deletion timestamp set, or tainted ToBeDeletedByClusterAutoscaler."""
+    pod_cidrs: tuple[str, ...] = ()
+    """``spec.podCIDRs`` (else ``spec.podCIDR``), canonical: the pod ranges the node was given, if any."""
 
     @property
     def zone(self) -> str:

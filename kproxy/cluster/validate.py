@@ -105,6 +105,21 @@ def collapse(cidrs: Iterable[str]) -> list[str]:
         spell_network(n) for n in ipaddress.collapse_addresses(v6)]
 
 
+def outside(cidrs: Iterable[str], within: Iterable[str]) -> list[str]:
+    """The canonical CIDRs of ``cidrs`` not inside any CIDR of ``within``, of a family ``within`` has.
+
+    A family ``within`` has no CIDR of is not checked (nothing to be inside of).
+    """
+    outer = [ipaddress.ip_network(c, strict=False) for c in within]
+    result = []
+    for c in cidrs:
+        network = ipaddress.ip_network(c, strict=False)
+        same = [o for o in outer if o.version == network.version]
+        if same and not any(network.subnet_of(o) for o in same):  # type: ignore[arg-type]
+            result.append(spell_network(network))
+    return result
+
+
 def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     sloppy = _SLOPPY_V4.fullmatch(value)
     if sloppy:

@@ -77,13 +77,16 @@ class DaemonConfig:
     min_sync_period: float = DEFAULT_MIN_SYNC_PERIOD
     """--min-sync-period / nftables.minSyncPeriod, seconds: the least time between two syncs."""
     sync_period: float = DEFAULT_SYNC_PERIOD
-    """--sync-period / nftables.syncPeriod, seconds: a full resync at least this often."""
+    """--sync-period / nftables.syncPeriod, seconds: a sync (of what changed) at least this often; the full
+    resync, which reads the tables back and repairs them, is hourly (and at startup, after a failure, on SIGHUP)."""
     metrics_bind_address: str = DEFAULT_METRICS_BIND_ADDRESS
     """--metrics-bind-address / metricsBindAddress: ``HOST:PORT``, normalised; port 0 = any free port."""
     healthz_bind_address: str = DEFAULT_HEALTHZ_BIND_ADDRESS
     """--healthz-bind-address / healthzBindAddress: ``HOST:PORT``, normalised; port 0 = any free port."""
     kubeconfig: str | None = None
     """--kubeconfig / clientConnection.kubeconfig; None means the in-cluster configuration."""
+    kubeconfig_source: str = field(default="", compare=False)
+    """Where ``kubeconfig`` came from (``--kubeconfig``, or ``FILE: clientConnection.kubeconfig``), for errors."""
     log_format: str = "text"
     """--log-format / logging.format: "text" or "json"."""
     log_level: str = "info"
@@ -971,6 +974,13 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
         values["node_name"], sources["node_name"] = _default_node_name()
     if getattr(args, "expose_rules", False):
         values["expose_rules"] = True
+    if "kubeconfig" in values:
+        values["kubeconfig_source"] = sources["kubeconfig"]
+        if sources["kubeconfig"] != "--kubeconfig" and not os.path.exists(values["kubeconfig"]):
+            warnings.append(
+                f"{sources['kubeconfig']} = {values['kubeconfig']!r}: no such file here, and without it the daemon "
+                "cannot start. kproxy's pod uses its ServiceAccount: remove the field (kube-proxy's configuration "
+                "names kube-proxy's own kubeconfig, which kproxy's pod does not have)")
 
     config = DaemonConfig(**values, warnings=tuple(warnings))
     min_label = sources.get("min_sync_period", "the default min sync period")

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from kproxy.cluster import validate
 from kproxy.cluster.conflicts import FrontendIndex
 from kproxy.cluster.convert import (
     InvalidObject,
@@ -48,7 +49,7 @@ from kproxy.cluster.convert import (
     slice_from_manifest,
     summarize,
 )
-from kproxy.cluster.model import Cluster, EndpointSlice, Service, ServiceKey, SliceKey
+from kproxy.cluster.model import Cluster, EndpointSlice, Node, Service, ServiceKey, SliceKey
 from kproxy.cluster.tracker import ChangeTracker
 from kproxy.memory import gc_paused
 from kproxy.nft.kernel import Backend, NftError
@@ -189,6 +190,8 @@ class Proxier:
         self._kept: dict[ServiceKey, dict[Family, ServiceRules | None]] = {}
         """A quarantined Service's last good parts: what the kernel keeps for it (across failed syncs too)."""
         self._node_info: NodeInfo | None = None
+        self._pod_cidrs_checked: tuple[str, ...] = ()
+        """The Node's pod CIDRs last compared with clusterCIDR (each value is warned about once)."""
         self._needs_full = True
         self._last_full = float("-inf")
         self.full_synced = threading.Event()
@@ -310,11 +313,32 @@ class Proxier:
             node = self._convert("Node", obj, node_from_manifest)
             if node is None:
                 return  # an invalid Node: keep what was known
+        if node is not None:
+            self._check_pod_cidrs(node)
         with self.lock:
             self.tracker.set_node(node)
             for conflict in self._frontends.set_node_addresses(node.internal_ips + node.external_ips if node else ()):
                 log.warning("%s", conflict)
             self._notify()
+
+    def _check_pod_cidrs(self, node: Node) -> None:
+        """Warn, once per value, when the Node's pod CIDRs are not inside clusterCIDR.
+
+        kproxy tells pods from other sources by clusterCIDR: with a wrong one,
+        pod -> ClusterIP traffic is masqueraded (the source pod's IP is lost),
+        and pods' traffic to their own load-balancer IPs is not short-circuited.
+        """
+        if node.pod_cidrs == self._pod_cidrs_checked:
+            return
+        self._pod_cidrs_checked = node.pod_cidrs
+        outside = validate.outside(node.pod_cidrs, self.config.cluster_cidrs)
+        if outside:
+            log.warning(
+                "Node %s's pod CIDR %s (spec.podCIDRs) is not inside clusterCIDR %s: traffic from this node's pods "
+                "to ClusterIPs is masqueraded, so Services see the node's IP instead of the pod's, and NetworkPolicies "
+                "that allow pods by podSelector deny it. Set clusterCIDR (kube-proxy's --cluster-cidr, kubeadm's "
+                "networking.podSubnet) in kproxy's ConfigMap to the cluster's pod CIDRs",
+                node.name, ", ".join(outside), ", ".join(self.config.cluster_cidrs))
 
     def on_relist(self, kind: str, objects: Iterable[Mapping[str, Any]]) -> None:
         """A full list replaces everything of one kind: objects not in it are deleted.

@@ -11,6 +11,7 @@ resync (which also repairs anything changed in kproxy's tables by hand).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -41,6 +42,21 @@ def kube_api_client(kubeconfig: str | None) -> Any:
     else:
         config.load_incluster_config(client_configuration=configuration)
     return client.ApiClient(configuration)
+
+
+def client_failure(config: DaemonConfig, exc: Exception) -> str:
+    """Why the Kubernetes client could not be configured, in one line naming the kubeconfig and where it was set."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if not config.kubeconfig:
+        return f"the in-cluster configuration (kproxy's ServiceAccount): {reason}"
+    if not os.path.exists(config.kubeconfig):
+        reason = "no such file"
+    where = f"{config.kubeconfig} ({config.kubeconfig_source or 'kubeconfig'})"
+    hint = ""
+    if config.kubeconfig_source.endswith("clientConnection.kubeconfig"):
+        hint = ("; in a pod kproxy needs no kubeconfig (it uses its ServiceAccount): remove "
+                "clientConnection.kubeconfig from the file")
+    return f"{where}: {reason}{hint}"
 
 
 @dataclass
@@ -190,8 +206,7 @@ def run(config: DaemonConfig) -> int:
     try:
         api_client = kube_api_client(config.kubeconfig)
     except Exception as exc:  # no kubeconfig file, not in a cluster, a malformed config
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise StartupError(f"cannot configure the Kubernetes client: {reason}") from None
+        raise StartupError(f"cannot configure the Kubernetes client from {client_failure(config, exc)}") from None
     daemon = Daemon(config, api_client, observer=metrics, on_restart=metrics.watch_restarted)
 
     def on_signal(signum: int, _frame: Any) -> None:

@@ -104,6 +104,7 @@ def node(
     zone: str | None = "zone-a",
     taints: list[dict[str, Any]] | None = None,
     deleting: bool = False,
+    pod_cidrs: list[str] | None = None,
 ) -> dict[str, Any]:
     labels = {"kubernetes.io/hostname": name}
     if zone:
@@ -119,4 +120,7 @@ def node(
     }
     if deleting:
         body["metadata"]["deletionTimestamp"] = "2026-12-01T00:00:00Z"
+    if pod_cidrs:
+        body["spec"]["podCIDR"] = pod_cidrs[0]
+        body["spec"]["podCIDRs"] = pod_cidrs
     return body
