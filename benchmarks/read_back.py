@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
               f"{r['json_peak_mb']:.0f} ({r['json_mb']:.0f}) | {r['netlink_s']:.2f} | "
               f"{r['netlink_peak_mb']:.0f} ({r['netlink_mb']:.0f}) | "
               f"{r['json_s'] / r['netlink_s']:.0f}x | {r['json_mb'] / max(r['netlink_mb'], 0.1):.0f}x |")
-    print("\nThe daemon's restart over its tables (first full sync: convert, compile, read back, compare), one run each.\n")
+    print("\n_The second table: the daemon's restart over its tables (first full sync: convert, compile, read back, "
+          "compare), one run each._\n")
     print("| Services x 10 endpoints | reading back through JSON: s | peak RSS MB | over netlink: s | peak RSS MB |")
     print("|---|---|---|---|---|")
     for r in rows:

@@ -59,9 +59,15 @@ def main() -> None:
         captured = io.StringIO()
         with contextlib.redirect_stdout(captured):
             run(["--quick"] if args.quick else [])
-        lines = [line for line in captured.getvalue().splitlines() if line.startswith(("|", "_"))]
+        lines = captured.getvalue().splitlines()
         notes = [line for line in lines if line.startswith("_")]
-        table = "\n\n".join([*notes, "\n".join(line for line in lines if line.startswith("|"))])
+        tables: list[list[str]] = []  # consecutive table lines; a line of anything else ends a table
+        for previous, line in zip(["", *lines], lines, strict=False):
+            if line.startswith("|"):
+                if not previous.startswith("|"):
+                    tables.append([])
+                tables[-1].append(line)
+        table = "\n\n".join([*notes, *("\n".join(rows) for rows in tables)])
         print(f"\n## {title}\n\n{table}", flush=True)
         sections.append(f"### {title} (`benchmarks/{run.__module__.split('.')[-1]}.py`)\n\n_{measured}_\n\n{table}")
     if args.quick or args.no_write:
