@@ -12,6 +12,7 @@ from kproxy.daemon.drift import DriftWatcher, RepairPacer, reason_of
 from kproxy.nft.monitor import NotificationsLost
 from kproxy.nft.notifications import Commit, Commits, parse
 from kproxy.nft.objects import Family
+from tests.harness.daemonbed import wait_until
 
 PID = 4242
 
@@ -104,6 +105,7 @@ class FakeMonitor:
         self.tables: set[Family] = {"ip", "ip6"}
         self.idle = threading.Event()
         self.subscribed = False
+        self.generation_fails = False
 
     def read(self, timeout: float) -> list[Commit]:
         if not self.queue:
@@ -114,6 +116,8 @@ class FakeMonitor:
         return item() if callable(item) else item
 
     def generation(self) -> int:
+        if self.generation_fails:
+            raise OSError("no answer")
         return self.generation_now
 
     def has_table(self, family: Family) -> bool:
@@ -128,8 +132,8 @@ class FakeEngine:
         self.monitor = monitor
         self.requests = 0
         self.commits = 0
-        self.full_synced = threading.Event()
-        self.full_synced.set()
+        self.first_sync: tuple[Callable[[], None], Callable[[], None]] | None = None
+        self.synced_before_watching = True
 
     def request_full_sync(self) -> None:
         self.requests += 1
@@ -143,8 +147,12 @@ class FakeEngine:
     def committed_by(self, pid: int | None) -> bool:
         return pid == PID
 
-    def wait_full_sync(self, timeout: float) -> bool:
-        return self.full_synced.wait(timeout)
+    def bracket_first_full_sync(self, before: Callable[[], None], after: Callable[[], None]) -> None:
+        if self.synced_before_watching:
+            before()
+            after()
+        else:
+            self.first_sync = (before, after)
 
 
 class Reasons:
@@ -198,28 +206,64 @@ def test_lost_notifications_are_settled_by_counting_commits(foreign: int, repair
     assert reasons.seen == (["notifications_lost"] if repaired else [])
 
 
-@pytest.mark.parametrize(("foreign", "repaired"), [(0, False), (3, True)])
-def test_notifications_are_read_only_after_the_first_full_sync(foreign: int, repaired: bool) -> None:
-    """The cold start's own notifications are never asked for; others' commits meanwhile are counted, then repaired."""
-    monitor = FakeMonitor()
-    engine = FakeEngine(monitor)
-    engine.full_synced.clear()
+def _first_sync(engine: FakeEngine, monitor: FakeMonitor, own: int, foreign: int, before: int = 0,
+                reading_fails: bool = False) -> tuple[Reasons, threading.Event, DriftWatcher]:
+    """A watcher started before the engine's first full sync: ``before`` commits by others before it starts,
+    then the sync (``own`` commits) while others commit ``foreign`` times; returns once the watcher listens."""
+    engine.synced_before_watching = False
     reasons, stop = Reasons(), threading.Event()
     watcher = DriftWatcher(monitor, engine, reasons, 60.0, stop, pacer=RepairPacer(initial=0.0, cap=0.0))  # type: ignore[arg-type]
     watcher.start()
-    try:
-        assert not monitor.idle.wait(0.3) and not monitor.subscribed, "nothing read before the first full sync"
-        engine.commits += 40  # the first sync's transactions
-        monitor.generation_now += 40 + foreign
-        engine.full_synced.set()
-        assert monitor.idle.wait(5) and monitor.subscribed
-        monitor.idle.clear()
-        assert monitor.idle.wait(5)
-    finally:
-        stop.set()
-        watcher.join(5)
-    assert reasons.seen == (["notifications_lost"] if repaired else [])
-    assert engine.requests == (1 if repaired else 0)
+    wait_until(lambda: engine.first_sync is not None, 5, "the watcher registered")
+    assert engine.first_sync is not None and not monitor.subscribed, "nothing asked for before the first full sync"
+    monitor.generation_now += before
+    starting, synced = engine.first_sync
+    if reading_fails:
+        monitor.generation_fails = True
+    starting()
+    monitor.generation_fails = False
+    engine.commits += own
+    monitor.generation_now += own + foreign
+    synced()
+    assert watcher.listening.wait(5) and monitor.subscribed
+    monitor.idle.clear()
+    assert monitor.idle.wait(5), "the watcher went on to read notifications"
+    return reasons, stop, watcher
+
+
+@pytest.mark.parametrize(("before", "foreign", "checked"), [(0, 0, False), (5, 0, False), (0, 3, True)])
+def test_notifications_are_read_only_after_the_first_full_sync(before: int, foreign: int, checked: bool) -> None:
+    """The cold start's own notifications are never asked for; others' commits before it are not counted (the
+    sync reads the kernel), those during it ask for one more full sync: a check, not a repair (no drift metric)."""
+    monitor = FakeMonitor()
+    engine = FakeEngine(monitor)
+    reasons, stop, watcher = _first_sync(engine, monitor, own=40, foreign=foreign, before=before)
+    stop.set()
+    watcher.join(5)
+    assert reasons.seen == []
+    assert engine.requests == (1 if checked else 0)
+
+
+def test_an_unreadable_generation_at_the_first_sync_asks_for_a_check_not_a_repair() -> None:
+    monitor = FakeMonitor()
+    engine = FakeEngine(monitor)
+    reasons, stop, watcher = _first_sync(engine, monitor, own=40, foreign=0, reading_fails=True)
+    stop.set()
+    watcher.join(5)
+    assert reasons.seen == [] and engine.requests == 1
+
+
+def test_a_watcher_stopped_before_the_first_sync_ends() -> None:
+    monitor = FakeMonitor()
+    engine = FakeEngine(monitor)
+    engine.synced_before_watching = False
+    stop = threading.Event()
+    watcher = DriftWatcher(monitor, engine, Reasons(), 60.0, stop)  # type: ignore[arg-type]
+    watcher.start()
+    wait_until(lambda: engine.first_sync is not None, 5, "the watcher registered")
+    stop.set()
+    watcher.join(5)
+    assert not watcher.is_alive() and not monitor.subscribed
 
 
 def test_the_periodic_check_finds_a_missing_table() -> None:

@@ -61,6 +61,27 @@ def test_first_sync_is_full_and_matches_a_full_compile() -> None:
     assert plan(backend.read(), _expected(proxier)).operations == 0
 
 
+def test_the_first_full_sync_is_bracketed_for_the_drift_watcher() -> None:
+    """``before`` as the first full sync starts, ``after`` once it has committed, both under the lock and only once;
+    a late registration is called at once."""
+    proxier, backend, _ = _proxier()
+    calls: list[tuple[str, int, bool]] = []
+
+    def record(what: str) -> Callable[[], None]:
+        return lambda: calls.append((what, backend.commits, proxier.lock._is_owned()))  # type: ignore[attr-defined]
+
+    proxier.bracket_first_full_sync(record("before"), record("after"))
+    proxier.sync()
+    assert calls == [("before", 0, True), ("after", backend.commits, True)] and backend.commits > 0
+    proxier.on_slice("MODIFIED", _slice(1, 5))
+    proxier.request_full_sync()
+    proxier.sync()
+    assert len(calls) == 2, "only the first full sync"
+    late: list[tuple[str, int, bool]] = []
+    proxier.bracket_first_full_sync(lambda: late.append(("before", 0, True)), lambda: late.append(("after", 0, True)))
+    assert late == [("before", 0, True), ("after", 0, True)]
+
+
 def test_one_endpoint_change_is_a_minimal_partial_sync() -> None:
     """Adding one endpoint adds its slot in the endpoints map and its hairpin element; no rule changes."""
     proxier, backend, _ = _proxier(50)

@@ -8,12 +8,15 @@ nftables.service reload, some CNI and VPN installers), an operator's
   committed transaction that touched ``ip kproxy`` or ``ip6 kproxy`` and was
   not committed by this process;
 * when notifications were lost (the kernel drops them when they come faster
-  than they are read), or were not asked for yet (the watcher subscribes
-  after the first full sync, as a cold start announces every element), by counting:
+  than they are read), by counting:
   if the ruleset's generation grew more than this process's own commits
   since the last fence, someone else committed something;
 * every ``--sync-period``, by asking whether the ruleset's generation is the
   last one seen, and whether each table kproxy programmed still exists.
+
+It listens from the end of the first full sync on (a cold start would
+announce every element to it); others' commits during that sync are counted
+and checked by one more full sync.
 
 A repair is a full sync (``Proxier.request_full_sync``): it reads what the
 kernel holds and sends the difference in one transaction per family, so it
@@ -60,8 +63,8 @@ class Repairable(Protocol):
         """Whether a transaction committed by this process or thread id was the engine's own."""
         ...
 
-    def wait_full_sync(self, timeout: float) -> bool:
-        """Whether the engine's first full sync has succeeded, waiting up to ``timeout`` seconds."""
+    def bracket_first_full_sync(self, before: Callable[[], None], after: Callable[[], None]) -> None:
+        """``before`` as the engine's first full sync starts, ``after`` once it has committed: both under its lock."""
         ...
 
 
@@ -145,22 +148,8 @@ class DriftWatcher(threading.Thread):
         """Set once notifications are read (after the engine's first full sync)."""
 
     def run(self) -> None:
-        self._take_fence()
-        # Notifications are asked for only after the first full sync: a cold
-        # start announces every element (over 100,000 at 10k Services), which
-        # the kernel builds only for listeners and this thread would read
-        # while the sync encodes. That sync reads the kernel back, so what
-        # others did before it is repaired by it; what they committed while it
-        # ran is counted against the fence taken above.
-        while not self.engine.wait_full_sync(1.0):
-            if self.stop_event.is_set():
-                return
-        try:
-            self.monitor.subscribe()
-        except OSError as exc:
-            log.warning("cannot subscribe to ruleset notifications (%s); the periodic check goes on", exc)
-        self._count_unwatched("while kproxy's first full sync ran (before notifications were read)")
-        self.listening.set()
+        if not self._listen_after_first_full_sync():
+            return
         next_check = self.clock() + self.period
         while not self.stop_event.is_set():
             now = self.clock()
@@ -182,6 +171,55 @@ class DriftWatcher(threading.Thread):
                 log.info("the changes to kproxy's tables by other programs have stopped: %d seen, %d repairs",
                          self.pacer.burst, self.pacer.repairs)
                 self.pacer.burst = 0
+
+    def _listen_after_first_full_sync(self) -> bool:
+        """Subscribe to notifications in the engine's lock, right after its first full sync; False if stopped first.
+
+        A cold start announces every element (over 100,000 at 10k Services):
+        the kernel builds notifications only for listeners, and this thread
+        would read them while the sync encodes. The first full sync reads the
+        kernel back, so what others did before it started is repaired by it.
+        Commits during it are counted (the generation's growth beyond the
+        sync's own commits): as they may have touched any table, they only
+        ask for one more full sync, which changes nothing unless kproxy's
+        tables were touched (no warning, no drift metric).
+        """
+        readings: dict[str, tuple[int, int] | None] = {}
+        done = threading.Event()
+
+        def before() -> None:
+            readings["before"] = self._reading()
+
+        def after() -> None:
+            try:
+                self.monitor.subscribe()
+                self.listening.set()
+            except OSError as exc:
+                log.warning("cannot subscribe to ruleset notifications (%s); the periodic check goes on", exc)
+            readings["after"] = self._reading()
+            done.set()
+
+        self.engine.bracket_first_full_sync(before, after)
+        while not done.wait(1.0):
+            if self.stop_event.is_set():
+                return False
+        first, last = readings.get("before"), readings.get("after")
+        if last is not None:
+            self._fence, self._last_generation = last, last[1]
+        foreign = None if first is None or last is None else (last[1] - first[1]) - (last[0] - first[0])
+        if foreign is None or foreign > 0:
+            log.info("%s transaction(s) by other programs during kproxy's first full sync, before it read notifications: "
+                     "one more full sync checks kproxy's tables", "some" if foreign is None else foreign)
+            self.engine.request_full_sync()
+        return True
+
+    def _reading(self) -> tuple[int, int] | None:
+        """(the engine's commits, the ruleset generation), in the engine's lock (held by the caller: re-entrant)."""
+        try:
+            return self.engine.fence(self.monitor.generation, timeout=1.0)
+        except OSError as exc:
+            log.warning("cannot read the ruleset generation: %s", exc)
+            return None
 
     def _seen(self, commits: list[Commit]) -> None:
         for commit in commits:
@@ -216,17 +254,14 @@ class DriftWatcher(threading.Thread):
         return fence
 
     def _notifications_lost(self) -> None:
-        self._count_unwatched("while notifications were lost")
-
-    def _count_unwatched(self, when: str) -> None:
         """Count: if the generation grew more than our own commits since the fence, someone else committed."""
         before = self._fence
         after = self._take_fence()
         if before is None or after is None:
-            self._drift("notifications_lost", f"the generation could not be checked {when}")
+            self._drift("notifications_lost", "notifications were lost and the generation could not be checked")
         elif after[1] - before[1] > after[0] - before[0]:
             foreign = (after[1] - before[1]) - (after[0] - before[0])
-            self._drift("notifications_lost", f"{foreign} transaction(s) by other programs {when}")
+            self._drift("notifications_lost", f"{foreign} transaction(s) by other programs while notifications were lost")
 
     def _check(self) -> None:
         """The periodic check: the generation is the last one seen, and every table kproxy programmed exists."""

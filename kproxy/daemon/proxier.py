@@ -194,8 +194,9 @@ class Proxier:
         """The Node's pod CIDRs last compared with clusterCIDR (each value is warned about once)."""
         self._needs_full = True
         self._last_full = float("-inf")
-        self.full_synced = threading.Event()
-        """Set once a full sync has succeeded (the drift watcher subscribes then)."""
+        self._first_full: list[tuple[Callable[[], None], Callable[[], None]]] | None = []
+        """The callbacks bracketing the first full sync (``bracket_first_full_sync``); None once it has succeeded."""
+        self._first_full_started = False
         self.last_sync: SyncResult | None = None
         self.last_success_wall: float | None = None
         self.oldest_pending_wall: float | None = None
@@ -443,9 +444,28 @@ class Proxier:
         with self.lock:
             return set(self._committed) if self._assemblies is not None else set()
 
-    def wait_full_sync(self, timeout: float) -> bool:
-        """Whether a full sync has succeeded, waiting up to ``timeout`` seconds for the first."""
-        return self.full_synced.wait(timeout)
+    def bracket_first_full_sync(self, before: Callable[[], None], after: Callable[[], None]) -> None:
+        """Call ``before`` as the first full sync starts and ``after`` once one has committed, each under the lock.
+
+        Between the two, only that sync commits for this process (the drift
+        watcher counts everyone else's commits there). Registered late, the
+        calls come at once.
+        """
+        with self.lock:
+            if self._first_full is None:
+                before()
+                after()
+                return
+            if self._first_full_started:
+                before()
+            self._first_full.append((before, after))
+
+    def _run_first_full_callbacks(self, which: int) -> None:
+        for callbacks in self._first_full or []:
+            try:
+                callbacks[which]()
+            except Exception:  # a watcher's callback must never break syncing
+                log.exception("a callback around the first full sync failed")
 
     def committed_by(self, pid: int | None) -> bool:
         """Whether a transaction the kernel says this process or thread committed was this engine's (its backend's)."""
@@ -514,6 +534,9 @@ class Proxier:
                         full, start = True, self.clock()
                         changes.services |= self.tracker.known()
                 if full:
+                    if not self._first_full_started:
+                        self._first_full_started = True
+                        self._run_first_full_callbacks(0)
                     result = self._sync_full(node_info, changes.services)
             except Exception:
                 self._needs_full = True
@@ -532,7 +555,9 @@ class Proxier:
             self._needs_full = False
             if full:
                 self._last_full = start
-                self.full_synced.set()
+                if self._first_full is not None:
+                    self._run_first_full_callbacks(1)
+                    self._first_full = None
                 self._node_info = node_info
                 self._service_cidrs = self.tracker.service_cidrs()
                 # The model and the tables are long-lived and acyclic: move them
