@@ -23,7 +23,7 @@ import argparse
 import ipaddress
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from kproxy import __version__
@@ -237,6 +237,13 @@ class _OnceObserver(NullObserver):
         self.conntrack += count
 
 
+def _drained(items: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The items in order, each dropped from the list as it is handed out (the list holds a 10k export's dicts)."""
+    items.reverse()
+    while items:
+        yield items.pop()
+
+
 def once(args: argparse.Namespace, config: DaemonConfig) -> int:
     """Program the kernel of this network namespace once, then exit.
 
@@ -250,6 +257,7 @@ def once(args: argparse.Namespace, config: DaemonConfig) -> int:
         if isinstance(kind, str) and kind in by_kind:
             by_kind[kind].append(obj)
     by_kind["Node"] = [n for n in by_kind["Node"] if object_key(n) == config.node_name]
+    del objects  # each kind's list is handed over drained: a manifest is freed once converted
     backend = NftablesBackend()
     backend.check_capabilities()
     observer = _OnceObserver()
@@ -257,7 +265,7 @@ def once(args: argparse.Namespace, config: DaemonConfig) -> int:
         proxier = Proxier(backend, config.node_name, config.proxy_config(), conntrack=conntrack, observer=observer,
                           interfaces=interface_addresses)
         for kind in ("Node", "ServiceCIDR", "Service", "EndpointSlice"):
-            proxier.on_relist(kind, by_kind[kind])
+            proxier.on_relist(kind, _drained(by_kind.pop(kind)))
         proxier.sync()
         deleted = proxier.delete_dereferenced_chains()
     if not proxier.tracker.node or not (proxier.tracker.node.internal_ips or proxier.tracker.node.external_ips):
