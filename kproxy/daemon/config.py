@@ -905,7 +905,8 @@ def add_daemon_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) 
         metavar="|".join(SERVICE_METRICS),
         help="which Services export kproxy_service_new_connections_total: those annotated "
         f'kproxy.io/metrics: "true" (the default: {DEFAULT_SERVICE_METRICS}), all, or none '
-        "(rate-limited Services always export kproxy_rate_limit_drops_total); kproxy's own, not in --config",
+        "(Services with a limit always export kproxy_limit_drops_total, and kproxy_rate_limit_drops_total for "
+        "kproxy.io/rate-limit); kproxy's own, not in --config",
     )
 
 
