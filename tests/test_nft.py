@@ -19,10 +19,23 @@ def netns(empty_netns: Netns) -> Netns:
     return empty_netns
 
 
-def test_capabilities_present_and_probe_leaves_nothing(netns: Netns) -> None:
-    """This kernel has every capability kproxy needs, and the probes leave no table behind."""
-    with netns.entered():
+def test_capabilities_present_and_probe_leaves_nothing(netns: Netns, caplog: pytest.LogCaptureFixture) -> None:
+    """This kernel has every capability kproxy needs (the optional ones too), and the probes leave no table behind."""
+    with netns.entered(), caplog.at_level("WARNING", logger="kproxy.nft.backend"):
         NftablesBackend().check_capabilities()
+    assert netns.nft("list", "ruleset").stdout.strip() == ""
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
+def test_missing_optional_capability_warns_and_runs(netns: Netns, monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A capability only an annotation needs is one warning naming it, not a refusal to start."""
+    bogus = Capability("frobnication, for kproxy.io/frob", "module nft_frob", ("meta frob 1 counter",))
+    monkeypatch.setattr(nft, "OPTIONAL_CAPABILITIES", (nft.OPTIONAL_CAPABILITIES[0], bogus))
+    with netns.entered(), caplog.at_level("WARNING", logger="kproxy.nft.backend"):
+        NftablesBackend().check_capabilities()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "frobnication, for kproxy.io/frob" in messages[0] and "nft_frob" in messages[0]
     assert netns.nft("list", "ruleset").stdout.strip() == ""
 
 

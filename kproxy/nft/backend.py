@@ -104,6 +104,24 @@ CAPABILITIES: tuple[Capability, ...] = (
 )
 
 
+OPTIONAL_CAPABILITIES: tuple[Capability, ...] = (
+    Capability(
+        "connection counting, for kproxy.io/limit-connections",
+        "module nft_connlimit",
+        ("ct state new add @cl { {family} saddr ct count over 3 } counter drop",),
+        sets=("set cl { type {addr}; flags dynamic; size 65535; }",),
+    ),
+    Capability(
+        "byte meters, for kproxy.io/bandwidth-limit",
+        "modules nft_dynset, nft_limit (byte rates)",
+        ("update @b { ct original {family} saddr . ct direction limit rate over 1 mbytes/second } counter drop",),
+        sets=("set b { typeof ct original {family} saddr . ct direction; flags dynamic,timeout; timeout 1m; }",),
+    ),
+)
+"""What only some annotations need: a kernel without them runs kproxy, and Services using them are refused
+(quarantined, each with its reason); one warning at startup names what is missing."""
+
+
 def _probe_script(cap: Capability, family: Family) -> str:
     """Create and delete a probe table in one batch: the kernel checks every rule."""
     addr = "ipv4_addr" if family == "ip" else "ipv6_addr"
@@ -408,7 +426,7 @@ class NftablesBackend:
     # -- capabilities ----------------------------------------------------
 
     def check_capabilities(self) -> None:
-        """Raise CapabilityError naming every missing capability, for both families."""
+        """Raise CapabilityError naming every missing capability, for both families; warn about optional ones."""
         missing: list[str] = []
         for cap in CAPABILITIES:
             for family in FAMILIES:
@@ -420,3 +438,12 @@ class NftablesBackend:
                     break
         if missing:
             raise CapabilityError("missing nftables capabilities: " + "; ".join(missing))
+        for cap in OPTIONAL_CAPABILITIES:
+            for family in FAMILIES:
+                rc, _, err = self._run(_probe_script(cap, family))
+                if rc != 0:
+                    self._run(f"delete table {family} {PROBE_TABLE}")
+                    detail = next((line for line in err.splitlines() if "Error:" in line), err.strip())
+                    log.warning("this kernel lacks %s (%s): Services using it are refused and quarantined; nft said: %s",
+                                cap.name, cap.hint, detail.strip())
+                    break
