@@ -20,8 +20,10 @@ from typing import Any
 
 _WHITE_SPACE = " \t\n\r"
 _AFTER_A_NUMBER = frozenset(_WHITE_SPACE + ",]}")
-_TRIM_AT = 1 << 20
-"""Drop the consumed start of the buffer once it is this long."""
+_TRIM_AT = 1 << 16
+"""Drop the consumed start of the buffer once it is this long. Small: each appended chunk copies the
+buffer, and an item cut by a chunk's end is retried after a JSONDecodeError whose message counts the
+buffer's lines up to it (with 1 MiB, reading 10k EndpointSlices took 0.39 s; with 64 KiB, 0.25 s)."""
 
 
 class ListStreamError(ValueError):
