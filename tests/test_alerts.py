@@ -22,7 +22,6 @@ import re
 import shutil
 import signal
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ import yaml
 from tests.harness.daemonbed import ApiInNode, KproxyProcess, wait_until
 from tests.harness.metricsdoc import SUFFIXES, documented, exported_in_process
 from tests.harness.netbed import NetBed
-from tests.test_dashboard import Prometheus
+from tests.test_dashboard import Prometheus, running_prometheus
 
 ROOT = Path(__file__).resolve().parent.parent
 MONITORING = ROOT / "deploy" / "monitoring"
@@ -43,7 +42,6 @@ UNIT_TESTS = Path(__file__).resolve().parent / "data" / "alerts" / "kproxy-alert
 TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"
 JOB = "kproxy"
 METRICS_PORT = 10249
-PROMETHEUS_PORT = 9090
 INSTANCE = f"127.0.0.1:{METRICS_PORT}"
 SYNC_PERIOD = 1
 """The daemon's --sync-period in the live test, in seconds (the rules assume 30)."""
@@ -222,35 +220,8 @@ def shortened_rules() -> dict[str, Any]:
 @pytest.fixture
 def prometheus_with_rules(daemon_bed: NetBed) -> Iterator[Prometheus]:
     """Prometheus in the node namespace, scraping 127.0.0.1:10249 and evaluating the shortened rules every second."""
-    bed = daemon_bed
-    with tempfile.TemporaryDirectory(prefix="kproxy-alerts-") as tmp:
-        rule_file = Path(tmp) / "kproxy-alerts.yaml"
-        rule_file.write_text(yaml.safe_dump(shortened_rules(), sort_keys=False))
-        config = Path(tmp) / "prometheus.yml"
-        config.write_text(yaml.safe_dump({
-            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(rule_file)],
-            "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [INSTANCE]}]}],
-        }))
-        log = Path(tmp) / "prometheus.log"
-        with log.open("wb") as log_file:
-            proc = bed.node.popen(
-                "prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp}/data",
-                f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}", "--log.level=warn",
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file,
-            )
-        server = Prometheus(bed.node, f"http://127.0.0.1:{PROMETHEUS_PORT}", proc, log)
-        try:
-            wait_until(lambda: proc.poll() is not None or server.ready(), 20, "Prometheus /-/ready")
-            assert proc.poll() is None, f"Prometheus exited with {proc.returncode}:\n{server.tail()}"
-            yield server
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+    with running_prometheus(daemon_bed.node, JOB, shortened_rules()) as server:
+        yield server
 
 
 def firing(prometheus: Prometheus) -> set[str]:

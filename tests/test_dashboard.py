@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -171,23 +172,28 @@ def bed(daemon_bed: NetBed) -> NetBed:
     return daemon_bed
 
 
-@pytest.fixture
-def prometheus(bed: NetBed) -> Iterator[Prometheus]:
-    """Prometheus in the node namespace scraping 127.0.0.1:METRICS_PORT every second; stopped and removed after."""
+@contextlib.contextmanager
+def running_prometheus(node: Netns, job: str, rules: dict[str, Any] | None = None) -> Iterator[Prometheus]:
+    """Prometheus in ``node`` scraping INSTANCE as ``job`` every second (evaluating ``rules``); stopped and removed after."""
     with tempfile.TemporaryDirectory(prefix="kproxy-prometheus-") as tmp:
-        config = Path(tmp) / "prometheus.yml"
-        config.write_text(yaml.safe_dump({
+        settings: dict[str, Any] = {
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": "kproxy", "static_configs": [{"targets": [INSTANCE]}]}],
-        }))
+            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [INSTANCE]}]}],
+        }
+        if rules is not None:
+            rule_file = Path(tmp) / "rules.yaml"
+            rule_file.write_text(yaml.safe_dump(rules, sort_keys=False))
+            settings["rule_files"] = [str(rule_file)]
+        config = Path(tmp) / "prometheus.yml"
+        config.write_text(yaml.safe_dump(settings))
         log = Path(tmp) / "prometheus.log"
         with log.open("wb") as log_file:
-            proc = bed.node.popen(
+            proc = node.popen(
                 "prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp}/data",
                 f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}", "--log.level=warn",
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file,
             )
-        server = Prometheus(bed.node, f"http://127.0.0.1:{PROMETHEUS_PORT}", proc, log)
+        server = Prometheus(node, f"http://127.0.0.1:{PROMETHEUS_PORT}", proc, log)
         try:
             wait_until(lambda: proc.poll() is not None or server.ready(), 20, "Prometheus /-/ready")
             assert proc.poll() is None, f"Prometheus exited with {proc.returncode}:\n{server.tail()}"
@@ -201,7 +207,11 @@ def prometheus(bed: NetBed) -> Iterator[Prometheus]:
                 proc.wait(5)
 
 
-# -- the daemon's churn ----------------------------------------------------------------------
+@pytest.fixture
+def prometheus(bed: NetBed) -> Iterator[Prometheus]:
+    """Prometheus in the node namespace scraping 127.0.0.1:METRICS_PORT every second; stopped and removed after."""
+    with running_prometheus(bed.node, "kproxy") as server:
+        yield server
 
 
 def now_rfc3339() -> str:

@@ -80,6 +80,7 @@ from typing import Any
 import yaml
 
 from tests.harness import netbed
+from tests.harness.daemonbed import wait_until
 from tests.harness.fakeapi import FakeKubeAPI
 from tests.harness.netbed import Netns, Results, Server
 
@@ -112,18 +113,6 @@ _NO_REDIRECTS = {"net.ipv4.conf.all.send_redirects": 0, "net.ipv4.conf.default.s
 def zone_name(i: int) -> str:
     """zone-a, zone-b, ... for 0, 1, ..."""
     return "zone-" + "abcdefghijklmnopqrstuvwxyz"[i]
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Poll ``predicate`` until it returns something true; AssertionError naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def _ip_pattern(ip: str) -> re.Pattern[str]:
