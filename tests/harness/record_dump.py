@@ -29,44 +29,20 @@ from __future__ import annotations
 import argparse
 import json
 import struct
-import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from kproxy.nft.dump import SocketTransport, TableDump, Transport
 from kproxy.nft.tabledump import DumpError, attributes
+from tests.harness.record_counters import messages, namespace
 
 OUT = Path(__file__).resolve().parents[1] / "data" / "dump"
 NFT_MSG_NEWRULE, NFT_MSG_NEWSET, NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM, NFT_MSG_NEWGEN = 6, 9, 12, 13, 15
 NFTA_SET_ELEM_LIST_ELEMENTS = 3
 NFTA_RULE_EXPRESSIONS, NFTA_SET_TYPE, NFTA_GEN_ID = 4, 19, 1
 _HEADER = struct.Struct("=IHHII")
-
-
-@contextmanager
-def namespace() -> Iterator[str]:
-    """A fresh network namespace (``kpt-dump-...``), deleted afterwards, also on failure."""
-    name = f"kpt-dump-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-
-
-def messages(data: bytes) -> Iterator[bytes]:
-    """The netlink messages of one buffer."""
-    offset = 0
-    while offset + 16 <= len(data):
-        (length,) = struct.unpack_from("=I", data, offset)
-        if length < 16:
-            raise ValueError(f"a message of {length} bytes at {offset}")
-        yield data[offset : offset + length]
-        offset += (length + 3) & ~3
 
 
 def _without(message: bytes, drop: set[int]) -> bytes:
