@@ -107,9 +107,6 @@ MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
 CONTROLLER_NAME = "endpointslice-controller.k8s.io"
 
 
-_NO_REDIRECTS = {"net.ipv4.conf.all.send_redirects": 0, "net.ipv4.conf.default.send_redirects": 0}
-
-
 def zone_name(i: int) -> str:
     """zone-a, zone-b, ... for 0, 1, ..."""
     return "zone-" + "abcdefghijklmnopqrstuvwxyz"[i]
@@ -701,10 +698,9 @@ class Cluster:
         for name in names:
             Netns(name).sysctl(netbed._COMMON_SYSCTLS)
         for node in self.nodes:
+            # Nodes forward between hosts of one subnet (client -> node-1 -> node-2 after DNAT): no ICMP redirects
+            # (see _FORWARDING_SYSCTLS), which would also teach the client shortcuts.
             node.netns.sysctl(netbed._FORWARDING_SYSCTLS)
-            # Nodes forward between hosts of one subnet (client -> node-1 -> node-2 after DNAT): ICMP redirects
-            # would teach the client shortcuts and spend the per-peer ICMP budget that kproxy's rejects use.
-            node.netns.sysctl(_NO_REDIRECTS)
         links = [f"link add name vcl netns {self.fabric.name} type veth peer name eth0 netns {self.client.name}"]
         links += [f"link add name vn{n.index} netns {self.fabric.name} type veth peer name eth0 netns {n.netns.name}"
                   for n in self.nodes]

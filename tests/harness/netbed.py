@@ -724,10 +724,15 @@ _COMMON_SYSCTLS = {
     "net.ipv4.conf.all.rp_filter": 0,
     "net.ipv4.conf.default.rp_filter": 0,
 }
+# Forwarders send no ICMP redirects: a hairpinned or same-subnet packet leaves by the interface it came in on, and
+# the redirect it triggers resets the sender's per-peer ICMP budget, so the reject of a Service without endpoints
+# that follows within a second is not sent and the client sees a timeout instead of "refused".
 _FORWARDING_SYSCTLS = {
     "net.ipv4.ip_forward": 1,
     "net.ipv6.conf.all.forwarding": 1,
     "net.ipv6.conf.default.forwarding": 1,
+    "net.ipv4.conf.all.send_redirects": 0,
+    "net.ipv4.conf.default.send_redirects": 0,
 }
 
 
