@@ -20,6 +20,7 @@ is a warning and never stops the others.
 from __future__ import annotations
 
 import argparse
+import gc
 import ipaddress
 import logging
 import sys
@@ -330,6 +331,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(config.log_format, config.log_level if daemon_mode or args.verbose else "warning")
     for warning in config.warnings:
         log.warning("%s", warning)
+    if args.dry_run or args.once:
+        # A one-shot run builds millions of acyclic objects (the export's manifests, the model, the ruleset) and
+        # exits: the cyclic GC finds nothing in them, and each collection re-enabled between phases walked all of
+        # them (0.4 s of a 10k-Service --dry-run). Refcounting still frees everything as it goes.
+        gc.disable()
     try:
         if args.dry_run:
             return dry_run(args, config)
