@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, NewType
 
+from kproxy.fastinit import quick_init
+
 Protocol = Literal["tcp", "udp", "sctp"]
 """Transport protocol, spelled as nft spells it."""
 
@@ -63,6 +65,7 @@ class BandwidthLimit:
     """Bytes allowed above the rate in a burst; none when None (the bucket still holds one second of rate)."""
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class ServicePort:
     """One entry of ``spec.ports``."""
@@ -74,6 +77,7 @@ class ServicePort:
     node_port: int | None = None
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Service:
     """A Service kproxy programs (never headless, never owned by another proxy)."""
@@ -136,6 +140,7 @@ class Service:
         )
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """One endpoint of a slice (upstream uses only ``addresses[0]``)."""
@@ -157,6 +162,7 @@ class EndpointPort:
     port: int
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class EndpointSlice:
     namespace: str

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from kproxy.fastinit import quick_init
 from kproxy.nft.statements import Family as Family  # re-exported: the family of a table
 from kproxy.nft.statements import Rule, render_rule
 
@@ -77,6 +78,7 @@ class SetDecl:
         return next((line for line in self.body if line.startswith(("type ", "typeof "))), None)
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Chain:
     name: str
@@ -90,6 +92,7 @@ class Chain:
     ``rules`` are not kept; None for a compiled chain."""
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Element:
     key: str
@@ -202,6 +205,7 @@ Verb = Literal["add", "flush", "delete"]
 Kind = Literal["table", "set", "map", "chain", "element", "counter", "rules"]
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Op:
     """One nft command on one object of kproxy's tables."""

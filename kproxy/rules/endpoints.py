@@ -18,11 +18,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kproxy.cluster.model import Endpoint, EndpointSlice, IPFamily, Service, ServicePort
+from kproxy.fastinit import quick_init
 
 PREFER_SAME_NODE = "PreferSameNode"
 PREFER_SAME_ZONE = "PreferSameZone"
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class PortEndpoint:
     """An endpoint of one Service port: where the packet is sent, and its state."""
