@@ -334,7 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run or args.once:
         # A one-shot run builds millions of acyclic objects (the export's manifests, the model, the ruleset) and
         # exits: the cyclic GC finds nothing in them, and each collection re-enabled between phases walked all of
-        # them (0.4 s of a 10k-Service --dry-run). Refcounting still frees everything as it goes.
+        # them (0.4 s of a 10k-Service --dry-run). Refcounting still frees all acyclic garbage as it goes; the
+        # little cyclic garbage (pyroute2's conntrack messages, bounded by the conntrack table) waits for exit.
         gc.disable()
     try:
         if args.dry_run:
@@ -356,6 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CapabilityError, NftError, KubeProxyCleanupError, RollbackError, StartupError) as exc:
         print(f"kproxy: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        gc.enable()  # for a caller of main() in the same process
 
 
 if __name__ == "__main__":

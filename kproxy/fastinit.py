@@ -15,32 +15,50 @@ It imports nothing from kproxy, so any layer may use it.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import sys
 from typing import Any, TypeVar
 
 T = TypeVar("T", bound=type)
 
 
 def quick_init(cls: T) -> T:
-    """Give a frozen, slotted dataclass without ``__post_init__`` or init=False fields a descriptor-based ``__init__``."""
+    """Give a frozen, slotted dataclass with plain fields a descriptor-based ``__init__``.
+
+    Refused (TypeError) where the result could differ from the dataclass's
+    own: no slots, not frozen, ``init=False``, a ``__post_init__``, an
+    ``InitVar``, keyword-only fields or default factories, or field names
+    the generated code uses itself.
+    """
     params = getattr(cls, "__dataclass_params__", None)
     fields = dataclasses.fields(cls) if params is not None else ()
-    if (params is None or not params.frozen or "__slots__" not in vars(cls) or hasattr(cls, "__post_init__")
-            or any(not f.init or f.default_factory is not dataclasses.MISSING or f.kw_only for f in fields)):
+    own = vars(cls).get("__init__")
+    expected = ["self", *(f.name for f in fields)]
+    if (params is None or not params.frozen or not params.init or "__slots__" not in vars(cls)
+            or hasattr(cls, "__post_init__") or own is None or list(inspect.signature(own).parameters) != expected
+            or any(f.default_factory is not dataclasses.MISSING or f.kw_only for f in fields)
+            or any(f.name.startswith(("_set_", "_default_")) for f in fields)):
         raise TypeError(f"quick_init needs a frozen slotted dataclass with plain fields, not {cls.__name__}")
-    namespace: dict[str, Any] = {}
+    helpers: dict[str, Any] = {}
     arguments, body = [], []
     for index, f in enumerate(fields):
         if f.default is dataclasses.MISSING:
             arguments.append(f.name)
         else:
-            namespace[f"_default_{index}"] = f.default
+            helpers[f"_default_{index}"] = f.default
             arguments.append(f"{f.name}=_default_{index}")
-        namespace[f"_set_{index}"] = vars(cls)[f.name].__set__
-        body.append(f"    _set_{index}(self, {f.name})")
-    source = f"def __init__(self, {', '.join(arguments)}):\n" + "\n".join(body or ["    pass"]) + "\n"
-    exec(source, namespace)  # the same technique as dataclasses itself; the names are the class's own fields
-    init = namespace["__init__"]
+        helpers[f"_set_{index}"] = vars(cls)[f.name].__set__
+        body.append(f"        _set_{index}(self, {f.name})")
+    # As dataclasses does: a factory run in the class's module, so the function's globals are the module's
+    # (annotations resolve there); the helpers are closure cells, read as fast as locals.
+    source = (f"def _make({', '.join(helpers)}):\n"
+              f"    def __init__(self, {', '.join(arguments)}):\n" + "\n".join(body or ["        pass"]) + "\n"
+              "    return __init__\n")
+    module = sys.modules[cls.__module__].__dict__
+    scope: dict[str, Any] = {}
+    exec(source, module, scope)  # the names in it are the class's own fields
+    init = scope["_make"](**helpers)
     init.__qualname__ = f"{cls.__qualname__}.__init__"
-    init.__annotations__ = dict(vars(cls)["__init__"].__annotations__)
+    init.__annotations__ = dict(own.__annotations__)
     type.__setattr__(cls, "__init__", init)
     return cls

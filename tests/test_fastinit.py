@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import pytest
 
@@ -34,8 +35,8 @@ class Plain:
 
 @pytest.mark.parametrize("cls", QUICK, ids=lambda c: c.__name__)
 def test_the_model_classes_use_it(cls: type) -> None:
-    assert vars(cls)["__init__"].__code__.co_filename == "<string>"
-    assert "_set_0" in vars(cls)["__init__"].__globals__
+    init = vars(cls)["__init__"]
+    assert init.__code__.co_filename == "<string>" and init.__code__.co_freevars[0] == "_set_0"
 
 
 @pytest.mark.parametrize("args,kwargs", [(("a",), {}), (("a", 5), {}), (("a",), {"third": (1,)}),
@@ -55,6 +56,14 @@ def test_same_errors_as_the_dataclass_init(args: tuple[object, ...], kwargs: dic
     with pytest.raises(TypeError) as quick:
         Quick(*args, **kwargs)  # type: ignore[arg-type]
     assert str(quick.value).replace("Quick", "Plain") == str(plain.value)
+
+
+@pytest.mark.parametrize("cls", QUICK, ids=lambda c: c.__name__)
+def test_annotations_resolve_in_the_class_module(cls: type) -> None:
+    init = vars(cls)["__init__"]
+    assert init.__module__ == cls.__module__
+    hints = typing.get_type_hints(init)
+    assert hints.pop("return") is type(None) and hints == typing.get_type_hints(cls)
 
 
 def test_still_frozen() -> None:
@@ -87,6 +96,26 @@ def test_refuses_what_it_cannot_keep_the_same() -> None:
         def __post_init__(self) -> None:
             pass
 
-    for cls in (NoSlots, NotFrozen, Factory, PostInit):
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class WithInitVar:
+        a: int
+        b: dataclasses.InitVar[int] = 0
+
+    @dataclasses.dataclass(frozen=True, slots=True, init=False)
+    class OwnInit:
+        a: int
+
+        def __init__(self, b: int) -> None:
+            object.__setattr__(self, "a", b * 2)
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Clash:
+        _set_0: int
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class KeywordOnly:
+        a: int = dataclasses.field(kw_only=True)
+
+    for cls in (NoSlots, NotFrozen, Factory, PostInit, WithInitVar, OwnInit, Clash, KeywordOnly):
         with pytest.raises(TypeError, match="frozen slotted dataclass"):
             quick_init(cls)

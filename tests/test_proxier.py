@@ -290,6 +290,26 @@ def test_kernel_refusing_one_service_at_a_full_sync() -> None:
     assert sum(k.startswith("10.96.0.1 ") for k in backend.elements("ip", "endpoints-4")) == 3
 
 
+def test_a_refused_full_sync_leaves_no_frame_for_the_freeze_to_keep() -> None:
+    """The refusal of a full sync is kept without its traceback: with it, the sync's frame (and its whole desired
+    table) stayed in a reference cycle, which the gc.freeze() after every full sync kept for good."""
+    import gc
+    import types
+
+    backend = RefusingBackend()
+    proxier, _ = _proxier_on(backend, services=6)
+    proxier.sync()
+    backend.refuse = lambda text: "ns/s4:" in text
+    restarted, _ = _proxier_on(backend, services=6)
+    restarted.on_slice("MODIFIED", _slice(4, 3))
+    restarted.sync()
+    assert set(restarted.quarantined) == {"ns/s4"}
+    gc.unfreeze()  # what the proxier froze comes back into view (nothing else in this process relies on it)
+    left = [o for o in gc.get_objects() if isinstance(o, types.FrameType)
+            and o.f_code.co_name in ("_sync_full", "_isolate", "sync")]
+    assert left == []
+
+
 def test_compile_error_quarantines_one_service(monkeypatch: pytest.MonkeyPatch) -> None:
     """A Service the compiler chokes on is quarantined; the others are programmed."""
     import kproxy.daemon.proxier as proxier_module

@@ -703,7 +703,9 @@ class Proxier:
                 operations += self._create_tables(missing)
                 current.tables.update({a.family: _snapshot(a.table) for a in missing})
             except NftError as exc:
-                refusal = exc
+                # Without its traceback: kept past the except block, it would hold this frame (and the
+                # whole desired table) in a cycle, which the gc.freeze() after the sync would keep for good.
+                refusal = exc.with_traceback(None)
                 current = self._skeleton_tables(node_info)
         now = self.clock()
         delete_ops = self._due_deletes(now, desired)  # chains read back that are pending deletion keep their due time
@@ -716,7 +718,7 @@ class Proxier:
                 self._commit(tx, delete_ops, now)
                 operations += tx.operations
             except NftError as exc:
-                refusal = exc
+                refusal = exc.with_traceback(None)  # see above
         if refusal is None:
             self._committed = {family: _snapshot(table) for family, table in desired.items()}
         else:
@@ -917,9 +919,9 @@ class Proxier:
                     groups[:0] = [part for part in (suspects[:half], suspects[half:], others) if part]
                     continue
                 key = suspects[0]
-                error = exc
+                error = str(exc)  # not the exception: its traceback would hold this frame in a cycle
             before = self._owned([key])
-            self._quarantine(key, node_info, "kernel_refused", str(error), {f: last_good(f, key) for f in FAMILIES})
+            self._quarantine(key, node_info, "kernel_refused", error, {f: last_good(f, key) for f in FAMILIES})
             back = {family: self._assemblies[family].set_service(key, last_good(family, key)) for family in FAMILIES}
             for family in FAMILIES:
                 back[family].update(before[family])

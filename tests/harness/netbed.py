@@ -724,9 +724,11 @@ _COMMON_SYSCTLS = {
     "net.ipv4.conf.all.rp_filter": 0,
     "net.ipv4.conf.default.rp_filter": 0,
 }
-# Forwarders send no ICMP redirects: a hairpinned or same-subnet packet leaves by the interface it came in on, and
-# the redirect it triggers resets the sender's per-peer ICMP budget, so the reject of a Service without endpoints
-# that follows within a second is not sent and the client sees a timeout instead of "refused".
+# Forwarders send no IPv4 ICMP redirects: a hairpinned or same-subnet packet leaves by the interface it came in on,
+# and the redirect it triggers resets the sender's per-peer ICMP budget, so the reject of a Service without
+# endpoints that follows within a second is not sent and the client sees a timeout instead of "refused" (as on a
+# real node, with any proxy). IPv6 has no such switch: its forwarding path spends the same per-peer budget on a
+# redirect check, so an IPv6 test should not expect "refused" right after a hairpin from the same client.
 _FORWARDING_SYSCTLS = {
     "net.ipv4.ip_forward": 1,
     "net.ipv6.conf.all.forwarding": 1,
