@@ -162,7 +162,7 @@ def test_drift_repaired_and_sigterm_leaves_rules(bed: NetBed, api_in_node: ApiIn
     wait_until(lambda: servers_seen(bed, "10.96.0.40"), 10, "the table restored")
     assert kproxy.stop(signal.SIGTERM) == 0
     assert "kproxy" in bed.node.nft("list", "tables").stdout
-    assert servers_seen(bed, "10.96.0.40") == {p.name for p in bed.pods}
+    assert servers_seen(bed, "10.96.0.40", count=150) == {p.name for p in bed.pods}
 
 
 def test_service_cidrs_are_watched(bed: NetBed, api_in_node: ApiInNode) -> None:

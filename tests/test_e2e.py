@@ -26,6 +26,10 @@ from tests.harness.netbed import Results, TrafficLoop, require_root
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
+EVERY_POD = 120
+"""Connections for a check that each of the 6 web pods answers: with random picks, 60 missed one with probability
+1e-4 per check (27 checks), 120 with 2e-9."""
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
@@ -79,10 +83,10 @@ def test_clusterip_from_pods_on_every_node(c: Cluster) -> None:
     ip, web = c.cluster_ip("clusterip"), names(c.app_pods())
     for node in c.nodes:
         client = c.clients[node.name]
-        tcp = show(c, f"{client.name}@{node.name} -> {ip}:80/tcp", client.connect_many(ip, 80, 60))
+        tcp = show(c, f"{client.name}@{node.name} -> {ip}:80/tcp", client.connect_many(ip, 80, EVERY_POD))
         assert tcp.all_ok and tcp.servers == web, tcp.summary()
         assert tcp.peers == {client.ip4}, "pod-to-pod traffic keeps the pod's address"
-        udp = show(c, f"{client.name}@{node.name} -> {ip}:53/udp", client.connect_many(ip, 53, 60, proto="udp"))
+        udp = show(c, f"{client.name}@{node.name} -> {ip}:53/udp", client.connect_many(ip, 53, EVERY_POD, proto="udp"))
         assert udp.all_ok and udp.servers == web, udp.summary()
         host = show(c, f"{node.name} (host network) -> {ip}:80/tcp", node.netns.connect_many(ip, 80, 30))
         assert host.all_ok, host.summary()
@@ -96,11 +100,11 @@ def test_nodeport_from_outside_via_every_node(c: Cluster) -> None:
     c.settle()
     web, tcp_port, udp_port = names(c.app_pods()), c.node_port("nodeport"), c.node_port("nodeport", "dns")
     for node in c.nodes:
-        tcp = show(c, f"client -> {node.name} {node.ip4}:{tcp_port}/tcp", c.client.connect_many(node.ip4, tcp_port, 60))
+        tcp = show(c, f"client -> {node.name} {node.ip4}:{tcp_port}/tcp", c.client.connect_many(node.ip4, tcp_port, EVERY_POD))
         assert tcp.all_ok and tcp.servers == web, tcp.summary()
         assert tcp.peers <= {node.ip4, node.gw4}, "externalTrafficPolicy Cluster masquerades to the node"
         udp = show(c, f"client -> {node.name} {node.ip4}:{udp_port}/udp",
-                   c.client.connect_many(node.ip4, udp_port, 60, proto="udp"))
+                   c.client.connect_many(node.ip4, udp_port, EVERY_POD, proto="udp"))
         assert udp.all_ok and udp.servers == web, udp.summary()
     lb = c.load_balancer("nodeport").send(60)
     print(f"  LB health (kproxy /healthz): {lb.health}")
@@ -141,10 +145,10 @@ def test_external_traffic_policy_local(c: Cluster) -> None:
                    c.client.connect_many(node3.ip4, c.node_port("etp-local"), 3, timeout=1.0))
     assert dropped.by_error == {"timeout": 3}, "a node without local endpoints drops external traffic"
     from_pod = show(c, "client-3@node-3 -> its own node's NodePort (in-cluster source: Cluster policy)",
-                    c.clients["node-3"].connect_many(node3.ip4, c.node_port("etp-local"), 30))
+                    c.clients["node-3"].connect_many(node3.ip4, c.node_port("etp-local"), 60))
     assert from_pod.all_ok and from_pod.servers == names(local), from_pod.summary()
     from_host = show(c, "node-3 (host network) -> its own NodePort (local source: Cluster policy)",
-                     node3.netns.connect_many(node3.ip4, c.node_port("etp-local"), 30))
+                     node3.netns.connect_many(node3.ip4, c.node_port("etp-local"), 60))
     assert from_host.all_ok and from_host.servers == names(local), from_host.summary()
 
     print("  web-3a joins, web-1a leaves:")
@@ -229,7 +233,7 @@ def test_prefer_close(c: Cluster) -> None:
         print(f"  {phase}:")
         for node in c.nodes:
             client = c.clients[node.name]
-            r = show(c, f"{client.name}@{node.name} ({node.zone}) -> {ip}:80", client.connect_many(ip, 80, 60))
+            r = show(c, f"{client.name}@{node.name} ({node.zone}) -> {ip}:80", client.connect_many(ip, 80, EVERY_POD))
             assert r.all_ok and r.servers == expected[node.name], r.summary()
 
     reach({n.name: by_zone[n.zone] for n in c.nodes}, "hints for every zone")
@@ -344,7 +348,7 @@ def test_udp_flow_moves_when_its_pod_goes(c: Cluster) -> None:
             took = time.monotonic() - t0
         print(f"  {label}: one UDP flow (source port {flow.local_port}) answered by {c.where(first.server)}; "
               f"that pod deleted; the same flow answered by {c.where(moved.server)} {took:.1f}s later")
-        assert took < 5, "stale conntrack entries of a removed UDP endpoint are cleared"
+        assert took < 8, "stale conntrack entries of a removed UDP endpoint are cleared"
         dep.scale(3)
         c.settle()
 
@@ -410,7 +414,7 @@ def test_kproxy_killed_and_restarted(c: Cluster) -> None:
         c.settle()  # the nodes whose kproxy runs
         for node in others:
             r = show(c, f"{c.clients[node.name].name}@{node.name} -> {ip}:80 while node-2's kproxy is down",
-                     c.clients[node.name].connect_many(ip, 80, 60))
+                     c.clients[node.name].connect_many(ip, 80, 150))
             assert r.all_ok and extra.name in r.servers, r.summary()
         stale = show(c, f"client-2@node-2 -> {ip}:80 while its kproxy is down (rules left in the kernel)",
                      c.clients["node-2"].connect_many(ip, 80, 60))
@@ -427,7 +431,7 @@ def test_kproxy_killed_and_restarted(c: Cluster) -> None:
         c.settle()
         print(f"  restarted kproxy on node-2 (pid {node2.kproxy.pid}); "  # type: ignore[union-attr]
               f"LB health {c.load_balancer('steady').health()}")
-        caught_up = show(c, f"client-2@node-2 -> {ip}:80 after the restart", c.clients["node-2"].connect_many(ip, 80, 60))
+        caught_up = show(c, f"client-2@node-2 -> {ip}:80 after the restart", c.clients["node-2"].connect_many(ip, 80, 150))
         assert caught_up.all_ok and extra.name in caught_up.servers, caught_up.summary()
         for loop in loops.values():
             loop.wait_more_ok(5)
@@ -458,11 +462,11 @@ def test_dual_stack(c: Cluster) -> None:
         client = c.clients[node.name]
         for family in (4, 6):
             ip = c.cluster_ip("dual", family)
-            r = show(c, f"{client.name}@{node.name} -> [{ip}]:80", client.connect_many(ip, 80, 60))
+            r = show(c, f"{client.name}@{node.name} -> [{ip}]:80", client.connect_many(ip, 80, EVERY_POD))
             assert r.all_ok and r.servers == web and r.peers == {client.ip(family)}, r.summary()
         ip6 = c.cluster_ip("dual", 6)
-        udp = show(c, f"{client.name}@{node.name} -> [{ip6}]:53/udp", client.connect_many(ip6, 53, 60, proto="udp"))
+        udp = show(c, f"{client.name}@{node.name} -> [{ip6}]:53/udp", client.connect_many(ip6, 53, EVERY_POD, proto="udp"))
         assert udp.all_ok and udp.servers == web, udp.summary()
-        ext = show(c, f"client {CLIENT_IP6} -> {node.name} [{node.ip6}]:{port}", c.client.connect_many(node.ip6, port, 60))
+        ext = show(c, f"client {CLIENT_IP6} -> {node.name} [{node.ip6}]:{port}", c.client.connect_many(node.ip6, port, EVERY_POD))
         assert ext.all_ok and ext.servers == web, ext.summary()
         assert ext.peers <= {node.ip6, node.gw6}, "masqueraded to the node (externalTrafficPolicy Cluster)"

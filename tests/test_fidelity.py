@@ -119,7 +119,7 @@ def test_local_external_policy_short_circuits_to_the_cluster_endpoints(bed: NetB
         assert from_pod.all_ok and from_pod.servers == remote, f"pod -> {dst}:{port}: {from_pod.summary()}"
         pod_ip = bed.local_pods[0].ip6 if ":" in dst else bed.local_pods[0].ip4
         assert from_pod.peers == {pod_ip}, "a pod's traffic keeps its source"
-        from_node = bed.node.connect_many(dst, port, 20)
+        from_node = bed.node.connect_many(dst, port, 40)
         assert from_node.all_ok and from_node.servers == remote, f"node -> {dst}:{port}: {from_node.summary()}"
     assert bed.client.connect(bed.node_ip4, 30133, timeout=0.5).error == "timeout", \
         "external traffic still needs a local endpoint"

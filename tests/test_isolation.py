@@ -73,14 +73,14 @@ def test_hostile_and_limit_sized_objects_never_delay_other_changes(bed: NetBed, 
         if eps is not None:
             api.create(eps)
         api.update(pod_slice("steady", pods))
-        _programmed_within(bed, "10.96.0.50", pods, 3, f"the steady change after {svc['metadata']['name'][:20]}")
+        _programmed_within(bed, "10.96.0.50", pods, 5, f"the steady change after {svc['metadata']['name'][:20]}")
 
-    _programmed_within(bed, "10.96.0.51", bed.pods[1:2], 3, "the Service with the longest legal names")
-    _programmed_within(bed, "10.96.0.52", bed.pods[2:3], 3, "the Service with junk annotations (they are ignored)")
+    _programmed_within(bed, "10.96.0.51", bed.pods[1:2], 5, "the Service with the longest legal names")
+    _programmed_within(bed, "10.96.0.52", bed.pods[2:3], 5, "the Service with junk annotations (they are ignored)")
     assert bed.client.connect("10.96.0.53", 1999, timeout=1).error == "refused", "2000 ports, no endpoints: refused"
 
     api.update(service("zone-ip", cluster_ip="10.96.0.54"))
-    _programmed_within(bed, "10.96.0.54", bed.pods[:1], 3, "the fixed Service")
+    _programmed_within(bed, "10.96.0.54", bed.pods[:1], 5, "the fixed Service")
     api.delete("Service", "default", "many-ports")
     # (its ClusterIP stays in cluster-ips for a minute, so clients are refused at once: look for its ports)
     wait_until(lambda: "10.96.0.53 . tcp" not in bed.node.nft("list", "table", "ip", "kproxy").stdout, 3,
@@ -148,17 +148,17 @@ def test_kernel_refusing_one_service_quarantines_it_alone(bed: NetBed, api_in_no
                                             {"kind": "Service", "reason": "kernel_refused"})
         assert skipped == 2
         api.update(pod_slice("steady", bed.pods[1:3]))
-        _programmed_within(bed, "10.96.0.61", bed.pods[1:3], 3, "a later change, not slowed by the quarantine")
+        _programmed_within(bed, "10.96.0.61", bed.pods[1:3], 5, "a later change, not slowed by the quarantine")
         refusals = RefusingBackend.refusals
         api.update(pod_slice("steady", bed.pods[:1]))
-        _programmed_within(bed, "10.96.0.61", bed.pods[:1], 3, "another change")
+        _programmed_within(bed, "10.96.0.61", bed.pods[:1], 5, "another change")
         assert RefusingBackend.refusals == refusals, "a quarantined Service is not retried until it changes"
 
         RefusingBackend.refuse = None  # the kernel takes it now; the Service changes, so it is retried
         api.create(pod_slice("refused-late", bed.pods[:1]))
         api.update(service("refused-late", cluster_ip="10.96.0.62", labels={"v": "2"},
                            ports=[{"name": "http", "port": 80}, {"name": "alt", "port": 81}]))
-        _programmed_within(bed, "10.96.0.62", bed.pods[:1], 3, "the fixed Service")
+        _programmed_within(bed, "10.96.0.62", bed.pods[:1], 5, "the fixed Service")
         assert set(daemon.proxier.quarantined) == {"default/refused-early"}
     finally:
         daemon.stop()

@@ -159,7 +159,8 @@ def test_connection_limit_tcp(bed: NetBed) -> None:
             assert [s is not None for s in second] == [True, True, True, False]
             first[0].close()
             time.sleep(0.2)  # the FIN exchange: conntrack leaves ESTABLISHED, the count no longer holds it
-            first[0] = _in(bed.client, hold)
+            # (room for one SYN retransmission, in case the FIN exchange took longer than the pause)
+            first[0] = _in(bed.client, lambda: bulk.hold("10.96.0.40", 80, timeout=2.5))
             assert first[0] is not None, "a closed connection makes room for the next"
             assert _in(bed.client, hold) is None, "and no more"
     drops = limit_drops(bed, "conns")

@@ -815,7 +815,7 @@ class Cluster:
         if gone:
             netbed.teardown_namespaces([p.netns.name for p in gone])
 
-    def delete_pods_gracefully(self, pods: Iterable[Pod | str], grace: float = 10.0, drain: float = 0.3) -> None:
+    def delete_pods_gracefully(self, pods: Iterable[Pod | str], grace: float = 10.0, drain: float = 1.0) -> None:
         """Delete pods as the kubelet does with an app that drains: terminating (still serving) until no node's
         kproxy sends it new connections any more (at most ``grace`` s), then removed from the slices, then,
         once no node programs it (at most ``grace`` s more) and after ``drain`` s for connections in flight,
@@ -1114,7 +1114,7 @@ class Deployment:
     def _spec(self) -> tuple[Node, str, dict[str, str]]:
         node = self.nodes[self._placed % len(self.nodes)]
         self._placed += 1
-        return node, f"{self.app}-r{self.revision}-{secrets.token_hex(2)}", {**self.labels, "revision": str(self.revision)}
+        return node, f"{self.app}-r{self.revision}-{secrets.token_hex(4)}", {**self.labels, "revision": str(self.revision)}
 
     def _start(self, count: int) -> list[Pod]:
         """New pods: not ready until their server answers (the readiness probe), then ready."""
