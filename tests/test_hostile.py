@@ -275,3 +275,25 @@ def test_json_goes_through_json(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(manifests.yaml, "load_all", no_yaml)
     export = json.dumps({"apiVersion": "v1", "kind": "List", "items": [SVC, SLICE]}, indent=4)
     assert [o["kind"] for o in manifests.parse_manifests("\n  " + export, "export.json")] == ["Service", "EndpointSlice"]
+
+
+@pytest.mark.parametrize("as_bytes", [False, True])
+def test_json_over_the_value_cap_is_refused(monkeypatch: pytest.MonkeyPatch, as_bytes: bool) -> None:
+    """The JSON reader refuses a text with more values than MAX_VALUES (here 10) before building it, and reads
+    one at the cap; only texts longer than twice the cap are counted, as a JSON text holds at most one value per
+    two characters."""
+    from kproxy.cluster import manifests
+
+    monkeypatch.setattr(manifests, "MAX_VALUES", 10)
+
+    def text(items: str) -> str | bytes:
+        return items.encode() if as_bytes else items
+
+    flood = '{"kind": "FooList", "items": [' + ",".join(["[]"] * 11) + "]}"
+    with pytest.raises(manifests.ManifestError, match="more than 10 values"):
+        manifests.parse_manifests(text(flood), "flood.json")
+    densest = "[" + ",".join(["1"] * 11) + "]"  # 12 values in 23 characters
+    with pytest.raises(manifests.ManifestError, match="more than 10 values"):
+        manifests.parse_manifests(text(densest), "dense.json")
+    within = '{"kind":"List","items":[]}'  # 4 values in 26 characters: more than 20, so counted, and let through
+    assert manifests.parse_manifests(text(within), "within.json") == []
