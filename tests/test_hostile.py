@@ -272,7 +272,7 @@ def test_json_goes_through_json(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_yaml(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("JSON input went to the YAML parser")
 
-    monkeypatch.setattr(manifests.yaml, "load_all", no_yaml)
+    monkeypatch.setattr(manifests, "load_all", no_yaml)  # the YAML reader (kproxy.cluster.yamlstream)
     export = json.dumps({"apiVersion": "v1", "kind": "List", "items": [SVC, SLICE]}, indent=4)
     assert [o["kind"] for o in manifests.parse_manifests("\n  " + export, "export.json")] == ["Service", "EndpointSlice"]
 
@@ -297,3 +297,34 @@ def test_json_over_the_value_cap_is_refused(monkeypatch: pytest.MonkeyPatch, as_
         manifests.parse_manifests(text(densest), "dense.json")
     within = '{"kind":"List","items":[]}'  # 4 values in 26 characters: more than 20, so counted, and let through
     assert manifests.parse_manifests(text(within), "within.json") == []
+
+
+def test_a_json_export_with_a_byte_order_mark_goes_through_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A UTF-8 byte order mark (Windows editors write one) does not send a JSON export to the YAML parser."""
+    from kproxy.cluster import manifests
+
+    def no_yaml(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("JSON input went to the YAML parser")
+
+    monkeypatch.setattr(manifests, "load_all", no_yaml)  # the YAML reader (kproxy.cluster.yamlstream)
+    export = tmp_path / "export.json"
+    export.write_bytes(b"\xef\xbb\xbf" + json.dumps({"apiVersion": "v1", "kind": "List", "items": [SVC]}).encode())
+    assert [o["kind"] for o in manifests.load_manifest_files([str(export)])] == ["Service"]
+
+
+def test_a_json_export_is_held_once_while_it_is_parsed(tmp_path: Path) -> None:
+    """Reading an export costs its text and the objects, not also its bytes: a 40 MB export of long strings (its
+    objects about as big as its text) raises the peak by about twice its size; three times when the bytes stayed."""
+    export = tmp_path / "export.json"
+    items = [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": f"s{i}", "annotations": {"x": "y" * 100_000}}}
+             for i in range(400)]
+    export.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    size = export.stat().st_size
+    code = ("import re, kproxy.cluster.manifests as m\n"
+            "def peak(): return int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+            f"before = peak(); objects = m.load_manifest_files([{str(export)!r}]); print(before, peak(), len(objects))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-500:]
+    before, after, count = (int(v) for v in out.stdout.split())
+    assert count == 400
+    assert (after - before) * 1024 < 2.5 * size, f"the peak grew by {(after - before) * 1024 / size:.2f} x the file"

@@ -153,13 +153,24 @@ def read_limited(path: str) -> bytes:
     return data
 
 
+def _as_text(data: bytes) -> str | bytes:
+    """A file's text, so that its bytes are gone before the parse (the parsers decode bytes into a second copy:
+    a 97 MB export peaked 95 MB higher); a UTF-8 byte order mark is dropped. Bytes that are not UTF-8 stay
+    bytes, for the parser to name the problem."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return data
+
+
 def load_manifest_files(paths: Iterable[str]) -> list[dict[str, Any]]:
     """Read and parse each file in turn; the first failure raises ManifestError."""
     objects: list[dict[str, Any]] = []
     for path in paths:
-        data = read_limited(path)
+        text = _as_text(read_limited(path))
         with gc_paused():  # a 10k-Service export is millions of dicts, lists and strings, none cyclic
-            objects.extend(parse_manifests(data, path))
+            objects.extend(parse_manifests(text, path))
+        del text
     log.debug("read %d objects", len(objects))
     return objects
 
