@@ -144,7 +144,7 @@ def _load_objects(args: argparse.Namespace, mode: str) -> list[dict[str, Any]]:
 def _model(args: argparse.Namespace, mode: str, config: DaemonConfig) -> tuple[Cluster, list[Problem]]:
     """The cluster from --from-file, or from one list of the API server; what was skipped is logged and returned."""
     if args.from_file:
-        cluster, problems = build_cluster(_load_objects(args, mode), config.node_name)
+        cluster, problems = build_cluster(_drained(_load_objects(args, mode)), config.node_name)  # freed as converted
     else:
         from kproxy.daemon.inspect import cluster_from_api
 
