@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -75,9 +76,25 @@ def _flatten(document: Any, path: str, index: int) -> list[dict[str, Any]]:
     return [document]
 
 
+_SPACE_S = re.compile(r"\s*")
+_SPACE_B = re.compile(rb"\s*")
+_JSON_START = re.compile(rb"(?:\xef\xbb\xbf)?\s*[{\[]")
+
+
+def _first_character(text: str | bytes) -> str | bytes:
+    """The first character after white space, found without copying the text (``lstrip`` copies it)."""
+    if isinstance(text, bytes):
+        space_b = _SPACE_B.match(text)  # (``\s*`` always matches)
+        skip = space_b.end() if space_b else 0
+        return text[skip:skip + 1]
+    space_s = _SPACE_S.match(text)
+    skip = space_s.end() if space_s else 0
+    return text[skip:skip + 1]
+
+
 def parse_manifests(text: str | bytes, path: str = "<input>") -> list[dict[str, Any]]:
     """Every object in a JSON or YAML text (multi-document YAML and Lists flattened)."""
-    start = text.lstrip()[:1]
+    start = _first_character(text)
     if start in ("{", "[", b"{", b"["):
         try:
             return _parse_json(text, path)
@@ -160,6 +177,8 @@ def _as_text(data: bytes) -> str | bytes:
     """A file's text, so that its bytes are gone before the parse (the parsers decode bytes into a second copy:
     a 97 MB export peaked 95 MB higher); a UTF-8 byte order mark is dropped. Bytes that are not UTF-8 stay
     bytes, for the parser to name the problem."""
+    if not _JSON_START.match(data):
+        return data  # YAML: libyaml reads bytes in place (and skips a BOM); a str is encoded again into a copy
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
