@@ -101,7 +101,10 @@ def test_daemon_survives_the_api_server(bed: NetBed, api_in_node: ApiInNode) -> 
         api.delete("Service", "default", "after-drop")
         loop.wait_more_ok(400, timeout=15)  # about 10 s of traffic while the API server is down
         api_in_node.start()
-        wait_until(lambda: servers_seen(bed, "10.96.0.23"), 20, "changes made while the API server was down")
+        # Each watch retries with capped exponential backoff and full jitter (0.5 s doubling up to 30 s, as client-go's
+        # reflectors): after ~10 s down, the next attempt may come up to 30 s after the API server is back (20 s
+        # here failed once in CI).
+        wait_until(lambda: servers_seen(bed, "10.96.0.23"), 40, "changes made while the API server was down")
         wait_until(lambda: "default/after-drop/" not in bed.node.nft("list", "table", "ip", "kproxy").stdout, 5,
                    "the deletion")
         summary = loop.stop()

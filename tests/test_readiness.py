@@ -60,7 +60,8 @@ def test_readyz_turns_200_only_once_the_node_is_programmed(daemon_bed: NetBed, a
         assert json.loads(body)["reason"] == "the first full sync has not succeeded yet"
         assert kproxy.syncs() == []
         api_in_node.start()
-        wait_until(lambda: http_get(bed.node, f"http://{HEALTH}/readyz")[0] == 200, 30, "/readyz 200", interval=0.01)
+        wait_until(lambda: http_get(bed.node, f"http://{HEALTH}/readyz")[0] == 200, 40, "/readyz 200",  # watch backoff: up to 30 s
+                   interval=0.01)
         client = bed.local_pods[-1].netns
         for i in (0, SERVICES - 1):
             result = client.connect(cluster_ip(i), 80, timeout=1.0)
