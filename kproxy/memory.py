@@ -44,4 +44,3 @@ def gc_running() -> Iterator[None]:
         if not was_enabled:
             gc.collect()
             gc.disable()
-

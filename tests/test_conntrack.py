@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import logging
 import socket
-import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -322,19 +320,14 @@ with PyrouteConntrack() as ct:
 
 
 @pytest.mark.root
-def test_conntrack_cleanup_leaves_no_garbage_with_the_gc_off() -> None:
+def test_conntrack_cleanup_leaves_no_garbage_with_the_gc_off(empty_netns: Netns) -> None:
     """pyroute2's parsed messages are cycles (about 110 objects per conntrack entry): with the GC off, as in
     --once, listing a busy node's table kept them all until exit. The cleanup collects them and leaves the GC off."""
-    netns = Netns(f"kpt-gc-{uuid.uuid4().hex[:8]}")
-    subprocess.run(["ip", "netns", "add", netns.name], check=True)
-    try:
-        for sport in range(20000, 20300):  # 300 un-DNATed entries to a UDP ClusterIP: all stale
-            netns.run("conntrack", "-I", "-p", "udp", "-s", "10.1.0.1", "-d", "10.96.0.10", "--sport", str(sport),
-                      "--dport", "53", "-t", "120")
-        out = netns.run(sys.executable, "-c", GC_PROBE).stdout.split()
-        deleted, left, enabled = int(out[0]), int(out[1]), out[2]
-        assert deleted == 300
-        assert left < 2_000, f"{left} objects left for the GC (about 65,000 when the cleanup ran with it off)"
-        assert enabled == "False", "the GC is off again afterwards"
-    finally:
-        subprocess.run(["ip", "netns", "del", netns.name], check=False)
+    for sport in range(20000, 20300):  # 300 un-DNATed entries to a UDP ClusterIP: all stale
+        empty_netns.run("conntrack", "-I", "-p", "udp", "-s", "10.1.0.1", "-d", "10.96.0.10", "--sport", str(sport),
+                        "--dport", "53", "-t", "120")
+    out = empty_netns.run(sys.executable, "-c", GC_PROBE).stdout.split()
+    deleted, left, enabled = int(out[0]), int(out[1]), out[2]
+    assert deleted == 300
+    assert left < 2_000, f"{left} objects left for the GC (about 65,000 when the cleanup ran with it off)"
+    assert enabled == "False", "the GC is off again afterwards"

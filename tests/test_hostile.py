@@ -265,23 +265,30 @@ def test_a_small_yaml_flood_stays_within_bounded_memory(tmp_path: Path) -> None:
     assert int(out.stdout) < 250_000, f"peak RSS {int(out.stdout) // 1024} MB"
 
 
-def test_json_goes_through_json(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A JSON export is parsed as JSON (seconds for 10k Services), never through the YAML parser (minutes)."""
+@pytest.fixture
+def no_yaml_reader(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The YAML reader (kproxy.cluster.yamlstream's load_all, as manifests calls it) fails the test if called."""
     from kproxy.cluster import manifests
 
     def no_yaml(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("JSON input went to the YAML parser")
 
-    monkeypatch.setattr(manifests, "load_all", no_yaml)  # the YAML reader (kproxy.cluster.yamlstream)
+    monkeypatch.setattr(manifests, "load_all", no_yaml)
+
+
+def test_json_goes_through_json(no_yaml_reader: None) -> None:
+    """A JSON export is parsed as JSON (seconds for 10k Services), never through the YAML parser (minutes)."""
+    from kproxy.cluster import manifests
+
     export = json.dumps({"apiVersion": "v1", "kind": "List", "items": [SVC, SLICE]}, indent=4)
     assert [o["kind"] for o in manifests.parse_manifests("\n  " + export, "export.json")] == ["Service", "EndpointSlice"]
 
 
 @pytest.mark.parametrize("as_bytes", [False, True])
 def test_json_over_the_value_cap_is_refused(monkeypatch: pytest.MonkeyPatch, as_bytes: bool) -> None:
-    """The JSON reader refuses a text with more values than MAX_VALUES (here 10) before building it, and reads
-    one at the cap; only texts longer than twice the cap are counted, as a JSON text holds at most one value per
-    two characters."""
+    """The JSON reader refuses a text with more values than MAX_VALUES (here 10) before building it, and lets a
+    counted text within the cap through; only texts longer than twice the cap are counted, as a JSON text holds
+    at most one value per two characters."""
     from kproxy.cluster import manifests
 
     monkeypatch.setattr(manifests, "MAX_VALUES", 10)
@@ -299,14 +306,10 @@ def test_json_over_the_value_cap_is_refused(monkeypatch: pytest.MonkeyPatch, as_
     assert manifests.parse_manifests(text(within), "within.json") == []
 
 
-def test_a_json_export_with_a_byte_order_mark_goes_through_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_json_export_with_a_byte_order_mark_goes_through_json(tmp_path: Path, no_yaml_reader: None) -> None:
     """A UTF-8 byte order mark (Windows editors write one) does not send a JSON export to the YAML parser."""
     from kproxy.cluster import manifests
 
-    def no_yaml(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("JSON input went to the YAML parser")
-
-    monkeypatch.setattr(manifests, "load_all", no_yaml)  # the YAML reader (kproxy.cluster.yamlstream)
     export = tmp_path / "export.json"
     export.write_bytes(b"\xef\xbb\xbf" + json.dumps({"apiVersion": "v1", "kind": "List", "items": [SVC]}).encode())
     assert [o["kind"] for o in manifests.load_manifest_files([str(export)])] == ["Service"]
