@@ -1,7 +1,5 @@
 """``python -m kproxy`` runs the command line."""
 
-import sys
+from kproxy.cli import console
 
-from kproxy.cli import main
-
-sys.exit(main())
+console()

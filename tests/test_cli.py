@@ -135,3 +135,52 @@ def test_once_with_an_odd_kind_is_a_warning_not_a_traceback(tmp_path: Path, empt
                              check=False)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-800:]
     assert "10.96.7.1 . tcp . 80" in empty_netns.nft("list", "table", "ip", "kproxy").stdout
+
+
+def test_console_ends_a_one_shot_run_without_freeing_it(monkeypatch, capsys) -> None:
+    """After --dry-run, the console script flushes its output and ends with os._exit, the run's objects
+    still alive and the cyclic GC still off (its first collection would walk all of them)."""
+    import gc
+
+    from kproxy import cli
+
+    exits: list[tuple[int, bool, int]] = []
+
+    def fake_exit(code: int) -> None:
+        kept = cli._kept_until_exit or []
+        exits.append((code, gc.isenabled(), len(kept)))
+        raise SystemExit(code)
+
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.setattr(cli, "_kept_until_exit", None)
+    monkeypatch.setattr(sys, "argv", ["kproxy", "--dry-run", "--from-file", str(EXAMPLE), "--node-name", "node-a"])
+    try:
+        with pytest.raises(SystemExit):
+            cli.console()
+    finally:
+        gc.enable()
+    assert exits == [(0, False, 2)], "exit code 0, GC off, the model and the ruleset kept"
+    assert "table ip kproxy" in capsys.readouterr().out
+
+
+def test_main_in_process_keeps_nothing_and_turns_the_gc_back_on() -> None:
+    """A caller of main() in the same process gets its memory back and the GC on."""
+    import gc
+
+    from kproxy import cli
+
+    assert cli._kept_until_exit is None
+    result = subprocess.run([sys.executable, "-c", "import gc, sys\nfrom kproxy import cli\n"
+                             "code = cli.main(sys.argv[1:])\nprint(code, gc.isenabled(), cli._kept_until_exit)",
+                             "--dry-run", "--from-file", str(EXAMPLE), "--node-name", "node-a"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.stdout.rstrip().splitlines()[-1] == "0 True None", result.stderr[-800:]
+    assert gc.isenabled()
+
+
+def test_console_exit_code_of_a_failed_one_shot_run(tmp_path: Path) -> None:
+    """A usage error after nothing was kept exits 2 through sys.exit, as before."""
+    result = subprocess.run([str(Path(sys.executable).parent / "kproxy"), "--dry-run", "--from-file",
+                             str(tmp_path / "missing.yaml"), "--node-name", "node-a"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
