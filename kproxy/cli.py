@@ -36,17 +36,15 @@ from kproxy.daemon.config import ConfigError, DaemonConfig, add_daemon_flags, da
 from kproxy.daemon.errors import StartupError
 from kproxy.daemon.inspect import KernelTables, daemon_skipped
 from kproxy.daemon.logs import setup_logging
-from kproxy.daemon.proxier import NullObserver, Proxier
-from kproxy.nft.backend import NftablesBackend
 from kproxy.nft.kernel import CapabilityError, NftError
 from kproxy.nft.objects import Ruleset
 from kproxy.node.addresses import interface_addresses
-from kproxy.node.conntrack import PyrouteConntrack
-from kproxy.node.kubeproxy_cleanup import KubeProxyCleanupError, cleanup_kube_proxy
-from kproxy.node.rollback import RollbackError, rollback_to_kube_proxy
 from kproxy.rules.compiler import NodeInfo, compile_ruleset, node_info
 from kproxy.rules.explain import Packet, explain
 from kproxy.rules.plan import plan, render_ruleset
+
+# Each mode imports the edges it uses (the kernel's, conntrack's, kube-proxy's rules) when it runs: --dry-run
+# needs none of them, and loading them all took a tenth of a second of every run.
 
 log = logging.getLogger("kproxy")
 EXIT_USAGE = 2
@@ -202,6 +200,8 @@ def dry_run(args: argparse.Namespace, config: DaemonConfig) -> int:
     if not args.diff:
         sys.stdout.write(render_ruleset(ruleset))
         return 0
+    from kproxy.nft.backend import NftablesBackend
+
     tx = plan(NftablesBackend().read(), ruleset, delete_chains=False)
     sys.stdout.write(str(tx))
     for family, name in tx.deferred_chain_deletes:
@@ -228,6 +228,8 @@ def explain_main(argv: Sequence[str]) -> int:
         from_daemon = daemon_skipped(config.metrics_bind_address)
         skipped = sorted({(p.kind, p.key, p.message): p for p in problems + (from_daemon or [])}.values(),
                          key=lambda p: (p.kind, p.key, p.message))
+        from kproxy.nft.backend import NftablesBackend
+
         for line in explain(packet, cluster, node, config.proxy_config(), KernelTables(NftablesBackend()), skipped):
             print(line)
         if from_daemon is None:
@@ -240,20 +242,6 @@ def explain_main(argv: Sequence[str]) -> int:
         print(f"kproxy: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return 0
-
-
-class _OnceObserver(NullObserver):
-    """What ``--once`` prints: the operations sent, the conntrack entries removed."""
-
-    def __init__(self) -> None:
-        self.operations = 0
-        self.conntrack = 0
-
-    def sync_done(self, full: bool, seconds: float, operations: int, rules: int, elements: int) -> None:
-        self.operations += operations
-
-    def conntrack_deleted(self, count: int) -> None:
-        self.conntrack += count
 
 
 def _drained(items: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -277,9 +265,13 @@ def once(args: argparse.Namespace, config: DaemonConfig) -> int:
             by_kind[kind].append(obj)
     by_kind["Node"] = [n for n in by_kind["Node"] if object_key(n) == config.node_name]
     del objects  # each kind's list is handed over drained: a manifest is freed once converted
+    from kproxy.daemon.proxier import Proxier, TallyObserver
+    from kproxy.nft.backend import NftablesBackend
+    from kproxy.node.conntrack import PyrouteConntrack
+
     backend = NftablesBackend()
     backend.check_capabilities()
-    observer = _OnceObserver()
+    observer = TallyObserver()
     with PyrouteConntrack() as conntrack:
         proxier = Proxier(backend, config.node_name, config.proxy_config(), conntrack=conntrack, observer=observer,
                           interfaces=interface_addresses)
@@ -297,6 +289,8 @@ def once(args: argparse.Namespace, config: DaemonConfig) -> int:
 
 def cleanup_kube_proxy_mode(force: bool) -> int:
     """Remove upstream kube-proxy's rules, once kproxy's are in place."""
+    from kproxy.node.kubeproxy_cleanup import cleanup_kube_proxy
+
     report = cleanup_kube_proxy(force=force)
     for line in report.lines():
         print(line)
@@ -311,6 +305,8 @@ def rollback_mode(args: argparse.Namespace) -> int:
         raise UsageError(f"--wait-for-kube-proxy: {exc}") from None
     if wait < 0:
         raise UsageError("--wait-for-kube-proxy: must not be negative")
+    from kproxy.node.rollback import rollback_to_kube_proxy
+
     report = rollback_to_kube_proxy(wait=wait, force=args.force)
     for line in report.lines():
         print(line)
@@ -319,6 +315,8 @@ def rollback_mode(args: argparse.Namespace) -> int:
 
 def cleanup(args: argparse.Namespace) -> int:
     """Delete kproxy's tables (ip and ip6 kproxy) and nothing else."""
+    from kproxy.nft.backend import NftablesBackend
+
     deleted = NftablesBackend().delete_tables()
     print(f"kproxy: deleted {', '.join(f'{f} kproxy' for f in deleted) or 'nothing (no kproxy tables)'}")
     return 0
@@ -373,7 +371,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"kproxy: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (CapabilityError, NftError, KubeProxyCleanupError, RollbackError, StartupError) as exc:
+    except Exception as exc:
+        from kproxy.node.kubeproxy_cleanup import KubeProxyCleanupError
+        from kproxy.node.rollback import RollbackError
+
+        if not isinstance(exc, (CapabilityError, NftError, KubeProxyCleanupError, RollbackError, StartupError)):
+            raise
         print(f"kproxy: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     finally:

@@ -39,7 +39,7 @@ from decimal import Decimal
 from typing import Any
 
 from kproxy.cluster.manifests import ManifestError, load_yaml_file
-from kproxy.observe.metrics import DEFAULT_SERVICE_METRICS, SERVICE_METRICS
+from kproxy.observe.service_metrics import DEFAULT_SERVICE_METRICS, SERVICE_METRICS
 from kproxy.rules.compiler import ProxyConfig
 
 log = logging.getLogger(__name__)

@@ -119,6 +119,20 @@ class NullObserver:
         pass
 
 
+class TallyObserver(NullObserver):
+    """Counts what the syncs did: the operations sent, the conntrack entries removed (what ``--once`` prints)."""
+
+    def __init__(self) -> None:
+        self.operations = 0
+        self.conntrack = 0
+
+    def sync_done(self, full: bool, seconds: float, operations: int, rules: int, elements: int) -> None:
+        self.operations += operations
+
+    def conntrack_deleted(self, count: int) -> None:
+        self.conntrack += count
+
+
 @dataclass(slots=True)
 class SyncResult:
     full: bool

@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from kproxy.observe.service_metrics import DEFAULT_SERVICE_METRICS, SERVICE_METRICS
 from kproxy.rules.endpoints import LocalPolicyStatus
 
 log = logging.getLogger(__name__)
@@ -240,16 +241,6 @@ class PolicySource(Protocol):
 
 CounterReader = Callable[[], Mapping[tuple[Any, str], tuple[int, int]]]
 """Returns {(nft family "ip"/"ip6", counter object name): (packets, bytes)}."""
-
-SERVICE_METRICS: tuple[str, ...] = ("none", "annotated", "all")
-"""``--service-metrics``: which Services export ``kproxy_service_new_connections_total``.
-
-``annotated`` (the default): those annotated ``kproxy.io/metrics: "true"``;
-``all``: every Service; ``none``: no Service. ``kproxy_rate_limit_drops_total``
-and ``kproxy_limit_drops_total`` are exported for every Service with a limit,
-whatever the setting (the limit's annotation opts it in).
-"""
-DEFAULT_SERVICE_METRICS = "annotated"
 
 SERVICE_COUNTER_HELP: Mapping[str, str] = {
     "kproxy_service_new_connections": "New connections to a Service port (nft counter)",
