@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -698,3 +699,29 @@ def test_endpoint_changes_send_elements_only(counts: tuple[int, ...]) -> None:
         assert sent and all(op.kind == "element" for op in sent), [(o.verb, o.kind, o.name) for o in sent]
         assert not {op.name for op in sent} & {"service-ips", "service-nodeports"}, "no verdict element changes"
         assert len(_endpoints_of(backend, "10.96.0.3")) == count
+
+
+def test_programming_latency_is_measured_only_for_changes_after_the_start() -> None:
+    """Slices listed at startup carry the time of their last change (a day ago here): the first sync
+    observes no programming latency; a change stamped after the start is observed once, from its stamp."""
+    latencies: list[float] = []
+
+    class Observer(NullObserver):
+        def programming_latency(self, seconds: float) -> None:
+            latencies.append(seconds)
+
+    started = datetime.datetime(2026, 12, 1, 10, 0, tzinfo=datetime.UTC).timestamp()
+    wall = Clock()
+    wall.now = started
+    day_old = {"endpoints.kubernetes.io/last-change-trigger-time": "2026-11-30T10:00:00Z"}
+    proxier = Proxier(FakeBackend(), "node-a", CONFIG, clock=Clock(), wall_clock=wall, observer=Observer())
+    proxier.on_relist("Node", [node("node-a")])
+    proxier.on_relist("Service", [_svc(i) for i in range(3)])
+    proxier.on_relist("EndpointSlice", [_slice(i, annotations=day_old) for i in range(3)])
+    assert proxier.sync().full
+    assert latencies == []
+    wall.now = started + 10.0
+    stamp = "2026-12-01T10:00:08.500Z"  # 8.5 s after the start, 1.5 s before the sync
+    proxier.on_slice("MODIFIED", _slice(1, 3, annotations={"endpoints.kubernetes.io/last-change-trigger-time": stamp}))
+    proxier.sync()
+    assert latencies == [pytest.approx(1.5)]

@@ -325,6 +325,32 @@ def test_trigger_times_of_cancelled_changes_are_dropped() -> None:
     assert tracker.take().trigger_times == []
 
 
+
+def test_trigger_times_from_before_the_start_are_not_measured() -> None:
+    """As upstream's trackerStartTime: slices listed at startup carry the time of their last change, long ago;
+    only a trigger time after the start is reported (at or before it: not)."""
+    started = parse_trigger_time("2026-12-01T10:00:00Z")
+    tracker = ChangeTracker(started=started)
+    tracker.set_service(A, _svc("a"))
+    tracker.set_slice(SliceKey("ns/a-1"), _eps("a-1", "a", "10.244.0.1", trigger="2026-11-02T08:00:00Z"))  # a month old
+    tracker.set_slice(SliceKey("ns/a-2"), _eps("a-2", "a", "10.244.0.2", trigger="2026-12-01T10:00:00Z"))  # the start
+    assert tracker.take().trigger_times == []
+    tracker.set_slice(SliceKey("ns/a-1"), _eps("a-1", "a", "10.244.0.3", trigger="2026-12-01T10:00:00.5Z"))
+    assert tracker.take().trigger_times == [started + 0.5]
+
+
+def test_a_deleted_slice_drops_its_services_trigger_times() -> None:
+    """As upstream: a deletion carries the time of the slice's last update, not of the change, so the
+    Service's pending trigger times are not measured; another Service's are."""
+    tracker = _programmed(_svc("a"), _svc("b", "10.96.0.2"), _eps("a-1", "a", "10.244.0.1"))
+    tracker.set_slice(SliceKey("ns/a-2"), _eps("a-2", "a", "10.244.0.2", trigger="2026-12-01T10:00:01Z"))
+    tracker.set_slice(SliceKey("ns/b-1"), _eps("b-1", "b", "10.244.0.3", trigger="2026-12-01T10:00:02Z"))
+    tracker.set_slice(SliceKey("ns/a-1"), None)
+    changes = tracker.take()
+    assert changes.services == {A, B}
+    assert changes.trigger_times == [parse_trigger_time("2026-12-01T10:00:02Z")]
+
+
 # -- node, ServiceCIDRs, snapshots -----------------------------------------------------------------
 
 

@@ -4,8 +4,10 @@ Every Service and EndpointSlice is held as its converted model value. A change
 marks its Service dirty; at sync time a dirty Service whose state equals the
 state at the last successful sync is dropped, so changes that cancel out cost
 nothing. Trigger times (``endpoints.kubernetes.io/last-change-trigger-time``)
-are kept for the network programming latency metric. Pure: no I/O, no clock,
-no locking (the caller serialises access).
+are kept for the network programming latency metric, as upstream keeps them:
+only those later than the tracker's start, and none for a Service whose slice
+was deleted. Pure: no I/O, no clock (the start is given), no locking (the
+caller serialises access).
 """
 
 from __future__ import annotations
@@ -53,7 +55,12 @@ class Changes:
 class ChangeTracker:
     """Services, slices and the node, plus the dirty set since the last sync."""
 
-    def __init__(self) -> None:
+    def __init__(self, started: float | None = None) -> None:
+        self.started = started
+        """When the proxy started (UNIX seconds), or None. A trigger time from before it is not measured, as
+        upstream's trackerStartTime: a slice listed at startup was last changed at any time in the past, and
+        the time since then is not how long programming took (10k old slices would fill the histogram's
+        top bucket at every restart)."""
         self.services: dict[ServiceKey, Service] = {}
         self.slices: dict[SliceKey, EndpointSlice] = {}
         self.node: Node | None = None
@@ -91,13 +98,17 @@ class ChangeTracker:
             self._dirty_endpoints.add(old.service_key)
         if eps is None:
             self.slices.pop(key, None)
+            if old is not None:
+                # As upstream: a deleted slice carries the time of its last update, not of this change, and
+                # the Service's pending trigger times go with it (none of them is measured).
+                self._trigger_times.pop(old.service_key, None)
         else:
             self.slices[key] = eps
             self._by_service.setdefault(eps.service_key, {})[key] = eps
             self._dirty_endpoints.add(eps.service_key)
             if eps.trigger_time and (old is None or old.trigger_time != eps.trigger_time):
                 when = parse_trigger_time(eps.trigger_time)
-                if when is not None:
+                if when is not None and (self.started is None or when > self.started):
                     self._trigger_times.setdefault(eps.service_key, []).append(when)
         self.endpoint_changes_total += 1
 

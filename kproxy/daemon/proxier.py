@@ -178,7 +178,7 @@ class Proxier:
         self.interfaces = interfaces
         self.clock = clock
         self.wall_clock = wall_clock
-        self.tracker = ChangeTracker()
+        self.tracker = ChangeTracker(started=wall_clock())
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
         self._synced_sources: set[str] = set()
