@@ -20,6 +20,7 @@ is a warning and never stops the others.
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import ipaddress
 import logging
@@ -53,6 +54,19 @@ EXIT_FAILURE = 1
 
 class UsageError(Exception):
     """Bad flags or input files: exit code 2, one line on stderr."""
+
+
+class OutputError(Exception):
+    """Standard output cannot take the script (a full disk, its reader gone): exit code 1, one line on stderr."""
+
+
+def _write_out(text: str) -> None:
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except (OSError, ValueError, AttributeError) as exc:  # AttributeError: stdout closed from the start (None)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "standard output is closed"
+        raise OutputError(f"cannot write to standard output: {reason}") from None
 
 
 _kept_until_exit: list[object] | None = None
@@ -198,14 +212,13 @@ def dry_run(args: argparse.Namespace, config: DaemonConfig) -> int:
     ruleset = _compile(cluster, node, config)
     _keep_until_exit(cluster, ruleset)
     if not args.diff:
-        sys.stdout.write(render_ruleset(ruleset))
+        _write_out(render_ruleset(ruleset))
         return 0
     from kproxy.nft.backend import NftablesBackend
 
     tx = plan(NftablesBackend().read(), ruleset, delete_chains=False)
-    sys.stdout.write(str(tx))
-    for family, name in tx.deferred_chain_deletes:
-        sys.stdout.write(f"# later: delete chain {family} kproxy {name}\n")
+    _write_out(str(tx) + "".join(f"# later: delete chain {family} kproxy {name}\n"
+                                  for family, name in tx.deferred_chain_deletes))
     print(f"kproxy: the next sync would send {tx.operations} operations", file=sys.stderr)
     return 0
 
@@ -371,6 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"kproxy: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OutputError as exc:
+        print(f"kproxy: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except Exception as exc:
         from kproxy.node.kubeproxy_cleanup import KubeProxyCleanupError
         from kproxy.node.rollback import RollbackError
@@ -393,12 +409,27 @@ def console() -> NoReturn:
     code = main()
     if not _kept_until_exit:
         sys.exit(code)
-    logging.shutdown()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BrokenPipeError:  # stdout's reader went away (| head): what the interpreter's own exit reports
-        code = code or 120
+    _exit_without_freeing(code)
+
+
+def _exit_without_freeing(code: int) -> NoReturn:
+    """End the process as the interpreter's exit would, except for freeing its objects one by one.
+
+    What an exit must do runs first: the atexit handlers (the kubernetes
+    client deletes the certificate and key files it wrote from a
+    kubeconfig's ``*-data`` fields; logging flushes its handlers), then the
+    standard streams are flushed. A stream that cannot take the rest (its
+    reader gone, a full disk) makes the exit code 120, as the interpreter's
+    own exit does; a stream closed from the start (None) is skipped.
+    """
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is None:
+            continue
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            code = code or 120
     os._exit(code)
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -138,19 +140,21 @@ def test_once_with_an_odd_kind_is_a_warning_not_a_traceback(tmp_path: Path, empt
 
 
 def test_console_ends_a_one_shot_run_without_freeing_it(monkeypatch, capsys) -> None:
-    """After --dry-run, the console script flushes its output and ends with os._exit, the run's objects
-    still alive and the cyclic GC still off (its first collection would walk all of them)."""
+    """After --dry-run, the console script runs the atexit handlers, flushes its output and ends with
+    os._exit, the run's objects still alive and the cyclic GC still off (its first collection would walk
+    all of them)."""
     import gc
 
     from kproxy import cli
 
-    exits: list[tuple[int, bool, int]] = []
+    events: list[Any] = []
 
     def fake_exit(code: int) -> None:
         kept = cli._kept_until_exit or []
-        exits.append((code, gc.isenabled(), len(kept)))
+        events.append(("exit", code, gc.isenabled(), len(kept)))
         raise SystemExit(code)
 
+    monkeypatch.setattr(cli.atexit, "_run_exitfuncs", lambda: events.append("atexit"))  # not pytest's own handlers
     monkeypatch.setattr(cli.os, "_exit", fake_exit)
     monkeypatch.setattr(cli, "_kept_until_exit", None)
     monkeypatch.setattr(sys, "argv", ["kproxy", "--dry-run", "--from-file", str(EXAMPLE), "--node-name", "node-a"])
@@ -159,8 +163,37 @@ def test_console_ends_a_one_shot_run_without_freeing_it(monkeypatch, capsys) -> 
             cli.console()
     finally:
         gc.enable()
-    assert exits == [(0, False, 2)], "exit code 0, GC off, the model and the ruleset kept"
+    assert events == ["atexit", ("exit", 0, False, 2)], "atexit first; exit code 0, GC off, model and ruleset kept"
     assert "table ip kproxy" in capsys.readouterr().out
+
+
+def test_console_exit_runs_atexit_handlers_and_survives_closed_streams(tmp_path: Path) -> None:
+    """The fast exit still runs atexit handlers (the kubernetes client deletes the key files it wrote from a
+    kubeconfig there) and flushes stdout; a closed stderr is skipped; a script stdout cannot take (a full
+    disk, stdout closed) is one line and exit 1, not a traceback."""
+    marker = tmp_path / "atexit-ran"
+    code = ("import atexit, sys\nfrom pathlib import Path\nfrom kproxy import cli\n"
+            f"atexit.register(lambda: Path({str(marker)!r}).write_text('yes'))\n"
+            "cli.console()")
+    args = ["--dry-run", "--from-file", str(EXAMPLE), "--node-name", "node-a"]
+    out = tmp_path / "out.nft"
+    with out.open("w") as stdout:
+        result = subprocess.run([sys.executable, "-c", code, *args], stdout=stdout, stderr=subprocess.DEVNULL,
+                                cwd=ROOT, timeout=60)
+    assert result.returncode == 0 and marker.read_text() == "yes"
+    assert out.read_text() == kproxy(*args).stdout
+    closed_stderr = subprocess.run(f'exec {shlex.quote(sys.executable)} -c {shlex.quote(code)} {" ".join(args)} 2>&-',
+                                   shell=True, capture_output=False, stdout=subprocess.DEVNULL, cwd=ROOT, timeout=60)
+    assert closed_stderr.returncode == 0
+    with open("/dev/full", "w") as full:
+        to_full_disk = subprocess.run([sys.executable, "-c", code, *args], stdout=full, stderr=subprocess.PIPE,
+                                      text=True, cwd=ROOT, timeout=60)
+    assert to_full_disk.returncode == 1, to_full_disk.stderr[-800:]
+    assert to_full_disk.stderr == "kproxy: error: cannot write to standard output: No space left on device\n"
+    closed_stdout = subprocess.run(f'exec {shlex.quote(sys.executable)} -c {shlex.quote(code)} {" ".join(args)} >&-',
+                                   shell=True, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=60)
+    assert closed_stdout.returncode == 1, closed_stdout.stderr[-800:]
+    assert closed_stdout.stderr == "kproxy: error: cannot write to standard output: standard output is closed\n"
 
 
 def test_main_in_process_keeps_nothing_and_turns_the_gc_back_on() -> None:

@@ -725,3 +725,31 @@ def test_programming_latency_is_measured_only_for_changes_after_the_start() -> N
     proxier.on_slice("MODIFIED", _slice(1, 3, annotations={"endpoints.kubernetes.io/last-change-trigger-time": stamp}))
     proxier.sync()
     assert latencies == [pytest.approx(1.5)]
+
+
+
+def test_an_invalid_slice_update_keeps_the_programming_latency_of_others() -> None:
+    """A slice update the proxy cannot use is not a deletion: another slice's pending change of the same
+    Service is still observed."""
+    latencies: list[float] = []
+
+    class Observer(NullObserver):
+        def programming_latency(self, seconds: float) -> None:
+            latencies.append(seconds)
+
+    wall = Clock()
+    wall.now = datetime.datetime(2026, 12, 1, 10, 0, tzinfo=datetime.UTC).timestamp()
+    proxier = Proxier(FakeBackend(), "node-a", CONFIG, clock=Clock(), wall_clock=wall, observer=Observer())
+    proxier.on_relist("Node", [node("node-a")])
+    proxier.on_relist("Service", [_svc(1)])
+    proxier.on_relist("EndpointSlice", [_slice(1)])
+    proxier.sync()
+    wall.now += 10.0
+    second = endpoint_slice("s1-y", "s1", [endpoint("10.244.1.9")], namespace="ns",
+                            annotations={"endpoints.kubernetes.io/last-change-trigger-time": "2026-12-01T10:00:08Z"})
+    proxier.on_slice("ADDED", second)
+    broken = _slice(1)
+    broken["addressType"] = "IPv5"
+    proxier.on_slice("MODIFIED", broken)
+    proxier.sync()
+    assert latencies == [pytest.approx(2.0)]

@@ -351,6 +351,19 @@ def test_a_deleted_slice_drops_its_services_trigger_times() -> None:
     assert changes.trigger_times == [parse_trigger_time("2026-12-01T10:00:02Z")]
 
 
+
+def test_an_unusable_slice_keeps_its_services_trigger_times() -> None:
+    """A slice that exists but could not be converted loses its endpoints; unlike a deletion, it does not
+    take the Service's pending trigger times with it."""
+    tracker = _programmed(_svc("a"), _eps("a-1", "a", "10.244.0.1"))
+    tracker.set_slice(SliceKey("ns/a-2"), _eps("a-2", "a", "10.244.0.2", trigger="2026-12-01T10:00:01Z"))
+    tracker.set_slice(SliceKey("ns/a-1"), None, unusable=True)
+    changes = tracker.take()
+    assert changes.services == {A}
+    assert changes.trigger_times == [parse_trigger_time("2026-12-01T10:00:01Z")]
+    assert tracker.slices_of(A) == (_eps("a-2", "a", "10.244.0.2", trigger="2026-12-01T10:00:01Z"),)
+
+
 # -- node, ServiceCIDRs, snapshots -----------------------------------------------------------------
 
 

@@ -85,7 +85,9 @@ class ChangeTracker:
         self._dirty_services.add(key)
         self.service_changes_total += 1
 
-    def set_slice(self, key: SliceKey, eps: EndpointSlice | None, owner: ServiceKey | None = None) -> None:
+    def set_slice(self, key: SliceKey, eps: EndpointSlice | None, unusable: bool = False) -> None:
+        """A slice's new state; None for a deleted slice, or with ``unusable`` for one that exists but
+        could not be converted (its endpoints go, and its Service's pending trigger times stay)."""
         old = self.slices.get(key)
         if old == eps:
             return
@@ -98,7 +100,7 @@ class ChangeTracker:
             self._dirty_endpoints.add(old.service_key)
         if eps is None:
             self.slices.pop(key, None)
-            if old is not None:
+            if old is not None and not unusable:
                 # As upstream: a deleted slice carries the time of its last update, not of this change, and
                 # the Service's pending trigger times go with it (none of them is measured).
                 self._trigger_times.pop(old.service_key, None)

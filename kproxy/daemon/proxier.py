@@ -309,7 +309,7 @@ class Proxier:
         else:
             key, eps = self._slice(obj)
         with self.lock:
-            self.tracker.set_slice(key, eps)
+            self.tracker.set_slice(key, eps, unusable=eps is None and event != "DELETED")
             self._notify()
 
     def on_service_cidr(self, event: str, obj: Mapping[str, Any]) -> None:
@@ -403,7 +403,7 @@ class Proxier:
                 for key in [k for k in self.tracker.slices if k not in slices]:
                     self.tracker.set_slice(key, None)
                 for key, eps in slices.items():
-                    self.tracker.set_slice(key, eps)
+                    self.tracker.set_slice(key, eps, unusable=eps is None)
             elif kind == "Node":
                 if not objects:
                     self.tracker.set_node(None)
