@@ -61,10 +61,12 @@ class OutputError(Exception):
 
 
 def _write_out(text: str) -> None:
+    if sys.stdout is None:  # closed before the process started
+        raise OutputError("cannot write to standard output: standard output is closed")
     try:
         sys.stdout.write(text)
         sys.stdout.flush()
-    except (OSError, ValueError, AttributeError) as exc:  # AttributeError: stdout closed from the start (None)
+    except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "standard output is closed"
         raise OutputError(f"cannot write to standard output: {reason}") from None
 
@@ -384,14 +386,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"kproxy: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except OutputError as exc:
-        print(f"kproxy: error: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
     except Exception as exc:
         from kproxy.node.kubeproxy_cleanup import KubeProxyCleanupError
         from kproxy.node.rollback import RollbackError
 
-        if not isinstance(exc, (CapabilityError, NftError, KubeProxyCleanupError, RollbackError, StartupError)):
+        failures = (OutputError, CapabilityError, NftError, KubeProxyCleanupError, RollbackError, StartupError)
+        if not isinstance(exc, failures):
             raise
         print(f"kproxy: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE

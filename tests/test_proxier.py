@@ -701,52 +701,50 @@ def test_endpoint_changes_send_elements_only(counts: tuple[int, ...]) -> None:
         assert len(_endpoints_of(backend, "10.96.0.3")) == count
 
 
-def test_programming_latency_is_measured_only_for_changes_after_the_start() -> None:
-    """Slices listed at startup carry the time of their last change (a day ago here): the first sync
-    observes no programming latency; a change stamped after the start is observed once, from its stamp."""
+TRIGGER_TIME = "endpoints.kubernetes.io/last-change-trigger-time"
+STARTED = datetime.datetime(2026, 12, 1, 10, 0, tzinfo=datetime.UTC).timestamp()
+
+
+def _latency_proxier() -> tuple[Proxier, Clock, list[float]]:
+    """A proxier started at STARTED (its wall clock, returned) and the programming latencies it observes."""
     latencies: list[float] = []
 
     class Observer(NullObserver):
         def programming_latency(self, seconds: float) -> None:
             latencies.append(seconds)
 
-    started = datetime.datetime(2026, 12, 1, 10, 0, tzinfo=datetime.UTC).timestamp()
     wall = Clock()
-    wall.now = started
-    day_old = {"endpoints.kubernetes.io/last-change-trigger-time": "2026-11-30T10:00:00Z"}
+    wall.now = STARTED
     proxier = Proxier(FakeBackend(), "node-a", CONFIG, clock=Clock(), wall_clock=wall, observer=Observer())
     proxier.on_relist("Node", [node("node-a")])
+    return proxier, wall, latencies
+
+
+def test_programming_latency_is_measured_only_for_changes_after_the_start() -> None:
+    """Slices listed at startup carry the time of their last change (a day ago here): the first sync
+    observes no programming latency; a change stamped after the start is observed once, from its stamp."""
+    proxier, wall, latencies = _latency_proxier()
     proxier.on_relist("Service", [_svc(i) for i in range(3)])
-    proxier.on_relist("EndpointSlice", [_slice(i, annotations=day_old) for i in range(3)])
+    proxier.on_relist("EndpointSlice", [_slice(i, annotations={TRIGGER_TIME: "2026-11-30T10:00:00Z"}) for i in range(3)])
     assert proxier.sync().full
     assert latencies == []
-    wall.now = started + 10.0
+    wall.now = STARTED + 10.0
     stamp = "2026-12-01T10:00:08.500Z"  # 8.5 s after the start, 1.5 s before the sync
-    proxier.on_slice("MODIFIED", _slice(1, 3, annotations={"endpoints.kubernetes.io/last-change-trigger-time": stamp}))
+    proxier.on_slice("MODIFIED", _slice(1, 3, annotations={TRIGGER_TIME: stamp}))
     proxier.sync()
     assert latencies == [pytest.approx(1.5)]
-
 
 
 def test_an_invalid_slice_update_keeps_the_programming_latency_of_others() -> None:
     """A slice update the proxy cannot use is not a deletion: another slice's pending change of the same
     Service is still observed."""
-    latencies: list[float] = []
-
-    class Observer(NullObserver):
-        def programming_latency(self, seconds: float) -> None:
-            latencies.append(seconds)
-
-    wall = Clock()
-    wall.now = datetime.datetime(2026, 12, 1, 10, 0, tzinfo=datetime.UTC).timestamp()
-    proxier = Proxier(FakeBackend(), "node-a", CONFIG, clock=Clock(), wall_clock=wall, observer=Observer())
-    proxier.on_relist("Node", [node("node-a")])
+    proxier, wall, latencies = _latency_proxier()
     proxier.on_relist("Service", [_svc(1)])
     proxier.on_relist("EndpointSlice", [_slice(1)])
     proxier.sync()
-    wall.now += 10.0
+    wall.now = STARTED + 10.0
     second = endpoint_slice("s1-y", "s1", [endpoint("10.244.1.9")], namespace="ns",
-                            annotations={"endpoints.kubernetes.io/last-change-trigger-time": "2026-12-01T10:00:08Z"})
+                            annotations={TRIGGER_TIME: "2026-12-01T10:00:08Z"})
     proxier.on_slice("ADDED", second)
     broken = _slice(1)
     broken["addressType"] = "IPv5"
