@@ -1,4 +1,4 @@
-"""Shared fixtures: the root-test guard and an nft syntax checker.
+"""Shared fixtures: the root-test guard, an nft syntax checker, and the root logger put back after each test.
 
 Tests marked ``root`` need root and a kernel with nf_tables; CI runs them as
 root. Run as another user, they fail with a clear message instead of being
@@ -7,6 +7,7 @@ skipped silently; deselect them with ``-m 'not root'`` if you must.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import uuid
@@ -22,6 +23,18 @@ if TYPE_CHECKING:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("root") and os.geteuid() != 0:
         pytest.fail("this test needs root (network namespaces, nft); deselect with -m 'not root'")
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_restored() -> Iterator[None]:
+    """A test that runs ``kproxy.cli.main`` in-process gets ``setup_logging``'s handler on the root logger,
+    writing to that test's captured stderr; left there, every later log record hit a closed stream
+    ("--- Logging error ---" in later tests' output). The root logger's handlers and level are put back."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 NftCheck = Callable[[str], None]
