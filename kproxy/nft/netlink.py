@@ -180,7 +180,7 @@ class SetLayout:
     endpoint's data once per frontend), so the parts are encoded once.
     """
 
-    __slots__ = ("_encode_value", "_lasts", "_prefixes", "_values", "data", "key")
+    __slots__ = ("_address_pair", "_cache_values", "_encode_value", "_lasts", "_prefixes", "_values", "data", "key")
 
     def __init__(self, key: tuple[Field, ...], data: tuple[Field, ...] | None) -> None:
         self.key = key
@@ -192,6 +192,10 @@ class SetLayout:
         self._encode_value: Callable[[str], bytes] = (
             _verdict if data == () else _address_port_data(data[0]) if data in _ADDRESS_PORT else functools.partial(_data, self)
         )
+        self._cache_values = data not in _ADDRESS_PORT
+        """An endpoint's ``address . port`` is its own (100k at 10k Services): encoded straight, never cached."""
+        self._address_pair: int | None = _ADDRESS_PAIRS.get(key)
+        """The address family of a key of two addresses (hairpin: ``endpoint . endpoint``), whose parts never repeat."""
 
     def encode_data(self, text: str) -> bytes:
         return _concat(self.data or (), text)
@@ -316,12 +320,19 @@ def _encoded_elements(layout: SetLayout, elements: Iterable[Element], adding: bo
     prefixes, lasts, values = layout._prefixes, layout._lasts, layout._values
     encode_value, last_field, element_head = layout._encode_value, layout.key[-1], _ELEM_HEAD
     single = len(layout.key) == 1
+    pair_family, pton = layout._address_pair, socket.inet_pton
     has_data = adding and layout.data is not None
+    cache_values = layout._cache_values
     current_prefix = current_comment = None
     key_head = note = b""
     for element in elements:
         if single:
             key = last_field(element.key)
+        elif pair_family is not None:
+            first, separator, second = element.key.partition(" . ")
+            if not separator or " " in second:
+                raise ValueError(f"{element.key!r} does not have 2 fields")
+            key = pton(pair_family, first) + pton(pair_family, second)  # whole 32-bit words
         else:
             prefix, _, last = element.key.rpartition(" . ")
             if prefix != current_prefix:
@@ -336,12 +347,15 @@ def _encoded_elements(layout: SetLayout, elements: Iterable[Element], adding: bo
             note = _comment(current_comment) if current_comment else b""
         value = b""
         if has_data:
-            value = values.get(element.value, b"")
-            if not value:
-                value = values[element.value] = encode_value(element.value)
+            if not cache_values:
+                value = encode_value(element.value)
+            else:
+                value = values.get(element.value, b"")
+                if not value:
+                    value = values[element.value] = encode_value(element.value)
         size = len(key)
-        head = element_head(12 + size + len(value) + len(note), _LIST_ELEM, 8 + size, _KEY, 4 + size, NFTA_DATA_VALUE)
-        yield head + key + value + note
+        yield b"".join((element_head(12 + size + len(value) + len(note), _LIST_ELEM, 8 + size, _KEY, 4 + size,
+                                     NFTA_DATA_VALUE), key, value, note))
 
 
 _ELEM_HEAD = struct.Struct("=HHHHHH").pack
@@ -350,6 +364,7 @@ _KEY = NFTA_SET_ELEM_KEY | NLA_F_NESTED
 
 
 _ADDRESS_PORT = ((_ipv4, _port), (_ipv6, _port))
+_ADDRESS_PAIRS = {(_ipv4, _ipv4): socket.AF_INET, (_ipv6, _ipv6): socket.AF_INET6}
 
 
 def _address_port_data(address: Field) -> Callable[[str], bytes]:
