@@ -364,7 +364,7 @@ _KEY = NFTA_SET_ELEM_KEY | NLA_F_NESTED
 
 
 _ADDRESS_PORT = ((_ipv4, _port), (_ipv6, _port))
-_ADDRESS_PAIRS = {(_ipv4, _ipv4): socket.AF_INET, (_ipv6, _ipv6): socket.AF_INET6}
+_ADDRESS_PAIRS: dict[tuple[Field, ...], int] = {(_ipv4, _ipv4): socket.AF_INET, (_ipv6, _ipv6): socket.AF_INET6}
 
 
 def _address_port_data(address: Field) -> Callable[[str], bytes]:
