@@ -61,6 +61,20 @@ def _programmed(bed: NetBed) -> bool:
         and "chain svc-" in text
 
 
+def _connect_after_outage(bed: NetBed) -> bool:
+    """Whether 10 new connections from the pod that probed during the outage all land on the ClusterIP.
+
+    While kproxy's table was gone, the probes' SYNs went out untranslated and
+    left SYN_SENT conntrack entries on the node (120 s). A new connection that
+    reuses one of their source ports joins that entry and is never DNATed: the
+    kernel's doing, whatever the rules say now (it failed a CI run of the
+    test_daemon.py drift test). Those entries are the only ones whose reply
+    comes from the ClusterIP itself; they are deleted first.
+    """
+    bed.node.run("conntrack", "-D", "-p", "tcp", "--orig-dst", CLUSTER_IP, "--reply-src", CLUSTER_IP, check=False)
+    return bed.local_pods[0].netns.connect_many(CLUSTER_IP, 80, 10).all_ok
+
+
 def _repairs(registry: CollectorRegistry) -> dict[str, float]:
     return {s.labels["reason"]: s.value for m in registry.collect() if m.name == "kproxy_drift_repairs"
             for s in m.samples if s.name.endswith("_total")}
@@ -81,7 +95,7 @@ def _with_traffic(bed: NetBed, run: Callable[[], float]) -> tuple[float, int, in
     loop = bed.local_pods[0].netns.start_loop(CLUSTER_IP, 80, interval_ms=20, timeout=0.5)
     try:
         seconds = run()
-        wait_until(lambda: loop.ok_count() >= 10, 5, "connections after the restore")
+        loop.wait_more_ok(10, 5)  # connections that started after the restore
     finally:
         summary = loop.stop()
     print(f"restored in {seconds:.2f} s; {summary.failed} of {summary.total} new connections failed meanwhile",
@@ -106,7 +120,7 @@ def test_a_deleted_table_is_restored(running: tuple[NetBed, Daemon, CollectorReg
     assert seconds < RESTORE_WITHIN, f"restored after {seconds:.2f} s"
     assert _repairs(registry).get("table_deleted", 0) >= 1
     assert bed.node.run("nft", "list", "table", "ip6", "kproxy", check=False).returncode == 0
-    assert bed.local_pods[0].netns.connect_many(CLUSTER_IP, 80, 10).all_ok
+    assert _connect_after_outage(bed)
     assert bed.client.connect_many(bed.node_ip4, NODE_PORT, 10).all_ok
 
 
@@ -159,4 +173,4 @@ def test_a_storm_is_paced_and_converges_once_it_stops(running: tuple[NetBed, Dae
     assert 1 <= repairs <= 15, f"{repairs} repairs for 50 deletions"
     warnings = [r for r in caplog.records if r.levelname == "WARNING" and "another program changed" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
-    assert bed.local_pods[0].netns.connect_many(CLUSTER_IP, 80, 10).all_ok
+    assert _connect_after_outage(bed)
