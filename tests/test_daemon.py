@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.harness.builders import endpoint, endpoint_slice, service
-from tests.harness.daemonbed import ApiInNode, KproxyProcess, wait_until
+from tests.harness.daemonbed import ApiInNode, KproxyProcess, dispatched, wait_until
 from tests.harness.netbed import NetBed, Pod
 
 pytestmark = pytest.mark.root
@@ -33,12 +33,6 @@ def servers_seen(bed: NetBed, dst: str, port: int = 80, count: int = 60) -> set[
     """
     results = bed.client.connect_many(dst, port, count, timeout=2.5)
     return results.servers if results.all_ok else set()
-
-
-def _dispatched(bed: NetBed, frontend: str) -> bool:
-    """Whether the kernel's service-ips map holds ``frontend`` (a cold start or a rebuilt table lands it last)."""
-    listing = bed.node.nft("list", "map", "ip", "kproxy", "service-ips", check=False)
-    return listing.returncode == 0 and frontend in listing.stdout
 
 
 def test_daemon_follows_changes(bed: NetBed, api_in_node: ApiInNode) -> None:
@@ -165,13 +159,13 @@ def test_drift_repaired_and_sigterm_leaves_rules(bed: NetBed, api_in_node: ApiIn
     # Waits read the kernel, not traffic: a connection made while the Service is not programmed goes out
     # un-translated and leaves a conntrack entry that captures a later connection reusing its port (34 such
     # entries after one probe loop made a later check of 150 connections fail once in CI).
-    wait_until(lambda: _dispatched(bed, "10.96.0.40 . tcp . 80"), 15, "Service")
+    wait_until(lambda: dispatched(bed, "10.96.0.40 . tcp . 80"), 15, "Service")
     assert servers_seen(bed, "10.96.0.40") == {p.name for p in bed.pods}
     bed.node.nft("delete", "table", "ip", "kproxy")
     # Probe the broken state from the other client, for the same reason.
     assert not bed.client2.connect("10.96.0.40", 80, timeout=0.5).ok
     kproxy.send(signal.SIGHUP)
-    wait_until(lambda: _dispatched(bed, "10.96.0.40 . tcp . 80"), 10, "the table restored")
+    wait_until(lambda: dispatched(bed, "10.96.0.40 . tcp . 80"), 10, "the table restored")
     assert servers_seen(bed, "10.96.0.40") == {p.name for p in bed.pods}
     assert kproxy.stop(signal.SIGTERM) == 0
     assert "kproxy" in bed.node.nft("list", "tables").stdout

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tests.harness.builders import endpoint, endpoint_slice, service
-from tests.harness.daemonbed import ApiInNode, KproxyProcess, wait_until
+from tests.harness.daemonbed import ApiInNode, KproxyProcess, dispatched, wait_until
 from tests.harness.netbed import NetBed, Netns, Pod
 
 pytestmark = pytest.mark.root
@@ -258,7 +258,8 @@ def test_every_dashboard_query_returns_data(bed: NetBed, api_in_node: ApiInNode,
     api.create(service("local-only", cluster_ip="10.96.0.13", internalTrafficPolicy="Local"))
     api.create(pod_slice("local-only", bed.remote_pods))
     api.create(service("invalid", cluster_ip="10.96.0.14", annotations={"kproxy.io/rate-limit": "lots"}))
-    wait_until(lambda: servers_seen(bed, "10.96.0.10") == {p.name for p in bed.pods[:2]}, 15, "Services programmed")
+    wait_until(lambda: dispatched(bed, "10.96.0.10 . tcp . 80"), 15, "Services programmed")  # then traffic
+    wait_until(lambda: servers_seen(bed, "10.96.0.10") == {p.name for p in bed.pods[:2]}, 5, "Services programmed")
     # Counters and histograms first seen now: the churn below makes their rates non-zero.
     first_seen = ["kubeproxy_network_programming_duration_seconds_count",
                   "kubeproxy_sync_partial_proxy_rules_duration_seconds_count",
@@ -277,7 +278,8 @@ def test_every_dashboard_query_returns_data(bed: NetBed, api_in_node: ApiInNode,
     # (Before the traffic below: the new table's nft counters start from 0.)
     bed.node.nft("delete", "table", "ip", "kproxy")
     api.update(pod_slice("web", bed.pods[:1]))
-    wait_until(lambda: servers_seen(bed, "10.96.0.10") == {bed.pods[0].name}, 10, "the table restored")
+    wait_until(lambda: dispatched(bed, "10.96.0.10 . tcp . 80"), 10, "the table restored")  # then traffic
+    wait_until(lambda: servers_seen(bed, "10.96.0.10") == {bed.pods[0].name}, 5, "the table restored")
     assert any("another program changed kproxy's tables" in e.get("msg", "") for e in kproxy.lines()), kproxy.tail()
 
     # Traffic: one client over the rate limit, and a UDP flow.

@@ -9,6 +9,7 @@ bisection and quarantine.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from kproxy.nft.kernel import NftError
 from kproxy.nft.objects import Transaction
 from kproxy.observe.metrics import ProxyMetrics
 from tests.harness.builders import endpoint, endpoint_slice, service
-from tests.harness.daemonbed import ApiInNode, KproxyProcess, wait_until
+from tests.harness.daemonbed import ApiInNode, KproxyProcess, dispatched, wait_until
 from tests.harness.netbed import NetBed, Pod
 
 pytestmark = pytest.mark.root
@@ -46,7 +47,11 @@ def served_by(bed: NetBed, dst: str, count: int = 30) -> set[str]:
 
 
 def _programmed_within(bed: NetBed, dst: str, pods: list[Pod], seconds: float, what: str) -> None:
-    wait_until(lambda: served_by(bed, dst, count=10 * len(pods)) == {p.name for p in pods}, seconds, what)
+    """The frontend in the kernel first (no probe goes out untranslated: see ``dispatched``), then its endpoints."""
+    deadline = time.monotonic() + seconds
+    wait_until(lambda: dispatched(bed, f"{dst} . tcp . 80"), seconds, f"{what}: its frontend")
+    wait_until(lambda: served_by(bed, dst, count=10 * len(pods)) == {p.name for p in pods},
+               max(deadline - time.monotonic(), 0.5), what)
 
 
 def test_hostile_and_limit_sized_objects_never_delay_other_changes(bed: NetBed, api_in_node: ApiInNode) -> None:
@@ -142,8 +147,8 @@ def test_kernel_refusing_one_service_quarantines_it_alone(bed: NetBed, api_in_no
         _programmed_within(bed, "10.96.0.63", bed.pods[1:2], 5, "a Service created beside a refused one")
         wait_until(lambda: set(daemon.proxier.quarantined) == {"default/refused-early", "default/refused-late"}, 5,
                    "both refused Services quarantined")
-        for dst in ("10.96.0.60", "10.96.0.62"):
-            assert not bed.client.connect(dst, 80, timeout=0.5).ok, f"{dst} is not programmed"
+        for dst in ("10.96.0.60", "10.96.0.62"):  # from client2: client connects to .62 once it is programmed
+            assert not bed.client2.connect(dst, 80, timeout=0.5).ok, f"{dst} is not programmed"
         skipped = registry.get_sample_value("kproxy_invalid_objects_skipped_total",
                                             {"kind": "Service", "reason": "kernel_refused"})
         assert skipped == 2

@@ -42,6 +42,18 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
         time.sleep(interval)
 
 
+def dispatched(bed: NetBed, frontend: str) -> bool:
+    """Whether the node's service-ips map holds ``frontend`` (``10.96.0.40 . tcp . 80``).
+
+    Wait on this, not on traffic, for a frontend that is not programmed yet (a
+    cold start or a rebuilt table lands it last): a probe sent before goes out
+    untranslated and leaves a conntrack entry on the node, which a later
+    connection reusing its source port joins, and is never DNATed.
+    """
+    listing = bed.node.nft("list", "map", "ip", "kproxy", "service-ips", check=False)
+    return listing.returncode == 0 and frontend in listing.stdout
+
+
 @dataclass
 class ApiInNode:
     """A FakeKubeAPI whose listening socket lives in the node namespace."""
