@@ -10,6 +10,7 @@ log lines.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -51,7 +52,8 @@ def dispatched(bed: NetBed, frontend: str) -> bool:
     connection reusing its source port joins, and is never DNATed.
     """
     listing = bed.node.nft("list", "map", "ip", "kproxy", "service-ips", check=False)
-    return listing.returncode == 0 and frontend in listing.stdout
+    # The whole key: "10.96.0.4 . tcp . 80" is not "10.96.0.40 . tcp . 80" nor "10.96.0.4 . tcp . 8080".
+    return listing.returncode == 0 and re.search(rf"(?<![\w.:]){re.escape(frontend)}\s", listing.stdout) is not None
 
 
 @dataclass
