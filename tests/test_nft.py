@@ -167,3 +167,22 @@ def test_a_node_with_the_previous_no_endpoint_maps_converges(netns: Netns) -> No
             table = backend.read().tables[family]
             assert "no-endpoint-services" not in table.sets
             assert "10.96.0.10 . tcp . 80" in backend.read().tables["ip"].elements["no-endpoint-reject"]
+
+
+def test_a_value_the_encoder_cannot_take_is_an_nft_error(netns: Netns) -> None:
+    """An element whose address inet_pton refuses is reported as the kernel's refusals are (NftError), not raised as
+    the OSError that inet_pton raises: the sync's refusal handling (isolation, quarantine) takes it from there."""
+    from kproxy.nft.objects import Element
+    from kproxy.rules.plan import create
+    from kproxy.rules.skeleton import skeleton_table
+
+    skeleton = skeleton_table("ip")
+    with netns.entered():
+        backend = NftablesBackend()
+        backend.apply(create(skeleton)[0])
+        for key in ("10.0.0.300 . 10.0.0.1", "10.0.0.1 . fd00::1"):
+            tx = Transaction([Op("add", "element", "ip", "hairpin", set_decl=skeleton.sets["hairpin"],
+                                 elements=(Element(key),))])
+            with pytest.raises(NftError, match="cannot encode"):
+                backend.apply(tx)
+    assert "10.0.0.1" not in netns.nft("list", "set", "ip", "kproxy", "hairpin").stdout

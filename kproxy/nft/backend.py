@@ -248,7 +248,8 @@ class NftablesBackend:
         """Encode ``tx``; a value that cannot be encoded is an NftError, as a refusal by the kernel would be."""
         try:
             return self._netlink.prepare(tx)
-        except (NotEncodable, ValueError, TypeError, KeyError, OverflowError, struct.error) as exc:
+        except (NotEncodable, ValueError, TypeError, KeyError, OverflowError, struct.error, OSError) as exc:
+            # (OSError: an address socket.inet_pton refuses; encoding does no I/O)
             raise NftError(f"cannot encode the transaction: {type(exc).__name__}: {exc}") from None
 
     def _apply_with_libnftables(self, tx: Transaction) -> None:
