@@ -15,6 +15,7 @@ import pytest
 from kproxy.cluster.convert import build_cluster
 from kproxy.cluster.model import Cluster, IPFamily
 from kproxy.nft.backend import NftablesBackend
+from kproxy.node import conntrack
 from kproxy.node.conntrack import (
     FakeConntrack,
     FlowEntry,
@@ -300,24 +301,35 @@ def test_kernel_stale_udp_flow_follows_new_endpoint(netbed: NetBed) -> None:
 
 
 @pytest.mark.root
-def test_kernel_listing_by_destination_is_the_full_listing_narrowed(empty_netns: Netns) -> None:
+def test_kernel_listing_by_destination_is_the_full_listing_narrowed(empty_netns: Netns,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """One dump per destination, filtered in the kernel, finds exactly the entries to those destinations that a dump
     of every UDP entry finds, in both families (the other entries stand for a busy node's unrelated flows). IPv6 is
-    listed whole: an IPv6 destination in pyroute2's filter matches nothing, which this test caught."""
+    listed whole: the kernel's filter inverts the IPv6 address comparison, which this test caught."""
     inserted = [("10.96.0.10", "10.1.0.1"), ("10.96.0.11", "10.1.0.2"), ("fd00:96::10", "fd00:1::1")]
     inserted += [(f"10.97.{i // 200}.{i % 200 + 1}", "10.1.0.3") for i in range(400)]
     for dst, src in inserted:
         for sport in (20000, 20001):
             empty_netns.run("conntrack", "-I", "-p", "udp", "-s", src, "-d", dst, "--sport", str(sport),
                             "--dport", "53", "-t", "120")
+    dumps: list[object] = []
+    real_dump = PyrouteConntrack._dump
+    monkeypatch.setattr(PyrouteConntrack, "_dump", lambda self, family, match: dumps.append(match.daddr)
+                        or real_dump(self, family, match))
     with empty_netns.entered(), PyrouteConntrack() as ct:
-        for family, destinations in ((4, {"10.96.0.10", "10.96.0.11", "10.96.0.99"}), (6, {"fd00:96::10"})):
-            everything = ct.list_udp(family)
-            narrowed = ct.list_udp(family, destinations)
-            expected = [e for e in everything if e.orig_dst in destinations]
-            assert sorted(map(str, narrowed)) == sorted(map(str, expected))
-            assert len(expected) == 2 * (len(destinations) - (family == 4))  # 10.96.0.99 has no entry
-            assert len(everything) == (2 * 402 if family == 4 else 2)
+        for budget in (conntrack._FILTERED_WALK_BUDGET, 100):  # 3 destinations x 808 entries: over 100
+            monkeypatch.setattr(conntrack, "_FILTERED_WALK_BUDGET", budget)
+            for family, destinations in ((4, {"10.96.0.10", "10.96.0.11", "10.96.0.99"}), (6, {"fd00:96::10"})):
+                everything = ct.list_udp(family)
+                dumps.clear()
+                narrowed = ct.list_udp(family, destinations)
+                expected = [e for e in everything if e.orig_dst in destinations]
+                assert len(expected) == 2 * (len(destinations) - (family == 4))  # 10.96.0.99 has no entry
+                assert len(everything) == (2 * 402 if family == 4 else 2)
+                filtered = family == 4 and budget > 100
+                assert dumps == (sorted(destinations) if filtered else [None]), (family, budget, dumps)
+                # Filtered: exactly those entries; otherwise everything (a listing may hold more, never less).
+                assert sorted(map(str, narrowed)) == sorted(map(str, expected if filtered else everything))
 
 
 def _in_thread(out: list[object], fn: Callable[[], object]) -> None:
