@@ -298,7 +298,8 @@ def once(args: argparse.Namespace, config: DaemonConfig) -> int:
     if not proxier.tracker.node or not (proxier.tracker.node.internal_ips or proxier.tracker.node.external_ips):
         log.info("Node %s has no addresses in the input; NodePorts use this namespace's addresses", config.node_name)
     print(f"kproxy: applied {observer.operations + deleted} operations, "
-          f"removed {observer.conntrack} stale UDP conntrack entries")
+          f"removed {observer.conntrack} stale UDP conntrack entries"
+          + (f" and {observer.untranslated} untranslated TCP attempts" if observer.untranslated else ""))
     return 0
 
 

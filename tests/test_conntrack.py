@@ -1,4 +1,4 @@
-"""UDP conntrack cleanup: the pure target computation and filter, the fake, and the kernel."""
+"""Conntrack cleanups (stale UDP flows, untranslated TCP attempts): the pure targets and filters, the fake, and the kernel."""
 
 from __future__ import annotations
 
@@ -21,8 +21,11 @@ from kproxy.node.conntrack import (
     FlowEntry,
     PyrouteConntrack,
     cleanup_stale_udp,
+    cleanup_unanswered_tcp,
     stale_entries,
+    tcp_frontends,
     udp_cleanup_targets,
+    unanswered_to_frontends,
 )
 from kproxy.rules.compiler import NodeInfo, ProxyConfig, compile_ruleset
 from kproxy.rules.plan import plan
@@ -376,3 +379,77 @@ def test_conntrack_cleanup_leaves_no_garbage_with_the_gc_off(empty_netns: Netns)
     assert deleted == 300
     assert left < 2_000, f"{left} objects left for the GC (about 65,000 when the cleanup ran with it off)"
     assert enabled == "False", "the GC is off again afterwards"
+
+
+# --------------------------------------------------------------------------- untranslated TCP attempts
+
+
+def test_tcp_frontends_are_the_tcp_ports_at_every_service_address_of_the_family() -> None:
+    cluster = _cluster([
+        service("web", cluster_ip=["10.96.0.20", "fd00:96::20"], ipFamilies=["IPv4", "IPv6"], type="LoadBalancer",
+                externalIPs=["203.0.113.8", "2001:db8::8"],
+                ports=[{"name": "http", "port": 80, "nodePort": 30080},
+                       {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053}],
+                status={"loadBalancer": {"ingress": [{"ip": "198.51.100.8"}]}}),
+        service("v6only", cluster_ip="fd00:96::21", ipFamilies=["IPv6"], externalIPs=["203.0.113.9"],
+                ports=[{"name": "https", "port": 443}]),
+    ])
+    services = list(cluster.services.values())
+    assert tcp_frontends(services, 4) == {("10.96.0.20", 80), ("203.0.113.8", 80), ("198.51.100.8", 80)}
+    # An IPv4 external IP of an IPv6-only Service is not programmed anywhere: nothing of it is a frontend.
+    assert tcp_frontends(services, 6) == {("fd00:96::20", 80), ("2001:db8::8", 80), ("fd00:96::21", 443)}
+
+
+def test_only_attempts_to_a_frontend_whose_reply_would_come_from_it_are_untranslated() -> None:
+    frontends = {("10.96.0.20", 80)}
+    untranslated = FlowEntry(4, TCP, "10.244.1.5", "10.96.0.20", 40000, 80, "10.96.0.20", 80)
+    dnated = FlowEntry(4, TCP, "10.244.1.5", "10.96.0.20", 40001, 80, "10.244.2.7", 8080)
+    other_port = FlowEntry(4, TCP, "10.244.1.5", "10.96.0.20", 40002, 81, "10.96.0.20", 81)
+    udp = FlowEntry(4, UDP, "10.244.1.5", "10.96.0.20", 40003, 80, "10.96.0.20", 80)
+    entries = [untranslated, dnated, other_port, udp]
+    assert unanswered_to_frontends(entries, frontends) == [untranslated]
+
+
+def test_cleanup_unanswered_lists_only_families_with_frontends_and_counts_deletions() -> None:
+    v4 = FlowEntry(4, TCP, "10.244.1.5", "10.96.0.20", 40000, 80, "10.96.0.20", 80)
+    v6 = FlowEntry(6, TCP, "fd00:244::5", "fd00:96::20", 40000, 80, "fd00:96::20", 80)
+    answered = FlowEntry(4, TCP, "10.244.1.6", "10.96.0.20", 40000, 80, "10.96.0.20", 80)
+    table = FakeConntrack([answered], unanswered=[v4, v6])
+    assert cleanup_unanswered_tcp(table, {4: {("10.96.0.20", 80)}, 6: set()}) == 1
+    assert table.deleted == [v4] and table.listed_unanswered == [4]
+    assert cleanup_unanswered_tcp(table, {4: {("10.96.0.20", 80)}}) == 0, "already gone"
+
+
+@pytest.mark.root
+def test_kernel_lists_unanswered_untranslated_tcp_entries_only(empty_netns: Netns) -> None:
+    """The kernel's status and protocol filters leave out answered, DNATed and UDP entries (made with ``conntrack
+    -I``, among 300 established ones standing for a busy node); the cleanup deletes the untranslated attempts to the
+    frontends, in both families, and keeps everything else."""
+    def insert(*args: str) -> None:
+        empty_netns.run("conntrack", "-I", *args, "-t", "120")
+
+    tcp_syn = ("-p", "tcp", "--state", "SYN_SENT")
+    insert(*tcp_syn, "-s", "10.1.0.1", "-d", "10.96.0.10", "--sport", "40000", "--dport", "80")  # untranslated
+    insert(*tcp_syn, "-s", "fd00:1::1", "-d", "fd00:96::10", "--sport", "40000", "--dport", "80")  # untranslated, v6
+    insert(*tcp_syn, "-s", "10.1.0.1", "-d", "10.96.0.10", "--sport", "40001", "--dport", "81")  # not a frontend
+    insert(*tcp_syn, "-s", "10.1.0.1", "-d", "10.96.0.10", "--sport", "40002", "--dport", "80",  # reply from a pod
+           "--reply-src", "10.244.1.5", "--reply-dst", "10.1.0.1", "--reply-port-src", "8080",
+           "--reply-port-dst", "40002")
+    insert("-p", "udp", "-s", "10.1.0.1", "-d", "10.96.0.10", "--sport", "40003", "--dport", "80")  # UDP
+    for i in range(300):  # answered
+        insert("-p", "tcp", "--state", "ESTABLISHED", "-u", "SEEN_REPLY,ASSURED", "-s", "10.1.1.1", "-d",
+               "10.96.0.10", "--sport", str(20000 + i), "--dport", "80")
+    with empty_netns.entered(), PyrouteConntrack() as ct:
+        listed = {str(e) for family in (4, 6) for e in ct.list_unanswered_tcp(family)}
+        assert listed == {
+            "10.1.0.1:40000 -> 10.96.0.10:80 (reply from 10.96.0.10:80)",
+            "[fd00:1::1]:40000 -> [fd00:96::10]:80 (reply from [fd00:96::10]:80)",
+            "10.1.0.1:40001 -> 10.96.0.10:81 (reply from 10.96.0.10:81)",
+            "10.1.0.1:40002 -> 10.96.0.10:80 (reply from 10.244.1.5:8080)",
+        }, "answered entries and UDP are filtered out in the kernel"
+        assert cleanup_unanswered_tcp(ct, {4: {("10.96.0.10", 80)}, 6: {("fd00:96::10", 80)}}) == 2
+        left = {str(e) for family in (4, 6) for e in ct.list_unanswered_tcp(family)}
+    assert left == listed - {"10.1.0.1:40000 -> 10.96.0.10:80 (reply from 10.96.0.10:80)",
+                             "[fd00:1::1]:40000 -> [fd00:96::10]:80 (reply from [fd00:96::10]:80)"}
+    everything = empty_netns.run("conntrack", "-L", check=False).stdout
+    assert everything.count("ESTABLISHED") == 300 and "udp" in everything

@@ -32,19 +32,28 @@ CLUSTER_IP, NODE_PORT = "10.96.0.70", 30070
 RESTORE_WITHIN = 3.0  # typically 0.1-0.5 s; a second repair of one storm is paced 1 s after the first
 
 
+def _create_web(api_in_node: ApiInNode, bed: NetBed) -> None:
+    api_in_node.api.create(service("web", cluster_ip=CLUSTER_IP, type="NodePort",
+                                   ports=[{"name": "http", "port": 80, "nodePort": NODE_PORT}]))
+    api_in_node.api.create(endpoint_slice("web-abc", "web", [endpoint(p.ip4, node=p.node_name) for p in bed.pods[:2]]))
+
+
+def _start_daemon(bed: NetBed, api_in_node: ApiInNode, registry: CollectorRegistry) -> Daemon:
+    config = DaemonConfig(node_name=bed.node_name, cluster_cidrs=("10.244.0.0/16",), min_sync_period=0.02,
+                          sync_period=60.0, kubeconfig=str(api_in_node.kubeconfig))
+    with bed.node.entered():
+        daemon = Daemon(config, kube_api_client(config.kubeconfig), observer=ProxyMetrics(registry))
+        daemon.start()
+    return daemon
+
+
 @pytest.fixture
 def running(daemon_bed: NetBed, api_in_node: ApiInNode) -> Iterator[tuple[NetBed, Daemon, CollectorRegistry]]:
     """The daemon in the node namespace, a NodePort Service on two pods, programmed."""
     bed = daemon_bed
-    api_in_node.api.create(service("web", cluster_ip=CLUSTER_IP, type="NodePort",
-                                   ports=[{"name": "http", "port": 80, "nodePort": NODE_PORT}]))
-    api_in_node.api.create(endpoint_slice("web-abc", "web", [endpoint(p.ip4, node=p.node_name) for p in bed.pods[:2]]))
-    config = DaemonConfig(node_name=bed.node_name, cluster_cidrs=("10.244.0.0/16",), min_sync_period=0.02,
-                          sync_period=60.0, kubeconfig=str(api_in_node.kubeconfig))
+    _create_web(api_in_node, bed)
     registry = CollectorRegistry()
-    with bed.node.entered():
-        daemon = Daemon(config, kube_api_client(config.kubeconfig), observer=ProxyMetrics(registry))
-        daemon.start()
+    daemon = _start_daemon(bed, api_in_node, registry)
     try:
         wait_until(lambda: _programmed(bed), 15, "the Service programmed")
         assert daemon.drift.listening.wait(5), "the drift watcher reads notifications after the first full sync"
@@ -61,18 +70,57 @@ def _programmed(bed: NetBed) -> bool:
         and "chain svc-" in text
 
 
+def _untranslated(bed: NetBed, *match: str) -> str:
+    """The node's TCP conntrack entries to the ClusterIP whose reply would come from the ClusterIP itself: attempts
+    that went out untranslated, never DNATed."""
+    listing = bed.node.run("conntrack", "-L", "-p", "tcp", "--orig-dst", CLUSTER_IP, "--reply-src", CLUSTER_IP,
+                           *match, check=False)
+    return listing.stdout
+
+
 def _connect_after_outage(bed: NetBed) -> bool:
     """Whether 10 new connections from the pod that probed during the outage all land on the ClusterIP.
 
     While kproxy's table was gone, the probes' SYNs went out untranslated and
     left SYN_SENT conntrack entries on the node (120 s). A new connection that
-    reuses one of their source ports joins that entry and is never DNATed: the
-    kernel's doing, whatever the rules say now (it failed a CI run of the
-    test_daemon.py drift test). Those entries are the only ones whose reply
-    comes from the ClusterIP itself; they are deleted first.
+    reuses one of their source ports would join that entry and never be
+    DNATed. kproxy deletes those entries after the sync that builds the table
+    again (kproxy.node.conntrack.cleanup_unanswered_tcp): none is left once
+    the repair is done.
     """
-    bed.node.run("conntrack", "-D", "-p", "tcp", "--orig-dst", CLUSTER_IP, "--reply-src", CLUSTER_IP, check=False)
+    wait_until(lambda: not _untranslated(bed), 5, "kproxy to delete the attempts left untranslated during the outage")
     return bed.local_pods[0].netns.connect_many(CLUSTER_IP, 80, 10).all_ok
+
+
+def _untranslated_deleted(registry: CollectorRegistry) -> float:
+    return sum(s.value for m in registry.collect() if m.name == "kproxy_conntrack_untranslated_attempts_deleted"
+               for s in m.samples if s.name.endswith("_total"))
+
+
+def test_an_attempt_made_before_the_first_sync_lands_from_its_source_port_once_programmed(
+        daemon_bed: NetBed, api_in_node: ApiInNode) -> None:
+    """A node's boot: a pod connects to a ClusterIP before kproxy has programmed anything. Its SYN goes out
+    untranslated and leaves an unanswered conntrack entry; once the table is built, kproxy deletes it, so a
+    connection from the same source port (a retransmission's tuple) is DNATed instead of joining that entry."""
+    bed = daemon_bed
+    _create_web(api_in_node, bed)
+    # A node always has some program tracking connections (a CNI, a firewall): here, a stateful forward rule.
+    bed.node.nft("-f", "-", input="table inet cni {\n chain forward {\n type filter hook forward priority 0;\n"
+                 " ct state established,related accept\n }\n}\n")
+    pod = bed.local_pods[0].netns
+    early = pod.connect(CLUSTER_IP, 80, timeout=0.5, src_port=41000)
+    assert not early.ok, early
+    assert "sport=41000" in _untranslated(bed, "--sport", "41000"), bed.diagnostics()
+    registry = CollectorRegistry()
+    daemon = _start_daemon(bed, api_in_node, registry)
+    try:
+        wait_until(lambda: _programmed(bed), 15, "the Service programmed")
+        wait_until(lambda: _untranslated_deleted(registry) >= 1, 5, "the untranslated attempt deleted")
+        assert not _untranslated(bed, "--sport", "41000")
+        again = pod.connect(CLUSTER_IP, 80, timeout=2.0, src_port=41000)
+        assert again.ok, again
+    finally:
+        daemon.stop()
 
 
 def _repairs(registry: CollectorRegistry) -> dict[str, float]:

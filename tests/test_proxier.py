@@ -751,3 +751,30 @@ def test_an_invalid_slice_update_keeps_the_programming_latency_of_others() -> No
     proxier.on_slice("MODIFIED", broken)
     proxier.sync()
     assert latencies == [pytest.approx(2.0)]
+
+
+def test_untranslated_tcp_attempts_are_deleted_after_a_full_sync_that_built_the_table() -> None:
+    """A TCP attempt to a ClusterIP that went out untranslated before the table existed (never answered, its reply
+    would come from the ClusterIP itself) is deleted after the sync that built the table; one to a port that is not
+    a Service's, and later full syncs over the existing table, are left alone. Without the deletion the client's
+    retransmissions keep joining that entry and are never DNATed."""
+    untranslated = FlowEntry(4, 6, "10.244.9.9", "10.96.0.1", 40000, 80, "10.96.0.1", 80)
+    other_port = FlowEntry(4, 6, "10.244.9.9", "10.96.0.1", 40001, 81, "10.96.0.1", 81)
+    deleted: list[int] = []
+
+    class Observer(NullObserver):
+        def unanswered_deleted(self, count: int) -> None:
+            deleted.append(count)
+
+    conntrack = FakeConntrack(unanswered=[untranslated, other_port])
+    proxier, _, _ = _proxier(2, conntrack=conntrack, observer=Observer())
+    proxier.sync()
+    assert conntrack.deleted == [untranslated]
+    assert conntrack.listed_unanswered == [4], "IPv4-only Services: IPv6 has no frontend to list entries for"
+    assert deleted == [1]
+
+    conntrack.listed_unanswered.clear()
+    proxier.request_full_sync()
+    proxier.sync()
+    assert proxier.last_sync is not None and proxier.last_sync.full
+    assert conntrack.listed_unanswered == [], "the table was there: nothing went out untranslated"

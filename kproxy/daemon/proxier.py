@@ -54,7 +54,13 @@ from kproxy.cluster.tracker import ChangeTracker
 from kproxy.memory import gc_paused
 from kproxy.nft.kernel import Backend, NftError
 from kproxy.nft.objects import Chain, Element, Family, Op, Ruleset, ServiceRules, Table, Transaction, fit_comment
-from kproxy.node.conntrack import Conntrack, cleanup_stale_udp, udp_cleanup_targets
+from kproxy.node.conntrack import (
+    Conntrack,
+    cleanup_stale_udp,
+    cleanup_unanswered_tcp,
+    tcp_frontends,
+    udp_cleanup_targets,
+)
 from kproxy.rules.assembly import Assembly, Touched
 from kproxy.rules.compiler import FAMILIES, NodeInfo, ProxyConfig, base_table, compile_service, node_info
 from kproxy.rules.endpoints import LocalPolicyStatus, local_policy_status
@@ -86,6 +92,8 @@ class SyncObserver(Protocol):
 
     def conntrack_deleted(self, count: int) -> None: ...
 
+    def unanswered_deleted(self, count: int) -> None: ...
+
     def no_local_endpoints(self, internal: int, external: int) -> None: ...
 
     def drift_repaired(self, reason: str) -> None: ...
@@ -112,6 +120,9 @@ class NullObserver:
     def conntrack_deleted(self, count: int) -> None:
         pass
 
+    def unanswered_deleted(self, count: int) -> None:
+        pass
+
     def no_local_endpoints(self, internal: int, external: int) -> None:
         pass
 
@@ -125,12 +136,16 @@ class TallyObserver(NullObserver):
     def __init__(self) -> None:
         self.operations = 0
         self.conntrack = 0
+        self.untranslated = 0
 
     def sync_done(self, full: bool, seconds: float, operations: int, rules: int, elements: int) -> None:
         self.operations += operations
 
     def conntrack_deleted(self, count: int) -> None:
         self.conntrack += count
+
+    def unanswered_deleted(self, count: int) -> None:
+        self.untranslated += count
 
 
 @dataclass(slots=True)
@@ -211,6 +226,10 @@ class Proxier:
         self._first_full: list[tuple[Callable[[], None], Callable[[], None]]] | None = []
         """The callbacks bracketing the first full sync (``bracket_first_full_sync``); None once it has succeeded."""
         self._first_full_started = False
+        self._built: set[Family] = set()
+        """The families whose table full syncs built since the last successful sync (a failed one may have built
+        it): the TCP attempts that went out untranslated before are deleted from conntrack once a full sync
+        succeeds (``cleanup_unanswered_tcp``)."""
         self.last_sync: SyncResult | None = None
         self.last_success_wall: float | None = None
         self.oldest_pending_wall: float | None = None
@@ -592,6 +611,9 @@ class Proxier:
             pending = self.tracker.pending()
             self.observer.changes(changes.service_changes, changes.endpoint_changes, *pending)
             self._cleanup_conntrack(changes.services, node_info)
+            built, self._built = self._built, set()
+            if full and built:
+                self._cleanup_unanswered(built)
             self.oldest_pending_wall = None
             for listener in self.listeners:
                 try:
@@ -712,6 +734,7 @@ class Proxier:
         operations = 0
         refusal: NftError | None = None
         missing = [a for family, a in assemblies.items() if family not in current.tables]
+        self._built |= {a.family for a in missing}
         if missing:
             try:
                 operations += self._create_tables(missing)
@@ -976,6 +999,22 @@ class Proxier:
             return
         if deleted:
             self.observer.conntrack_deleted(deleted)
+
+    def _cleanup_unanswered(self, families: set[Family]) -> None:
+        """After building ``families``' tables: delete the TCP attempts that went to a frontend untranslated
+        before (see kproxy.node.conntrack), so that their retransmissions are DNATed."""
+        if self.conntrack is None:
+            return
+        programmed = [service for key, service in self.tracker.services.items() if key not in self.quarantined]
+        frontends = {FAMILIES[family]: tcp_frontends(programmed, FAMILIES[family]) for family in sorted(families)}
+        try:
+            deleted = cleanup_unanswered_tcp(self.conntrack, frontends)
+        except (OSError, RuntimeError) as exc:
+            log.warning("conntrack cleanup failed; TCP attempts left untranslated while kproxy's table was missing "
+                        "stay until they time out: %s", exc)
+            return
+        if deleted:
+            self.observer.unanswered_deleted(deleted)
 
     # -- inspection -----------------------------------------------------------
 

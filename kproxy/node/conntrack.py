@@ -25,8 +25,23 @@ Two differences from upstream, both narrower:
   NodePorts here (``nodeport_addresses``), not to any address: only those are
   DNATed, and unrelated traffic that happens to use the same port is kept.
 
-Layers: ``udp_cleanup_targets`` and ``stale_entries`` are pure;
-``cleanup_stale_udp`` drives a ``Conntrack``, which is either the kernel
+The second cleanup is kproxy's own: TCP connection attempts that went out
+untranslated while kproxy's table was missing (a node's boot before the first
+sync, ``nft flush ruleset`` or a firewalld reload before the drift repair).
+Each left a conntrack entry that has seen no reply and no DNAT. The client's
+retransmissions of that SYN belong to the entry, and NAT is decided once per
+entry, so they are never DNATed, even once the rules are back: the connect
+hangs until it times out (about two minutes), where it would land on the
+retransmission a second later. After a full sync that built a family's
+table, ``cleanup_unanswered_tcp`` deletes the entries of that family that are
+unanswered, untranslated and addressed to a Service frontend (an address and
+port of a ClusterIP, external IP or load-balancer IP): the kernel lists only
+those without a reply or a DNAT (a status filter, Linux 5.19+), so the
+listing stays small whatever the table holds.
+
+Layers: ``udp_cleanup_targets``, ``stale_entries``, ``tcp_frontends`` and
+``unanswered_to_frontends`` are pure; ``cleanup_stale_udp`` and
+``cleanup_unanswered_tcp`` drive a ``Conntrack``, which is either the kernel
 (``PyrouteConntrack``, through pyroute2's ctnetlink socket) or in memory
 (``FakeConntrack``).
 """
@@ -45,7 +60,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from kproxy.cluster.model import Cluster, IPFamily
+from kproxy.cluster.model import Cluster, IPFamily, Service
 from kproxy.memory import gc_running
 from kproxy.rules.compiler import FAMILIES, NodeInfo, ProxyConfig, nodeport_addresses
 from kproxy.rules.endpoints import port_endpoints
@@ -56,6 +71,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 IPPROTO_UDP = socket.IPPROTO_UDP
+IPPROTO_TCP = socket.IPPROTO_TCP
 _AF: dict[IPFamily, int] = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 EndpointAddr = tuple[str, int]
@@ -106,6 +122,16 @@ def _canonical(address: str) -> str:
     return str(ipaddress.ip_address(address))
 
 
+def _frontend_addresses(service: Service, family: IPFamily) -> list[str]:
+    """The Service's addresses in ``family``: its ClusterIP first, then external and load-balancer IPs; none
+    without a ClusterIP in the family (the compiler programs nothing of it there)."""
+    cluster_ip = next((ip for ip in service.cluster_ips if _family_of(ip) == family), None)
+    if cluster_ip is None:
+        return []
+    others = service.external_ips + service.load_balancer_ips
+    return [cluster_ip] + [ip for ip in others if _family_of(ip) == family]
+
+
 def udp_cleanup_targets(cluster: Cluster, node: NodeInfo, config: ProxyConfig) -> CleanupTargets:
     """The frontends and NodePorts of UDP Service ports with serving endpoints, per family.
 
@@ -120,11 +146,9 @@ def udp_cleanup_targets(cluster: Cluster, node: NodeInfo, config: ProxyConfig) -
         node_ports: dict[int, frozenset[EndpointAddr]] = {}
         for key in sorted(cluster.services):
             service = cluster.services[key]
-            cluster_ip = next((ip for ip in service.cluster_ips if _family_of(ip) == fam), None)
-            if cluster_ip is None:
+            addresses = _frontend_addresses(service, fam)
+            if not addresses:
                 continue
-            others = service.external_ips + service.load_balancer_ips
-            addresses = [cluster_ip] + [ip for ip in others if _family_of(ip) == fam]
             slices = by_service.get(key, ())
             for port in service.ports:
                 if port.protocol != "udp":
@@ -141,6 +165,13 @@ def udp_cleanup_targets(cluster: Cluster, node: NodeInfo, config: ProxyConfig) -
         node_ips = frozenset(_canonical(a) for a in nodeport_addresses(node, config, family_name))
         result[fam] = FamilyTargets(MappingProxyType(frontends), MappingProxyType(node_ports), node_ips)
     return CleanupTargets(ipv4=result[4], ipv6=result[6])
+
+
+def tcp_frontends(services: Iterable[Service], family: IPFamily) -> frozenset[tuple[str, int]]:
+    """Every (address, port) of ``family`` at which kproxy's rules DNAT TCP: the Services' TCP ports at their
+    ClusterIP, external IPs and load-balancer IPs."""
+    return frozenset((address, port.port) for service in services for address in _frontend_addresses(service, family)
+                     for port in service.ports if port.protocol == "tcp")
 
 
 # --------------------------------------------------------------------------- entries
@@ -189,6 +220,13 @@ def _is_stale(entry: FlowEntry, targets: FamilyTargets) -> bool:
     return False
 
 
+def unanswered_to_frontends(entries: Iterable[FlowEntry], frontends: Collection[tuple[str, int]]) -> list[FlowEntry]:
+    """The TCP attempts among ``entries`` (unanswered ones) that went to a frontend untranslated: their reply
+    would come from the frontend itself, which DNAT would have changed to an endpoint."""
+    return [e for e in entries if e.proto == IPPROTO_TCP and (e.orig_dst, e.orig_dport) in frontends
+            and (e.reply_src, e.reply_sport) == (e.orig_dst, e.orig_dport)]
+
+
 def stale_entries(entries: Iterable[FlowEntry], targets: CleanupTargets) -> list[FlowEntry]:
     """The UDP entries addressed to a target whose reply source is not a serving endpoint."""
     return [e for e in entries if e.proto == IPPROTO_UDP and _is_stale(e, targets.family(e.family))]
@@ -203,6 +241,11 @@ class Conntrack(Protocol):
     def list_udp(self, family: IPFamily, destinations: Collection[str] | None = None) -> list[FlowEntry]:
         """The UDP entries of one family; with ``destinations``, those whose original destination is one of them
         (canonical addresses; a listing may hold more, never less)."""
+        ...
+
+    def list_unanswered_tcp(self, family: IPFamily) -> list[FlowEntry]:
+        """The TCP entries of one family that have seen no reply and were not DNATed (a listing may hold more, never
+        less); empty where the kernel cannot filter them out of the rest."""
         ...
 
     def delete(self, entry: FlowEntry) -> bool:
@@ -240,6 +283,21 @@ def _kernel_filters_dumps() -> bool:
     except ValueError:
         return False
     return (major, minor) >= (5, 8)
+
+
+@functools.cache
+def _kernel_filters_status() -> bool:
+    """Whether the kernel filters a conntrack dump by status bits (CTA_STATUS with CTA_STATUS_MASK, Linux 5.19):
+    before that, the status is ignored and the dump would hold every TCP entry of the table."""
+    try:
+        major, minor = (int(part) for part in os.uname().release.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (5, 19)
+
+
+_IPS_SEEN_REPLY = 1 << 1
+_IPS_DST_NAT = 1 << 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +383,43 @@ class PyrouteConntrack:
         except NetlinkError as exc:
             raise OSError(exc.code, f"counting conntrack entries: {exc}") from exc
 
+    def list_unanswered_tcp(self, family: IPFamily) -> list[FlowEntry]:
+        """One dump, filtered in the kernel by protocol and by status: no reply seen, no DNAT."""
+        from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST
+        from pyroute2.netlink.exceptions import NetlinkError
+        from pyroute2.netlink.nfnetlink.nfctsocket import IPCTNL_MSG_CT_GET, NFCTAttrTuple, nfct_msg
+
+        if not _kernel_filters_status():
+            log.info("this kernel (%s) cannot list conntrack entries by status (Linux 5.19+): TCP attempts left "
+                     "untranslated while kproxy's table was missing are not cleaned up", os.uname().release)
+            return []
+        sock = self._socket(family)
+        match = NFCTAttrTuple(family=_AF[family], proto=IPPROTO_TCP)
+        match.attrs()  # computes match.flags
+        mask = _IPS_SEEN_REPLY | _IPS_DST_NAT
+        request = nfct_msg.create_from(tuple_orig=match, cta_filter={"attrs": [["CTA_FILTER_ORIG_FLAGS", match.flags]]},
+                                       status=0, status_mask=mask)
+        canon = _canonical if family == 6 else str
+        entries = []
+        try:
+            for message in sock.request(request, IPCTNL_MSG_CT_GET, msg_flags=NLM_F_REQUEST | NLM_F_DUMP):
+                status = message.get_attr("CTA_STATUS")
+                if status is None or status & mask:
+                    continue  # (the kernel filtered these out already)
+                orig = NFCTAttrTuple.from_netlink(_AF[family], message.get_attr("CTA_TUPLE_ORIG"))
+                reply = NFCTAttrTuple.from_netlink(_AF[family], message.get_attr("CTA_TUPLE_REPLY"))
+                if orig.proto != IPPROTO_TCP:
+                    continue
+                entries.append(FlowEntry(
+                    family=family, proto=orig.proto, orig_src=canon(orig.saddr), orig_dst=canon(orig.daddr),
+                    orig_sport=orig.sport, orig_dport=orig.dport, reply_src=canon(reply.saddr),
+                    reply_sport=reply.sport,
+                    handle=_KernelHandle(message.get_attr("CTA_ID"), message.get_attr("CTA_ZONE")),
+                ))
+        except NetlinkError as exc:
+            raise OSError(exc.code, f"listing unanswered TCP conntrack entries: {exc}") from exc
+        return entries
+
     def _dump(self, family: IPFamily, match: Any) -> list[FlowEntry]:
         """The entries of one family whose original tuple matches ``match`` (an ``NFCTAttrTuple``)."""
         from pyroute2.netlink.exceptions import NetlinkError
@@ -385,13 +480,22 @@ class PyrouteConntrack:
 
 
 class FakeConntrack:
-    """An in-memory conntrack table for unit tests; lists UDP only, like the kernel filter."""
+    """An in-memory conntrack table for unit tests; lists UDP only, like the kernel filter, or the TCP entries
+    that are ``unanswered`` and not DNATed (their reply comes from their original destination)."""
 
-    def __init__(self, entries: Iterable[FlowEntry] = ()) -> None:
-        self.entries: list[FlowEntry] = list(entries)
+    def __init__(self, entries: Iterable[FlowEntry] = (), unanswered: Iterable[FlowEntry] = ()) -> None:
+        self.entries: list[FlowEntry] = list(entries) + list(unanswered)
+        self.unanswered: list[FlowEntry] = list(unanswered)
+        """The entries that have seen no reply."""
         self.deleted: list[FlowEntry] = []
         self.listed: list[tuple[IPFamily, frozenset[str] | None]] = []
         """Each listing: (family, destinations)."""
+        self.listed_unanswered: list[IPFamily] = []
+
+    def list_unanswered_tcp(self, family: IPFamily) -> list[FlowEntry]:
+        self.listed_unanswered.append(family)
+        return [e for e in self.unanswered if e in self.entries and e.family == family and e.proto == IPPROTO_TCP
+                and (e.reply_src, e.reply_sport) == (e.orig_dst, e.orig_dport)]
 
     def list_udp(self, family: IPFamily, destinations: Collection[str] | None = None) -> list[FlowEntry]:
         self.listed.append((family, None if destinations is None else frozenset(destinations)))
@@ -435,4 +539,22 @@ def cleanup_stale_udp(conntrack: Conntrack, targets: CleanupTargets) -> int:
                     log.debug("stale UDP conntrack entry %s was already gone", entry)
     if deleted:
         log.info("deleted %d stale UDP conntrack entries", deleted)
+    return deleted
+
+
+def cleanup_unanswered_tcp(conntrack: Conntrack, frontends: Mapping[IPFamily, Collection[tuple[str, int]]]) -> int:
+    """Delete the TCP attempts that went to one of ``frontends`` untranslated and were never answered; return how
+    many were deleted. A family without frontends is not listed. Errors propagate, as in ``cleanup_stale_udp``."""
+    deleted = 0
+    with gc_running():  # see cleanup_stale_udp
+        for family, targets in frontends.items():
+            if not targets:
+                continue
+            for entry in unanswered_to_frontends(conntrack.list_unanswered_tcp(family), targets):
+                if conntrack.delete(entry):
+                    deleted += 1
+                    log.debug("deleted TCP conntrack entry %s, an attempt left untranslated", entry)
+    if deleted:
+        log.info("deleted %d TCP conntrack entries of connection attempts left untranslated while kproxy's table "
+                 "was missing: their retransmissions are DNATed now", deleted)
     return deleted

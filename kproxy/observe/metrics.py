@@ -139,6 +139,10 @@ class ProxyMetrics:
         self.syncs_total = Counter("kproxy_syncs_total", "Successful syncs", ["kind"], registry=r)
         self.conntrack_deleted_total = Counter(
             "kproxy_conntrack_entries_deleted_total", "Stale UDP conntrack entries deleted", registry=r)
+        self.unanswered_deleted_total = Counter(
+            "kproxy_conntrack_untranslated_attempts_deleted_total",
+            "TCP conntrack entries of connection attempts that went to a Service untranslated while kproxy's table "
+            "was missing, deleted once it was built", registry=r)
         self.invalid_objects_total = Counter(
             "kproxy_invalid_objects_skipped_total", "API objects skipped as invalid", ["kind", "reason"], registry=r)
         self.watch_restarts_total = Counter(
@@ -199,6 +203,9 @@ class ProxyMetrics:
 
     def conntrack_deleted(self, count: int) -> None:
         self.conntrack_deleted_total.inc(max(0, count))
+
+    def unanswered_deleted(self, count: int) -> None:
+        self.unanswered_deleted_total.inc(max(0, count))
 
     def no_local_endpoints(self, internal: int, external: int) -> None:
         """Ignored: ProxierCollector computes ``sync_proxy_rules_no_local_endpoints_total`` at scrape time."""
