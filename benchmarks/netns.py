@@ -58,7 +58,37 @@ def versions() -> dict[str, str]:
     nft = subprocess.run(["nft", "--version"], capture_output=True, text=True).stdout.strip()
     return {
         "machine": f"{os.cpu_count()} cores, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB",
+        "cpu": cpu_model(),
+        "speed": f"{python_speed():.2f} s",
         "kernel": platform.release(),
         "nft": nft,
         "python": platform.python_version(),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it ("unknown" elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
+
+
+def python_speed(steps: int = 10_000_000, runs: int = 3) -> float:
+    """Seconds for a fixed pure-Python loop, the best of ``runs``: how fast this machine runs the interpreter.
+
+    Development VMs differ by up to 2x from one session to the next, and
+    kproxy's cold starts are Python-bound, so the tables carry this figure:
+    compare runs on machines whose figures agree, or scale by it.
+    """
+    import time
+
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        total = 0
+        for i in range(steps):
+            total += i
+        best = min(best, time.perf_counter() - start)
+    return best

@@ -49,9 +49,11 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     info = versions()
-    measured = f"Measured {time.strftime('%Y-%m-%d')}, Linux {info['kernel']}."
+    measured = (f"Measured {time.strftime('%Y-%m-%d')}, Linux {info['kernel']}, {info['cpu']}, "
+                f"Python speed {info['speed']} (a 10M-step loop; lower is faster).")
     sections = [
-        f"Last run {time.strftime('%Y-%m-%d')} on {info['machine']}, Linux {info['kernel']}, "
+        f"Last run {time.strftime('%Y-%m-%d')} on {info['machine']} ({info['cpu']}; Python speed {info['speed']}: "
+        f"the best of 3 runs of a 10M-step `for` loop, `benchmarks/netns.py`), Linux {info['kernel']}, "
         f"{info['nft']}, Python {info['python']}; each section says when it was measured (`--only` keeps the others)."
     ]
     for name in args.only or list(BENCHMARKS):
