@@ -39,7 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-FULL_SIZES = [1_000, 10_000]
+FULL_SIZES = [1_000, 10_000, 30_000]
 QUICK_SIZES = [200]
 SETTINGS = ["none", "annotated", "all"]
 METRICS_PORT = 10249

@@ -186,8 +186,9 @@ def test_recording_still_matches_the_kernel() -> None:
 
 
 @pytest.mark.root
-def test_dump_reads_what_libnftables_lists(empty_netns: Any) -> None:
-    """kproxy's tables for 1,000 Services (both families), with traffic counted: the dump equals `nft -j list counters`."""
+def test_dump_reads_what_libnftables_lists(empty_netns: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kproxy's tables for 1,000 Services (both families), with traffic counted: the dump equals `nft -j list counters`,
+    and so do reads by name (in batches; a name the table does not hold is left out)."""
     from kproxy.cluster.convert import build_cluster
     from kproxy.nft.backend import NftablesBackend
     from kproxy.rules.compiler import ProxyConfig, compile_ruleset, node_info
@@ -232,6 +233,13 @@ def test_dump_reads_what_libnftables_lists(empty_netns: Any) -> None:
     assert set(dumped) == {(f, name) for f, table in ruleset.tables.items() for name in table.counters}
     counted = {name: packets for (family, name), (packets, _) in dumped.items() if family == "ip" and packets}
     assert sorted(counted.values()) == [1, 2, 3, 4, 5], counted
+    wanted = [("ip", name) for name in counted] + sorted(dumped)[:9:2] + [("ip6", "conns-00000000-no/such/tcp/80")]
+    monkeypatch.setattr(counters, "NAMED_BATCH", 3)  # four batches, the last one short
+    with empty_netns.entered():
+        named = backend.read_named_counters(wanted)
+        assert named == {key: dumped[key] for key in wanted if key in dumped}
+        assert len(named) == len(wanted) - 1
+        assert backend.read_counters() == dumped, "the socket is still in step after the missing name's ENOENT"
 
 
 @pytest.mark.root

@@ -196,6 +196,11 @@ class Stub:
     opted_in: frozenset[str] = frozenset()
     timeouts: list[float | None] = field(default_factory=list)
     """The timeouts metrics_services was called with."""
+    names: tuple[tuple[str, str], ...] | None = None
+    """What counter_names answers (None: as if a sync held the lock)."""
+
+    def counter_names(self, timeout: float | None = None) -> tuple[tuple[str, str], ...] | None:
+        return self.names
 
     def local_policy_report(self, timeout: float | None = None) -> list[LocalPolicyStatus] | None:
         if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
@@ -334,6 +339,88 @@ def test_per_service_series_are_opt_in(setting: str, expected_conns: list[dict[s
     assert series(samples, DROPS) == [{**WEB, "ip_family": "IPv4"}]
     # Both families are declared, with or without samples.
     assert f"# TYPE {CONNS} counter\n".encode() in body and f"# TYPE {DROPS} counter\n".encode() in body
+
+
+class NamedReads:
+    """A counter reader by name, over ``counters``, recording what it was asked for."""
+
+    def __init__(self, counters: dict[tuple[str, str], tuple[int, int]]) -> None:
+        self.counters = counters
+        self.asked: list[list[tuple[str, str]]] = []
+
+    def __call__(self, names: Any) -> dict[tuple[str, str], tuple[int, int]]:
+        self.asked.append(list(names))
+        return {key: self.counters[key] for key in names if key in self.counters}
+
+
+def _many_counters(services: int) -> dict[tuple[str, str], tuple[int, int]]:
+    many = {("ip", f"conns-ABCDEFGH-other/svc-{i}/tcp/http"): (i, 60 * i) for i in range(services)}
+    return {**many, **COUNTERS}
+
+
+@pytest.mark.parametrize("setting", ["none", "annotated", "all"])
+def test_settings_other_than_all_read_only_the_counters_they_export_by_name(setting: str) -> None:
+    """With a reader by name, ``none`` and ``annotated`` ask for the limits' drops and the opted-in Services' new
+    connections only, among every counter the last sync programmed; ``all`` dumps them all. The samples are the
+    same as from a dump."""
+    counters = _many_counters(100)
+    names = tuple(sorted(counters))
+    stub = Stub([], opted_in=frozenset({"shop/web"}), names=names)
+    named = NamedReads(counters)
+    dumps: list[int] = []
+
+    def dump() -> dict[tuple[str, str], tuple[int, int]]:
+        dumps.append(1)
+        return counters
+
+    registry, collector = _collector(stub, dump, service_metrics=setting, read_named=named)
+    _, samples = scrape(registry, collector)
+    _, expected = scrape(*_collector(Stub([], opted_in=frozenset({"shop/web"})), lambda: counters,
+                                     service_metrics=setting))
+    assert samples == expected
+    if setting == "all":
+        assert dumps and not named.asked
+        return
+    assert not dumps
+    web = {("ip", "drops-ABCDEFGH-shop/web/tcp/http")}
+    if setting == "annotated":
+        web |= {("ip", "conns-ABCDEFGH-shop/web/tcp/http"), ("ip6", "conns-ABCDEFGH-shop/web/tcp/http")}
+    assert named.asked == [sorted(web)]
+
+
+def test_a_dump_is_read_when_the_names_are_unknown_or_most_counters_are_wanted() -> None:
+    """While a sync holds the proxier (no names), or when a quarter or more of the counters would be asked for, one
+    dump is cheaper and is read instead."""
+    counters = _many_counters(100)
+    for stub in (Stub([], opted_in=frozenset({"shop/web"}), names=None),
+                 Stub([], opted_in=frozenset({"shop/web"}), names=tuple(sorted(COUNTERS)))):
+        named, dumps = NamedReads(counters), []
+        registry, collector = _collector(stub, lambda: dumps.append(1) or counters, read_named=named)
+        _, samples = scrape(registry, collector)
+        assert dumps == [1] and not named.asked
+        assert sample(samples, CONNS, **WEB, ip_family="IPv4") == 120
+
+
+def test_the_proxier_names_its_committed_counters_once_per_sync() -> None:
+    """counter_names lists the committed tables' counters, as of the last sync; the Local-policy report likewise."""
+    proxier = Proxier(FakeBackend(), "node-a", ProxyConfig())
+    proxier.on_relist("Node", [node("node-a")])
+    proxier.on_relist("Service", [service("web", "shop", "10.96.0.10", internalTrafficPolicy="Local")])
+    proxier.on_relist("EndpointSlice", [endpoint_slice("web-1", "web", [endpoint("10.244.1.5")], namespace="shop")])
+    assert proxier.counter_names() == ()
+    proxier.sync()
+    names = proxier.counter_names()
+    assert names is not None and [name for _, name in names if name.startswith("conns-")] == [
+        name for name in proxier.committed()["ip"].counters if name.startswith("conns-")]
+    assert [r.name for r in proxier.local_policy_report() or []] == ["web"]
+    proxier.on_service("ADDED", service("api", "shop", "10.96.0.11", internalTrafficPolicy="Local"))
+    assert [r.name for r in proxier.local_policy_report() or []] == ["web"], "as of the last sync"
+    assert proxier.counter_names() is names
+    proxier.sync()
+    assert [r.name for r in proxier.local_policy_report() or []] == ["api", "web"]
+    assert len(proxier.counter_names() or ()) > len(names)
+    with proxier.lock:
+        assert _in_thread(lambda: proxier.counter_names(0.01)) is None
 
 
 @pytest.mark.parametrize("setting", ["none", "annotated", "all"])

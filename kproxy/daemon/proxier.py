@@ -235,6 +235,10 @@ class Proxier:
         self.oldest_pending_wall: float | None = None
         """Wall time of the oldest change not yet programmed (None when all are)."""
         self.sync_count = 0
+        self._policy_report: tuple[int, list[LocalPolicyStatus]] | None = None
+        """The Local-policy report and the sync it is for (``local_policy_report``)."""
+        self._counter_names: tuple[int, tuple[tuple[Family, str], ...]] | None = None
+        """The committed counters' names and the sync they are for (``counter_names``)."""
         self.listeners: list[Callable[[Proxier], None]] = []
         """Called (under the lock) after every successful sync."""
 
@@ -1019,20 +1023,39 @@ class Proxier:
     # -- inspection -----------------------------------------------------------
 
     def local_policy_report(self, timeout: float | None = None) -> list[LocalPolicyStatus] | None:
-        """Every Service with a Local traffic policy, and its local endpoints (IPv4 and IPv6 together).
+        """Every Service with a Local traffic policy, and its local endpoints (IPv4 and IPv6 together), as of the
+        last sync (upstream computes its no-local-endpoints metric in its sync, too).
 
-        None if a sync holds the state for longer than ``timeout`` seconds (a
-        scrape answers with what it had rather than wait).
+        Computed once per sync: the health servers read it after each one, and
+        scrapes in between get the same (at 10k Services it took a fifth of a
+        scrape). None if a sync holds the state for longer than ``timeout``
+        seconds (a scrape answers with what it had rather than wait).
         """
         if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
             return None
         try:
-            zone = self.tracker.node.zone if self.tracker.node else ""
-            return [
-                local_policy_status(self.tracker.services[key], self.tracker.slices_of(key), self.node_name, zone)
-                for key in sorted(self.tracker.services)
-                if self.tracker.services[key].internal_policy_local or self.tracker.services[key].external_policy_local
-            ]
+            if self._policy_report is None or self._policy_report[0] != self.sync_count:
+                zone = self.tracker.node.zone if self.tracker.node else ""
+                services = self.tracker.services
+                report = [
+                    local_policy_status(services[key], self.tracker.slices_of(key), self.node_name, zone)
+                    for key in sorted(k for k, s in services.items() if s.internal_policy_local or s.external_policy_local)
+                ]
+                self._policy_report = (self.sync_count, report)
+            return list(self._policy_report[1])
+        finally:
+            self.lock.release()
+
+    def counter_names(self, timeout: float | None = None) -> tuple[tuple[Family, str], ...] | None:
+        """(family, name) of every named counter the committed tables hold, computed once per sync; None if a
+        sync holds the state for longer than ``timeout`` seconds."""
+        if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
+            return None
+        try:
+            if self._counter_names is None or self._counter_names[0] != self.sync_count:
+                names = tuple((family, name) for family, table in self._committed.items() for name in table.counters)
+                self._counter_names = (self.sync_count, names)
+            return self._counter_names[1]
         finally:
             self.lock.release()
 

@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ from kproxy.daemon.runner import SyncRunner
 from kproxy.nft.backend import NftablesBackend
 from kproxy.nft.kernel import Backend, Counters
 from kproxy.nft.monitor import RulesetMonitor
+from kproxy.nft.objects import Family
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,10 @@ class LockedReader:
         with self._counters_lock:
             return self._backend.read_counters()
 
+    def named_counters(self, names: Iterable[tuple[Family, str]]) -> Counters:
+        with self._counters_lock:
+            return self._backend.read_named_counters(names)
+
     def rules_text(self) -> str:
         with self._lock:
             parts = [self._backend.list_text(family) for family in ("ip", "ip6")]
@@ -167,7 +172,8 @@ def start_observability(daemon: Daemon, registry: Any, metrics: Any) -> list[Cal
     from kproxy.observe.metrics import ProxierCollector
 
     reader = LockedReader(daemon.backend_factory())
-    collector = ProxierCollector(daemon.proxier, reader.counters, service_metrics=daemon.config.service_metrics)
+    collector = ProxierCollector(daemon.proxier, reader.counters, service_metrics=daemon.config.service_metrics,
+                                 read_named=reader.named_counters)
     registry.register(collector)
     exposition = SharedExposition(registry, [collector])
     try:

@@ -62,6 +62,8 @@ NLA_TYPE_MASK = 0x3FFF
 """An attribute's type without its NLA_F_NESTED and NLA_F_NET_BYTEORDER bits."""
 DUMP_ATTEMPTS = 3
 RECV_BYTES = 1 << 16
+NAMED_BATCH = 512
+"""Requests for one counter each sent at once: their answers (about 110 bytes each) fit the receive buffer."""
 RECV_TIMEOUT = 10.0
 """Seconds to wait for the kernel's next answer (it answers at once; this only bounds a bug)."""
 FAMILIES: dict[int, Family] = {number: family for family, number in NFPROTO.items()}
@@ -95,6 +97,18 @@ def dump_request(seq: int = 1) -> bytes:
     return _HEADER.pack(16 + len(nfgen) + len(payload), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + nfgen + payload
 
 
+def get_request(family: Family, name: str, seq: int) -> bytes:
+    """A GETOBJ request for one counter object of ``family``'s kproxy table, by name."""
+    payload = (
+        _attr(NFTA_OBJ_TABLE, _TABLE_NAME + b"\0")
+        + _attr(NFTA_OBJ_NAME, name.encode() + b"\0")
+        + _attr(NFTA_OBJ_TYPE, _U32.pack(NFT_OBJECT_COUNTER))
+    )
+    nfgen = struct.pack("!BBH", NFPROTO[family], 0, 0)
+    kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETOBJ
+    return _HEADER.pack(16 + len(nfgen) + len(payload), kind, NLM_F_REQUEST, seq, 0) + nfgen + payload
+
+
 def _attr(kind: int, payload: bytes) -> bytes:
     return _ATTR.pack(4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
 
@@ -112,15 +126,21 @@ class DumpState:
     """The errno of an NLMSG_ERROR answer (the request was refused)."""
     skipped: int = 0
     """Objects of the dump that are not counters of ``ip kproxy`` / ``ip6 kproxy`` (none, with the kernel's filter)."""
+    answers: int = 0
+    """Object and error messages read (for requests of one object each: one answer per request)."""
+    missing: int = 0
+    """Requests for one object answered ENOENT (the counter is gone), when ``parse_dump`` was given a range."""
 
 
-def parse_dump(data: bytes | bytearray | memoryview, state: DumpState | None = None, seq: int | None = None) -> DumpState:
+def parse_dump(data: bytes | bytearray | memoryview, state: DumpState | None = None,
+               seq: int | range | None = None) -> DumpState:
     """Read one buffer of dump answers (whole netlink messages, as one recv returns them) into ``state``.
 
-    Messages of another sequence number than ``seq`` (when given) are ignored.
-    An object message laid out as this kernel writes it (``_KERNEL_LAYOUT``) is
-    read at fixed offsets after its name; any other is read attribute by
-    attribute (``_object``).
+    Messages of another sequence number than ``seq`` (when given; a range for
+    the answers to requests of one object each, where ENOENT only counts as
+    ``missing``) are ignored. An object message laid out as this kernel writes
+    it (``_KERNEL_LAYOUT``) is read at fixed offsets after its name; any other
+    is read attribute by attribute (``_object``).
     """
     state = state if state is not None else DumpState()
     data = data if isinstance(data, bytes) else bytes(data)
@@ -132,7 +152,7 @@ def parse_dump(data: bytes | bytearray | memoryview, state: DumpState | None = N
         length, kind, flags, message_seq, _ = header(data, offset)
         if length < 16 or offset + length > end:
             raise NftError(f"a truncated netlink message in the counter dump ({length} bytes at {offset} of {end})")
-        if seq is not None and message_seq != seq:
+        if seq is not None and (message_seq not in seq if isinstance(seq, range) else message_seq != seq):
             offset += (length + 3) & ~3
             continue
         if flags & NLM_F_DUMP_INTR:
@@ -155,11 +175,15 @@ def parse_dump(data: bytes | bytearray | memoryview, state: DumpState | None = N
                 state.skipped += 1
             else:
                 counters[(found[0], found[1])] = (found[2], found[3])
+            state.answers += 1
         elif kind == NLMSG_DONE:
             state.done = True
         elif kind == NLMSG_ERROR:
             (code,) = struct.unpack_from("=i", data, offset + 16)
-            if code:
+            state.answers += 1
+            if code == -errno.ENOENT and isinstance(seq, range):
+                state.missing += 1
+            elif code:
                 state.error = -code
         offset += (length + 3) & ~3
     return state
@@ -245,6 +269,38 @@ class CounterDump:
             if not state.interrupted:
                 break
         return state.counters
+
+    def read_named(self, names: Iterable[tuple[Family, str]]) -> Counters:
+        """{(family, name): (packets, bytes)} of the named counters only; a counter that is gone is left out.
+
+        One GETOBJ request per counter, sent ``NAMED_BATCH`` at a time (their
+        answers must fit the socket's receive buffer): 200 counters take about
+        2 ms where a dump of 10k takes 40-50 ms, most of it parsing.
+        """
+        wanted = list(names)
+        counters: Counters = {}
+        sock = self._socket()
+        try:
+            for start in range(0, len(wanted), NAMED_BATCH):
+                batch = wanted[start:start + NAMED_BATCH]
+                first = self._seq % 0x3FFFFFFF + 1
+                self._seq = first + len(batch) - 1
+                seqs = range(first, first + len(batch))
+                sock.sendall(b"".join(get_request(family, name, seq) for seq, (family, name) in zip(seqs, batch, strict=True)))
+                state = DumpState()
+                while state.answers < len(batch) and not state.error:
+                    parse_dump(sock.recv(RECV_BYTES), state, seqs)
+                if state.error:
+                    raise NftError(f"the kernel refused to read a counter: {os.strerror(state.error)}")
+                counters.update(state.counters)
+        except OSError as exc:
+            self.close()  # answers may still be queued: start afresh
+            code = exc.errno or errno.EIO
+            raise NftError(f"cannot read the counters over netlink: {os.strerror(code)}") from None
+        except NftError:
+            self.close()
+            raise
+        return counters
 
     def _dump_once(self) -> DumpState:
         sock = self._socket()

@@ -243,6 +243,10 @@ class FakeBackend:
         """Every named counter: no packet crosses a fake, so all are zero."""
         return {(family, name): (0, 0) for family, table in self.tables.items() for name in table.counters}
 
+    def read_named_counters(self, names: Iterable[tuple[Family, str]]) -> Counters:
+        counters = self.read_counters()
+        return {key: counters[key] for key in names if key in counters}
+
     def list_text(self, family: Family) -> str | None:
         """The table in nft's syntax, close to what ``nft list table`` prints."""
         table = self.tables.get(family)

@@ -60,6 +60,10 @@ class Backend(Protocol):
         """Every named counter of kproxy's tables."""
         ...
 
+    def read_named_counters(self, names: Iterable[tuple[Family, str]]) -> Counters:
+        """Those of the named counters that exist."""
+        ...
+
     def list_text(self, family: Family) -> str | None:
         """The table as nft text, for people (None if it does not exist)."""
         ...

@@ -13,7 +13,9 @@
   to track: Services with a Local policy and no local endpoint, the last
   queued-change time, and the per-Service nft counters (new connections,
   limit drops). Counters are read at scrape time only, never in the sync
-  path (one netlink dump, ``kproxy.nft.counters``); a scrape never fails
+  path (``kproxy.nft.counters``: one netlink dump for ``all``; for the other
+  settings, one request per exported counter, by name, which at 10k Services
+  is a hundred or two instead of every Service's); a scrape never fails
   because nft did.
 * Per-Service series are opt-in (``--service-metrics``, ``SERVICE_METRICS``):
   by default only Services annotated ``kproxy.io/metrics: "true"`` export
@@ -245,9 +247,18 @@ class PolicySource(Protocol):
         None if a sync held the state longer than ``timeout`` seconds."""
         ...
 
+    def counter_names(self, timeout: float | None = None) -> Sequence[tuple[Any, str]] | None:
+        """(nft family, name) of every named counter the last sync programmed;
+        None if a sync held the state longer than ``timeout`` seconds."""
+        ...
+
 
 CounterReader = Callable[[], Mapping[tuple[Any, str], tuple[int, int]]]
 """Returns {(nft family "ip"/"ip6", counter object name): (packets, bytes)}."""
+NamedCounterReader = Callable[[Sequence[tuple[Any, str]]], Mapping[tuple[Any, str], tuple[int, int]]]
+"""The same for the named counters only (those that exist)."""
+NAMED_READ_SHARE = 4
+"""Named reads are used while they ask for at most 1/NAMED_READ_SHARE of the counters; past that, one dump."""
 
 SERVICE_COUNTER_HELP: Mapping[str, str] = {
     "kproxy_service_new_connections": "New connections to a Service port (nft counter)",
@@ -341,11 +352,15 @@ class ProxierCollector(Collector):
         wall_clock: Callable[[], float] = time.time,
         lock_timeout: float = 1.0,
         service_metrics: str = DEFAULT_SERVICE_METRICS,
+        read_named: NamedCounterReader | None = None,
     ) -> None:
         if service_metrics not in SERVICE_METRICS:
             raise ValueError(f"service_metrics: {service_metrics!r} is not one of {', '.join(SERVICE_METRICS)}")
         self.proxier = proxier
         self.read_counters = read_counters
+        self.read_named = read_named
+        """With it, the settings other than ``all`` read only the counters they export (by name, from the proxier's
+        ``counter_names``): at 10k Services, a hundred or two instead of a dump of every Service's."""
         self.families = tuple(families)
         self.lock_timeout = lock_timeout
         self.service_metrics = service_metrics
@@ -450,13 +465,14 @@ class ProxierCollector(Collector):
         values: dict[str, dict[str, int]] = {name: {} for name in SERVICE_COUNTER_HELP}
         if self.read_counters is None:
             return values
+        mode = self.service_metrics
+        opted_in = self._opted_in() if mode == "annotated" else frozenset()
+        wanted = self._wanted(mode, opted_in)
         try:
-            raw = self.read_counters()
+            raw = self.read_counters() if wanted is None or self.read_named is None else self.read_named(wanted)
         except Exception as exc:  # nft missing, table absent, timeouts: the scrape goes on
             log.warning("cannot read nft counters: %s", exc)
             return values
-        mode = self.service_metrics
-        opted_in = self._opted_in() if mode == "annotated" else frozenset()
         known, seen = self._series, {}
         conns, drops, limits = values[COUNTER_KINDS["conns"]], values[COUNTER_KINDS["drops"]], values[LIMIT_DROPS]
         for key, (packets, _bytes) in raw.items():
@@ -472,8 +488,35 @@ class ProxierCollector(Collector):
                     drops[series.head] = drops.get(series.head, 0) + int(packets)
             elif mode == "all" or (mode == "annotated" and series.service_key in opted_in):
                 conns[series.head] = conns.get(series.head, 0) + int(packets)
-        self._series = seen  # only the names of this read: a deleted Service's entry goes with it
+        if wanted is None:
+            self._series = seen  # only the names of this read: a deleted Service's entry goes with it
         return values
+
+    def _wanted(self, mode: str, opted_in: frozenset[str]) -> list[tuple[Any, str]] | None:
+        """The counters ``mode`` exports, by name: every limit's drops, and the opted-in Services' new connections;
+        None for a dump of them all (``all``, no named reader, the proxier busy, or too many wanted)."""
+        if self.read_named is None or mode == "all":
+            return None
+        busy = time.monotonic() - self._busy_at < self.lock_timeout
+        try:
+            names = self.proxier.counter_names(0 if busy else self.lock_timeout)
+        except Exception as exc:  # a scrape must not fail
+            log.warning("cannot read the names of the programmed counters: %s", exc)
+            names = None
+        if names is None:
+            return None
+        known, seen = self._series, {}
+        wanted = []
+        for key in names:
+            series = known.get(key, _UNKNOWN)
+            if series is _UNKNOWN:
+                series = _series_of(*key)
+            seen[key] = series
+            if series is not None and (series.limit_head is not None
+                                       or (mode == "annotated" and series.service_key in opted_in)):
+                wanted.append(key)
+        self._series = seen  # the names the last sync programmed: a deleted Service's entry goes with it
+        return wanted if len(wanted) * NAMED_READ_SHARE <= len(names) else None
 
 
 _UNKNOWN: Any = object()
