@@ -66,6 +66,8 @@ def test_readyz_turns_200_only_once_the_node_is_programmed(daemon_bed: NetBed, a
         for i in (0, SERVICES - 1):
             result = client.connect(cluster_ip(i), 80, timeout=1.0)
             assert result.ok, f"ready, yet Service s{i} does not answer: {result}"
+        # The sync's log line comes at its very end, after its conntrack cleanups: /readyz turns 200 before it.
+        wait_until(lambda: kproxy.syncs(), 10, "the first sync's log line")
         assert kproxy.syncs()[0]["sync"] == "full"
     finally:
         assert kproxy.stop() == 0, kproxy.tail()
