@@ -421,10 +421,12 @@ def test_cleanup_unanswered_lists_only_families_with_frontends_and_counts_deleti
 
 
 @pytest.mark.root
-def test_kernel_lists_unanswered_untranslated_tcp_entries_only(empty_netns: Netns) -> None:
+def test_kernel_lists_unanswered_untranslated_tcp_entries_only(empty_netns: Netns, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
     """The kernel's status and protocol filters leave out answered, DNATed and UDP entries (made with ``conntrack
-    -I``, among 300 established ones standing for a busy node); the cleanup deletes the untranslated attempts to the
-    frontends, in both families, and keeps everything else."""
+    -I``, among 300 established ones standing for a busy node): it sends only the unanswered, untranslated TCP
+    entries. The cleanup deletes the untranslated attempts to the frontends, in both families, and keeps
+    everything else; past its budget, a listing stops and says so, and the socket still answers the next one."""
     def insert(*args: str) -> None:
         empty_netns.run("conntrack", "-I", *args, "-t", "120")
 
@@ -436,17 +438,30 @@ def test_kernel_lists_unanswered_untranslated_tcp_entries_only(empty_netns: Netn
            "--reply-src", "10.244.1.5", "--reply-dst", "10.1.0.1", "--reply-port-src", "8080",
            "--reply-port-dst", "40002")
     insert("-p", "udp", "-s", "10.1.0.1", "-d", "10.96.0.10", "--sport", "40003", "--dport", "80")  # UDP
+    insert(*tcp_syn, "-s", "10.1.0.1", "-d", "10.96.0.10", "--sport", "40004", "--dport", "80",  # DNATed
+           "--dst-nat", "10.244.1.6")
     for i in range(300):  # answered
         insert("-p", "tcp", "--state", "ESTABLISHED", "-u", "SEEN_REPLY,ASSURED", "-s", "10.1.1.1", "-d",
                "10.96.0.10", "--sport", str(20000 + i), "--dport", "80")
     with empty_netns.entered(), PyrouteConntrack() as ct:
-        listed = {str(e) for family in (4, 6) for e in ct.list_unanswered_tcp(family)}
+        sent = {}
+        listed = set()
+        for family in (4, 6):
+            listed |= {str(e) for e in ct.list_unanswered_tcp(family)}
+            sent[family] = ct.unanswered_messages
+        assert sent == {4: 3, 6: 1}, "the kernel filters out the answered, the DNATed and the UDP entries itself"
         assert listed == {
             "10.1.0.1:40000 -> 10.96.0.10:80 (reply from 10.96.0.10:80)",
             "[fd00:1::1]:40000 -> [fd00:96::10]:80 (reply from [fd00:96::10]:80)",
             "10.1.0.1:40001 -> 10.96.0.10:81 (reply from 10.96.0.10:81)",
             "10.1.0.1:40002 -> 10.96.0.10:80 (reply from 10.244.1.5:8080)",
         }, "answered entries and UDP are filtered out in the kernel"
+        monkeypatch.setattr(conntrack, "_UNANSWERED_BUDGET", 1)
+        with caplog.at_level(logging.WARNING, logger="kproxy.node.conntrack"):
+            assert len(ct.list_unanswered_tcp(4)) == 1
+        assert "more than 1 unanswered TCP connection attempts" in caplog.text
+        monkeypatch.undo()
+        assert {str(e) for e in ct.list_unanswered_tcp(4)} <= listed and ct.unanswered_messages == 3
         assert cleanup_unanswered_tcp(ct, {4: {("10.96.0.10", 80)}, 6: {("fd00:96::10", 80)}}) == 2
         left = {str(e) for family in (4, 6) for e in ct.list_unanswered_tcp(family)}
     assert left == listed - {"10.1.0.1:40000 -> 10.96.0.10:80 (reply from 10.96.0.10:80)",

@@ -92,6 +92,12 @@ def _connect_after_outage(bed: NetBed) -> bool:
     return bed.local_pods[0].netns.connect_many(CLUSTER_IP, 80, 10).all_ok
 
 
+def _track_connections(bed: NetBed) -> None:
+    """A node always has some program tracking connections (a CNI, a firewall): here, a stateful forward rule."""
+    bed.node.nft("-f", "-", input="table inet cni {\n chain forward {\n type filter hook forward priority 0;\n"
+                 " ct state established,related accept\n }\n}\n")
+
+
 def _untranslated_deleted(registry: CollectorRegistry) -> float:
     return sum(s.value for m in registry.collect() if m.name == "kproxy_conntrack_untranslated_attempts_deleted"
                for s in m.samples if s.name.endswith("_total"))
@@ -104,9 +110,7 @@ def test_an_attempt_made_before_the_first_sync_lands_from_its_source_port_once_p
     connection from the same source port (a retransmission's tuple) is DNATed instead of joining that entry."""
     bed = daemon_bed
     _create_web(api_in_node, bed)
-    # A node always has some program tracking connections (a CNI, a firewall): here, a stateful forward rule.
-    bed.node.nft("-f", "-", input="table inet cni {\n chain forward {\n type filter hook forward priority 0;\n"
-                 " ct state established,related accept\n }\n}\n")
+    _track_connections(bed)
     pod = bed.local_pods[0].netns
     early = pod.connect(CLUSTER_IP, 80, timeout=0.5, src_port=41000)
     assert not early.ok, early
@@ -222,3 +226,23 @@ def test_a_storm_is_paced_and_converges_once_it_stops(running: tuple[NetBed, Dae
     warnings = [r for r in caplog.records if r.levelname == "WARNING" and "another program changed" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert _connect_after_outage(bed)
+
+
+def test_an_attempt_during_a_flushed_table_lands_from_its_source_port_after_the_repair(
+        running: tuple[NetBed, Daemon, CollectorRegistry]) -> None:
+    """``nft flush table ip kproxy`` keeps the table and its base chains, so the repair is a full sync over a
+    table that is there: it deletes the attempts that went out untranslated meanwhile too. (The test holds the
+    proxier while it flushes and connects, so the attempt surely comes before the repair.)"""
+    bed, daemon, registry = running
+    _track_connections(bed)  # with its rules flushed, kproxy's table no longer has the node track them
+    pod = bed.local_pods[0].netns
+    with daemon.proxier.lock:
+        bed.node.nft("flush", "table", "ip", "kproxy")
+        early = pod.connect(CLUSTER_IP, 80, timeout=0.5, src_port=41001)
+        assert not early.ok, early
+        assert "sport=41001" in _untranslated(bed, "--sport", "41001"), bed.diagnostics()
+    wait_until(lambda: _programmed(bed), 10, "the repair")
+    wait_until(lambda: not _untranslated(bed, "--sport", "41001"), 5, "kproxy to delete the untranslated attempt")
+    assert _untranslated_deleted(registry) >= 1
+    again = pod.connect(CLUSTER_IP, 80, timeout=2.0, src_port=41001)
+    assert again.ok, again

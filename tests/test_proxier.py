@@ -778,3 +778,36 @@ def test_untranslated_tcp_attempts_are_deleted_after_a_full_sync_that_built_the_
     proxier.sync()
     assert proxier.last_sync is not None and proxier.last_sync.full
     assert conntrack.listed_unanswered == [], "the table was there: nothing went out untranslated"
+
+
+def test_untranslated_tcp_attempts_are_deleted_after_a_full_sync_that_repaired_the_table() -> None:
+    """A repair over a table that is still there (another program deleted a dispatch element, or flushed it) is
+    followed by the cleanup too: attempts made meanwhile went out untranslated as well."""
+    untranslated = FlowEntry(4, 6, "10.244.9.9", "10.96.0.2", 40000, 80, "10.96.0.2", 80)
+    conntrack = FakeConntrack()
+    proxier, backend, _ = _proxier(2, conntrack=conntrack)
+    proxier.sync()
+    conntrack.unanswered.append(untranslated)
+    conntrack.entries.append(untranslated)
+    conntrack.listed_unanswered.clear()
+    element = next(iter(backend.tables["ip"].elements["service-ips"]))
+    del backend.tables["ip"].elements["service-ips"][element]  # another program's doing
+    proxier.request_full_sync()
+    proxier.sync()
+    assert conntrack.listed_unanswered == [4]
+    assert conntrack.deleted == [untranslated]
+
+
+def test_a_conntrack_cleanup_that_raises_does_not_fail_the_sync(caplog: pytest.LogCaptureFixture) -> None:
+    """The kernel is programmed when the cleanups run: whatever they raise (pyroute2 has its own decoding errors)
+    is logged, and the sync counts as done."""
+
+    class Broken(FakeConntrack):
+        def list_unanswered_tcp(self, family: int) -> list[FlowEntry]:  # type: ignore[override]
+            raise ValueError("a message pyroute2 cannot decode")
+
+    proxier, _, _ = _proxier(2, conntrack=Broken())
+    with caplog.at_level("WARNING"):
+        proxier.sync()
+    assert proxier.sync_count == 1
+    assert "TCP attempts left untranslated" in caplog.text

@@ -227,9 +227,13 @@ class Proxier:
         """The callbacks bracketing the first full sync (``bracket_first_full_sync``); None once it has succeeded."""
         self._first_full_started = False
         self._built: set[Family] = set()
-        """The families whose table full syncs built since the last successful sync (a failed one may have built
-        it): the TCP attempts that went out untranslated before are deleted from conntrack once a full sync
-        succeeds (``cleanup_unanswered_tcp``)."""
+        """The families whose table full syncs built, or found different from what kproxy programmed (drift, a
+        Node change), since the last successful sync (a failed one may have built it): the TCP attempts that went
+        out untranslated meanwhile are deleted from conntrack once a full sync succeeds
+        (``cleanup_unanswered_tcp``)."""
+        self._sync_attempts = 0
+        """Syncs begun, successful or not: what ``counter_names`` caches for (a failed sync may change the
+        committed tables)."""
         self.last_sync: SyncResult | None = None
         self.last_success_wall: float | None = None
         self.oldest_pending_wall: float | None = None
@@ -550,6 +554,7 @@ class Proxier:
         sync itself on a large cluster.
         """
         with self.lock, gc_paused():
+            self._sync_attempts += 1
             node_info = self._current_node_info()
             start = self.clock()
             full = self._needs_full or self._assemblies is None or node_info != self._node_info or (
@@ -615,9 +620,9 @@ class Proxier:
             pending = self.tracker.pending()
             self.observer.changes(changes.service_changes, changes.endpoint_changes, *pending)
             self._cleanup_conntrack(changes.services, node_info)
-            built, self._built = self._built, set()
-            if full and built:
-                self._cleanup_unanswered(built)
+            if full and self._built:
+                self._cleanup_unanswered(self._built)
+            self._built = set()
             self.oldest_pending_wall = None
             for listener in self.listeners:
                 try:
@@ -752,11 +757,16 @@ class Proxier:
         delete_ops = self._due_deletes(now, desired)  # chains read back that are pending deletion keep their due time
         if refusal is None:
             tx = Transaction()
+            repaired: set[Family] = set()
             for family, table in current.tables.items():
                 if all(a.family != family for a in missing):
-                    tx.extend(diff(table, desired[family], delete_chains=False))
+                    difference = diff(table, desired[family], delete_chains=False)
+                    if difference:
+                        repaired.add(family)
+                    tx.extend(difference)
             try:
                 self._commit(tx, delete_ops, now)
+                self._built |= repaired
                 operations += tx.operations
             except NftError as exc:
                 refusal = exc.with_traceback(None)  # see above
@@ -998,7 +1008,7 @@ class Proxier:
         targets = udp_cleanup_targets(Cluster(services, slices, self.tracker.node), node_info, self.config)
         try:
             deleted = cleanup_stale_udp(self.conntrack, targets)
-        except (OSError, RuntimeError) as exc:
+        except Exception as exc:  # (pyroute2 raises its own decoding errors too) the sync has succeeded: never fail it
             log.warning("conntrack cleanup failed; stale UDP entries may remain until they time out: %s", exc)
             return
         if deleted:
@@ -1009,11 +1019,12 @@ class Proxier:
         before (see kproxy.node.conntrack), so that their retransmissions are DNATed."""
         if self.conntrack is None:
             return
-        programmed = [service for key, service in self.tracker.services.items() if key not in self.quarantined]
-        frontends = {FAMILIES[family]: tcp_frontends(programmed, FAMILIES[family]) for family in sorted(families)}
+        # Every Service's, quarantined ones too: an untranslated attempt to a Service is never answered by it.
+        services = list(self.tracker.services.values())
+        frontends = {FAMILIES[family]: tcp_frontends(services, FAMILIES[family]) for family in sorted(families)}
         try:
             deleted = cleanup_unanswered_tcp(self.conntrack, frontends)
-        except (OSError, RuntimeError) as exc:
+        except Exception as exc:  # (pyroute2 raises its own decoding errors too) the sync has succeeded: never fail it
             log.warning("conntrack cleanup failed; TCP attempts left untranslated while kproxy's table was missing "
                         "stay until they time out: %s", exc)
             return
@@ -1047,14 +1058,17 @@ class Proxier:
             self.lock.release()
 
     def counter_names(self, timeout: float | None = None) -> tuple[tuple[Family, str], ...] | None:
-        """(family, name) of every named counter the committed tables hold, computed once per sync; None if a
-        sync holds the state for longer than ``timeout`` seconds."""
+        """(family, name) of every named counter the committed tables hold, computed once per sync; None before
+        the first sync has succeeded (the kernel may hold a previous process's tables), or if a sync holds the
+        state for longer than ``timeout`` seconds."""
         if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
             return None
         try:
-            if self._counter_names is None or self._counter_names[0] != self.sync_count:
+            if self.sync_count == 0:
+                return None
+            if self._counter_names is None or self._counter_names[0] != self._sync_attempts:
                 names = tuple((family, name) for family, table in self._committed.items() for name in table.counters)
-                self._counter_names = (self.sync_count, names)
+                self._counter_names = (self._sync_attempts, names)
             return self._counter_names[1]
         finally:
             self.lock.release()

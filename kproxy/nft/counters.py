@@ -63,7 +63,10 @@ NLA_TYPE_MASK = 0x3FFF
 DUMP_ATTEMPTS = 3
 RECV_BYTES = 1 << 16
 NAMED_BATCH = 512
-"""Requests for one counter each sent at once: their answers (about 110 bytes each) fit the receive buffer."""
+"""Requests for one counter each sent at once, at most: fewer where the receive buffer is small (``_batch``)."""
+ANSWER_FOOTPRINT = 2048
+"""What one queued answer may cost of the receive buffer: the kernel counts each one's whole allocation, not its
+110-400 bytes (a node's default rmem_max of 208 KB overflowed at 400 answers with long names)."""
 RECV_TIMEOUT = 10.0
 """Seconds to wait for the kernel's next answer (it answers at once; this only bounds a bug)."""
 FAMILIES: dict[int, Family] = {number: family for family, number in NFPROTO.items()}
@@ -280,9 +283,10 @@ class CounterDump:
         wanted = list(names)
         counters: Counters = {}
         sock = self._socket()
+        size = max(1, min(NAMED_BATCH, sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // ANSWER_FOOTPRINT))
         try:
-            for start in range(0, len(wanted), NAMED_BATCH):
-                batch = wanted[start:start + NAMED_BATCH]
+            for start in range(0, len(wanted), size):
+                batch = wanted[start:start + size]
                 first = self._seq % 0x3FFFFFFF + 1
                 self._seq = first + len(batch) - 1
                 seqs = range(first, first + len(batch))

@@ -469,7 +469,7 @@ class ProxierCollector(Collector):
         opted_in = self._opted_in() if mode == "annotated" else frozenset()
         wanted = self._wanted(mode, opted_in)
         try:
-            raw = self.read_counters() if wanted is None or self.read_named is None else self.read_named(wanted)
+            raw = self._read(wanted)
         except Exception as exc:  # nft missing, table absent, timeouts: the scrape goes on
             log.warning("cannot read nft counters: %s", exc)
             return values
@@ -491,6 +491,16 @@ class ProxierCollector(Collector):
         if wanted is None:
             self._series = seen  # only the names of this read: a deleted Service's entry goes with it
         return values
+
+    def _read(self, wanted: list[tuple[Any, str]] | None) -> Mapping[tuple[Any, str], tuple[int, int]]:
+        """The ``wanted`` counters by name, or every counter with one dump (also when reading by name fails)."""
+        assert self.read_counters is not None
+        if wanted is not None and self.read_named is not None:
+            try:
+                return self.read_named(wanted)
+            except Exception as exc:  # ENOBUFS, a timeout: the dump may still work
+                log.warning("cannot read nft counters by name (%s); reading them all", exc)
+        return self.read_counters()
 
     def _wanted(self, mode: str, opted_in: frozenset[str]) -> list[tuple[Any, str]] | None:
         """The counters ``mode`` exports, by name: every limit's drops, and the opted-in Services' new connections;
