@@ -1015,8 +1015,8 @@ class Proxier:
             self.observer.conntrack_deleted(deleted)
 
     def _cleanup_unanswered(self, families: set[Family]) -> None:
-        """After building ``families``' tables: delete the TCP attempts that went to a frontend untranslated
-        before (see kproxy.node.conntrack), so that their retransmissions are DNATed."""
+        """After building or repairing ``families``' tables: delete the TCP attempts that went to a frontend
+        untranslated before (see kproxy.node.conntrack), so that their retransmissions are DNATed."""
         if self.conntrack is None:
             return
         # Every Service's, quarantined ones too: an untranslated attempt to a Service is never answered by it.

@@ -63,7 +63,8 @@ NLA_TYPE_MASK = 0x3FFF
 DUMP_ATTEMPTS = 3
 RECV_BYTES = 1 << 16
 NAMED_BATCH = 512
-"""Requests for one counter each sent at once, at most: fewer where the receive buffer is small (``_batch``)."""
+"""Requests for one counter each sent at once, at most: fewer where the receive buffer is small (its size over
+``ANSWER_FOOTPRINT``)."""
 ANSWER_FOOTPRINT = 2048
 """What one queued answer may cost of the receive buffer: the kernel counts each one's whole allocation, not its
 110-400 bytes (a node's default rmem_max of 208 KB overflowed at 400 answers with long names)."""
@@ -276,9 +277,9 @@ class CounterDump:
     def read_named(self, names: Iterable[tuple[Family, str]]) -> Counters:
         """{(family, name): (packets, bytes)} of the named counters only; a counter that is gone is left out.
 
-        One GETOBJ request per counter, sent ``NAMED_BATCH`` at a time (their
-        answers must fit the socket's receive buffer): 200 counters take about
-        2 ms where a dump of 10k takes 40-50 ms, most of it parsing.
+        One GETOBJ request per counter, sent in batches whose answers fit the
+        socket's receive buffer (at most ``NAMED_BATCH``): 200 counters take
+        about 2 ms where a dump of 10k takes 40-50 ms, most of it parsing.
         """
         wanted = list(names)
         counters: Counters = {}

@@ -26,14 +26,15 @@ Two differences from upstream, both narrower:
   DNATed, and unrelated traffic that happens to use the same port is kept.
 
 The second cleanup is kproxy's own: TCP connection attempts that went out
-untranslated while kproxy's table was missing (a node's boot before the first
-sync, ``nft flush ruleset`` or a firewalld reload before the drift repair).
+untranslated while kproxy's table was missing or flushed (a node's boot before
+the first sync, ``nft flush ruleset`` or a firewalld reload before the drift
+repair).
 Each left a conntrack entry that has seen no reply and no DNAT. The client's
 retransmissions of that SYN belong to the entry, and NAT is decided once per
 entry, so they are never DNATed, even once the rules are back: the connect
 hangs until it times out (about two minutes), where it would land on the
-retransmission a second later. After a full sync that built a family's
-table, ``cleanup_unanswered_tcp`` deletes the entries of that family that are
+retransmission a second later. After a full sync that built or repaired a
+family's table, ``cleanup_unanswered_tcp`` deletes the entries of that family that are
 unanswered, untranslated and addressed to a Service frontend (an address and
 port of a ClusterIP, external IP or load-balancer IP): the kernel lists only
 those without a reply or a DNAT (a status filter, Linux 5.15+), so the
@@ -400,7 +401,7 @@ class PyrouteConntrack:
         from pyroute2.netlink.nfnetlink.nfctsocket import IPCTNL_MSG_CT_GET, NFCTAttrTuple, nfct_msg
 
         if not _kernel_filters_status():
-            log.info("this kernel (%s) cannot list conntrack entries by status (Linux 5.19+): TCP attempts left "
+            log.info("this kernel (%s) cannot list conntrack entries by status (Linux 5.15+): TCP attempts left "
                      "untranslated while kproxy's table was missing are not cleaned up", os.uname().release)
             return []
         sock = self._socket(family)
