@@ -371,6 +371,8 @@ class ProxierCollector(Collector):
         self._busy_at = float("-inf")
         """When the proxier's lock was last found held past ``lock_timeout``."""
         self._series: dict[tuple[Any, str], _Series | None] = {}
+        self._classes: dict[tuple[Any, str], tuple[str, str] | None] = {}
+        """(nft family, counter name) -> its kind and Service (``_class_of``), for the names the last sync programmed."""
         """(nft family, counter name) -> its parsed series (None: not a per-Service counter), for the names seen last."""
         self._last_queued = wall_clock()
         """Upstream sets the queued timestamp when its proxier starts; later, each time a change is queued."""
@@ -488,8 +490,7 @@ class ProxierCollector(Collector):
                     drops[series.head] = drops.get(series.head, 0) + int(packets)
             elif mode == "all" or (mode == "annotated" and series.service_key in opted_in):
                 conns[series.head] = conns.get(series.head, 0) + int(packets)
-        if wanted is None:
-            self._series = seen  # only the names of this read: a deleted Service's entry goes with it
+        self._series = seen  # only the names of this read: a deleted Service's entry goes with it
         return values
 
     def _read(self, wanted: list[tuple[Any, str]] | None) -> Mapping[tuple[Any, str], tuple[int, int]]:
@@ -515,21 +516,28 @@ class ProxierCollector(Collector):
             names = None
         if names is None:
             return None
-        known, seen = self._series, {}
+        known, seen = self._classes, {}
         wanted = []
         for key in names:
-            series = known.get(key, _UNKNOWN)
-            if series is _UNKNOWN:
-                series = _series_of(*key)
-            seen[key] = series
-            if series is not None and (series.limit_head is not None
-                                       or (mode == "annotated" and series.service_key in opted_in)):
+            found = known.get(key, _UNKNOWN)
+            if found is _UNKNOWN:
+                found = _class_of(*key)
+            seen[key] = found
+            if found is not None and (found[0] in LIMIT_REASONS or (mode == "annotated" and found[1] in opted_in)):
                 wanted.append(key)
-        self._series = seen  # the names the last sync programmed: a deleted Service's entry goes with it
+        self._classes = seen  # the names the last sync programmed: a deleted Service's entry goes with it
         return wanted if len(wanted) * NAMED_READ_SHARE <= len(names) else None
 
 
 _UNKNOWN: Any = object()
+
+
+def _class_of(nft_family: Any, name: str) -> tuple[str, str] | None:
+    """(kind, ``namespace/name``) of a per-Service counter, for choosing which to read; None where ``_series_of``
+    gives None. Only the counters read get a ``_Series`` (its sample's text): at 30k Services, building one for
+    every counter took most of the first scrape."""
+    parsed = parse_counter_name(name) if nft_family in NFT_FAMILY_LABELS else None
+    return None if parsed is None else (parsed.kind, parsed.service_key)
 
 
 def _series_of(nft_family: Any, name: str) -> _Series | None:
