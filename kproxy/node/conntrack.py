@@ -277,26 +277,26 @@ of walking; over it, one dump of everything is taken."""
 
 
 @functools.cache
+def _kernel_at_least(major: int, minor: int) -> bool:
+    """Whether this kernel's release is ``major.minor`` or later (False if it cannot be read)."""
+    try:
+        found = tuple(int(part) for part in os.uname().release.split(".")[:2])
+    except ValueError:
+        return False
+    return found >= (major, minor)
+
+
 def _kernel_filters_dumps() -> bool:
     """Whether the kernel filters a conntrack dump by tuple (CTA_FILTER, Linux 5.8): before that, pyroute2 alone does,
     after reading every entry, and a dump per destination would read the whole table each time."""
-    try:
-        major, minor = (int(part) for part in os.uname().release.split(".")[:2])
-    except ValueError:
-        return False
-    return (major, minor) >= (5, 8)
+    return _kernel_at_least(5, 8)
 
 
-@functools.cache
 def _kernel_filters_status() -> bool:
     """Whether the kernel filters a conntrack dump by status bits (CTA_STATUS with CTA_STATUS_MASK, Linux 5.15:
     "netfilter: ctnetlink: allow to filter dump by status bits"): before that, the status is ignored and the
     dump would hold every TCP entry of the table."""
-    try:
-        major, minor = (int(part) for part in os.uname().release.split(".")[:2])
-    except ValueError:
-        return False
-    return (major, minor) >= (5, 15)
+    return _kernel_at_least(5, 15)
 
 
 _UNANSWERED_BUDGET = 2_000

@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -45,6 +45,8 @@ from kproxy.observe.service_metrics import DEFAULT_SERVICE_METRICS, SERVICE_METR
 from kproxy.rules.endpoints import LocalPolicyStatus
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 IP_FAMILIES: tuple[str, ...] = ("IPv4", "IPv6")
 """Upstream's ``ip_family`` label values (``string(v1.IPv4Protocol)``, ``string(v1.IPv6Protocol)``)."""
@@ -444,18 +446,22 @@ class ProxierCollector(Collector):
             out.extend(f"{head}{samples[head]}\n" for head in sorted(samples))
         return "".join(out)
 
-    def _opted_in(self) -> frozenset[str]:
-        """The Services annotated for per-Service series; the last known set while a sync holds the proxier.
+    def _ask(self, read: Callable[[float], T | None], what: str) -> T | None:
+        """``read(timeout)`` from the proxier; None if a sync holds it, or if it fails (a scrape must not).
 
         If the proxier was found busy in this same scrape (its Local-policy
         report timed out a moment ago), it is not waited for a second time.
         """
         busy = time.monotonic() - self._busy_at < self.lock_timeout
         try:
-            found = self.proxier.metrics_services(0 if busy else self.lock_timeout)
-        except Exception as exc:  # a scrape must not fail
-            log.warning("cannot read which Services export per-Service metrics: %s", exc)
-            found = None
+            return read(0 if busy else self.lock_timeout)
+        except Exception as exc:
+            log.warning("cannot read %s: %s", what, exc)
+            return None
+
+    def _opted_in(self) -> frozenset[str]:
+        """The Services annotated for per-Service series; the last known set while a sync holds the proxier."""
+        found = self._ask(self.proxier.metrics_services, "which Services export per-Service metrics")
         with self._state_lock:
             if found is None:
                 return self._last_opted_in
@@ -508,12 +514,7 @@ class ProxierCollector(Collector):
         None for a dump of them all (``all``, no named reader, the proxier busy, or too many wanted)."""
         if self.read_named is None or mode == "all":
             return None
-        busy = time.monotonic() - self._busy_at < self.lock_timeout
-        try:
-            names = self.proxier.counter_names(0 if busy else self.lock_timeout)
-        except Exception as exc:  # a scrape must not fail
-            log.warning("cannot read the names of the programmed counters: %s", exc)
-            names = None
+        names = self._ask(self.proxier.counter_names, "the names of the programmed counters")
         if names is None:
             return None
         known, seen = self._classes, {}
