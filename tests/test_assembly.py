@@ -43,7 +43,8 @@ from kproxy.rules.compiler import (
 
 NODE_IP = "192.168.50.1"
 NODE = NodeInfo("node-a", "zone-a", (NODE_IP, "fd00:50::1"), (NODE_IP, "fd00:50::1"))
-CONFIG = ProxyConfig(cluster_cidrs=("10.244.0.0/16", "fd00:244::/48"))
+CONFIG = ProxyConfig(cluster_cidrs=("10.244.0.0/16", "fd00:244::/48"), service_metrics="all")
+"""Every port counts, so every port has chains of its own: the assembly tracks their owners too."""
 A, B, C = ServiceKey("ns/a"), ServiceKey("ns/b"), ServiceKey("ns/c")
 
 

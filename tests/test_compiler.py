@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from fractions import Fraction
 from typing import Any
 
@@ -64,18 +65,46 @@ def test_every_generated_object_has_a_comment() -> None:
     table = _compile(objects).table("ip")
     for name, chain in table.chains.items():
         assert chain.comment, name
-        if name not in skeleton_table("ip").chains and not name.startswith("pick-"):
+        if name not in skeleton_table("ip").chains and not name.startswith(("pick-", "external-to-")):
             assert re.fullmatch(r"ns/svc-\d+:http", chain.comment), chain.comment
     for set_name, members in table.elements.items():
         for element in members.values():
             assert element.comment, (set_name, element)
 
 
+def _own_chains(table: Any) -> list[str]:
+    """The chains of Service ports: neither the skeleton's nor the shared ones."""
+    return [n for n in table.chains if n not in skeleton_table("ip").chains and not n.startswith(("pick-", "external-to-"))]
+
+
 def test_chain_count_is_linear() -> None:
-    """A Service port costs at most three chains, never one per endpoint."""
-    table = _compile(_cluster(50, 10)).table("ip")
-    generated = [n for n in table.chains if n not in skeleton_table("ip").chains and not n.startswith("pick-")]
-    assert len(generated) <= 3 * 50
+    """A Service port that counts costs at most three chains, never one per endpoint."""
+    table = _compile(_cluster(50, 10), replace(CONFIG, service_metrics="all")).table("ip")
+    assert 0 < len(_own_chains(table)) <= 3 * 50
+
+
+@pytest.mark.parametrize("policy", ["Cluster", "Local"])
+def test_ports_without_a_rule_of_their_own_add_no_chain(policy: str) -> None:
+    """The kernel walks every chain at each commit: ports that count nothing and have no limit or affinity are
+    elements only, so the table has as many chains at 50 Services as at 1; counting, a limit and affinity each
+    give a port chains of its own."""
+    tables = {n: _compile(_cluster(n, 10, externalTrafficPolicy=policy)).table("ip") for n in (1, 50)}
+    assert tables[1].chains.keys() == tables[50].chains.keys() and not _own_chains(tables[50])
+    assert {e.value for e in tables[50].elements["service-nodeports"].values()} == {
+        "goto external-to-local" if policy == "Local" else "goto external-to-cluster"}
+    for notes, spec, chains in (
+        ({"kproxy.io/metrics": "true"}, {}, {"svc", "ext"} | ({"local"} if policy == "Local" else set())),
+        ({"kproxy.io/rate-limit": "10/second"}, {}, {"svc", "ext"} | ({"local"} if policy == "Local" else set())),
+        ({}, {"sessionAffinity": "ClientIP"}, {"svc", "ext"} | ({"local"} if policy == "Local" else set())),
+        ({"kproxy.io/metrics": "false"}, {}, set()),
+    ):
+        objects = _cluster(2, 10, externalTrafficPolicy=policy)
+        objects[0]["metadata"]["annotations"] = notes
+        objects[0]["spec"].update(spec)
+        table = _compile(objects).table("ip")
+        assert {n.split("-")[0] for n in _own_chains(table)} == chains, (notes, spec)
+        assert all("/svc-0/" in n for n in _own_chains(table)), "the other Service stays elements only"
+        assert any(n.startswith("conns-") for n in table.counters) == (notes.get("kproxy.io/metrics") == "true")
 
 
 def test_cascade_is_uniform() -> None:
@@ -130,15 +159,28 @@ def _pick_probabilities(table: Any, chain_name: str, frontend: str) -> dict[str,
     return result
 
 
-@pytest.mark.parametrize("count", [1, 2, 3, 4, 5, 10, 16, 17, 100, 256])
-def test_pick_chains_are_uniform_for_every_frontend(count: int) -> None:
-    """Each endpoint is picked with probability exactly 1/N, from the ClusterIP and the NodePort; never the drop."""
-    table = _compile(_cluster(1, count)).table("ip")
-    svc = next(c for n, c in table.chains.items() if n.startswith("svc-"))
-    assert svc.rules[-1][-1] == Verdict("goto", "pick-by-class")
+def _picked_from(table: Any, frontend: str) -> str:
+    """Where a ClusterIP's dispatch picks the endpoint: ``pick-by-class``, straight or after the port's own chain."""
+    target = table.elements["service-ips"][frontend].value.split()[-1]
+    if not target.startswith("svc-"):
+        return str(target)
+    svc = table.chains[target]
     assert not any(isinstance(s, (DnatTo, DnatFromMap)) for rule in svc.rules for s in rule)
+    return str(svc.rules[-1][-1].chain)
+
+
+@pytest.mark.parametrize("metrics", ["annotated", "all"])
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5, 10, 16, 17, 100, 256])
+def test_pick_chains_are_uniform_for_every_frontend(count: int, metrics: str) -> None:
+    """Each endpoint is picked with probability exactly 1/N, from the ClusterIP and the NodePort; never the drop.
+
+    With ``all`` the port counts in a chain of its own, then goes on to the same pick chains."""
+    table = _compile(_cluster(1, count), replace(CONFIG, service_metrics=metrics)).table("ip")
+    start = _picked_from(table, "10.96.0.1 . tcp . 80")
+    assert start == "pick-by-class"
+    assert any(n.startswith("svc-") for n in table.chains) == (metrics == "all")
     for frontend in ("10.96.0.1 . tcp . 80", "192.168.50.1 . tcp . 30000"):
-        probabilities = _pick_probabilities(table, svc.rules[-1][-1].chain, frontend)
+        probabilities = _pick_probabilities(table, start, frontend)
         assert "drop" not in probabilities and "untranslated" not in probabilities
         assert len(probabilities) == count
         assert set(probabilities.values()) == {Fraction(1, count)}
@@ -167,9 +209,9 @@ def test_endpoint_change_touches_only_elements(before_count: int, after_count: i
 def test_without_endpoints_the_dispatch_goes_on_untranslated() -> None:
     """A Service without endpoints keeps its chain and dispatch; its frontends are in no class, and rejected by set."""
     table = _compile(_cluster(1, 0)).table("ip")
-    svc = next(c for n, c in table.chains.items() if n.startswith("svc-"))
+    start = _picked_from(table, "10.96.0.1 . tcp . 80")
     for frontend in ("10.96.0.1 . tcp . 80", "192.168.50.1 . tcp . 30000"):
-        assert _pick_probabilities(table, svc.rules[-1][-1].chain, frontend) == {"untranslated": Fraction(1)}
+        assert _pick_probabilities(table, start, frontend) == {"untranslated": Fraction(1)}
     assert "10.96.0.1 . tcp . 80" in table.elements["no-endpoint-reject"]
     assert "tcp . 30000" in table.elements["no-endpoint-nodeport-reject"]
 
@@ -302,7 +344,7 @@ def test_slots_follow_dispatch_when_an_external_ip_is_a_node_address() -> None:
         endpoint_slice("b-ext-1", "b-ext", [endpoint("10.244.2.1")], namespace="ns", ports=[{"name": "http", "port": 9090}]),
     ]
     table = _compile(objects).table("ip")
-    assert "b-ext" in table.elements["service-ips"]["192.168.50.1 . tcp . 30080"].value
+    assert table.elements["service-ips"]["192.168.50.1 . tcp . 30080"].comment == "ns/b-ext:http"
     assert _frontend_targets(table, "192.168.50.1 . tcp . 30080") == {"10.244.2.1 . 9090"}
     assert _frontend_targets(table, "10.96.0.1 . tcp . 80") == {"10.244.1.1 . 8080", "10.244.1.2 . 8080"}
 

@@ -206,7 +206,7 @@ def test_dump_reads_what_libnftables_lists(empty_netns: Any, monkeypatch: pytest
                                       namespace=f"ns-{i % 7}", address_type="IPv6"))
     cluster, problems = build_cluster(objects, "node-a")
     assert not problems
-    config = ProxyConfig(cluster_cidrs=("10.244.0.0/16", "fd00:244::/48"))
+    config = ProxyConfig(cluster_cidrs=("10.244.0.0/16", "fd00:244::/48"), service_metrics="all")  # every port counts
     ruleset = compile_ruleset(cluster, node_info("node-a", None, ()), config)
     with empty_netns.entered():
         backend = NftablesBackend()

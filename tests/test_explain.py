@@ -50,7 +50,7 @@ def test_cluster_ip_lists_the_endpoints_the_kernel_picks_from() -> None:
     cluster, fake = _programmed(_objects())
     text = _explain(cluster, fake, POD, "10.96.0.10", 80)
     assert "service: default/web port http (tcp 80), type ClusterIP" in text
-    assert "kernel: chain svc-" in text and "2 endpoint(s)" in text
+    assert "kernel: chain pick-by-class: 2 endpoint(s)" in text  # the shared chains: the port counts nothing
     assert "10.244.1.10:8080  node node-a" in text and "10.244.2.10:8080  node node-b" in text
     assert "behind" not in text
 

@@ -419,7 +419,7 @@ def test_a_failed_read_by_name_falls_back_to_a_dump(caplog: pytest.LogCaptureFix
 
 def test_the_proxier_names_its_committed_counters_once_per_sync() -> None:
     """counter_names lists the committed tables' counters, as of the last sync; the Local-policy report likewise."""
-    proxier = Proxier(FakeBackend(), "node-a", ProxyConfig())
+    proxier = Proxier(FakeBackend(), "node-a", ProxyConfig(service_metrics="all"))
     proxier.on_relist("Node", [node("node-a")])
     proxier.on_relist("Service", [service("web", "shop", "10.96.0.10", internalTrafficPolicy="Local")])
     proxier.on_relist("EndpointSlice", [endpoint_slice("web-1", "web", [endpoint("10.244.1.5")], namespace="shop")])

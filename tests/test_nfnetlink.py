@@ -238,7 +238,7 @@ def test_edge_shapes_over_netlink_list_exactly_as_through_libnftables(two_netns:
 
 def test_service_added_and_removed_over_netlink(two_netns: tuple[Netns, Netns]) -> None:
     """The transactions of a partial sync that adds, then removes a Service: same kernel state either way."""
-    before, after = _ruleset("clusterip"), _ruleset("nodeport-cluster-policy")
+    before, after = _ruleset("clusterip"), _ruleset("service-metrics-all")  # the second has the port's own chains
     listings = []
     for netns, netlink in zip(two_netns, (False, True), strict=False):
         _build(netns, before, netlink=False)
@@ -346,7 +346,8 @@ def test_a_transaction_changing_the_skeleton_and_adding_a_service(empty_netns: N
     protocols"), and they are sent once the maps exist (``plan.create``).
     """
     before = _compiled([], ProxyConfig(cluster_cidrs=("10.244.0.0/16",)))
-    after = _compiled(*SCENARIOS["udp-sctp-external-ip"][:1], ProxyConfig(cluster_cidrs=("10.240.0.0/12",)))
+    after = _compiled(*SCENARIOS["udp-sctp-external-ip"][:1], ProxyConfig(cluster_cidrs=("10.240.0.0/12",),
+                                                                          service_metrics="all"))
     with empty_netns.entered():
         backend = NftablesBackend()
         for piece in create(before.tables["ip"]):

@@ -119,14 +119,14 @@ IPV6_SPELLING = (
 """IPv6 addresses whose spelling matters: a single zero group (not shortened) and two runs of zeros (the longer one
 shortened), as the compiler writes them and as nft prints them."""
 
-CLUSTERIP_SVC_CHAIN = next(name for name in _compiled(tuple(SCENARIOS["clusterip"][0]), CIDRS).tables["ip"].chains
-                           if name.startswith("svc-"))
+GENERATED_CHAIN = "external-to-cluster"
+"""A chain the compiler generates in every table (a shared one: the clusterip scenario's port has none of its own)."""
 DRIFT = f"""\
 add element ip kproxy hairpin {{ 10.244.9.9 . 10.244.9.9 }}
 add element ip kproxy service-cidrs {{ 10.100.0.1-10.100.0.9 }}
 add element ip kproxy no-endpoint-drop {{ 10.96.9.9 . tcp . 80 }}
 add element ip kproxy affinity {{ 198.51.100.7 . 10.96.0.10 . tcp . 80 . 0x00000001 }}
-add rule ip kproxy {CLUSTERIP_SVC_CHAIN} counter
+add rule ip kproxy {GENERATED_CHAIN} counter
 add chain ip kproxy stray
 add chain ip kproxy stray-rules
 add rule ip kproxy stray-rules counter accept comment "not kproxy's"
@@ -223,12 +223,16 @@ def test_recorded_table_parses_to_what_was_compiled(name: str, family: Family) -
 
 SHAPES: list[tuple[str, Family, str, Element]] = [
     # verdict maps keyed by concatenations, goto a chain
-    ("clusterip", "ip", "service-ips",
-     Element("10.96.0.10 . tcp . 80", "goto svc-51DBE209-shop/web/tcp/http", "shop/web:http")),
-    ("nodeport-cluster-policy", "ip", "service-nodeports",
-     Element("tcp . 30080", "goto ext-51DBE209-shop/web/tcp/http", "shop/web:http")),
+    ("clusterip", "ip", "service-ips", Element("10.96.0.10 . tcp . 80", "goto pick-by-class", "shop/web:http")),
+    ("nodeport-cluster-policy", "ip", "service-nodeports", Element("tcp . 30080", "goto external-to-cluster", "shop/web:http")),
     ("udp-sctp-external-ip", "ip", "service-ips",
-     Element("198.51.100.70 . sctp . 5060", "goto ext-18A0D743-telco/sig/sctp/sip", "telco/sig:sip")),
+     Element("198.51.100.70 . sctp . 5060", "goto external-to-cluster", "telco/sig:sip")),
+    ("service-metrics-all", "ip", "service-ips",
+     Element("10.96.0.10 . tcp . 80", "goto svc-51DBE209-shop/web/tcp/http", "shop/web:http")),
+    ("service-metrics-all", "ip", "service-nodeports",
+     Element("tcp . 30080", "goto ext-51DBE209-shop/web/tcp/http", "shop/web:http")),
+    ("metrics-annotated", "ip", "service-ips",
+     Element("192.0.2.90 . tcp . 443", "goto ext-D1056DB7-shop/lb/tcp/https", "shop/lb:https")),
     # the sets of Service ports that get no endpoint: rejected, dropped
     ("no-endpoints", "ip", "no-endpoint-reject", Element("10.96.0.30 . tcp . 80", "", "jobs/idle:http")),
     ("no-endpoints", "ip", "no-endpoint-nodeport-reject", Element("tcp . 30082", "", "jobs/idle:http")),
@@ -283,9 +287,11 @@ def test_element_shapes(name: str, family: Family, set_name: str, element: Eleme
 
 def test_counters_read_back_with_their_comments() -> None:
     """Named counters read back by name with their comment (connections, rate-limit drops); no comment reads as ""."""
-    counters = _parsed("rate-limit", "ip").counters
-    assert sorted(counters.values()) == ["shop/api:http", "shop/api:http"]
-    assert sorted(name.split("-")[0] for name in counters) == ["conns", "drops"]
+    counters = _parsed("rate-limit", "ip").counters  # not annotated: it counts its drops only
+    assert sorted(counters.values()) == ["shop/api:http"]
+    assert sorted(name.split("-")[0] for name in counters) == ["drops"]
+    counters = _parsed("metrics-annotated", "ip").counters
+    assert [(name.split("-")[0], text) for name, text in counters.items()] == [("conns", "shop/lb:https")]
     assert _parsed("drift", "ip").counters["stray-counter"] == ""
 
 
@@ -310,8 +316,8 @@ def test_drift_reads_back_as_it_is_and_the_planner_repairs_exactly_it() -> None:
     wrote, an empty one. Compared with the compiled table, only the drift is planned away."""
     compiled = RECORDINGS["drift"].compiled().tables["ip"]
     parsed = _parsed("drift", "ip")
-    digest, count = chain_fingerprint(compiled.chains[CLUSTERIP_SVC_CHAIN], "ip")
-    assert parsed.chains[CLUSTERIP_SVC_CHAIN].fingerprint == ("", count + 1)
+    digest, count = chain_fingerprint(compiled.chains[GENERATED_CHAIN], "ip")
+    assert parsed.chains[GENERATED_CHAIN].fingerprint == ("", count + 1)
     assert parsed.chains["stray"].fingerprint == ("", 0)
     assert parsed.chains["stray-rules"].fingerprint == ("", 1)
     assert digest and "affinity" not in parsed.elements and parsed.sets["affinity"].dynamic
@@ -320,10 +326,10 @@ def test_drift_reads_back_as_it_is_and_the_planner_repairs_exactly_it() -> None:
         ("delete", "chain", "stray"), ("delete", "chain", "stray-rules"), ("delete", "counter", "stray-counter"),
         ("delete", "element", "hairpin"), ("delete", "element", "no-endpoint-drop"),
         ("delete", "element", "service-cidrs"),
-        ("flush", "chain", "stray"), ("flush", "chain", "stray-rules"), ("flush", "chain", CLUSTERIP_SVC_CHAIN)]
+        ("flush", "chain", GENERATED_CHAIN), ("flush", "chain", "stray"), ("flush", "chain", "stray-rules")]
     assert sorted(e.key for op in tx.ops for e in op.elements) == [
         "10.100.0.1-10.100.0.9", "10.244.9.9 . 10.244.9.9", "10.96.9.9 . tcp . 80"]
-    assert [c.name for op in tx.ops for c in op.chains] == [CLUSTERIP_SVC_CHAIN]
+    assert [c.name for op in tx.ops for c in op.chains] == [GENERATED_CHAIN]
     deferred = diff(parsed, compiled, delete_chains=False).deferred_chain_deletes
     assert deferred == [("ip", "stray"), ("ip", "stray-rules")]
     assert diff(_parsed("drift", "ip6"), RECORDINGS["drift"].compiled().tables["ip6"]).operations == 0

@@ -40,7 +40,7 @@ from kproxy.nft.tabledump import (
 from kproxy.rules.plan import diff
 from tests.harness import record_dump
 from tests.harness.record_dump import Replay, load
-from tests.test_readback import CLUSTERIP_SVC_CHAIN, COMPILED, NFT_FAMILIES, RECORDINGS, _elements
+from tests.test_readback import COMPILED, GENERATED_CHAIN, NFT_FAMILIES, RECORDINGS, _elements
 from tests.test_readback import _load as load_json
 
 NAMES = sorted(RECORDINGS)
@@ -105,8 +105,8 @@ def test_drift_reads_as_it_is() -> None:
     empty one), elements without comments (one a range), a counter without a comment, a dynamic set's element."""
     table = replayed("drift").tables["ip"]
     compiled = RECORDINGS["drift"].compiled().tables["ip"]
-    count = chain_fingerprint(compiled.chains[CLUSTERIP_SVC_CHAIN], "ip")[1]
-    assert table.chains[CLUSTERIP_SVC_CHAIN].fingerprint == ("", count + 1)
+    count = chain_fingerprint(compiled.chains[GENERATED_CHAIN], "ip")[1]
+    assert table.chains[GENERATED_CHAIN].fingerprint == ("", count + 1)
     assert table.chains["stray"].fingerprint == ("", 0)
     assert table.chains["stray-rules"].fingerprint == ("", 1)
     assert table.elements["hairpin"]["10.244.9.9 . 10.244.9.9"] == Element("10.244.9.9 . 10.244.9.9")

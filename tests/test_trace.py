@@ -346,13 +346,14 @@ def test_external_traffic_policy_local() -> None:
 
 
 def test_external_traffic_policy_local_short_circuits_the_node_to_every_endpoint() -> None:
-    """From the node, an eTP=Local NodePort or LB IP goes to the cluster endpoints (svc-, not local-), masqueraded."""
+    """From the node, an eTP=Local NodePort or LB IP goes to the cluster endpoints (pick-by-class, not
+    pick-local-by-class), masqueraded."""
     tracer = _tracer(_external_policy("Local"))
     both = _to("10.180.0.1:80", "10.180.2.1:80", masq=True)
     assert _reach(tracer, NODE_IP, NODE_IP, 3001) == both
     assert _reach(tracer, NODE_IP, LB1, 80) == both
     chains = [c for branch in _trace(tracer, NODE_IP, NODE_IP, 3001).branches for c in branch.chains]
-    assert any(c.startswith("svc-") for c in chains) and not any(c.startswith("local-") for c in chains)
+    assert "pick-by-class" in chains and "pick-local-by-class" not in chains
 
 
 def test_external_traffic_policy_cluster() -> None:

@@ -41,6 +41,18 @@ BANDWIDTH_LIMIT_BURST_ANNOTATION = "kproxy.io/bandwidth-limit-burst"
 LIMIT_ALLOWLIST_ANNOTATION = "kproxy.io/limit-allowlist"
 METRICS_ANNOTATION = "kproxy.io/metrics"
 """``"true"``: the Service exports per-Service series (with ``--service-metrics=annotated``, the default)."""
+SERVICE_METRICS: tuple[str, ...] = ("none", "annotated", "all")
+"""``--service-metrics``: which Services count their new connections and export
+``kproxy_service_new_connections_total``.
+
+``annotated`` (the default): those annotated ``kproxy.io/metrics: "true"``;
+``all``: every Service; ``none``: no Service. ``kproxy_rate_limit_drops_total``
+and ``kproxy_limit_drops_total`` are exported for every Service with a limit,
+whatever the setting (the limit's annotation opts it in). Here, with the
+model, because the compiler reads it too: only the Services that export the
+series count (a counter is a rule, in a chain of the port's own).
+"""
+DEFAULT_SERVICE_METRICS = "annotated"
 DEFAULT_AFFINITY_TIMEOUT = 10800
 
 

@@ -39,7 +39,7 @@ from decimal import Decimal
 from typing import Any
 
 from kproxy.cluster.manifests import ManifestError, load_yaml_file
-from kproxy.observe.service_metrics import DEFAULT_SERVICE_METRICS, SERVICE_METRICS
+from kproxy.cluster.model import DEFAULT_SERVICE_METRICS, SERVICE_METRICS
 from kproxy.rules.compiler import ProxyConfig
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ class DaemonConfig:
             cluster_cidrs=self.cluster_cidrs,
             nodeport_addresses=self.nodeport_addresses,
             masquerade_all=self.masquerade_all,
+            service_metrics=self.service_metrics,
         )
 
 

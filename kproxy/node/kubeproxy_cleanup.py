@@ -44,7 +44,7 @@ from typing import Any
 
 from kproxy.nft.backend import FAMILIES, open_libnftables
 from kproxy.nft.objects import TABLE as KPROXY_TABLE
-from kproxy.rules.plan import DISPATCH_MAPS, SERVICE_CHAIN_PREFIXES
+from kproxy.rules.plan import DISPATCH_MAPS, SERVICE_CHAIN_PREFIXES, UNSERVED_SETS
 
 log = logging.getLogger(__name__)
 
@@ -213,11 +213,12 @@ class _Nft:
             raise KubeProxyCleanupError(f"nft list chains {family} failed: {_first_line(err)}")
         return [i["chain"]["name"] for i in out.get("nftables", []) if i.get("chain", {}).get("table") == table]
 
-    def has_elements(self, family: str, table: str, name: str) -> bool:
-        rc, out, err = self._json(f"list map {family} {table} {name}")
+    def has_elements(self, family: str, table: str, name: str, kind: str = "map") -> bool:
+        """Whether the set or map (``kind``) holds an element."""
+        rc, out, err = self._json(f"list {kind} {family} {table} {name}")
         if rc != 0:
-            raise KubeProxyCleanupError(f"nft list map {family} {table} {name} failed: {_first_line(err)}")
-        return any(i["map"].get("elem") for i in out.get("nftables", []) if "map" in i)
+            raise KubeProxyCleanupError(f"nft list {kind} {family} {table} {name} failed: {_first_line(err)}")
+        return any(i[kind].get("elem") for i in out.get("nftables", []) if kind in i)
 
     def _json(self, command: str) -> tuple[int, dict[str, Any], str]:
         self._nft.set_json_output(True)
@@ -239,13 +240,23 @@ def _first_line(text: str) -> str:
     return error.strip()
 
 
+def _has_services(nft: _Nft, family: str) -> bool:
+    """Whether a sync has put Services into the table, dispatch aside (a first sync fills dispatch last).
+
+    Every Service port has a chain of its own, or its first endpoint's slot
+    in ``endpoints-4``, or a ``no-endpoint-*`` element (no endpoint to pick).
+    """
+    if any(c.startswith(SERVICE_CHAIN_PREFIXES) for c in nft.chains(family, KPROXY_TABLE)):
+        return True
+    return nft.has_elements(family, KPROXY_TABLE, "endpoints-4") or any(
+        nft.has_elements(family, KPROXY_TABLE, name, "set") for name in UNSERVED_SETS)
+
+
 def _kproxy_not_ready(nft: _Nft, present: set[tuple[str, str]], family: str) -> str | None:
     """Why kproxy's rules are not in place in ``family`` yet, or None if they are."""
     if (family, KPROXY_TABLE) not in present:
         return f"kproxy's table {family} {KPROXY_TABLE} not found"
-    if any(c.startswith(SERVICE_CHAIN_PREFIXES) for c in nft.chains(family, KPROXY_TABLE)) and not any(
-        nft.has_elements(family, KPROXY_TABLE, name) for name in DISPATCH_MAPS
-    ):
+    if _has_services(nft, family) and not any(nft.has_elements(family, KPROXY_TABLE, name) for name in DISPATCH_MAPS):
         return f"kproxy's table {family} {KPROXY_TABLE} is still being built (its first sync has not finished)"
     return None
 

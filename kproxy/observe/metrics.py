@@ -41,7 +41,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kproxy.observe.service_metrics import DEFAULT_SERVICE_METRICS, SERVICE_METRICS
+from kproxy.cluster.model import DEFAULT_SERVICE_METRICS, SERVICE_METRICS
 from kproxy.rules.endpoints import LocalPolicyStatus
 
 log = logging.getLogger(__name__)

@@ -5,9 +5,13 @@ Layout (see rules/README.md for the packet path):
 * The skeleton (rules/kproxy.nft) holds a fixed number of sets and maps. Every
   Service contributes *elements* to them, never sets of its own, and never an
   inline anonymous set or map: those load in quadratic time.
-* Each Service port gets up to three plain chains: ``svc-`` (cluster
+* A Service port that counts its new connections, has a limit on them or
+  affinity gets up to three plain chains of its own: ``svc-`` (cluster
   endpoints), ``local-`` (this node's endpoints) and ``ext-`` (NodePort,
-  externalIPs and load-balancer IPs).
+  externalIPs and load-balancer IPs). Every other port is elements only: its
+  dispatch goes straight to the shared chains (``PortDecision.shared``), so
+  the number of chains, which the kernel walks at every commit, does not
+  grow with the cluster.
 * Endpoints are data, not rules. Endpoint ``k`` (1-based) of a port is an
   element ``frontend . protocol . port . slot(k)`` of an ``endpoints-C`` map,
   one per frontend (ClusterIP, external IP, NodePort address), and the
@@ -37,7 +41,16 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from kproxy.cluster.model import Cluster, EndpointSlice, IPFamily, Node, Service, ServiceKey, ServicePort
+from kproxy.cluster.model import (
+    DEFAULT_SERVICE_METRICS,
+    Cluster,
+    EndpointSlice,
+    IPFamily,
+    Node,
+    Service,
+    ServiceKey,
+    ServicePort,
+)
 from kproxy.cluster.validate import collapse, spell, spell_network
 from kproxy.memory import gc_paused
 from kproxy.nft.objects import Chain, Element, Family, Ruleset, ServiceRules, Table, fit_comment
@@ -79,6 +92,9 @@ _LOCAL_SLOT = 0x8000
 """Set in the slot numbers of the local-endpoint pick chains (``pick-local-``)."""
 PICK_BY_CLASS = {False: "pick-by-class", True: "pick-local-by-class"}
 """Where a Service chain that picks through the maps goes: on to the pick chain of the frontend's class."""
+EXTERNAL_TO_CLUSTER, EXTERNAL_TO_LOCAL = "external-to-cluster", "external-to-local"
+"""The shared external chains of the Service ports that need no chain of their own (externalTrafficPolicy
+Cluster and Local): what an ``ext-`` chain does, going on to the shared pick chains."""
 ALLOW_KEY: Key = ("daddr", "l4proto", "dport", "saddr")
 """``kproxy.io/limit-allowlist`` in the nat chains: frontend . protocol . port . client (``limit-allow``)."""
 ORIGINAL_KEY: Key = ("original-daddr", "l4proto", "original-dport")
@@ -103,6 +119,14 @@ class ProxyConfig:
     """--nodeport-addresses as CIDRs; empty means the node's primary IPs."""
     masquerade_all: bool = False
     """--masquerade-all: masquerade all traffic to ClusterIPs."""
+    service_metrics: str = DEFAULT_SERVICE_METRICS
+    """--service-metrics: whose new connections are counted (a ``conns-`` counter per port): the Services
+    annotated ``kproxy.io/metrics: "true"``, ``all`` or ``none``. A counter is a rule, so it needs a chain
+    of the port's own; a port without one dispatches straight to the shared chains."""
+
+    def counts(self, service: Service) -> bool:
+        """Whether the Service's ports count their new connections (the counters ``/metrics`` exports)."""
+        return self.service_metrics == "all" or (self.service_metrics == "annotated" and service.metrics)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +260,31 @@ def pick_chains(family: Family) -> tuple[Chain, ...]:
 
 
 @functools.cache
+def external_chains(cluster_cidrs: tuple[str, ...]) -> tuple[Chain, ...]:
+    """The shared external chains, for the Service ports without chains of their own (see ``PortDecision.shared``).
+
+    ``external-to-cluster`` (externalTrafficPolicy Cluster): mark for
+    masquerade, then any cluster endpoint. ``external-to-local``
+    (externalTrafficPolicy Local): traffic from the cluster CIDRs (of the
+    table's family) and from the node itself is short-circuited to the
+    cluster endpoints, the node's own masqueraded, as upstream's
+    ``clusterPolicyChain``; the rest goes to this node's endpoints. They read
+    the frontend from the packet, as the pick chains do, so every port shares
+    them.
+    """
+    cluster = Verdict("goto", PICK_BY_CLASS[False])
+    masquerade = Verdict("jump", "mark-for-masquerade")
+    local_rules: list[Rule] = [(MatchPrefix("saddr", cidr), cluster) for cidr in cluster_cidrs]
+    local_rules += [(FromLocal(), masquerade), (FromLocal(), cluster), (Verdict("goto", PICK_BY_CLASS[True]),)]
+    return (
+        Chain(EXTERNAL_TO_CLUSTER, ((masquerade,), (cluster,)),
+              "externalTrafficPolicy Cluster, ports without a chain of their own: masquerade, any endpoint"),
+        Chain(EXTERNAL_TO_LOCAL, tuple(local_rules),
+              "externalTrafficPolicy Local, ports without a chain of their own: the endpoints on this node"),
+    )
+
+
+@functools.cache
 def bandwidth_hooks(family: Family) -> tuple[Chain, ...]:
     """The base chains of ``kproxy.io/bandwidth-limit``: every packet whose connection's original destination is
     a frontend in ``bandwidth-ips`` jumps to its port's ``bw-`` chain.
@@ -306,16 +355,18 @@ def _endpoint_chain(
     suffix: str,
     local: bool,
     allowlisted: bool = False,
+    counted: bool = True,
 ) -> Chain:
-    """A chain that counts, applies the limits on new connections and affinity, and picks an endpoint."""
+    """A chain that counts (if ``counted``), applies the limits on new connections and affinity, and picks an endpoint."""
     proto = port.protocol
     counter = Counter(f"conns-{suffix}")
-    rules: list[Rule] = [(counter,), *limit_rules(service, port, cluster_ip, suffix, allowlisted)]
+    rules: list[Rule] = [(counter,)] if counted else []
+    rules += limit_rules(service, port, cluster_ip, suffix, allowlisted)
     count = len(endpoints)
     affinity = service.affinity_timeout
     if uses_pick_chains(service, endpoints):
         goto = Verdict("goto", PICK_BY_CLASS[local])
-        if len(rules) == 1:  # just the counter: one rule per Service port loads faster than two
+        if counted and len(rules) == 1:  # just the counter: one rule per Service port loads faster than two
             return Chain(name, ((counter, goto),), label)
         return Chain(name, (*rules, (goto,)), label)
     if not endpoints:  # nothing to translate to: on, untranslated, to endpoints-check
@@ -439,23 +490,44 @@ class PortDecision:
     """externalTrafficPolicy Local: the chain for other sources."""
     external_unserved: Unserved | None
     """What becomes of external traffic from other sources that gets no endpoint: rejected, dropped, or served."""
+    shared: bool = False
+    """The port has no chain of its own: it counts nothing, has no limit on new connections and no
+    affinity, and its endpoints fit the pick chains. The chain names above are then the shared chains
+    (``pick-by-class``, ``pick-local-by-class``, ``external-to-cluster``, ``external-to-local``), and
+    the port is only elements: adding or removing it never makes the kernel walk a chain of its own."""
 
 
 def decide_port(service: Service, port: ServicePort, slices: Sequence[EndpointSlice], family: Family,
-                node: NodeInfo) -> PortDecision:
+                node: NodeInfo, config: ProxyConfig) -> PortDecision:
     """The traffic policy decisions for one port: made here once, for the compiler and for explain."""
     selection = select(service, port_endpoints(port, slices, FAMILIES[family]), node.name, node.zone)
     suffix = chain_suffix(service, port)
-    cluster_chain = f"svc-{suffix}" if service.uses_cluster_endpoints else None
-    local_chain = f"local-{suffix}" if service.uses_local_endpoints else None
+    uses_cluster, uses_local = service.uses_cluster_endpoints, service.uses_local_endpoints
+    shared = (
+        not config.counts(service)
+        and service.rate_limit is None and service.rate_limit_total is None and service.connection_limit is None
+        and (not uses_cluster or uses_pick_chains(service, selection.cluster))
+        and (not uses_local or uses_pick_chains(service, selection.local))
+    )
+    if shared:
+        cluster_chain = PICK_BY_CLASS[False] if uses_cluster else None
+        local_chain = PICK_BY_CLASS[True] if uses_local else None
+    else:
+        cluster_chain = f"svc-{suffix}" if uses_cluster else None
+        local_chain = f"local-{suffix}" if uses_local else None
     internal = local_chain if service.internal_policy_local else cluster_chain
     assert internal is not None  # a Service uses local endpoints when its internal policy is Local
     internal_endpoints = selection.local if service.internal_policy_local else selection.cluster
     fam = FAMILIES[family]
     has_external = port.node_port is not None or any(
         _family_of(ip) == fam for ip in service.external_ips + service.load_balancer_ips)
-    external_chain = f"ext-{suffix}" if has_external else None
     local_policy = service.external_policy_local
+    if not has_external:
+        external_chain = None
+    elif shared:
+        external_chain = EXTERNAL_TO_LOCAL if local_policy else EXTERNAL_TO_CLUSTER
+    else:
+        external_chain = f"ext-{suffix}"
     external_endpoints = selection.local if local_policy else selection.cluster
 
     def unserved(endpoints: Sequence[PortEndpoint]) -> Unserved | None:
@@ -474,6 +546,7 @@ def decide_port(service: Service, port: ServicePort, slices: Sequence[EndpointSl
         short_circuit=cluster_chain if external_chain and local_policy else None,
         external_local=local_chain if external_chain and local_policy else None,
         external_unserved=unserved(external_endpoints) if external_chain else None,
+        shared=shared,
     )
 
 
@@ -509,12 +582,14 @@ def compile_service(
     cidrs = [c for c in config.cluster_cidrs if _family_of(c.split("/")[0]) == fam]
     allowlist = collapse(r for r in service.limit_allowlist if _family_of(r.split("/")[0]) == fam) if service.limited else []
 
+    counted = config.counts(service)
     for port_index, port in enumerate(service.ports):
-        decision = decide_port(service, port, slices, family, node)
+        decision = decide_port(service, port, slices, family, node, config)
         label, proto, suffix, selection = decision.label, port.protocol, decision.suffix, decision.selection
         svc_chain, local_chain, ext_chain = decision.cluster_chain, decision.local_chain, decision.external_chain
-        if svc_chain or local_chain:
-            counters.append((f"conns-{suffix}", label))
+        if not decision.shared:
+            if counted:
+                counters.append((f"conns-{suffix}", label))
             limits = {"rate_limit": service.rate_limit, "rate_limit_total": service.rate_limit_total,
                       "connections": service.connection_limit}
             counters += [(f"{LIMIT_COUNTERS[reason]}-{suffix}", label) for reason, on in limits.items() if on is not None]
@@ -536,13 +611,15 @@ def compile_service(
             # Per frontend, as the dispatch elements: a frontend's exemptions and policing are its owner's.
             _claim(slots, port_frontends, port_index, _limit_items(allowlist, bandwidth, label))
         if svc_chain:
-            chains.append(_endpoint_chain(svc_chain, service, port, label, cluster_ip, selection.cluster, suffix, False,
-                                          allowlisted))
+            if not decision.shared:
+                chains.append(_endpoint_chain(svc_chain, service, port, label, cluster_ip, selection.cluster, suffix,
+                                              False, allowlisted, counted))
             if selection.cluster and uses_pick_chains(service, selection.cluster):
                 _claim(slots, port_frontends, port_index, _slot_items(selection.cluster, False, label))
         if local_chain:
-            chains.append(_endpoint_chain(local_chain, service, port, label, cluster_ip, selection.local, suffix, True,
-                                          allowlisted))
+            if not decision.shared:
+                chains.append(_endpoint_chain(local_chain, service, port, label, cluster_ip, selection.local, suffix,
+                                              True, allowlisted, counted))
             if selection.local and uses_pick_chains(service, selection.local):
                 _claim(slots, port_frontends, port_index, _slot_items(selection.local, True, label))
         # Every endpoint, wherever it runs: nodeName may be unset or stale (as upstream, whose
@@ -566,20 +643,8 @@ def compile_service(
         # NodePort, externalIPs and load-balancer IPs follow externalTrafficPolicy.
         if ext_chain is None:
             continue
-        if service.external_policy_local:
-            # Traffic from pods and from the node itself is short-circuited (decision.short_circuit).
-            assert decision.short_circuit is not None and decision.external_local is not None
-            cluster = Verdict("goto", decision.short_circuit)
-            ext_rules: list[Rule] = [(MatchPrefix("saddr", cidr), cluster) for cidr in cidrs]
-            ext_rules += [
-                (FromLocal(), Verdict("jump", "mark-for-masquerade")),
-                (FromLocal(), cluster),
-                (Verdict("goto", decision.external_local),),
-            ]
-        else:
-            assert decision.external_cluster is not None
-            ext_rules = [(Verdict("jump", "mark-for-masquerade"),), (Verdict("goto", decision.external_cluster),)]
-        chains.append(Chain(ext_chain, tuple(ext_rules), label))
+        if not decision.shared:  # else the shared chain of its policy (external_chains)
+            chains.append(_external_chain(ext_chain, decision, service, cidrs, label))
         unserved = decision.external_unserved
         for ip in external_ips:
             frontend = f"{ip} . {proto} . {port.port}"
@@ -596,6 +661,24 @@ def compile_service(
         tuple(chains), tuple(elements), tuple(counters),
         tuple((frontend, rank, tuple(items)) for frontend, (rank, _, items) in slots.items()),
     )
+
+
+def _external_chain(name: str, decision: PortDecision, service: Service, cidrs: Sequence[str], label: str) -> Chain:
+    """``ext-``: what externalTrafficPolicy does to a port's NodePort, externalIP and load-balancer IP traffic."""
+    if service.external_policy_local:
+        # Traffic from pods and from the node itself is short-circuited (decision.short_circuit).
+        assert decision.short_circuit is not None and decision.external_local is not None
+        cluster = Verdict("goto", decision.short_circuit)
+        rules: list[Rule] = [(MatchPrefix("saddr", cidr), cluster) for cidr in cidrs]
+        rules += [
+            (FromLocal(), Verdict("jump", "mark-for-masquerade")),
+            (FromLocal(), cluster),
+            (Verdict("goto", decision.external_local),),
+        ]
+    else:
+        assert decision.external_cluster is not None
+        rules = [(Verdict("jump", "mark-for-masquerade"),), (Verdict("goto", decision.external_cluster),)]
+    return Chain(name, tuple(rules), label)
 
 
 def _in_any(address: str, cidrs: Iterable[str]) -> bool:
@@ -630,6 +713,12 @@ def _nodeport_ips(node: NodeInfo, config: ProxyConfig, family: Family) -> tuple[
     return tuple(nodeport_addresses(node, config, family))
 
 
+def shared_chains(family: Family, config: ProxyConfig) -> tuple[Chain, ...]:
+    """The chains every table has besides the skeleton's: the pick chains and the shared external chains."""
+    fam = FAMILIES[family]
+    return (*pick_chains(family), *external_chains(tuple(c for c in config.cluster_cidrs if _family_of(c.split("/")[0]) == fam)))
+
+
 def table_options(config: ProxyConfig, family: Family) -> frozenset[str]:
     """Which '# if' rules of the skeleton this configuration switches on."""
     if config.masquerade_all:
@@ -643,7 +732,7 @@ def table_options(config: ProxyConfig, family: Family) -> frozenset[str]:
 def base_table(node: NodeInfo, config: ProxyConfig, family: Family, service_cidrs: Sequence[str] = ()) -> Table:
     """The skeleton plus the elements that come from the node, the config and the ServiceCIDRs."""
     table = skeleton_table(family, table_options(config, family))
-    for chain in pick_chains(family):
+    for chain in shared_chains(family, config):
         table.chains[chain.name] = chain
     fam = FAMILIES[family]
     for cidr in collapse(c for c in config.cluster_cidrs if _family_of(c.split("/")[0]) == fam):

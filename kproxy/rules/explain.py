@@ -28,6 +28,7 @@ from kproxy.rules.compiler import (
     decide_port,
     endpoints_map,
     port_label,
+    shared_chains,
     slot,
 )
 from kproxy.rules.endpoints import PREFER_SAME_NODE, PREFER_SAME_ZONE, port_endpoints
@@ -167,7 +168,7 @@ def _explain(packet: Packet, cluster: Cluster, node: NodeInfo, config: ProxyConf
             return out
 
     slices = [s for s in cluster.slices.values() if s.service_key == service.key]
-    decision = decide_port(service, port, slices, family, node)
+    decision = decide_port(service, port, slices, family, node, config)
     cidrs = [c for c in config.cluster_cidrs if (":" in c) == (fam == 6)]
     from_pod = _in(packet.source, cidrs)
     from_node = packet.source in node.addresses
@@ -304,7 +305,10 @@ def _unserved(live: LiveTables, family: Family, packet: Packet, nodeport: bool, 
 
 def _compiled_chain(service: Service, slices: list[EndpointSlice], family: Family, node: NodeInfo, config: ProxyConfig,
                     name: str) -> Chain | None:
-    """The chain ``name`` as the compiler builds it for this Service now."""
+    """The chain ``name`` as the compiler builds it for this Service now (or for every table: a shared chain)."""
+    shared = next((c for c in shared_chains(family, config) if c.name == name), None)
+    if shared is not None:
+        return shared
     rules = compile_service(service, slices, family, node, config)
     return next((c for c in rules.chains if c.name == name), None) if rules is not None else None
 
@@ -328,7 +332,7 @@ def _why_no_endpoints(cluster: Cluster, label: str, node: NodeInfo, family: Fami
         return []
     service, port = found
     slices = [s for s in cluster.slices.values() if s.service_key == service.key]
-    decision = decide_port(service, port, slices, family, node)
+    decision = decide_port(service, port, slices, family, node, ProxyConfig())  # its endpoints only
     if not decision.selection.has_any:
         count = len(port_endpoints(port, slices, 6 if family == "ip6" else 4))
         return [f"why: {service.key} has {count} endpoint(s), none ready or serving"]

@@ -26,10 +26,13 @@ from kproxy.nft.objects import Chain, Element, Op, Ruleset, Table, Transaction, 
 ELEMENT_BATCH = 1000
 SERVICE_CHAIN_PREFIXES = ("svc-", "local-", "ext-", "bw-")
 """Chains the compiler generates per Service port."""
-GENERATED_CHAIN_PREFIXES = (*SERVICE_CHAIN_PREFIXES, "pick-")
-"""Every chain the compiler generates (Service ports' and the shared pick chains); the rest are the skeleton's."""
+GENERATED_CHAIN_PREFIXES = (*SERVICE_CHAIN_PREFIXES, "pick-", "external-to-")
+"""Every chain the compiler generates (Service ports', the shared pick chains and the shared external chains);
+the rest are the skeleton's."""
 DISPATCH_MAPS = ("service-ips", "service-nodeports")
 """The maps through which packets reach generated chains."""
+UNSERVED_SETS = ("no-endpoint-reject", "no-endpoint-drop", "no-endpoint-nodeport-reject", "no-endpoint-nodeport-drop")
+"""The Service ports without an endpoint to pick, by what becomes of their packets."""
 LAST_SETS = (*DISPATCH_MAPS, "cluster-ips")
 """Filled last when a table is built: dispatch, and the ClusterIPs that ``cluster-ips-check``
 rejects when no Service port matches (before dispatch, that would be every connection)."""

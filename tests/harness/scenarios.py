@@ -145,4 +145,26 @@ SCENARIOS: dict[str, tuple[list[dict[str, Any]], ProxyConfig]] = {
         ],
         CIDRS,
     ),
+    # A Service annotated for per-Service series counts its new connections in chains of its own; its
+    # neighbour, not annotated, is elements only (the shared chains).
+    "metrics-annotated": (
+        [
+            service("lb", "shop", "10.96.0.90", type="LoadBalancer", externalTrafficPolicy="Local",
+                    annotations={"kproxy.io/metrics": "true"}, ports=[{"name": "https", "port": 443, "nodePort": 30090}],
+                    status={"loadBalancer": {"ingress": [{"ip": "192.0.2.90"}]}}),
+            _two_endpoints("lb", namespace="shop", ports=[{"name": "https", "port": 8443}]),
+            service("plain", "shop", "10.96.0.91", type="NodePort", externalTrafficPolicy="Local",
+                    ports=[{"name": "http", "port": 80, "nodePort": 30091}]),
+            _two_endpoints("plain", namespace="shop"),
+        ],
+        CIDRS,
+    ),
+    # --service-metrics=all: every port counts, in chains of its own.
+    "service-metrics-all": (
+        [
+            service("web", "shop", "10.96.0.10", type="NodePort", ports=[{"name": "http", "port": 80, "nodePort": 30080}]),
+            _two_endpoints("web", namespace="shop"),
+        ],
+        ProxyConfig(cluster_cidrs=CIDRS.cluster_cidrs, service_metrics="all"),
+    ),
 }
