@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from kproxy.cluster.convert import build_cluster
@@ -123,3 +124,20 @@ def test_limits_are_explained_with_the_allowlist() -> None:
     assert "source in 10.244.0.0/16, exempt from every limit" in inside
     plain = _explain(*_programmed(_objects()), POD, "10.96.0.10", 80)
     assert "rate limit: none" in plain and "limit allowlist" not in plain and "connection limit" not in plain
+
+
+def test_explain_follows_the_layout_the_daemon_chose() -> None:
+    """``--service-metrics`` is a daemon flag its config file lacks: explain reads from the dispatch element whether a
+    port has chains of its own (the daemon counts it) or goes to the shared chains, and explains either."""
+    objects = [service("web", cluster_ip="10.96.0.10"),
+               endpoint_slice("web-1", "web", [endpoint("10.244.1.10"), endpoint("10.244.2.10", node="node-b")]),
+               service("watched", cluster_ip="10.96.0.11", annotations={"kproxy.io/metrics": "true"}),
+               endpoint_slice("watched-1", "watched", [endpoint("10.244.1.11")])]
+    cluster, problems = build_cluster(objects, NODE.name)
+    assert problems == []
+    for daemon, address, chain, count in (("all", "10.96.0.10", "svc-", 2), ("none", "10.96.0.11", "pick-by-class", 1)):
+        fake = FakeBackend()
+        fake.apply(plan(fake.read(), compile_ruleset(cluster, NODE, replace(CONFIG, service_metrics=daemon))))
+        text = _explain(cluster, fake, "10.244.1.50", address, 80)
+        assert f"kernel: chain {chain}" in text and f"{count} endpoint(s)" in text, text
+        assert "behind" not in text and "missing" not in text, text

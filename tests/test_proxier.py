@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import threading
 from collections.abc import Callable
@@ -814,3 +815,40 @@ def test_a_conntrack_cleanup_that_raises_does_not_fail_the_sync(caplog: pytest.L
         proxier.sync()
     assert proxier.sync_count == 1
     assert "TCP attempts left untranslated" in caplog.text
+
+
+def test_an_empty_chain_of_a_ports_own_converges() -> None:
+    """A sticky eTP=Local port without a local endpoint, counting nothing, has an empty ``local-`` chain: it reads
+    back as it was compiled, so a full sync after the first sends nothing (it used to flush it every time)."""
+    backend = FakeBackend()
+    proxier = Proxier(backend, "node-a", CONFIG)
+    proxier.on_relist("Node", [node("node-a", addresses=["192.0.2.1"])])
+    proxier.on_relist("Service", [service("sticky", "ns", "10.96.0.12", sessionAffinity="ClientIP", type="LoadBalancer",
+                                          externalTrafficPolicy="Local",
+                                          ports=[{"name": "http", "port": 80, "nodePort": 30080}])])
+    proxier.on_relist("EndpointSlice", [endpoint_slice("sticky-1", "sticky", [endpoint("10.244.2.12", node="node-b")],
+                                                       namespace="ns", ports=[{"name": "http", "port": 8080}])])
+    proxier.sync()
+    assert [n for n, c in backend.tables["ip"].chains.items() if n.startswith("local-") and not c.rules]
+    for _ in range(2):
+        proxier.request_full_sync()
+        result = proxier.sync()
+        assert result.full and result.operations == 0
+
+
+def test_a_refused_first_build_still_creates_the_shared_chains() -> None:
+    """The first piece of a table's build refused: the skeleton put in its place has the shared chains too, so the
+    next sync's dispatch elements, which go to them, land and no Service is quarantined."""
+    backend = FakeBackend()
+    proxier = Proxier(backend, "node-a", CONFIG)
+    proxier.on_relist("Node", [node("node-a")])
+    proxier.on_relist("Service", [_svc(i) for i in range(3)])
+    proxier.on_relist("EndpointSlice", [_slice(i) for i in range(3)])
+    backend.fail_next = NftError("Invalid argument (the first piece refused)")
+    with contextlib.suppress(NftError):
+        proxier.sync()
+    assert {"pick-by-class", "external-to-cluster", "external-to-local"} <= set(backend.tables["ip"].chains)
+    assert not proxier.quarantined
+    proxier.sync()
+    assert not proxier.quarantined
+    assert plan(backend.read(), _expected(proxier)).operations == 0

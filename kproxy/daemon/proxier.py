@@ -793,7 +793,7 @@ class Proxier:
         for family in FAMILIES:
             if family not in current.tables:
                 skeleton = Assembly(base_table(node_info, self.config, family, self.tracker.service_cidrs())).table
-                self.backend.apply(create(skeleton)[0])
+                self.backend.apply_in_order(create(skeleton))  # the shared chains too: the snapshot has them
                 current.tables[family] = _snapshot(skeleton)
         return current
 

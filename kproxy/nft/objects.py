@@ -189,9 +189,14 @@ def rule_texts(chain: Chain, family: Family) -> list[str]:
 
 
 def chain_fingerprint(chain: Chain, family: Family) -> tuple[str, int]:
-    """(digest, number of rules); read-back chains carry it precomputed."""
+    """(digest, number of rules); read-back chains carry it precomputed.
+
+    An empty chain has no last rule to carry a digest: it is ("", 0), as it reads back.
+    """
     if chain.fingerprint is not None:
         return chain.fingerprint
+    if not chain.rules:
+        return "", 0
     return _digest(chain.rules, family), len(chain.rules)
 
 

@@ -28,10 +28,13 @@ kproxy's own rules must already be in place in every family where something
 would be removed: taking kube-proxy's rules away first would leave Services
 unserved. In place means kproxy's table exists and is not halfway through its
 first build. That build (``kproxy.rules.plan.create``) takes several transactions:
-the first declares the table and every Service chain, the last fills the
-dispatch maps. So a table with Service chains but empty ``service-ips`` and
-``service-nodeports`` maps is still being built. ``force=True`` skips the
-check.
+the first declares the table; then come the chains, then the Service ports'
+elements, and the last fills the dispatch maps. So a table with Service
+chains, endpoint slots or ``no-endpoint-*`` elements but empty ``service-ips``
+and ``service-nodeports`` maps is still being built. (Between the first
+transactions and the first elements, a table whose Services have no chains
+of their own looks like an empty cluster's: a window of milliseconds, at the
+start of the build.) ``force=True`` skips the check.
 """
 
 from __future__ import annotations

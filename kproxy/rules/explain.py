@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from kproxy.cluster.convert import Problem
@@ -23,6 +23,7 @@ from kproxy.nft.statements import DnatTo, chains_it_reaches, render_bytes
 from kproxy.rules.compiler import (
     PICK_CLASSES,
     NodeInfo,
+    PortDecision,
     ProxyConfig,
     compile_service,
     decide_port,
@@ -32,6 +33,7 @@ from kproxy.rules.compiler import (
     slot,
 )
 from kproxy.rules.endpoints import PREFER_SAME_NODE, PREFER_SAME_ZONE, port_endpoints
+from kproxy.rules.plan import SERVICE_CHAIN_PREFIXES
 
 
 class LiveTables(Protocol):
@@ -169,6 +171,7 @@ def _explain(packet: Packet, cluster: Cluster, node: NodeInfo, config: ProxyConf
 
     slices = [s for s in cluster.slices.values() if s.service_key == service.key]
     decision = decide_port(service, port, slices, family, node, config)
+    config, decision = _as_programmed(config, decision, element, service, port, slices, family, node)
     cidrs = [c for c in config.cluster_cidrs if (":" in c) == (fam == 6)]
     from_pod = _in(packet.source, cidrs)
     from_node = packet.source in node.addresses
@@ -259,6 +262,22 @@ def _explain(packet: Packet, cluster: Cluster, node: NodeInfo, config: ProxyConf
     else:
         out.append("affinity: none")
     return out + limit_lines(service, packet.source)
+
+
+def _as_programmed(config: ProxyConfig, decision: PortDecision, element: Element, service: Service, port: ServicePort,
+                   slices: list[EndpointSlice], family: Family, node: NodeInfo) -> tuple[ProxyConfig, PortDecision]:
+    """The configuration and decision as the daemon applied them to this port, as far as the kernel shows.
+
+    Whether a Service counts its new connections (and so has chains of its
+    own) follows ``--service-metrics``, a flag of the daemon that its config
+    file does not hold: the dispatch element says which layout the daemon
+    chose, a chain of the port's own or a shared one.
+    """
+    own = element.value.split()[-1].startswith(SERVICE_CHAIN_PREFIXES)
+    if own == (not decision.shared):
+        return config, decision
+    adjusted = replace(config, service_metrics="all" if own else "none")
+    return adjusted, decide_port(service, port, slices, family, node, adjusted)
 
 
 def limit_lines(service: Service, source: str) -> list[str]:
