@@ -259,7 +259,8 @@ def _kproxy_not_ready(nft: _Nft, present: set[tuple[str, str]], family: str) -> 
     """Why kproxy's rules are not in place in ``family`` yet, or None if they are."""
     if (family, KPROXY_TABLE) not in present:
         return f"kproxy's table {family} {KPROXY_TABLE} not found"
-    if _has_services(nft, family) and not any(nft.has_elements(family, KPROXY_TABLE, name) for name in DISPATCH_MAPS):
+    # Dispatch first: a built table has it, and the other sets can be large (endpoints-4 at 30k Services).
+    if not any(nft.has_elements(family, KPROXY_TABLE, name) for name in DISPATCH_MAPS) and _has_services(nft, family):
         return f"kproxy's table {family} {KPROXY_TABLE} is still being built (its first sync has not finished)"
     return None
 

@@ -272,16 +272,33 @@ def external_chains(cluster_cidrs: tuple[str, ...]) -> tuple[Chain, ...]:
     the frontend from the packet, as the pick chains do, so every port shares
     them.
     """
-    cluster = Verdict("goto", PICK_BY_CLASS[False])
-    masquerade = Verdict("jump", "mark-for-masquerade")
-    local_rules: list[Rule] = [(MatchPrefix("saddr", cidr), cluster) for cidr in cluster_cidrs]
-    local_rules += [(FromLocal(), masquerade), (FromLocal(), cluster), (Verdict("goto", PICK_BY_CLASS[True]),)]
+    cluster, local = PICK_BY_CLASS[False], PICK_BY_CLASS[True]
     return (
-        Chain(EXTERNAL_TO_CLUSTER, ((masquerade,), (cluster,)),
+        Chain(EXTERNAL_TO_CLUSTER, external_rules(False, cluster_cidrs, cluster),
               "externalTrafficPolicy Cluster, ports without a chain of their own: masquerade, any endpoint"),
-        Chain(EXTERNAL_TO_LOCAL, tuple(local_rules),
+        Chain(EXTERNAL_TO_LOCAL, external_rules(True, cluster_cidrs, cluster, local),
               "externalTrafficPolicy Local, ports without a chain of their own: the endpoints on this node"),
     )
+
+
+def external_rules(local_policy: bool, cluster_cidrs: Sequence[str], cluster: str, local: str | None = None
+                   ) -> tuple[Rule, ...]:
+    """What externalTrafficPolicy does to NodePort, externalIP and load-balancer IP traffic, on to the chains
+    ``cluster`` (any endpoint) and ``local`` (this node's endpoints): an ``ext-`` chain's rules, or a shared one's.
+
+    Cluster: masquerade, then any endpoint. Local: traffic from the cluster
+    CIDRs and from the node itself is short-circuited to any endpoint (the
+    node's own masqueraded), as upstream's ``clusterPolicyChain``; the rest
+    goes to this node's endpoints.
+    """
+    masquerade = Verdict("jump", "mark-for-masquerade")
+    if not local_policy:
+        return (masquerade,), (Verdict("goto", cluster),)
+    assert local is not None
+    short_circuit = Verdict("goto", cluster)
+    rules: list[Rule] = [(MatchPrefix("saddr", cidr), short_circuit) for cidr in cluster_cidrs]
+    rules += [(FromLocal(), masquerade), (FromLocal(), short_circuit), (Verdict("goto", local),)]
+    return tuple(rules)
 
 
 @functools.cache
@@ -644,7 +661,13 @@ def compile_service(
         if ext_chain is None:
             continue
         if not decision.shared:  # else the shared chain of its policy (external_chains)
-            chains.append(_external_chain(ext_chain, decision, service, cidrs, label))
+            if service.external_policy_local:
+                assert decision.short_circuit is not None
+                rules = external_rules(True, cidrs, decision.short_circuit, decision.external_local)
+            else:
+                assert decision.external_cluster is not None
+                rules = external_rules(False, cidrs, decision.external_cluster)
+            chains.append(Chain(ext_chain, rules, label))
         unserved = decision.external_unserved
         for ip in external_ips:
             frontend = f"{ip} . {proto} . {port.port}"
@@ -661,24 +684,6 @@ def compile_service(
         tuple(chains), tuple(elements), tuple(counters),
         tuple((frontend, rank, tuple(items)) for frontend, (rank, _, items) in slots.items()),
     )
-
-
-def _external_chain(name: str, decision: PortDecision, service: Service, cidrs: Sequence[str], label: str) -> Chain:
-    """``ext-``: what externalTrafficPolicy does to a port's NodePort, externalIP and load-balancer IP traffic."""
-    if service.external_policy_local:
-        # Traffic from pods and from the node itself is short-circuited (decision.short_circuit).
-        assert decision.short_circuit is not None and decision.external_local is not None
-        cluster = Verdict("goto", decision.short_circuit)
-        rules: list[Rule] = [(MatchPrefix("saddr", cidr), cluster) for cidr in cidrs]
-        rules += [
-            (FromLocal(), Verdict("jump", "mark-for-masquerade")),
-            (FromLocal(), cluster),
-            (Verdict("goto", decision.external_local),),
-        ]
-    else:
-        assert decision.external_cluster is not None
-        rules = [(Verdict("jump", "mark-for-masquerade"),), (Verdict("goto", decision.external_cluster),)]
-    return Chain(name, tuple(rules), label)
 
 
 def _in_any(address: str, cidrs: Iterable[str]) -> bool:
