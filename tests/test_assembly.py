@@ -409,3 +409,20 @@ def test_any_sequence_of_changes_equals_a_fresh_compile(
                     owner = assembly.element_owner(name, element_key)
                     assert owner is not None, (name, element_key)
                     assert _offered(assembly, owner).get((name, element_key)) == element, "the owner's element"
+
+
+def test_blame_finds_the_owners_of_endpoint_slots_by_their_frontends() -> None:
+    """Slots are not indexed element by element (a full build adds 130k): a refused element command that holds the
+    slots of two Services' frontends, and an element nobody holds, blames exactly the two, after a hand-over too."""
+    frontend = f"{NODE_IP} . tcp . 30080"
+    assembly = _assembly()
+    _set(assembly, A, _rules(_svc("a", node_port=30080), _eps("a", "10.244.1.1", "10.244.1.2")))
+    _set(assembly, C, _rules(_svc("c", "10.96.0.3"), _eps("c", "10.244.3.1")))
+    refused = [("endpoints-4", f"{frontend} . {slot(2, False)}"),
+               ("endpoints-4", f"10.96.0.3 . tcp . 80 . {slot(1, False)}"),
+               ("endpoints-4", f"10.96.0.99 . tcp . 80 . {slot(1, False)}")]
+    assert assembly.owners(elements=refused) == {A, C}
+    assert assembly.element_owner(*refused[2]) is None
+    _set(assembly, B, _rules(_svc("b", "10.96.0.2", port=30080, external_ips=(NODE_IP,)), _eps("b", "10.244.2.1")))
+    assert assembly.owners(elements=[("endpoints-4", f"{frontend} . {slot(1, False)}")]) == {B}
+    assert assembly.owners(elements=refused) == {C}, "A's slot 2 left the table with the frontend it lost"

@@ -36,6 +36,7 @@ from kproxy.cluster.model import (
     CONNECTION_LIMIT_ANNOTATION,
     DEFAULT_AFFINITY_TIMEOUT,
     HEADLESS_LABEL,
+    KPROXY_ANNOTATION_PREFIX,
     LIMIT_ALLOWLIST_ANNOTATION,
     METRICS_ANNOTATION,
     RATE_LIMIT_ANNOTATION,
@@ -295,7 +296,11 @@ def _service(obj: Mapping[str, Any], notes: Notes | None) -> Service:
     lb_ips: tuple[str, ...] = ()
     if svc_type == "LoadBalancer":
         lb_ips = _load_balancer_ips(obj, notes)
-    annotations = _str_map(meta.get("annotations"), "metadata.annotations")
+    annotations = _mapping(meta.get("annotations"), "metadata.annotations")
+    if any(type(k) is str and k.startswith(KPROXY_ANNOTATION_PREFIX) for k in annotations):
+        limits = _limits(_str_map(annotations, "metadata.annotations"), notes)
+    else:
+        limits = _NO_LIMITS
     source_ranges = _source_ranges(spec)
     affinity_timeout = _affinity(spec)
 
@@ -325,14 +330,26 @@ def _service(obj: Mapping[str, Any], notes: Notes | None) -> Service:
         internal_policy_local=policies["internalTrafficPolicy"] == "Local",
         traffic_distribution=distribution,
         health_check_node_port=health_check_node_port,
-        rate_limit=_part(notes, lambda: _rate_limit(annotations)),
-        rate_limit_total=_part(notes, lambda: _rate_limit(annotations, RATE_LIMIT_TOTAL_ANNOTATION,
-                                                          RATE_LIMIT_TOTAL_BURST_ANNOTATION)),
-        connection_limit=_part(notes, lambda: _connection_limit(annotations)),
-        bandwidth_limit=_part(notes, lambda: _bandwidth_limit(annotations)),
-        limit_allowlist=_part(notes, lambda: _limit_allowlist(annotations)) or (),
-        metrics=bool(_part(notes, lambda: _metrics(annotations))),
+        **limits,
     )
+
+
+_NO_LIMITS: dict[str, Any] = {"rate_limit": None, "rate_limit_total": None, "connection_limit": None,
+                              "bandwidth_limit": None, "limit_allowlist": (), "metrics": False}
+"""The Service fields read from kproxy's annotations, for a Service that has none (almost all)."""
+
+
+def _limits(annotations: Mapping[str, str], notes: Notes | None) -> dict[str, Any]:
+    """The Service fields read from kproxy's annotations; each bad one is noted and left unset."""
+    return {
+        "rate_limit": _part(notes, lambda: _rate_limit(annotations)),
+        "rate_limit_total": _part(notes, lambda: _rate_limit(annotations, RATE_LIMIT_TOTAL_ANNOTATION,
+                                                             RATE_LIMIT_TOTAL_BURST_ANNOTATION)),
+        "connection_limit": _part(notes, lambda: _connection_limit(annotations)),
+        "bandwidth_limit": _part(notes, lambda: _bandwidth_limit(annotations)),
+        "limit_allowlist": _part(notes, lambda: _limit_allowlist(annotations)) or (),
+        "metrics": bool(_part(notes, lambda: _metrics(annotations))),
+    }
 
 
 def _cluster_ips(spec: Mapping[str, Any]) -> tuple[str, ...]:
@@ -567,12 +584,13 @@ def _slice(obj: Mapping[str, Any], notes: Notes | None) -> EndpointSlice:
     meta = _mapping(obj.get("metadata"), "metadata")
     namespace = _name(meta.get("namespace", "default"), "metadata.namespace")
     name = _name(meta.get("name"), "metadata.name", DNS_SUBDOMAIN, 253)
-    labels = _str_map(meta.get("labels"), "metadata.labels")
-    if SERVICE_NAME_LABEL not in labels:
+    # (the labels and annotations read, rather than copies of every string one: 100k slices at 30k Services)
+    service_label = _mapping(meta.get("labels"), "metadata.labels").get(SERVICE_NAME_LABEL)
+    if not isinstance(service_label, str):
         raise NotProxied(f"{namespace}/{name}: no {SERVICE_NAME_LABEL} label (a slice no Service owns)")
     if obj.get("addressType") == "FQDN":
         raise NotProxied(f"{namespace}/{name}: an FQDN slice (proxies do not use them)")
-    service_name = _name(labels.get(SERVICE_NAME_LABEL), f"label {SERVICE_NAME_LABEL}", DNS_1035_LABEL)
+    service_name = _name(service_label, f"label {SERVICE_NAME_LABEL}", DNS_1035_LABEL)
     address_type = obj.get("addressType")
     if not isinstance(address_type, str) or address_type not in _FAMILIES:
         # FQDN slices are not used by proxies.
@@ -594,7 +612,7 @@ def _slice(obj: Mapping[str, Any], notes: Notes | None) -> EndpointSlice:
             continue
         if endpoint is not None:
             endpoints.append(endpoint)
-    annotations = _str_map(meta.get("annotations"), "metadata.annotations")
+    trigger_time = _mapping(meta.get("annotations"), "metadata.annotations").get(TRIGGER_TIME_ANNOTATION)
     return EndpointSlice(
         namespace=namespace,
         name=name,
@@ -602,7 +620,7 @@ def _slice(obj: Mapping[str, Any], notes: Notes | None) -> EndpointSlice:
         family=family,
         ports=tuple(ports),
         endpoints=tuple(endpoints),
-        trigger_time=annotations.get(TRIGGER_TIME_ANNOTATION),
+        trigger_time=trigger_time if isinstance(trigger_time, str) else None,
     )
 
 

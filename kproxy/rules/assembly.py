@@ -58,8 +58,6 @@ class Assembly:
         """chain -> how many contributions have it (the pick chains are shared)."""
         self._frontends: dict[str, dict[tuple[int, ServiceKey], tuple[tuple[str, Element], ...]]] = {}
         """frontend -> the elements (endpoint slots, firewall) each Service gives it (see ``_set_slots``)."""
-        self._slot_owner: dict[tuple[str, str], ServiceKey] = {}
-        """(set, key) of a frontend's elements -> the Service that owns the frontend now."""
         self.set_base(base)
 
     def set_base(self, base: Table) -> Touched:
@@ -107,10 +105,9 @@ class Assembly:
             for name, counter_comment in rules.counters:
                 self.table.counters[name] = counter_comment
                 touched.counters.add(name)
-            for set_name, element in rules.elements:
-                self._own(key, set_name, element)
-                if track:
-                    touched.elements.add((set_name, element.key))
+            self._own_all(key, rules.elements)
+            if track:
+                touched.elements.update([(set_name, element.key) for set_name, element in rules.elements])
         self._set_slots(key, old, rules, touched, track)
         return touched
 
@@ -119,32 +116,63 @@ class Assembly:
         """Endpoint slots are owned per frontend, by the Service dispatch reaches: lowest rank, then key order."""
         before = {frontend: rank for frontend, rank, _ in old.slots} if old is not None else {}
         after = {frontend: (rank, items) for frontend, rank, items in new.slots} if new is not None else {}
+        all_frontends = self._frontends
+        elements = self.table.elements
         for frontend in [*after, *(f for f in before if f not in after)]:  # in order: the table's is deterministic
-            contenders = self._frontends.setdefault(frontend, {})
-            shown = contenders[min(contenders)] if contenders else ()
-            if frontend in before:
-                contenders.pop((before[frontend], key), None)
-            if frontend in after:
+            contenders = all_frontends.get(frontend)
+            shown: tuple[tuple[str, Element], ...]
+            now: tuple[tuple[str, Element], ...]
+            set_name: str
+            element: Element
+            if contenders is None and frontend in after:  # a frontend no Service had (the common case): its own
                 rank, items = after[frontend]
-                contenders[(rank, key)] = items
-            now = contenders[min(contenders)] if contenders else ()
-            if not contenders:
-                del self._frontends[frontend]
-            if now is shown:
-                continue  # another Service owns this frontend, before and after
-            elements = self.table.elements
-            for set_name, element in shown:
-                elements.get(set_name, {}).pop(element.key, None)
-                self._slot_owner.pop((set_name, element.key), None)
-            owner = min(contenders)[1] if contenders else BASE
+                all_frontends[frontend] = {(rank, key): items}
+                shown, now = (), items
+            else:
+                contenders = all_frontends.setdefault(frontend, {})
+                shown = contenders[min(contenders)] if contenders else ()
+                if frontend in before:
+                    contenders.pop((before[frontend], key), None)
+                if frontend in after:
+                    rank, items = after[frontend]
+                    contenders[(rank, key)] = items
+                now = contenders[min(contenders)] if contenders else ()
+                if not contenders:
+                    del all_frontends[frontend]
+                if now is shown:
+                    continue  # another Service owns this frontend, before and after
+                for set_name, element in shown:
+                    elements.get(set_name, {}).pop(element.key, None)
+            current_set = None
+            members: dict[str, Element] = {}
             for set_name, element in now:
-                members = elements.get(set_name)
-                if members is None:
-                    members = elements[set_name] = {}
+                if set_name != current_set:
+                    current_set = set_name
+                    members = elements.get(set_name) or elements.setdefault(set_name, {})
                 members[element.key] = element
-                self._slot_owner[(set_name, element.key)] = owner
             if track:
                 touched.elements.update([(set_name, element.key) for set_name, element in (*shown, *now)])
+
+    def _own_all(self, key: ServiceKey, elements: Iterable[tuple[str, Element]]) -> None:
+        """``_own`` for each element; a key no set holds yet (the common case) is added in place."""
+        table, owner_maps = self.table.elements, self._owner
+        members: dict[str, Element] | None = None
+        owners: dict[str, ServiceKey] = {}
+        current_set = None
+        for set_name, element in elements:
+            if set_name != current_set:  # a Service's elements come in runs of one set
+                current_set = set_name
+                members = table.get(set_name)
+                if members is None:
+                    members = table[set_name] = {}
+                owners = owner_maps.get(set_name) or owner_maps.setdefault(set_name, {})
+            assert members is not None
+            element_key = element.key
+            if element_key in members:  # someone's already, or contested: see _own
+                self._own(key, set_name, element)
+            else:
+                owners[element_key] = key
+                members[element_key] = element
 
     def _own(self, key: ServiceKey, set_name: str, element: Element) -> None:
         members = self.table.elements.get(set_name)
@@ -188,16 +216,40 @@ class Assembly:
 
     def element_owner(self, set_name: str, key: str) -> ServiceKey | None:
         """The Service whose element the table holds for (set, key), if any."""
+        return self._element_owners([(set_name, key)]).get((set_name, key))
+
+    def _element_owners(self, wanted: Iterable[tuple[str, str]]) -> dict[tuple[str, str], ServiceKey]:
+        """The owners of these (set, key) pairs that the table holds.
+
+        A frontend's elements (endpoint slots, firewall) are not indexed one by
+        one: a full build adds 130k of them at 10k Services, and only blame
+        asks who owns one. They are found by a walk of the frontends.
+        """
+        found: dict[tuple[str, str], ServiceKey] = {}
+        unowned: set[tuple[str, str]] = set()
+        for set_name, key in wanted:
+            owner = self._contributor(set_name, key)
+            if owner is not None:
+                found[(set_name, key)] = owner
+            else:
+                unowned.add((set_name, key))
+        if unowned:
+            for contenders in self._frontends.values():
+                rank_and_owner = min(contenders)
+                for set_name, element in contenders[rank_and_owner]:
+                    if (set_name, element.key) in unowned:
+                        found[(set_name, element.key)] = rank_and_owner[1]
+        return found
+
+    def _contributor(self, set_name: str, key: str) -> ServiceKey | None:
+        """The Service whose element of ``Service.elements`` the table holds for (set, key)."""
         contested = self._contested.get((set_name, key))
-        if contested:
-            return contested[0][0]
-        owner = self._owner.get(set_name, {}).get(key)
-        return owner if owner is not None else self._slot_owner.get((set_name, key))
+        return contested[0][0] if contested else self._owner.get(set_name, {}).get(key)
 
     def owners(self, chains: Iterable[str] = (), elements: Iterable[tuple[str, str]] = (),
                counters: Iterable[str] = ()) -> set[ServiceKey]:
         """The Services that decide these objects (for blaming a refused command). Shared chains have no owner."""
-        found = {owner for set_name, key in elements if (owner := self.element_owner(set_name, key)) is not None}
+        found = set(self._element_owners(elements).values())
         chains, counters = set(chains), set(counters)
         if chains or counters:
             for key, rules in self._parts.items():
@@ -219,7 +271,7 @@ class Assembly:
             return owned
         owned.chains = {chain.name for chain in rules.chains if self._chain_users.get(chain.name) == 1}
         owned.counters = {name for name, _ in rules.counters}
-        owned.elements = {(s, e.key) for s, e in rules.elements if self.element_owner(s, e.key) == key}
+        owned.elements = {(s, e.key) for s, e in rules.elements if self._contributor(s, e.key) == key}
         for frontend, rank, items in rules.slots:
             contenders = self._frontends.get(frontend)
             if contenders and min(contenders) == (rank, key):
