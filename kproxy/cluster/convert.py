@@ -297,10 +297,6 @@ def _service(obj: Mapping[str, Any], notes: Notes | None) -> Service:
     if svc_type == "LoadBalancer":
         lb_ips = _load_balancer_ips(obj, notes)
     annotations = _mapping(meta.get("annotations"), "metadata.annotations")
-    if any(type(k) is str and k.startswith(KPROXY_ANNOTATION_PREFIX) for k in annotations):
-        limits = _limits(_str_map(annotations, "metadata.annotations"), notes)
-    else:
-        limits = _NO_LIMITS
     source_ranges = _source_ranges(spec)
     affinity_timeout = _affinity(spec)
 
@@ -315,6 +311,10 @@ def _service(obj: Mapping[str, Any], notes: Notes | None) -> Service:
     hc_port = spec.get("healthCheckNodePort")
     health_check_node_port = _port(hc_port, "spec.healthCheckNodePort") if external_local and hc_port else None
     distribution = _part(notes, lambda: _traffic_distribution(spec.get("trafficDistribution")))
+    if any(isinstance(k, str) and k.startswith(KPROXY_ANNOTATION_PREFIX) for k in annotations):
+        limits = _limits(_str_map(annotations, "metadata.annotations"), notes)
+    else:
+        limits = _NO_LIMITS
 
     return Service(
         namespace=namespace,

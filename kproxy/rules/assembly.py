@@ -168,7 +168,7 @@ class Assembly:
                 owners = owner_maps.get(set_name) or owner_maps.setdefault(set_name, {})
             assert members is not None
             element_key = element.key
-            if element_key in members:  # someone's already, or contested: see _own
+            if element_key in members or element_key in owners:  # someone's already, or contested: see _own
                 self._own(key, set_name, element)
             else:
                 owners[element_key] = key
