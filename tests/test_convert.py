@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from kproxy.cluster.conflicts import FrontendIndex
 from kproxy.cluster.convert import (
     InvalidObject,
     NotProxied,
@@ -405,6 +406,24 @@ def test_duplicates_and_conflicts_are_named() -> None:
     assert any("198.51.100.1 tcp/80" in t for t in conflicts) and any("NodePort tcp/30080" in t for t in conflicts)
     assert all("default/b gets it" in t and "default/c" in t for t in conflicts)
 
+
+
+def test_the_daemons_frontend_index_names_a_conflict_when_it_starts_and_once() -> None:
+    """One Service at a time (the daemon's FrontendIndex): a Service alone on its frontends is no news; a second one
+    on its ClusterIP port is named once, not again on an unchanged update, and again once the winner comes back."""
+    a = service_from_manifest(service("a", cluster_ip="10.96.0.1"))
+    b = service_from_manifest(service("b", cluster_ip="10.96.0.1", type="NodePort",
+                                      ports=[{"name": "http", "port": 80, "nodePort": 30080}]))
+    index = FrontendIndex(["192.168.50.1"])
+    assert index.update(a.key, a) == []
+    assert [str(c) for c in index.update(b.key, b)] == [
+        "Services default/a and default/b both claim 10.96.0.1 tcp/80; default/a gets it (the first by namespace/name), "
+        "default/b does not"]
+    assert index.update(b.key, b) == [], "nothing new"
+    assert index.update(a.key, None) == []
+    assert index.neighbours({b.key}) == set()
+    assert [(c.frontend, c.winner, c.loser) for c in index.update(a.key, a)] == [("10.96.0.1 tcp/80", a.key, b.key)]
+    assert index.neighbours({a.key}) == {b.key}
 
 def test_parse_list_and_multidoc() -> None:
     """A List and plain documents in one file are flattened in order."""

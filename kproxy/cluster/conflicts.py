@@ -84,21 +84,29 @@ class FrontendIndex:
         """Record ``key``'s claims (None: it is gone); return the conflicts it is now part of that it was not before."""
         old = self._by_service.pop(key, {})
         new = frontends(service, self._node_addresses) if service is not None else {}
-        before = {frontend: self._pair(frontend, key) for frontend in old}
+        claims = self._claims
+        before = {frontend: self._pair(frontend, key) for frontend in old if len(claims[frontend]) > 1}
         for frontend in old:
-            holders = self._claims[frontend]
+            holders = claims[frontend]
             holders.pop(key, None)
             if not holders:
-                del self._claims[frontend]
+                del claims[frontend]
+        shared = []  # (the common case, a Service alone on its frontends, needs no more)
         for frontend, rank in new.items():
-            self._claims.setdefault(frontend, {})[key] = rank
+            others = claims.get(frontend)
+            if others is None:
+                claims[frontend] = {key: rank}
+            else:
+                others[key] = rank
+                if len(others) > 1:
+                    shared.append(frontend)
         if new:
             self._by_service[key] = new
             self._services[key] = service  # type: ignore[assignment]
         else:
             self._services.pop(key, None)
         found = []
-        for frontend in sorted(new):
+        for frontend in sorted(shared):
             pair = self._pair(frontend, key)
             if pair is not None and pair != before.get(frontend):
                 found.append(pair)
