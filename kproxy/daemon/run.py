@@ -204,9 +204,11 @@ def run(config: DaemonConfig) -> int:
     """Run until SIGTERM/SIGINT: watchers, sync loop, metrics and health servers."""
     # Starting up is mostly importing (the kubernetes client, pyroute2, prometheus_client: about 0.4 s):
     # modules and classes are long-lived, and the cyclic GC's collections meanwhile found nothing (10-15%
-    # of the imports' time). The lists and syncs pause it themselves.
+    # of the imports' time). The lists and syncs pause it themselves. It is back on before their threads start:
+    # the pause is one switch for the whole process, and a watcher's own pause would be undone by this one's end.
     with gc_paused():
-        daemon, stoppers = _start(config)
+        daemon, stoppers = _prepare(config)
+    daemon.start()
     daemon.wait()
     daemon.stop()
     for stop in stoppers:
@@ -214,8 +216,8 @@ def run(config: DaemonConfig) -> int:
     return 0
 
 
-def _start(config: DaemonConfig) -> tuple[Daemon, list[Callable[[], None]]]:
-    """The daemon configured and started, with its signal handlers and HTTP servers; their stoppers."""
+def _prepare(config: DaemonConfig) -> tuple[Daemon, list[Callable[[], None]]]:
+    """The daemon configured, with its signal handlers and HTTP servers running; their stoppers."""
     import prometheus_client
     from prometheus_client import CollectorRegistry
 
@@ -242,5 +244,4 @@ def _start(config: DaemonConfig) -> tuple[Daemon, list[Callable[[], None]]]:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_hangup)
     stoppers = start_observability(daemon, registry, metrics)
-    daemon.start()
     return daemon, stoppers
