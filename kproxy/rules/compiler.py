@@ -166,6 +166,11 @@ def _family_of(address: str) -> IPFamily:
     return 6 if ":" in address else 4
 
 
+def _cidrs_of(cidrs: Iterable[str], fam: IPFamily) -> list[str]:
+    """The CIDRs (or addresses) of one family, in their order."""
+    return [c for c in cidrs if _family_of(c.split("/")[0]) == fam]
+
+
 def _hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8].upper()
 
@@ -587,7 +592,7 @@ def compile_service(
     slots: dict[str, tuple[int, int, list[tuple[str, Element]]]] = {}
     external_ips = [ip for ip in service.external_ips + service.load_balancer_ips if _family_of(ip) == fam]
     lb_ips = [ip for ip in service.load_balancer_ips if _family_of(ip) == fam]
-    ranges = [r for r in service.load_balancer_source_ranges if _family_of(r.split("/")[0]) == fam]
+    ranges = _cidrs_of(service.load_balancer_source_ranges, fam)
     allowed_sources = ranges
     if ranges and any(_in_any(ip, ranges) for ip in node.primary_ips if _family_of(ip) == fam):
         # A range holds the node itself: the load-balancer IPs are allowed as sources too, as
@@ -596,8 +601,8 @@ def compile_service(
         allowed_sources = ranges + [f"{ip}/{32 if fam == 4 else 128}" for ip in lb_ips]
     # An interval set refuses overlapping elements: 10.0.0.0/8 and 10.1.0.0/16 are one range.
     allowed_sources = collapse(allowed_sources) if allowed_sources else allowed_sources
-    cidrs = [c for c in config.cluster_cidrs if _family_of(c.split("/")[0]) == fam]
-    allowlist = collapse(r for r in service.limit_allowlist if _family_of(r.split("/")[0]) == fam) if service.limited else []
+    cidrs = _cidrs_of(config.cluster_cidrs, fam)
+    allowlist = collapse(_cidrs_of(service.limit_allowlist, fam)) if service.limited else []
 
     counted = config.counts(service)
     for port_index, port in enumerate(service.ports):
@@ -701,7 +706,7 @@ def nodeport_addresses(node: NodeInfo, config: ProxyConfig, family: Family) -> l
     """
     fam = FAMILIES[family]
     if config.nodeport_addresses:
-        cidrs = [c for c in config.nodeport_addresses if _family_of(c.split("/")[0]) == fam]
+        cidrs = _cidrs_of(config.nodeport_addresses, fam)
         everything = not cidrs or any(c.endswith("/0") for c in cidrs)
         candidates = [a for a in node.addresses if everything or _in_any(a, cidrs)]
     else:
@@ -720,8 +725,7 @@ def _nodeport_ips(node: NodeInfo, config: ProxyConfig, family: Family) -> tuple[
 
 def shared_chains(family: Family, config: ProxyConfig) -> tuple[Chain, ...]:
     """The chains every table has besides the skeleton's: the pick chains and the shared external chains."""
-    fam = FAMILIES[family]
-    return (*pick_chains(family), *external_chains(tuple(c for c in config.cluster_cidrs if _family_of(c.split("/")[0]) == fam)))
+    return (*pick_chains(family), *external_chains(tuple(_cidrs_of(config.cluster_cidrs, FAMILIES[family]))))
 
 
 def table_options(config: ProxyConfig, family: Family) -> frozenset[str]:
@@ -729,7 +733,7 @@ def table_options(config: ProxyConfig, family: Family) -> frozenset[str]:
     if config.masquerade_all:
         return frozenset({"masquerade-all"})
     fam = FAMILIES[family]
-    if any(_family_of(c.split("/")[0]) == fam for c in config.cluster_cidrs):
+    if _cidrs_of(config.cluster_cidrs, fam):
         return frozenset({"cluster-cidr"})
     return frozenset()
 
@@ -740,11 +744,11 @@ def base_table(node: NodeInfo, config: ProxyConfig, family: Family, service_cidr
     for chain in shared_chains(family, config):
         table.chains[chain.name] = chain
     fam = FAMILIES[family]
-    for cidr in collapse(c for c in config.cluster_cidrs if _family_of(c.split("/")[0]) == fam):
+    for cidr in collapse(_cidrs_of(config.cluster_cidrs, fam)):
         table.add_element("cluster-cidrs", Element(_interval(cidr), comment="--cluster-cidr"))
     for address in nodeport_addresses(node, config, family):
         table.add_element("nodeport-ips", Element(address, comment=fit_comment(f"node {node.name}")))
-    for cidr in collapse(c for c in service_cidrs if _family_of(c.split("/")[0]) == fam):
+    for cidr in collapse(_cidrs_of(service_cidrs, fam)):
         table.add_element("service-cidrs", Element(_interval(cidr), comment="ServiceCIDR"))
     return table
 
