@@ -17,6 +17,7 @@ from kproxy.cluster.model import Cluster, IPFamily
 from kproxy.nft.backend import NftablesBackend
 from kproxy.node import conntrack
 from kproxy.node.conntrack import (
+    DeferredConntrack,
     FakeConntrack,
     FlowEntry,
     PyrouteConntrack,
@@ -468,3 +469,91 @@ def test_kernel_lists_unanswered_untranslated_tcp_entries_only(empty_netns: Netn
                              "[fd00:1::1]:40000 -> [fd00:96::10]:80 (reply from [fd00:96::10]:80)"}
     everything = empty_netns.run("conntrack", "-L", check=False).stdout
     assert everything.count("ESTABLISHED") == 300 and "udp" in everything
+
+
+# --- the daemon's table, opened on first use --------------------------------------------------------------
+
+
+class _Opened(FakeConntrack):
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_deferred_conntrack_opens_the_table_on_first_use_once_and_closes_it() -> None:
+    """The daemon's table is opened by its first cleanup, not at start-up (pyroute2's import left the cold start):
+    then kept for every later use; close closes it."""
+    made: list[_Opened] = []
+    entry = FlowEntry(4, UDP, "10.1.0.1", "10.96.0.10", 4000, 53, "10.244.1.5", 53)
+
+    def make() -> _Opened:
+        made.append(_Opened([entry]))
+        return made[-1]
+
+    table = DeferredConntrack(make)
+    assert not made and not table.opened
+    assert table.list_udp(4) == [entry] and table.opened
+    assert table.list_unanswered_tcp(4) == [] and table.delete(entry)
+    assert len(made) == 1 and made[0].deleted == [entry]
+    table.close()
+    assert made[0].closed and not table.opened
+
+
+def test_deferred_conntrack_raises_a_failed_open_to_that_use_and_tries_again() -> None:
+    attempts: list[int] = []
+
+    def make() -> FakeConntrack:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise OSError(1, "opening the conntrack netlink socket: Operation not permitted")
+        return FakeConntrack()
+
+    table = DeferredConntrack(make)
+    with pytest.raises(OSError, match="not permitted"):
+        table.list_udp(4)
+    assert table.list_udp(4) == [] and len(attempts) == 2
+
+
+def test_deferred_conntrack_is_opened_once_by_threads_racing() -> None:
+    made: list[int] = []
+    start = threading.Barrier(8)
+
+    def make() -> FakeConntrack:
+        made.append(1)
+        return FakeConntrack()
+
+    table = DeferredConntrack(make)
+
+    def use() -> None:
+        start.wait()
+        table.list_udp(4)
+
+    threads = [threading.Thread(target=use) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1
+
+
+@pytest.mark.root
+def test_deferred_conntrack_reads_the_namespace_it_was_made_in(empty_netns: Netns) -> None:
+    """Made in a namespace, it lists that namespace's table, first used from another thread of that namespace; a
+    first use from a thread in any other namespace is refused rather than silently reading the wrong table."""
+    empty_netns.run("conntrack", "-I", "-p", "udp", "-s", "10.1.0.1", "-d", "10.96.0.10", "--sport", "4000",
+                    "--dport", "53", "-t", "120")
+    with empty_netns.entered():
+        refused = DeferredConntrack()
+        table = DeferredConntrack()
+        listed: list[FlowEntry] = []
+        inside = threading.Thread(target=lambda: listed.extend(table.list_udp(4)))  # (starts in the namespace)
+        inside.start()
+        inside.join()
+    try:
+        assert [(e.orig_src, e.orig_dst, e.orig_dport) for e in listed] == [("10.1.0.1", "10.96.0.10", 53)]
+        with pytest.raises(RuntimeError, match="another network namespace"):
+            refused.list_udp(4)
+        assert not refused.opened
+    finally:
+        table.close()

@@ -77,7 +77,7 @@ class Daemon:
 
     def __post_init__(self) -> None:
         from kproxy.node.addresses import interface_addresses
-        from kproxy.node.conntrack import PyrouteConntrack
+        from kproxy.node.conntrack import DeferredConntrack
 
         self.backend = self.backend_factory()
         self.backend.check_capabilities()
@@ -85,7 +85,7 @@ class Daemon:
             self.backend,
             self.config.node_name,
             self.config.proxy_config(),
-            conntrack=PyrouteConntrack(),
+            conntrack=DeferredConntrack(),  # (pyroute2 is imported by the first cleanup, after the first commit)
             observer=self.observer,
             interfaces=interface_addresses,
         )

@@ -44,8 +44,8 @@ node where many connection attempts go unanswered.
 Layers: ``udp_cleanup_targets``, ``stale_entries``, ``tcp_frontends`` and
 ``unanswered_to_frontends`` are pure; ``cleanup_stale_udp`` and
 ``cleanup_unanswered_tcp`` drive a ``Conntrack``, which is either the kernel
-(``PyrouteConntrack``, through pyroute2's ctnetlink socket) or in memory
-(``FakeConntrack``).
+(``PyrouteConntrack``, through pyroute2's ctnetlink socket; the daemon's
+``DeferredConntrack`` opens one on first use) or in memory (``FakeConntrack``).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -505,6 +505,55 @@ class PyrouteConntrack:
                 return False
             raise OSError(exc.code, f"deleting conntrack entry {entry}: {exc}") from exc
         return True
+
+
+class DeferredConntrack:
+    """A ``PyrouteConntrack`` opened on first use, in the namespace of the thread that made this object.
+
+    The daemon's first use is the cleanup after its first commit, so pyroute2's
+    import (0.1-0.2 s, most of it modules kproxy never uses: its ndb, ipdb,
+    ethtool, asyncio) is no longer on its cold start. The table is still the
+    constructing thread's namespace's: the first use must come from a thread
+    in that namespace (RuntimeError otherwise), and opens the sockets there. A
+    failure to open is raised by that use (the proxier logs a failed cleanup)
+    and tried again by the next.
+    """
+
+    def __init__(self, factory: Callable[[], Conntrack] | None = None) -> None:
+        self._netns = _current_netns()
+        self._factory = factory or PyrouteConntrack
+        self._lock = threading.Lock()
+        self._table: Conntrack | None = None
+
+    def _opened(self) -> Conntrack:
+        with self._lock:
+            if self._table is None:
+                if _current_netns() != self._netns:
+                    raise RuntimeError("DeferredConntrack first used from a thread in another network namespace than "
+                                       "the one it was created in")
+                self._table = self._factory()
+            return self._table
+
+    @property
+    def opened(self) -> bool:
+        """Whether the kernel's table has been opened (by a first use)."""
+        return self._table is not None
+
+    def list_udp(self, family: IPFamily, destinations: Collection[str] | None = None) -> list[FlowEntry]:
+        return self._opened().list_udp(family, destinations)
+
+    def list_unanswered_tcp(self, family: IPFamily) -> list[FlowEntry]:
+        return self._opened().list_unanswered_tcp(family)
+
+    def delete(self, entry: FlowEntry) -> bool:
+        return self._opened().delete(entry)
+
+    def close(self) -> None:
+        with self._lock:
+            table, self._table = self._table, None
+        close = getattr(table, "close", None)
+        if close is not None:
+            close()
 
 
 class FakeConntrack:
