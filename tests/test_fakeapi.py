@@ -545,3 +545,35 @@ def test_stop_start_keeps_state_and_port(fake_api: FakeKubeAPI, core: client.Cor
     assert core.read_namespaced_service("a", NS).metadata.uid == created["metadata"]["uid"]
     assert core.list_namespaced_service(NS).metadata.resource_version == created["metadata"]["resourceVersion"]
     assert summary(take(core.list_namespaced_service, 1, NS, resource_version=start)) == [("ADDED", "a")]
+
+
+def test_a_list_is_sent_chunked_item_by_item_as_a_real_server_sends_it(fake_api: FakeKubeAPI) -> None:
+    """No Content-Length: Transfer-Encoding chunked, the chunks Go's 2 KiB buffer makes of writes item by item
+    (a 1.34+ server's streaming list encoding), and a body that is the list."""
+    for i in range(30):
+        fake_api.create(endpoint_slice(f"web-{i:02}", {"pad": "x" * (i * 10)}))
+    pool = urllib3.PoolManager()
+    response = pool.request("GET", f"{fake_api.url}/apis/discovery.k8s.io/v1/endpointslices?resourceVersion=0",
+                            preload_content=False)
+    try:
+        assert response.status == 200 and response.headers.get("Transfer-Encoding") == "chunked"
+        assert "Content-Length" not in response.headers
+        chunks = list(response.read_chunked())
+    finally:
+        response.release_conn()
+    body = json.loads(b"".join(chunks))
+    assert [item["metadata"]["name"] for item in body["items"]] == [f"web-{i:02}" for i in range(30)]
+    assert len(chunks) > 1 and all(len(c) == 2048 for c in chunks[:-1])  # (the items are each under 2 KiB)
+
+
+@pytest.mark.parametrize(("writes", "chunks"), [
+    ([b"a" * 10, b"b" * 10], [b"a" * 10 + b"b" * 10]),  # small writes: buffered, one final flush
+    ([b"a" * 3000], [b"a" * 3000]),  # a large write on an empty buffer: passed on whole
+    ([b"a" * 10, b"b" * 3000], [b"a" * 10 + b"b" * 2038, b"b" * 962]),  # the buffer filled, flushed, the rest kept
+    ([b"a" * 10, b"b" * 5000], [b"a" * 10 + b"b" * 2038, b"b" * 2962]),  # ... and the rest, larger, passed on whole
+    ([b"a" * 2048, b"b"], [b"a" * 2048, b"b"]),  # exactly the buffer: buffered, flushed by the next write
+])
+def test_list_chunks_follow_go_bufio_writer(writes: list[bytes], chunks: list[bytes]) -> None:
+    from tests.harness.fakeapi import _go_chunks
+
+    assert list(_go_chunks(writes, 2048)) == chunks

@@ -60,15 +60,41 @@ def test_what_is_not_a_list_is_an_error(body: bytes) -> None:
 
 
 def test_items_come_before_the_body_ends() -> None:
-    """The first item is yielded while later chunks are still unread (the caller converts as the bytes arrive)."""
+    """The first item is yielded while later reads of the body are still to come (the caller converts as the
+    bytes arrive): a read is 64 KiB, whatever the chunks."""
     read: list[int] = []
+    padding = "x" * (1 << 16)
 
     def chunks() -> Any:
-        yield b'{"metadata": {}, "items": [{"n": 1}, '
+        yield b'{"metadata": {}, "items": [{"n": 1, "pad": "' + padding.encode() + b'"}, '
         read.append(1)
         yield b'{"n": 2}]}'
 
     stream = ListStream(chunks())
     items = stream.items()
-    assert next(items) == {"n": 1} and read == []
+    assert next(items) == {"n": 1, "pad": padding} and read == []
     assert list(items) == [{"n": 2}] and read == [1]
+
+
+def test_the_decoding_work_does_not_depend_on_how_the_server_chunks_the_body() -> None:
+    """A 1.34+ API server sends a list in chunks of about 2 KiB (item by item through Go's buffer before
+    chunking). Reads are gathered to 64 KiB before a decode: an item is decoded again only when a 64 KiB read
+    cut it, so 2 KiB chunks and 100-byte ones take the same decode attempts, at most one more per 64 KiB than the whole body."""
+    item = {"metadata": {"name": "web", "namespace": "default"}, "endpoints": [{"addresses": ["10.0.0.1"]}] * 40}
+    body = json.dumps({"kind": "EndpointSliceList", "metadata": {}, "items": [item] * 1000}).encode()
+    attempts = {}
+    for size in (100, 2048, len(body)):
+        stream = ListStream([body[i:i + size] for i in range(0, len(body), size)])
+        scan = stream._scan
+        calls = [0]
+
+        def counted(text: str, pos: int, scan: Any = scan, calls: list[int] = calls) -> Any:
+            calls[0] += 1
+            return scan(text, pos)
+
+        stream._scan = counted  # type: ignore[method-assign]
+        assert len(list(stream.items())) == 1000
+        attempts[size] = calls[0]
+    assert len(body) > 16 * (1 << 16)
+    assert attempts[len(body)] == 1005  # three names, two values ("kind", "metadata") and the 1000 items
+    assert attempts[100] == attempts[2048] <= 1005 + len(body) // (1 << 16) + 1, attempts

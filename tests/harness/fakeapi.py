@@ -13,8 +13,9 @@ protocol of kube-apiserver closely enough for the *unchanged* official
   that watches replay from; compaction (:meth:`FakeKubeAPI.compact`,
   ``history_limit``) producing ``410 Expired`` exactly like the real server
   (an ``ERROR`` watch event inside an HTTP 200 stream).
-* Chunked watch streams with ``ADDED``/``MODIFIED``/``DELETED``/``BOOKMARK``
-  events, ``timeoutSeconds``, label selectors (with objects entering/leaving a
+* Lists sent chunked as a 1.34+ server sends them (item by item, through Go's
+  2 KiB buffer before chunking: ``_EncodedList``), and chunked watch streams
+  with ``ADDED``/``MODIFIED``/``DELETED``/``BOOKMARK`` events, ``timeoutSeconds``, label selectors (with objects entering/leaving a
   selector reported as ``ADDED``/``DELETED``), ``metadata.name`` and
   ``metadata.namespace`` field selectors, and ``limit``/``continue`` paging
   over a consistent snapshot (``remainingItemCount`` only without selectors,
@@ -417,8 +418,62 @@ def _strip_type(obj: JSON) -> JSON:
     return {k: v for k, v in obj.items() if k not in ("kind", "apiVersion")}
 
 
-class _Encoded(bytes):
-    """A response body already encoded as JSON (a list)."""
+_GO_BUFFER_BEFORE_CHUNKING = 2048
+"""net/http's ``bufferBeforeChunkingSize``: a response without Content-Length goes through a buffer of this
+size, and each write of the handler is sent as chunks by ``bufio.Writer``'s rules (``_go_chunks``)."""
+
+
+@dataclass(frozen=True)
+class _EncodedList:
+    """A list response already encoded as JSON: the writes a 1.34+ kube-apiserver makes for it.
+
+    Its JSON encoder writes a collection item by item (StreamingCollectionEncodingToJSON, locked on since
+    1.34): the list's head, then each item, then the end. Sent chunked as Go's HTTP server sends those
+    writes, with no Content-Length, so a client reads what a real server sends it: chunks of 2 KiB, and
+    one per item of 2 KiB or more, items cut across them.
+    """
+
+    writes: list[bytes]
+
+    def body(self) -> bytes:
+        return b"".join(self.writes)
+
+    def chunked(self, block: int = 1 << 18) -> Iterator[bytes]:
+        """The body in HTTP/1.1 chunked transfer coding, with its terminating chunk, in blocks of about
+        ``block`` bytes to write as they are made (the first reaches the client at once, as the real
+        server's first items do)."""
+        pending: list[bytes] = []
+        size = 0
+        for chunk in _go_chunks(self.writes, _GO_BUFFER_BEFORE_CHUNKING):
+            pending.append(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            size += len(chunk)
+            if size >= block:
+                yield b"".join(pending)
+                pending.clear()
+                size = 0
+        pending.append(b"0\r\n\r\n")
+        yield b"".join(pending)
+
+
+def _go_chunks(writes: list[bytes], size: int) -> Iterator[bytes]:
+    """The chunks Go's ``bufio.Writer`` of ``size`` bytes passes on for these writes (then its final flush): a
+    write larger than the free space goes out whole when the buffer is empty, else fills it and flushes it."""
+    buffered = bytearray()
+    for data in writes:
+        view = memoryview(data)
+        while len(view) > size - len(buffered):
+            if not buffered:
+                yield bytes(view)
+                view = view[len(view):]
+                break
+            cut = size - len(buffered)
+            buffered += view[:cut]
+            view = view[cut:]
+            yield bytes(buffered)
+            buffered.clear()
+        buffered += view
+    if buffered:
+        yield bytes(buffered)
 
 
 class FakeKubeAPI:
@@ -856,7 +911,7 @@ class FakeKubeAPI:
             self._encoded[res.plural][key] = (obj, data)
         return data
 
-    def _list_locked(self, flt: _Filter, limit: int, continue_token: str, rv_param: str | None = None) -> bytes:
+    def _list_locked(self, flt: _Filter, limit: int, continue_token: str, rv_param: str | None = None) -> _EncodedList:
         res = flt.res
         if continue_token:
             try:
@@ -895,7 +950,11 @@ class FakeKubeAPI:
                 metadata["remainingItemCount"] = end - position
         head = json.dumps({"kind": res.list_kind, "apiVersion": res.api_version, "metadata": metadata},
                           separators=(",", ":")).encode()
-        return _Encoded(head[:-1] + b',"items":[' + b",".join(items) + b"]}")
+        writes = [head[:-1] + b',"items":[']
+        for i, item in enumerate(items):
+            writes.append(b"," + item if i else item)
+        writes.append(b"]}")
+        return _EncodedList(writes)
 
     def _open_watch_locked(self, stream: _WatchStream, rv_param: str | None) -> list[JSON]:
         """Initial events for a new watch; registers ``stream`` for live events unless it must end."""
@@ -1073,7 +1132,15 @@ class _Handler(BaseHTTPRequestHandler):
             return b"".join(chunks)
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-    def _send_json(self, code: int, obj: JSON | bytes) -> None:
+    def _send_json(self, code: int, obj: JSON | bytes | _EncodedList) -> None:
+        if isinstance(obj, _EncodedList):
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for block in obj.chunked():
+                self.wfile.write(block)
+            return
         data = obj if isinstance(obj, bytes) else json.dumps(obj, separators=(",", ":")).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
@@ -1163,7 +1230,7 @@ class _Handler(BaseHTTPRequestHandler):
             code, result = self._rest_locked(method, route, query, body)
         self._send_json(code, result)
 
-    def _rest_locked(self, method: str, route: _Route, query: dict[str, str], body: Any) -> tuple[int, JSON | bytes]:
+    def _rest_locked(self, method: str, route: _Route, query: dict[str, str], body: Any) -> tuple[int, JSON | _EncodedList]:
         api, res, name = self.server.api, route.res, route.name
         if name is None and method == "GET":
             try:
