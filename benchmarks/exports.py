@@ -23,9 +23,10 @@ keys of every object sorted:
   not indented under their key, strings that would read as another type
   (timestamps, numbers, booleans, the empty string) double-quoted, others plain.
 
-``cluster_objects`` also feeds the test API server of the daemon benchmarks
-(``benchmarks/user_paths.py``), so the daemon lists the same objects that
-``--once`` reads from the files. Files are cached under ``CACHE``, named by
+``server_objects`` feeds the test API server of the daemon benchmarks
+(``benchmarks/user_paths.py``): the daemon lists the same objects that
+``--once`` reads from the files, plus the ``managedFields`` the API server
+adds to every object it returns. Files are cached under ``CACHE``, named by
 size, format and ``GENERATOR`` (bump it when the content changes).
 """
 
@@ -193,6 +194,62 @@ def cluster_objects(services: int, endpoints: int = 10) -> list[dict[str, Any]]:
     for rv, obj in enumerate(objects, FIRST_RV):
         obj["metadata"]["resourceVersion"] = str(rv)
     return objects
+
+
+def server_objects(services: int, endpoints: int = 10) -> list[dict[str, Any]]:
+    """``cluster_objects`` as the API server lists them to the daemon: with ``metadata.managedFields``.
+
+    The server keeps, for every object, which manager set which fields (server-side
+    apply's bookkeeping), and returns it in every list and watch event; kubectl hides
+    it (``--show-managed-fields=false``), so the export files do not have it. A
+    Service carries the entry of the client that created it (here
+    ``kubectl-client-side-apply``, without the last-applied annotation, which the
+    files would show), an EndpointSlice the controller's, both in the shape a
+    real cluster writes them.
+    """
+    objects = cluster_objects(services, endpoints)
+    for obj in objects:
+        meta = obj["metadata"]
+        if obj["kind"] == "Service":
+            meta["managedFields"] = [_service_fields(obj)]
+        elif obj["kind"] == "EndpointSlice":
+            meta["managedFields"] = [_slice_fields(obj)]
+    return objects
+
+
+def _service_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    spec = obj["spec"]
+    ports = {f'k:{{"port":{p["port"]},"protocol":"{p["protocol"]}"}}': {
+        ".": {}, "f:name": {}, "f:port": {}, "f:protocol": {}, "f:targetPort": {},
+        **({"f:nodePort": {}} if "nodePort" in p else {})} for p in spec["ports"]}
+    fields: dict[str, Any] = {
+        "f:metadata": {"f:labels": {".": {}, **{f"f:{k}": {} for k in obj["metadata"]["labels"]}}},
+        "f:spec": {"f:clusterIP": {}, "f:internalTrafficPolicy": {}, "f:ports": {".": {}, **ports}, "f:selector": {},
+                   "f:sessionAffinity": {}, "f:type": {},
+                   **({"f:externalTrafficPolicy": {}} if "externalTrafficPolicy" in spec else {}),
+                   **({"f:sessionAffinityConfig": {".": {}, "f:clientIP": {".": {}, "f:timeoutSeconds": {}}}}
+                      if "sessionAffinityConfig" in spec else {})},
+    }
+    return {"apiVersion": "v1", "fieldsType": "FieldsV1", "fieldsV1": fields, "manager": "kubectl-client-side-apply",
+            "operation": "Update", "time": CREATED}
+
+
+def _slice_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    meta = obj["metadata"]
+    owner = meta["ownerReferences"][0]["uid"]
+    fields = {
+        "f:addressType": {},
+        "f:endpoints": {},
+        "f:metadata": {
+            "f:annotations": {".": {}, **{f"f:{k}": {} for k in meta["annotations"]}},
+            "f:generateName": {},
+            "f:labels": {".": {}, **{f"f:{k}": {} for k in meta["labels"]}},
+            "f:ownerReferences": {".": {}, f'k:{{"uid":"{owner}"}}': {}},
+        },
+        "f:ports": {},
+    }
+    return {"apiVersion": "discovery.k8s.io/v1", "fieldsType": "FieldsV1", "fieldsV1": fields,
+            "manager": "kube-controller-manager", "operation": "Update", "time": TRIGGERED}
 
 
 def export_list(objects: list[dict[str, Any]]) -> dict[str, Any]:

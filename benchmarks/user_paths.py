@@ -425,7 +425,7 @@ class ApiServer:
         from tests.harness.fakeapi import FakeKubeAPI
 
         self.api = FakeKubeAPI(bookmark_interval=60.0)
-        self.api.load(exports.cluster_objects(services, ENDPOINTS))
+        self.api.load(exports.server_objects(services, ENDPOINTS))
         self.api.load(extra or [])
         self.api.warm()
         gc.collect()

@@ -126,6 +126,26 @@ def test_exports_are_what_kubectl_writes() -> None:
     assert not any("managedFields" in o["metadata"] for o in document["items"])
 
 
+def test_the_api_server_serves_the_export_with_managed_fields() -> None:
+    """The daemon benchmarks' API server lists the export's objects plus the managedFields a real server adds
+    (kubectl hides them): the same cluster once converted, more to decode."""
+    import copy
+
+    from benchmarks import exports
+    from kproxy.cluster.convert import build_cluster
+
+    exported, served = exports.cluster_objects(40), exports.server_objects(40)
+    stripped = copy.deepcopy(served)
+    for obj in stripped:
+        obj["metadata"].pop("managedFields", None)
+    assert stripped == exported
+    assert all(len(o["metadata"]["managedFields"]) == 1 for o in served if o["kind"] in ("Service", "EndpointSlice"))
+    nodeport = next(o for o in served if o["kind"] == "Service" and o["spec"]["type"] == "NodePort")
+    fields = nodeport["metadata"]["managedFields"][0]["fieldsV1"]["f:spec"]["f:ports"]
+    assert 'k:{"port":80,"protocol":"TCP"}' in fields and "f:nodePort" in fields['k:{"port":80,"protocol":"TCP"}']
+    assert build_cluster(served, "node-0") == build_cluster(exported, "node-0")
+
+
 def test_test_api_server_lists_as_the_real_one_does() -> None:
     """resourceVersion=0 is answered whole (watch cache: no limit); remainingItemCount only without selectors."""
     import json
