@@ -564,6 +564,9 @@ def test_a_list_is_sent_chunked_item_by_item_as_a_real_server_sends_it(fake_api:
     body = json.loads(b"".join(chunks))
     assert [item["metadata"]["name"] for item in body["items"]] == [f"web-{i:02}" for i in range(30)]
     assert len(chunks) > 1 and all(len(c) == 2048 for c in chunks[:-1])  # (the items are each under 2 KiB)
+    small = pool.request("GET", f"{fake_api.url}/api/v1/nodes?resourceVersion=0")  # fits Go's buffer: counted
+    assert small.status == 200 and small.headers.get("Content-Length") == str(len(small.data))
+    assert json.loads(small.data)["items"] == []
 
 
 @pytest.mark.parametrize(("writes", "chunks"), [

@@ -53,7 +53,8 @@ def test_small_bodies(body: bytes, items: list[Any], members: dict[str, Any]) ->
 
 
 @pytest.mark.parametrize("body", [b"", b"[]", b'{"items": [1, 2}', b'{"items": [1] "x": 2}', b'{"items": [1]} x',
-                                  b'{"items": [{"a": 1}', b'{"a": tru}', b'{"items": [1,]}'])
+                                  b'{"items": [{"a": 1}', b'{"a": tru}', b'{"items": [1,]}', b"{} x", b"{}\xc3",
+                                  b'{"items": ["\xff"]}'])
 def test_what_is_not_a_list_is_an_error(body: bytes) -> None:
     with pytest.raises(ListStreamError):
         _read([body[i:i + 3] for i in range(0, len(body), 3)] or [b""])

@@ -64,7 +64,10 @@ class ListStream:
                     break
             else:
                 self._eof = True
-            text = self._decode.decode(pieces[0] if len(pieces) == 1 else b"".join(pieces), final=self._eof)
+            try:
+                text = self._decode.decode(pieces[0] if len(pieces) == 1 else b"".join(pieces), final=self._eof)
+            except UnicodeDecodeError as exc:
+                raise ListStreamError(f"the body is not UTF-8: {exc.reason}") from None
             if text:
                 if self._pos >= _TRIM_AT:
                     self._buffer, self._pos = self._buffer[self._pos:], 0
@@ -114,7 +117,12 @@ class ListStream:
         self._expect("{")
         if self._peek() == "}":
             self._pos += 1
-            return
+        else:
+            yield from self._members()
+        if self._peek():
+            raise ListStreamError(f"trailing data after the object at character {self._pos}")
+
+    def _members(self) -> Iterator[Any]:
         while True:
             key = self._value()
             if not isinstance(key, str):
@@ -138,11 +146,9 @@ class ListStream:
             separator = self._peek()
             self._pos += 1
             if separator == "}":
-                break
+                return
             if separator != ",":
                 raise ListStreamError(f"expected ',' or '}}', found {separator or 'the end'!r}")
-        if self._peek():
-            raise ListStreamError(f"trailing data after the object at character {self._pos}")
 
     @property
     def metadata(self) -> dict[str, Any]:

@@ -428,9 +428,9 @@ class _EncodedList:
     """A list response already encoded as JSON: the writes a 1.34+ kube-apiserver makes for it.
 
     Its JSON encoder writes a collection item by item (StreamingCollectionEncodingToJSON, locked on since
-    1.34): the list's head, then each item, then the end. Sent chunked as Go's HTTP server sends those
-    writes, with no Content-Length, so a client reads what a real server sends it: chunks of 2 KiB, and
-    one per item of 2 KiB or more, items cut across them.
+    1.34): the list's head, then each item and each comma between them, then the end. Sent as Go's HTTP
+    server sends those writes: with a Content-Length when they fit its 2 KiB buffer, else chunked, so a
+    client reads what a real server sends it (chunks of 2 KiB, some items whole, most cut across them).
     """
 
     writes: list[bytes]
@@ -950,10 +950,12 @@ class FakeKubeAPI:
                 metadata["remainingItemCount"] = end - position
         head = json.dumps({"kind": res.list_kind, "apiVersion": res.api_version, "metadata": metadata},
                           separators=(",", ":")).encode()
-        writes = [head[:-1] + b',"items":[']
+        writes = [head[:-1] + b',"items":[']  # (the real encoder writes the head in pieces too small to matter)
         for i, item in enumerate(items):
-            writes.append(b"," + item if i else item)
-        writes.append(b"]}")
+            if i:
+                writes.append(b",")
+            writes.append(item)
+        writes += [b"]", b"}\n"]
         return _EncodedList(writes)
 
     def _open_watch_locked(self, stream: _WatchStream, rv_param: str | None) -> list[JSON]:
@@ -1133,6 +1135,8 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def _send_json(self, code: int, obj: JSON | bytes | _EncodedList) -> None:
+        if isinstance(obj, _EncodedList) and sum(map(len, obj.writes)) <= _GO_BUFFER_BEFORE_CHUNKING:
+            obj = obj.body()  # all of it still in the buffer when the handler returns: Go counts it
         if isinstance(obj, _EncodedList):
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
