@@ -99,3 +99,23 @@ def test_the_decoding_work_does_not_depend_on_how_the_server_chunks_the_body() -
     assert len(body) > 16 * (1 << 16)
     assert attempts[len(body)] == 1005  # three names, two values ("kind", "metadata") and the 1000 items
     assert attempts[100] == attempts[2048] <= 1005 + len(body) // (1 << 16) + 1, attempts
+
+
+def test_a_malformed_body_is_refused_without_reading_it_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Invalid JSON is only seen at the end of a value: past the largest value a list can hold, the read stops
+    there rather than taking the rest of the body into memory."""
+    from kproxy.cluster import liststream
+
+    monkeypatch.setattr(liststream, "_LARGEST_VALUE", 1 << 20)
+    read = [0]
+
+    def chunks() -> Any:
+        yield b'{"metadata": {}, "items": [{"a": }, '  # broken: every later read fails to decode it again
+        for _ in range(1000):
+            read[0] += 1
+            yield b'{"name": "' + b"x" * 8000 + b'"}, '
+        yield b"{}]}"
+
+    with pytest.raises(ListStreamError, match="longer than 1048576 characters"):
+        _read(chunks())  # type: ignore[arg-type]
+    assert read[0] < 200, "the 8 MB body was read past the limit"
