@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         return []
     if os.geteuid() != 0:
         raise SystemExit("benchmarks/packet_latency.py needs root (network namespaces, nftables)")
-    from benchmarks.user_paths import quick_mode
+    from benchmarks.user_paths import describe_interpreter, quick_mode
 
     quick_mode(args.quick)
     repeats = 5 if args.quick else args.repeats
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(f"_The echo Service's only endpoint removed and added back at the test API server, {repeats} times each, "
           "with the daemon started as daemonset.yaml does (minSyncPeriod 1 s; changes 1.2-1.7 s apart); latency from "
           f"the update to the first new connection from the client showing it (a connection every {INTERVAL_MS:g} ms; "
-          "nearest-rank p99)._\n")
+          f"nearest-rank p99); {describe_interpreter()}._\n")
     print("| Services x 10 endpoints | change | seen as | changes | p50 ms | p99 ms | max ms | poll gap ms (median / max) "
           "| target | | daemon cold start s | others' load, cores |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

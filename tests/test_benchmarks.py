@@ -181,3 +181,22 @@ def test_read_back_benchmark_quick() -> None:
     """benchmarks/read_back.py --quick reads 200 Services' tables both ways (they agree) and restarts over them."""
     rows = [row for row in run_quick("read_back.py") if not row.startswith("| Services")]
     assert [row.split(" | ")[0] for row in rows] == ["| 200", "| 200"], rows  # reading back, then the restart
+
+
+@pytest.mark.slow
+def test_the_user_path_benchmarks_run_kproxy_as_the_image_does() -> None:
+    """Full runs exec kproxy under Debian's python3 in a virtualenv of exactly image/requirements.lock: no test
+    extras (kubernetes-validate would add its import to every start), this checkout's code."""
+    from benchmarks import user_paths
+
+    script = user_paths.image_like_kproxy()
+    python = script.with_name("python")
+    assert python.resolve() == user_paths.IMAGE_PYTHON.resolve()
+    env = user_paths.kproxy_env()
+    version = subprocess.run([str(script), "--version"], env=env, capture_output=True, text=True, check=True)
+    assert version.stdout.startswith("kproxy "), version
+    where = subprocess.run([str(python), "-c", "import kproxy, kubernetes, nftables, pyroute2; print(kproxy.__file__)"],
+                           env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert where == str(user_paths.ROOT / "kproxy" / "__init__.py")
+    extras = subprocess.run([str(python), "-c", "import kubernetes_validate"], env=env, capture_output=True, text=True)
+    assert extras.returncode != 0 and "No module named 'kubernetes_validate'" in extras.stderr
