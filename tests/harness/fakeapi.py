@@ -15,7 +15,8 @@ protocol of kube-apiserver closely enough for the *unchanged* official
   (an ``ERROR`` watch event inside an HTTP 200 stream).
 * Lists sent chunked as a 1.34+ server sends them (item by item, through Go's
   2 KiB buffer before chunking: ``_EncodedList``), and chunked watch streams
-  with ``ADDED``/``MODIFIED``/``DELETED``/``BOOKMARK`` events, ``timeoutSeconds``, label selectors (with objects entering/leaving a
+  with ``ADDED``/``MODIFIED``/``DELETED``/``BOOKMARK`` events,
+  ``timeoutSeconds``, label selectors (with objects entering/leaving a
   selector reported as ``ADDED``/``DELETED``), ``metadata.name`` and
   ``metadata.namespace`` field selectors, and ``limit``/``continue`` paging
   over a consistent snapshot (``remainingItemCount`` only without selectors,
@@ -418,6 +419,15 @@ def _strip_type(obj: JSON) -> JSON:
     return {k: v for k, v in obj.items() if k not in ("kind", "apiVersion")}
 
 
+_LAST_CHUNK = b"0\r\n\r\n"
+"""The terminating chunk of a chunked HTTP/1.1 body (no trailers)."""
+
+
+def _chunk(data: bytes) -> bytes:
+    """One chunk of a chunked HTTP/1.1 body."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
 _GO_BUFFER_BEFORE_CHUNKING = 2048
 """net/http's ``bufferBeforeChunkingSize``: a response without Content-Length goes through a buffer of this
 size, and each write of the handler is sent as chunks by ``bufio.Writer``'s rules (``_go_chunks``)."""
@@ -445,13 +455,13 @@ class _EncodedList:
         pending: list[bytes] = []
         size = 0
         for chunk in _go_chunks(self.writes, _GO_BUFFER_BEFORE_CHUNKING):
-            pending.append(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            pending.append(_chunk(chunk))
             size += len(chunk)
             if size >= block:
                 yield b"".join(pending)
                 pending.clear()
                 size = 0
-        pending.append(b"0\r\n\r\n")
+        pending.append(_LAST_CHUNK)
         yield b"".join(pending)
 
 
@@ -1154,7 +1164,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _write_chunk(self, obj: JSON) -> None:
         data = json.dumps(obj, separators=(",", ":")).encode() + b"\n"
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.write(_chunk(data))
 
     def _handle(self, method: str) -> None:
         api = self.server.api
@@ -1293,7 +1303,7 @@ class _Handler(BaseHTTPRequestHandler):
             with api._cond:  # unregister before the client can see the end of the stream
                 api._streams.discard(stream)
                 api._cond.notify_all()
-            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.write(_LAST_CHUNK)
         except OSError:
             self.close_connection = True
         finally:
